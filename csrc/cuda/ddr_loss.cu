@@ -1,0 +1,147 @@
+// DDR loss, CUDA. Forward: one block per (b, t) row with block-wide reductions (max, sum of exponentials,
+// loss terms); backward: one thread per element. Arithmetic from common/ddr_loss.h, as on the CPU.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "common/ddr_loss.h"
+
+namespace vpfast {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* smem, Op op) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) smem[threadIdx.x] = op(smem[threadIdx.x], smem[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const T out = smem[0];
+  __syncthreads();
+  return out;
+}
+
+template <typename T>
+__global__ void forward_kernel(const T* __restrict__ P, const T* __restrict__ Y, int64_t T_, int64_t D,
+                               T inv_tau, T eps, T* __restrict__ stats, double* __restrict__ row_loss) {
+  __shared__ T smem[kThreads];
+  const int64_t r = blockIdx.x, b = r / (T_ - 1), t = r % (T_ - 1);
+  const T *p0 = P + (b * T_ + t) * D, *p1 = p0 + D, *y0 = Y + (b * T_ + t) * D, *y1 = y0 + D;
+  auto mx = [](T x, T y) { return x > y ? x : y; };
+  auto add = [](T x, T y) { return x + y; };
+  T ma = -INFINITY, mb = -INFINITY;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    ma = mx(ma, (p1[d] - p0[d]) * inv_tau);
+    mb = mx(mb, (y1[d] - y0[d]) * inv_tau);
+  }
+  ma = block_reduce<T>(ma, smem, mx);
+  mb = block_reduce<T>(mb, smem, mx);
+  T sa = 0, sb = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    sa += fast_exp<T>((p1[d] - p0[d]) * inv_tau - ma);
+    sb += fast_exp<T>((y1[d] - y0[d]) * inv_tau - mb);
+  }
+  const T la = ma + fast_log<T>(block_reduce<T>(sa, smem, add));
+  const T lb = mb + fast_log<T>(block_reduce<T>(sb, smem, add));
+  T loss = 0, sp = 0, sq = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    T l, a_, b_;
+    ddr::forward_elem<T>((p1[d] - p0[d]) * inv_tau, (y1[d] - y0[d]) * inv_tau, la, lb, eps, l, a_, b_);
+    loss += l;
+    sp += a_;
+    sq += b_;
+  }
+  loss = block_reduce<T>(loss, smem, add);
+  sp = block_reduce<T>(sp, smem, add);
+  sq = block_reduce<T>(sq, smem, add);
+  if (threadIdx.x == 0) {
+    T* st = stats + r * ddr::kStats;
+    st[0] = la;
+    st[1] = lb;
+    st[2] = sp;
+    st[3] = sq;
+    row_loss[r] = static_cast<double>(loss);
+  }
+}
+
+template <typename T>
+__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ P, const T* __restrict__ Y,
+                                const T* __restrict__ stats, int64_t B, int64_t T_, int64_t D, T inv_tau, T eps,
+                                T scale_no_grad, T* __restrict__ gp, T* __restrict__ gy) {
+  const T scale = scale_no_grad * grad[0];
+  const int64_t n = B * T_ * D;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t d = i % D, f = i / D, b = f / T_, t = f % T_;
+    const T* st = stats + b * (T_ - 1) * ddr::kStats;
+    T ga = 0, gb = 0, a_, b_;
+    if (t > 0) {
+      ddr::grad_logits<T>((P[i] - P[i - D]) * inv_tau, (Y[i] - Y[i - D]) * inv_tau, st + (t - 1) * ddr::kStats,
+                          eps, a_, b_);
+      ga += a_;
+      gb += b_;
+    }
+    if (t < T_ - 1) {
+      ddr::grad_logits<T>((P[i + D] - P[i]) * inv_tau, (Y[i + D] - Y[i]) * inv_tau, st + t * ddr::kStats, eps,
+                          a_, b_);
+      ga -= a_;
+      gb -= b_;
+    }
+    gp[i] = scale * ga;
+    if (gy) gy[i] = scale * gb;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ddr_loss_forward_cuda(const at::Tensor& pred, const at::Tensor& target,
+                                                          double tau, double eps) {
+  TORCH_CHECK(pred.dim() == 5 && pred.sizes() == target.sizes() && pred.size(1) >= 3,
+              "vpfast::ddr_loss_forward: pred and target must be equal [B, T, C, H, W] with T >= 3");
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const auto P = pred.contiguous(), Y = target.contiguous();
+  const int64_t B = P.size(0), T_ = P.size(1), D = P.numel() / (B * T_), rows = B * (T_ - 1);
+  auto stats = at::empty({B, T_ - 1, ddr::kStats}, P.options());
+  auto row_loss = at::empty({rows}, P.options().dtype(at::kDouble));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "ddr_loss_forward_cuda", [&] {
+    forward_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
+        P.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), T_, D, static_cast<scalar_t>(1.0 / tau),
+        static_cast<scalar_t>(eps), stats.data_ptr<scalar_t>(), row_loss.data_ptr<double>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto loss = (row_loss.sum() / static_cast<double>(rows * D)).to(P.scalar_type());
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> ddr_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
+                                                           const at::Tensor& target, const at::Tensor& stats,
+                                                           double tau, double eps, bool need_target) {
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const auto P = pred.contiguous(), Y = target.contiguous(), S = stats.contiguous();
+  const auto G = grad.to(P.scalar_type()).contiguous();
+  const int64_t B = P.size(0), T_ = P.size(1), D = P.numel() / (B * T_);
+  auto gp = at::empty_like(P);
+  auto gy = need_target ? at::empty_like(Y) : at::empty({0}, P.options());
+  const int64_t n = P.numel();
+  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "ddr_loss_backward_cuda", [&] {
+    backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        G.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), S.data_ptr<scalar_t>(), B, T_, D,
+        static_cast<scalar_t>(1.0 / tau), static_cast<scalar_t>(eps),
+        static_cast<scalar_t>(1.0 / (tau * static_cast<double>(B * (T_ - 1) * D))), gp.data_ptr<scalar_t>(),
+        need_target ? gy.data_ptr<scalar_t>() : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gp, gy};
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CUDA, m) {
+  m.impl("ddr_loss_forward", &vpfast::ddr_loss_forward_cuda);
+  m.impl("ddr_loss_backward", &vpfast::ddr_loss_backward_cuda);
+}

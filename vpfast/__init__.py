@@ -1,0 +1,9 @@
+"""vpfast: fast kernels, layers and models for spatiotemporal video prediction."""
+from . import _ext
+
+__version__ = "0.1.0"
+
+_ext.warn_once()
+
+from . import ops, nn  # noqa: E402,F401
+from ._dispatch import BackendUnavailable  # noqa: E402,F401

@@ -1,0 +1,69 @@
+"""The compiled extension vpfast._C and Triton: both optional.
+
+Without them every op still works through its torch reference; `vpfast.info` says what is missing and why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+
+import torch
+
+_C = None
+LOAD_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F811  (registers the torch.ops.vpfast kernels as a side effect)
+except ImportError as e:  # not built, or built against another torch
+    msg = str(e)
+    if "undefined symbol" in msg or "version" in msg.lower():
+        LOAD_ERROR = (f"vpfast._C was built for another torch than {torch.__version__} ({msg}); "
+                      "rebuild with `pip install --no-build-isolation -e .`")
+    else:
+        LOAD_ERROR = f"vpfast._C is not built ({msg}); build it with `pip install --no-build-isolation -e .`"
+
+
+def build_info() -> dict:
+    """Metadata recorded by setup.py when the extension was compiled ({} if it is not loaded)."""
+    return json.loads(_C.build_info()) if _C is not None else {}
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the extension registered `vpfast::<op>` for a dispatch key ("CPU" or "CUDA")."""
+    if _C is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"vpfast::{op}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def built_with_cuda() -> bool:
+    return bool(_C is not None and _C.with_cuda)
+
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_warned = False
+
+
+def warn_once() -> None:
+    """One warning at import when a part is missing; the torch reference serves in its place."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    missing = []
+    if LOAD_ERROR:
+        missing.append(LOAD_ERROR)
+    if not TRITON_INSTALLED and torch.cuda.is_available():
+        missing.append("Triton is not installed, so the triton backend is unavailable")
+    if missing and os.environ.get("VPFAST_QUIET", "0") != "1":
+        warnings.warn("vpfast: " + "; ".join(missing) + ". The torch reference implementations serve instead "
+                      "(see `python -m vpfast.info`).", RuntimeWarning, stacklevel=3)

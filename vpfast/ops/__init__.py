@@ -1,0 +1,3 @@
+"""Functional ops. Each takes `backend=None` ("torch", "cpp", "cuda", "triton"; None = $VPFAST_BACKEND or auto)."""
+from .._dispatch import REGISTRY, BackendUnavailable  # noqa: F401
+from .ddr_loss import ddr_loss, ddr_loss_reference  # noqa: F401

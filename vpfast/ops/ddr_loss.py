@@ -1,0 +1,135 @@
+"""DDR loss: TAU's differential divergence regularisation (MODELS.md §6).
+
+Backends: torch (reference below), cpp and cuda (csrc/*/ddr_loss.*, one compiled op pair
+vpfast::ddr_loss_forward / ddr_loss_backward), triton (kernels/ddr_loss.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .._dispatch import Op
+from . import _checks
+
+
+def ddr_loss_reference(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1,
+                       eps: float = 1e-12) -> torch.Tensor:
+    """The reference arithmetic in plain PyTorch (the oracle and the fallback).
+
+    pred, target: Tensor[B, T, C, H, W] -> Tensor[] (0 when T <= 2, as in the reference)
+    """
+    B, T = pred.shape[:2]
+    if T <= 2:
+        return pred[:, :0].sum()  # an exact 0 that still connects to pred's graph
+    d_pred = (pred[:, 1:] - pred[:, :-1]).reshape(B, T - 1, -1)
+    d_true = (target[:, 1:] - target[:, :-1]).reshape(B, T - 1, -1)
+    p = F.softmax(d_pred / tau, dim=-1)
+    q = F.softmax(d_true / tau, dim=-1)
+    return (p * torch.log(p / (q + eps) + eps)).mean()
+
+
+# ---- cpp / cuda: one compiled op, fake kernel and autograd here ---------------------------------------
+if _ext.has_kernel("ddr_loss_forward", "CPU") or _ext.has_kernel("ddr_loss_forward", "CUDA"):
+
+    @torch.library.register_fake("vpfast::ddr_loss_forward")
+    def _ddr_forward_fake(pred, target, tau, eps):
+        B, T = pred.shape[:2]
+        return pred.new_empty(()), pred.new_empty((B, T - 1, 4))
+
+    @torch.library.register_fake("vpfast::ddr_loss_backward")
+    def _ddr_backward_fake(grad, pred, target, stats, tau, eps, need_target):
+        return torch.empty_like(pred), (torch.empty_like(target) if need_target else pred.new_empty((0,)))
+
+    def _ddr_setup(ctx, inputs, output):
+        pred, target, tau, eps = inputs
+        ctx.save_for_backward(pred, target, output[1])
+        ctx.tau, ctx.eps = tau, eps
+        ctx.mark_non_differentiable(output[1])
+
+    def _ddr_backward(ctx, grad_loss, _grad_stats):
+        pred, target, stats = ctx.saved_tensors
+        gp, gy = torch.ops.vpfast.ddr_loss_backward(grad_loss, pred, target, stats, ctx.tau, ctx.eps,
+                                                   ctx.needs_input_grad[1])
+        return gp, (gy if ctx.needs_input_grad[1] else None), None, None
+
+    torch.library.register_autograd("vpfast::ddr_loss_forward", _ddr_backward, setup_context=_ddr_setup)
+
+
+def _ddr_compiled(pred, target, tau, eps):
+    return torch.ops.vpfast.ddr_loss_forward(pred, target, tau, eps)[0]
+
+
+# ---- triton: a Python custom op around the launchers in kernels/ddr_loss.py ---------------------------
+@torch.library.custom_op("vpfast::ddr_loss_forward_triton", mutates_args=())
+def _ddr_triton_forward(pred: torch.Tensor, target: torch.Tensor, tau: float,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import ddr_loss as k
+    return k.forward(pred.contiguous(), target.contiguous(), tau, eps)
+
+
+@_ddr_triton_forward.register_fake
+def _(pred, target, tau, eps):
+    B, T = pred.shape[:2]
+    return pred.new_empty(()), pred.new_empty((B, T - 1, 4))
+
+
+@torch.library.custom_op("vpfast::ddr_loss_backward_triton", mutates_args=())
+def _ddr_triton_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+                         tau: float, eps: float, need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import ddr_loss as k
+    return k.backward(grad, pred.contiguous(), target.contiguous(), stats, tau, eps, need_target)
+
+
+@_ddr_triton_backward.register_fake
+def _(grad, pred, target, stats, tau, eps, need_target):
+    return torch.empty_like(pred), (torch.empty_like(target) if need_target else pred.new_empty((0,)))
+
+
+def _ddr_triton_setup(ctx, inputs, output):
+    pred, target, tau, eps = inputs
+    ctx.save_for_backward(pred, target, output[1])
+    ctx.tau, ctx.eps = tau, eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ddr_triton_bwd(ctx, grad_loss, _grad_stats):
+    pred, target, stats = ctx.saved_tensors
+    gp, gy = _ddr_triton_backward(grad_loss, pred, target, stats, ctx.tau, ctx.eps, ctx.needs_input_grad[1])
+    return gp, (gy if ctx.needs_input_grad[1] else None), None, None
+
+
+_ddr_triton_forward.register_autograd(_ddr_triton_bwd, setup_context=_ddr_triton_setup)
+
+
+def _ddr_triton(pred, target, tau, eps):
+    return _ddr_triton_forward(pred, target, tau, eps)[0]
+
+
+# ---- dispatch and the public function -----------------------------------------------------------------
+OP = Op("ddr_loss", kernel="ddr_loss_forward")
+OP.register("torch", ddr_loss_reference)
+OP.register("cpp", _ddr_compiled)
+OP.register("cuda", _ddr_compiled)
+OP.register("triton", _ddr_triton)
+
+
+def ddr_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1, eps: float = 1e-12,
+             backend: str | None = None) -> torch.Tensor:
+    """TAU's differential divergence regularisation between predicted and true frame differences.
+
+    pred, target: Tensor[B, T, C, H, W] -> Tensor[] (scalar)
+
+    With dP_t = P_{t+1} - P_t and dY_t likewise, flattened over D = C*H*W: p = softmax(dP/tau),
+    q = softmax(dY/tau), loss = mean over all B*(T-1)*D elements of p*log(p/(q+eps)+eps); 0 if T <= 2.
+    Differentiable in pred, and in target when it requires grad.
+    backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
+    """
+    _checks.tensor("pred", pred, 5, "[B, T, C, H, W]")
+    _checks.tensor("target", target, 5, "[B, T, C, H, W]")
+    _checks.same(("pred", "target"), pred, target)
+    tau = _checks.positive("tau", tau)
+    eps = _checks.positive("eps", eps)
+    if pred.shape[1] <= 2:
+        return ddr_loss_reference(pred, target, tau, eps)
+    return OP(pred, target, tau, eps, backend=backend)
