@@ -83,7 +83,8 @@ class Op:
             if _ext.LOAD_ERROR:
                 return [_ext.LOAD_ERROR]
             if backend == "cuda" and not _ext.built_with_cuda():
-                return ["vpfast._C was built without CUDA (no nvcc or a CPU-only torch at build time)"]
+                why = _ext.build_info().get("cuda_skipped", "no nvcc or a CPU-only torch at build time")
+                return [f"vpfast._C was built without CUDA ({why})"]
             if self.kernel and not _ext.has_kernel(self.kernel, "CPU" if backend == "cpp" else "CUDA"):
                 return [f"vpfast._C has no {backend} kernel for vpfast::{self.kernel} (rebuild the extension)"]
             if backend == "cuda" and not torch.cuda.is_available():
