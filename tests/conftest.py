@@ -7,7 +7,3 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "triton: runs Triton kernels (under the interpreter on CPU)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
