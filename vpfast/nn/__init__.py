@@ -1,2 +1,4 @@
 """Drop-in layers with the reference projects' constructor arguments and state_dict keys."""
+from .convlstm import ConvLSTMCell  # noqa: F401
 from .ddr_loss import DDRLoss  # noqa: F401
+from .stlstm import SpatioTemporalLSTMCell  # noqa: F401
