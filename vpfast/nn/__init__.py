@@ -1,2 +1,4 @@
 """Drop-in layers with the reference projects' constructor arguments and state_dict keys."""
 from .ddr_loss import DDRLoss  # noqa: F401
+from .depthwise import DepthwiseConv2d  # noqa: F401
+from .attention import AttentionModule, SpatialAttention, TemporalAttention, TemporalAttentionModule  # noqa: F401
