@@ -87,7 +87,10 @@ cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if WITH_CUDA else []
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
 cxx_flags = opt + [
     "-std=c++20",
-    "-fopenmp-simd",  # honours `#pragma omp simd` (vectorised reductions) without an OpenMP runtime
+    "-fopenmp-simd",  # honours `#pragma omp simd` (vectorised reductions)
+    # at::parallel_for is an inline `#pragma omp parallel` in torch's headers: without -fopenmp it silently
+    # runs on one thread. Compile-only flag: the GOMP symbols resolve to the libgomp that torch loads.
+    "-fopenmp",
     "-fno-trapping-math",  # lets GCC if-convert the clamps in csrc/common/math.h and vectorise
     "-Wno-unused-function",
 ]
