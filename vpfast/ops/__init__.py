@@ -3,3 +3,7 @@ from .._dispatch import REGISTRY, BackendUnavailable  # noqa: F401
 from .ddr_loss import ddr_loss, ddr_loss_reference  # noqa: F401
 from .depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference  # noqa: F401
 from .large_kernel_attention import large_kernel_attention, large_kernel_attention_reference  # noqa: F401
+
+# settle what is built and installed now, so that dispatch under torch.compile only reads constants
+for _op in REGISTRY.values():
+    _op.static_reasons("torch")
