@@ -1,3 +1,6 @@
 """Functional ops. Each takes `backend=None` ("torch", "cpp", "cuda", "triton"; None = $VPFAST_BACKEND or auto)."""
 from .._dispatch import REGISTRY, BackendUnavailable  # noqa: F401
 from .ddr_loss import ddr_loss, ddr_loss_reference  # noqa: F401
+from .deform_warp import deform_warp, deform_warp_reference  # noqa: F401
+from .flow_warp import flow_warp, flow_warp_reference  # noqa: F401
+from .motion_gru import motion_gru, motion_gru_reference  # noqa: F401
