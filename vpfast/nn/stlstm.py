@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import stlstm as _ops
+from ..ops.stlstm import GATES as _GATES, OUTPUT as _OUTPUT
 from ._recurrent import MergedWeightsMixin, check_input, check_state, conv_block, fused_backend, out_size
 
 VARIANTS = ("predrnn", "predrnnv2", "highway")
@@ -122,10 +122,10 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
         else:
             x_g, h_g, m_g = self.conv_x(x), self.conv_h(h), self.conv_m(m)
         with_delta = self.variant == "predrnnv2"
-        cm, o_part, delta = _ops.GATES.impls[backend](x_g, h_g, m_g, c, m, self._forget_bias, with_delta)
+        cm, o_part, delta = _GATES.impls[backend](x_g, h_g, m_g, c, m, self._forget_bias, with_delta)
         o_m = self.conv_o(cm)
         last = self.conv_last(cm)
-        h_new = _ops.OUTPUT.impls[backend](o_part, o_m, last, highway if self.variant == "highway" else None)
+        h_new = _OUTPUT.impls[backend](o_part, o_m, last, highway if self.variant == "highway" else None)
         c_new, m_new = cm[:, :C], cm[:, C:]
         if self.variant == "highway":
             return h_new, c_new, m_new, h_new
@@ -150,7 +150,7 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
             check_state("highway", highway, "x", x, shape)
         elif highway is not None:
             raise TypeError(f"highway is only accepted by variant='highway', this cell is {self.variant!r}")
-        backend = fused_backend(_ops.GATES, self.backend, x, h, c, m)
+        backend = fused_backend(_GATES, self.backend, x, h, c, m)
         if backend == "torch":
             return self._forward_reference(x, h, c, m, highway)
         return self._forward_fused(backend, x, h, c, m, highway)
