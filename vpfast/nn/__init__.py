@@ -4,3 +4,4 @@ from .ddr_loss import DDRLoss  # noqa: F401
 from .stlstm import SpatioTemporalLSTMCell  # noqa: F401
 from .depthwise import DepthwiseConv2d  # noqa: F401
 from .attention import AttentionModule, SpatialAttention, TemporalAttention, TemporalAttentionModule  # noqa: F401
+from .motion import MotionGRU, Warp  # noqa: F401
