@@ -166,7 +166,7 @@ class DropPath(nn.Module):
 class DWConv(nn.Module):
     def __init__(self, dim, backend=None):
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, 3, stride=1, padding=1, bias=True, backend=backend)
+        self.dwconv = DepthwiseConv2d(dim, dim, kernel_size=3, stride=1, padding=1, bias=True, backend=backend)
 
     def forward(self, x):
         return self.dwconv(x)
