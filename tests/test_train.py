@@ -201,3 +201,15 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     for ra, rb in zip(la, lb):
         for key in ("mse", "mae", "ssim", "psnr", "train_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-9), key
+
+
+def test_demo_reports_model_and_baselines(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert tr.cli(["demo", "--model", "standin:create", "--preset", "small", "--minutes", "0.01",
+                   "--batch-size", "8", "--epochs", "2", "--test-size", "8", "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "zeros (baseline)" in text and "repeat last frame (baseline)" in text
+    res = json.load(open(os.path.join(out, "demo.json")))
+    assert res["steps"] == 20 and set(res["metrics"]) == {"model", "zeros", "last"}
+    for name in ("demo.md", "predictions.png", "predictions.gif", "loss.png", "last.pt"):
+        assert os.path.exists(os.path.join(out, name))

@@ -206,7 +206,7 @@ def add_subcommands(subparsers):
     p.add_argument("--no-baselines", action="store_true", help="skip the zeros / last-frame baselines")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval, command="eval")
+    p.set_defaults(func=lambda a: run_command(cmd_eval, a), command="eval")
 
     p = subparsers.add_parser("predict", help="predict future frames for given input sequences")
     _add_model_args(p)
@@ -216,7 +216,7 @@ def add_subcommands(subparsers):
     p.add_argument("--pictures", type=int, default=2, help="sequences in the PNG grid (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
-    p.set_defaults(func=cmd_predict, command="predict")
+    p.set_defaults(func=lambda a: run_command(cmd_predict, a), command="predict")
 
     p = subparsers.add_parser("demo", help="train a small model for a few minutes and compare with baselines")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
@@ -231,7 +231,7 @@ def add_subcommands(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo, command="demo")
+    p.set_defaults(func=lambda a: run_command(cmd_demo, a), command="demo")
     return subparsers
 
 
@@ -240,7 +240,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     add_subcommands(sub)
     args = p.parse_args(argv)
-    return run_command(args.func, args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

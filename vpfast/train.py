@@ -376,7 +376,9 @@ def _train(args, ddp):
             print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
                   file=sys.stderr, flush=True)
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if _is_main_thread() else None
+    # SIGTERM too: schedulers and torchrun stop jobs with it
+    handled = (signal.SIGINT, signal.SIGTERM)
+    old_handlers = {s: signal.signal(s, on_sigint) for s in handled} if _is_main_thread() else {}
     eval_bs = getattr(args, "eval_batch_size", None) or max(run["batch_size"], 16)
     progress = ddp.main and not getattr(args, "no_progress", False)
     epoch = start_epoch
@@ -397,6 +399,11 @@ def _train(args, ddp):
             model.train()
             t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             b = batch0
+            if ddp.any(stop["flag"]):  # interrupted during the last evaluation
+                bar.close()
+                interrupted = True
+                save(epoch, b, "interrupt")
+                break
             for seqs in loader:
                 frames = seqs.to(device, dtype, non_blocking=True)
                 loss, logs = step_module(frames, global_step)
@@ -452,8 +459,8 @@ def _train(args, ddp):
                       + f" | {record['train_seq_per_s']:.1f} seq/s", flush=True)
             epoch = next_epoch
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
 
     summary = {"out": out, "global_step": global_step, "epoch": epoch, "interrupted": interrupted,
                "checkpoint": ckpt_path, "final": history["epochs"][-1] if history["epochs"] else None}
@@ -563,7 +570,8 @@ def _cmd_train(args):
 
 
 def run_command(func, args):
-    """Run a subcommand, turning user errors into one-line messages and exit codes."""
+    """Run a subcommand, turning user errors into one-line messages and exit codes (0 ok, 2 bad input or
+    checkpoint, 130 interrupted)."""
     try:
         return func(args) or 0
     except (UsageError, CheckpointError) as e:
@@ -575,12 +583,15 @@ def run_command(func, args):
 
 
 def add_subcommands(subparsers):
-    """Register train, eval, predict and demo on an argparse subparsers object (used by vpfast.cli)."""
+    """Register train, eval, predict and demo on an argparse subparsers object (used by vpfast.cli).
+
+    Each sets `func`: `sys.exit(args.func(args))` runs the command with its error handling and exit code.
+    """
     from . import evaluate as ev
     p = subparsers.add_parser("train", help="train a model (Moving MNIST by default)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
-    p.set_defaults(func=_cmd_train, command="train")
+    p.set_defaults(func=lambda a: run_command(_cmd_train, a), command="train")
     ev.add_subcommands(subparsers)
     return subparsers
 
@@ -601,7 +612,7 @@ def cli(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     add_subcommands(sub)
     args = p.parse_args(argv)
-    return run_command(args.func, args)
+    return args.func(args)
 
 
 if __name__ == "__main__":
