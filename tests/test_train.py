@@ -205,7 +205,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
 def test_demo_reports_model_and_baselines(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert tr.cli(["demo", "--model", "standin:create", "--preset", "small", "--minutes", "0.01",
+    assert tr.cli(["demo", "--model", "standin:create", "--preset", "small", "--steps", "20",
                    "--batch-size", "8", "--epochs", "2", "--test-size", "8", "--out", out, "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "zeros (baseline)" in text and "repeat last frame (baseline)" in text

@@ -136,6 +136,7 @@ def cmd_predict(args):
 
 # ------------------------------------------------------------------------------------------------- demo
 DEMO_MODEL, DEMO_PRESET = "tau", "small"
+DEMO_MIN_STEPS = 200
 
 
 def _calibrate(args, batch):
@@ -161,13 +162,22 @@ def _calibrate(args, batch):
 def cmd_demo(args):
     from .train import train
     batch = args.batch_size
-    sec = _calibrate(args, batch)
-    # ~80% of the budget for training; the rest goes to evaluation and pictures
-    steps = max(20, int(args.minutes * 60 * 0.8 / sec))
-    epochs = max(1, min(args.epochs, steps // 20))
+    if args.steps:
+        steps = args.steps
+        plan = f"{steps} steps (--steps)"
+    else:
+        sec = _calibrate(args, batch)
+        # ~80% of the budget for training; the rest goes to evaluation and pictures
+        steps = int(args.minutes * 60 * 0.8 / sec)
+        plan = f"{sec:.2f} s per step of {batch} sequences here -> {max(steps, args.min_steps)} steps"
+        if steps < args.min_steps:
+            plan += (f" (the budget allows only {steps}; the model needs about {args.min_steps} to learn visibly, "
+                     f"so this takes ~{args.min_steps * sec / 0.8 / 60:.0f} min on this machine)")
+            steps = args.min_steps
+    epochs = max(1, min(args.epochs, steps // 10))
     per_epoch = math.ceil(steps / epochs)
-    print(f"vpfast demo: {args.model} ({args.preset}) for ~{args.minutes:g} min: {sec:.2f} s per step of "
-          f"{batch} sequences -> {steps} steps in {epochs} epochs", flush=True)
+    print(f"vpfast demo: {args.model} ({args.preset}), ~{args.minutes:g} min budget: {plan}, {epochs} epochs",
+          flush=True)
     targs = argparse.Namespace(
         model=args.model, preset=args.preset, config=args.config, backend=args.backend, epochs=epochs,
         batch_size=batch, lr=args.lr, train_size=per_epoch * batch, max_steps=steps, seed=args.seed,
@@ -186,8 +196,9 @@ def cmd_demo(args):
     ratio = {k: res[k]["mse"] / res["model"]["mse"] for k in ("zeros", "last")}
     text = (f"{args.model} ({args.preset}) trained {summary['global_step']} steps x {batch} sequences in "
             f"{train_time / 60:.1f} min, evaluated on {len(ds)} held-out Moving MNIST sequences:\n\n{table}\n\n"
-            f"model MSE is {ratio['zeros']:.2f}x lower than predicting zeros and {ratio['last']:.2f}x lower than "
-            f"repeating the last frame.\npictures: {args.out}/predictions.png, predictions.gif, loss.png")
+            f"MSE of predicting zeros / model: {ratio['zeros']:.2f}; of repeating the last frame / model: "
+            f"{ratio['last']:.2f} (above 1: the model is better).\n"
+            f"pictures: {args.out}/predictions.png, predictions.gif, loss.png")
     print(text)
     write_text_atomic(text + "\n", os.path.join(args.out, "demo.md"))
     write_text_atomic(json.dumps({"model": args.model, "preset": args.preset, "steps": summary["global_step"],
@@ -220,6 +231,9 @@ def add_subcommands(subparsers):
 
     p = subparsers.add_parser("demo", help="train a small model for a few minutes and compare with baselines")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
+    p.add_argument("--steps", type=int, help="train exactly this many steps instead of fitting the budget")
+    p.add_argument("--min-steps", type=int, default=DEMO_MIN_STEPS,
+                   help=f"never fewer steps than this, even on a slow machine (default {DEMO_MIN_STEPS})")
     p.add_argument("--model", default=DEMO_MODEL, help=f"default {DEMO_MODEL}")
     p.add_argument("--preset", default=DEMO_PRESET, help=f"default {DEMO_PRESET}")
     p.add_argument("--config", help="JSON object of model config overrides")

@@ -62,7 +62,7 @@ def build_model(name, preset=None, backend=None, config=None):
                          "'module:factory' model") from None
     try:
         return models.create(name, preset=preset, backend=backend, **config)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         msg = e.args[0] if e.args else str(e)
         raise UsageError(f"cannot create model {name!r}: {msg}") from None
 
