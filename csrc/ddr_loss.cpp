@@ -4,7 +4,7 @@
 
 TORCH_LIBRARY_FRAGMENT(vpfast, m) {
   // pred, target: [B, T, C, H, W] (T >= 3), same shape/dtype/device. Returns the scalar loss and the
-  // per-row statistics [B, T-1, 4] that the backward pass needs.
+  // per-row statistics [B, T-1, 6] that the backward pass needs.
   m.def("ddr_loss_forward(Tensor pred, Tensor target, float tau, float eps) -> (Tensor, Tensor)");
   // Returns (grad_pred, grad_target); grad_target is empty unless need_target.
   m.def(

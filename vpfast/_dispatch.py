@@ -57,16 +57,24 @@ class Op:
         self.check = check
         self.dtypes = tuple(dtypes)
         self.impls: dict[str, Callable] = {}
+        self._static: dict[str, list[str]] = {}
         REGISTRY[name] = self
 
     def register(self, backend: str, fn: Callable) -> Callable:
         assert backend in BACKENDS, backend
         self.impls[backend] = fn
+        self._static.clear()
         return fn
 
     # ---- why a backend cannot run -------------------------------------------------------------------
     def static_reasons(self, backend: str) -> list[str]:
         """Reasons independent of the inputs (what is built and installed)."""
+        if not self._static:
+            # computed once, eagerly: torch.compile then sees plain constants when it traces a dispatch
+            self._static.update({b: self._compute_static(b) for b in BACKENDS})
+        return list(self._static[backend])
+
+    def _compute_static(self, backend: str) -> list[str]:
         if backend not in self.impls:
             return [f"{self.name} has no {backend} implementation"]
         if backend == "torch":
@@ -75,7 +83,8 @@ class Op:
             if _ext.LOAD_ERROR:
                 return [_ext.LOAD_ERROR]
             if backend == "cuda" and not _ext.built_with_cuda():
-                return ["vpfast._C was built without CUDA (no nvcc or a CPU-only torch at build time)"]
+                why = _ext.build_info().get("cuda_skipped", "no nvcc or a CPU-only torch at build time")
+                return [f"vpfast._C was built without CUDA ({why})"]
             if self.kernel and not _ext.has_kernel(self.kernel, "CPU" if backend == "cpp" else "CUDA"):
                 return [f"vpfast._C has no {backend} kernel for vpfast::{self.kernel} (rebuild the extension)"]
             if backend == "cuda" and not torch.cuda.is_available():

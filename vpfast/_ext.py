@@ -43,7 +43,14 @@ def built_with_cuda() -> bool:
     return bool(_C is not None and _C.with_cuda)
 
 
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked by sys.modules[name] = None
+        return False
+
+
+TRITON_INSTALLED = _has_module("triton")
 
 
 def triton_interpret() -> bool:

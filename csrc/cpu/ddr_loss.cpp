@@ -28,20 +28,21 @@ VPFAST_CPU_CLONES void forward_row(const T* p0, const T* p1, const T* y0, const 
     sa += fast_exp<T>((p1[d] - p0[d]) * inv_tau - ma);
     sb += fast_exp<T>((y1[d] - y0[d]) * inv_tau - mb);
   }
-  const T la = ma + fast_log<T>(sa), lb = mb + fast_log<T>(sb);
+  stats[0] = ma;
+  stats[1] = T(1) / sa;
+  stats[2] = mb;
+  stats[3] = T(1) / sb;
   T loss = 0, sp = 0, sq = 0;
 #pragma omp simd reduction(+ : loss, sp, sq)
   for (int64_t d = 0; d < D; ++d) {
     T l, a_, b_;
-    ddr::forward_elem<T>((p1[d] - p0[d]) * inv_tau, (y1[d] - y0[d]) * inv_tau, la, lb, eps, l, a_, b_);
+    ddr::forward_elem<T>((p1[d] - p0[d]) * inv_tau, (y1[d] - y0[d]) * inv_tau, stats, eps, l, a_, b_);
     loss += l;
     sp += a_;
     sq += b_;
   }
-  stats[0] = la;
-  stats[1] = lb;
-  stats[2] = sp;
-  stats[3] = sq;
+  stats[4] = sp;
+  stats[5] = sq;
   *row_loss = static_cast<double>(loss);
 }
 

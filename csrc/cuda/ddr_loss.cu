@@ -45,12 +45,12 @@ __global__ void forward_kernel(const T* __restrict__ P, const T* __restrict__ Y,
     sa += fast_exp<T>((p1[d] - p0[d]) * inv_tau - ma);
     sb += fast_exp<T>((y1[d] - y0[d]) * inv_tau - mb);
   }
-  const T la = ma + fast_log<T>(block_reduce<T>(sa, smem, add));
-  const T lb = mb + fast_log<T>(block_reduce<T>(sb, smem, add));
+  T st[ddr::kStats] = {ma, T(1) / block_reduce<T>(sa, smem, add), mb, T(1) / block_reduce<T>(sb, smem, add),
+                       0, 0};
   T loss = 0, sp = 0, sq = 0;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     T l, a_, b_;
-    ddr::forward_elem<T>((p1[d] - p0[d]) * inv_tau, (y1[d] - y0[d]) * inv_tau, la, lb, eps, l, a_, b_);
+    ddr::forward_elem<T>((p1[d] - p0[d]) * inv_tau, (y1[d] - y0[d]) * inv_tau, st, eps, l, a_, b_);
     loss += l;
     sp += a_;
     sq += b_;
@@ -59,11 +59,9 @@ __global__ void forward_kernel(const T* __restrict__ P, const T* __restrict__ Y,
   sp = block_reduce<T>(sp, smem, add);
   sq = block_reduce<T>(sq, smem, add);
   if (threadIdx.x == 0) {
-    T* st = stats + r * ddr::kStats;
-    st[0] = la;
-    st[1] = lb;
-    st[2] = sp;
-    st[3] = sq;
+    st[4] = sp;
+    st[5] = sq;
+    for (int k = 0; k < ddr::kStats; ++k) stats[r * ddr::kStats + k] = st[k];
     row_loss[r] = static_cast<double>(loss);
   }
 }

@@ -35,7 +35,7 @@ if _ext.has_kernel("ddr_loss_forward", "CPU") or _ext.has_kernel("ddr_loss_forwa
     @torch.library.register_fake("vpfast::ddr_loss_forward")
     def _ddr_forward_fake(pred, target, tau, eps):
         B, T = pred.shape[:2]
-        return pred.new_empty(()), pred.new_empty((B, T - 1, 4))
+        return pred.new_empty(()), pred.new_empty((B, T - 1, 6))
 
     @torch.library.register_fake("vpfast::ddr_loss_backward")
     def _ddr_backward_fake(grad, pred, target, stats, tau, eps, need_target):
@@ -71,7 +71,7 @@ def _ddr_triton_forward(pred: torch.Tensor, target: torch.Tensor, tau: float,
 @_ddr_triton_forward.register_fake
 def _(pred, target, tau, eps):
     B, T = pred.shape[:2]
-    return pred.new_empty(()), pred.new_empty((B, T - 1, 4))
+    return pred.new_empty(()), pred.new_empty((B, T - 1, 6))
 
 
 @torch.library.custom_op("vpfast::ddr_loss_backward_triton", mutates_args=())

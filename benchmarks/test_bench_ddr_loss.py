@@ -1,0 +1,54 @@
+"""DDR loss: reference eager, reference under torch.compile, and the fused kernels.
+
+Bytes per call: the forward pass reads pred and target once (the row stays in cache across its sweeps); the
+backward pass reads them again and writes grad_pred.
+"""
+import pytest
+import torch
+
+from vpfast.ops import ddr_loss, ddr_loss_reference
+from vpfast.ops.ddr_loss import OP
+
+SHAPES = {"mmnist": (16, 10, 1, 64, 64), "large": (16, 10, 3, 128, 128)}
+_compiled = torch.compile(ddr_loss_reference)
+
+
+def _providers():
+    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
+    for b in ("cpp", "cuda"):
+        why = OP.static_reasons(b)
+        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
+    return out
+
+
+def _fn(provider):
+    if provider == "eager":
+        return ddr_loss_reference
+    if provider == "compile":
+        return _compiled
+    return lambda p, y: ddr_loss(p, y, backend=provider)
+
+
+@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_ddr_loss(record, benchmark, provider, mode, shape):
+    size = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(size, generator=g).requires_grad_(mode != "fwd")
+    target = torch.rand(size, generator=g)
+    fn = _fn(provider)
+    benchmark.group = f"ddr_loss {shape} {tuple(size)} {mode}"
+    nbytes = pred.numel() * pred.element_size()
+
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(pred, target)
+        gbytes = 2 * nbytes / 1e9
+    else:
+        def step():
+            pred.grad = None
+            fn(pred, target).backward()
+        gbytes = 5 * nbytes / 1e9
+    record(provider, step, gbytes=gbytes)

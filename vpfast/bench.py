@@ -1,0 +1,68 @@
+"""`vpfast bench [OP ...]`: run the pytest-benchmark suites and print one comparison table.
+
+For every benchmark group (op, shape, mode) it lists each provider's median time, the ratio against the
+eager torch reference measured in the same run, achieved GB/s or GFLOP/s, and peak extra memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def suites_dir() -> str:
+    from . import benchmarks
+
+    return os.path.dirname(benchmarks.__file__)
+
+
+def run(ops: list[str], quick: bool = False, extra: list[str] | None = None) -> int:
+    root = suites_dir()
+    available = sorted(f[len("test_bench_"):-3] for f in os.listdir(root)
+                       if f.startswith("test_bench_") and f.endswith(".py"))
+    ops = ops or available
+    unknown = [o for o in ops if o not in available]
+    if unknown:
+        print(f"vpfast bench: unknown suite(s) {unknown}; available: {', '.join(available)}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={root}",
+               f"--benchmark-json={out}", "--benchmark-sort=name"]
+        if quick:
+            cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.2"]
+        cmd += [os.path.join(root, f"test_bench_{o}.py") for o in ops] + list(extra or [])
+        print("running:", " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, stdout=subprocess.DEVNULL if not os.environ.get("VPFAST_BENCH_VERBOSE")
+                               else None)
+        if not os.path.exists(out):
+            print(f"vpfast bench: pytest exited with {code} and wrote no results", file=sys.stderr)
+            return code or 1
+        with open(out) as f:
+            data = json.load(f)
+    print(table(data["benchmarks"]))
+    return code
+
+
+def table(benchmarks: list[dict]) -> str:
+    groups: dict[str, list[dict]] = {}
+    for b in benchmarks:
+        groups.setdefault(b.get("group") or b["name"], []).append(b)
+    lines = []
+    header = f"  {'provider':14s} {'median':>10s} {'vs eager':>9s} {'GB/s':>8s} {'GFLOP/s':>8s} {'peak MiB':>9s}"
+    for group in sorted(groups):
+        rows = groups[group]
+        base = next((r["stats"]["median"] for r in rows if r["extra_info"].get("provider") == "eager"), None)
+        lines += ["", group, header]
+        for r in sorted(rows, key=lambda r: r["stats"]["median"]):
+            t = r["stats"]["median"]
+            info = r["extra_info"]
+            ratio = f"{base / t:8.2f}x" if base else "        -"
+            gbs = f"{info['gbytes'] / t:8.1f}" if "gbytes" in info else "       -"
+            gfl = f"{info['gflops'] / t:8.1f}" if "gflops" in info else "       -"
+            mem = f"{info['peak_mb']:9.1f}" if "peak_mb" in info else "        -"
+            name = info.get("provider", r["name"])
+            lines.append(f"  {name:14s} {t * 1e3:8.3f}ms {ratio} {gbs} {gfl} {mem}")
+    return "\n".join(lines)

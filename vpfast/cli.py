@@ -1,0 +1,53 @@
+"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]` (and the training commands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args) -> int:
+    from .info import main
+
+    return main()
+
+
+def _bench(args) -> int:
+    from .bench import run
+
+    return run(args.ops, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("info", help="versions, build metadata and the op x backend availability table")
+    p.set_defaults(func=_info)
+    p = sub.add_parser("bench", help="run the benchmark suites and print one comparison table")
+    p.add_argument("ops", nargs="*", help="suites to run (default: all), e.g. ddr_loss")
+    p.add_argument("--quick", action="store_true", help="fewer rounds: a rough table in less time")
+    p.set_defaults(func=_bench)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands contributed by other modules: each exposes add_subcommands(subparsers)."""
+    out = []
+    for mod in ("vpfast.train",):
+        try:
+            module = __import__(mod, fromlist=["add_subcommands"])
+        except ImportError:
+            continue
+        if hasattr(module, "add_subcommands"):
+            out.append(module.add_subcommands)
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

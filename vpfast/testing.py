@@ -1,0 +1,51 @@
+"""Helpers for tests of vpfast ops (and of code built on them): backends as pytest parameters."""
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import REGISTRY
+
+
+def backend_params(op: str, include_torch: bool = False):
+    """pytest parameters for every backend of `op`; those that cannot run here are skipped with the reason."""
+    import pytest
+
+    out = []
+    for name in ("torch", "cpp", "cuda", "triton"):
+        if name == "torch" and not include_torch:
+            continue
+        why = REGISTRY[op].static_reasons(name)
+        marks = [pytest.mark.skip(reason="; ".join(why))] if why else []
+        if name == "triton":
+            marks.append(pytest.mark.triton)
+        out.append(pytest.param(name, id=name, marks=marks))
+    return out
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    """rtol/atol for comparing a fused kernel with the reference at this dtype."""
+    return {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-6)}[dtype]
+
+
+def non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The same values as x, laid out with a stride gap in the last dimension."""
+    y = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)[..., ::2]
+    y.copy_(x)
+    return y.requires_grad_(x.requires_grad)
+
+
+def assert_close_bounded(out: torch.Tensor, ref_same: torch.Tensor, ref_f64: torch.Tensor, factor: float = 8.0,
+                         floor: float = 1e-6, name: str = "output") -> None:
+    """Check a low-precision result by the reference's own error at that precision.
+
+    out and ref_same are computed at the same (low) precision, ref_f64 in float64 from the same inputs.
+    Passes if |out - ref_f64| <= factor * |ref_same - ref_f64| + floor * max|ref_f64| everywhere that
+    matters (in max norm): a fused kernel may round differently, but not much worse than PyTorch does.
+    """
+    ref = ref_f64.double()
+    scale = ref.abs().max().clamp_min(1e-12)  # an all-zero reference still allows float32 dust
+    err = (out.double() - ref).abs().max()
+    base = (ref_same.double() - ref).abs().max()
+    bound = factor * base + floor * scale
+    assert err <= bound, (f"{name}: max error {err.item():.3e} vs float64 reference exceeds {factor} x the "
+                          f"reference's own error {base.item():.3e} + {floor} x scale {scale.item():.3e}")
