@@ -5,5 +5,5 @@ __version__ = "0.1.0"
 
 _ext.warn_once()
 
-from . import ops, nn  # noqa: E402,F401
+from . import ops, nn, models  # noqa: E402,F401
 from ._dispatch import BackendUnavailable  # noqa: E402,F401

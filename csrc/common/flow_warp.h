@@ -1,0 +1,29 @@
+// Flow warp arithmetic shared by csrc/cpu/flow_warp.cpp and csrc/cuda/flow_warp.cu: the sample position of
+// a pixel, as grid_sample sees it after un-normalising the grid, plus the corner geometry of
+// common/deform_warp.h.
+#pragma once
+#include "common/deform_warp.h"
+
+namespace vpfast {
+namespace warp {
+
+// Position along one axis of size `size` for pixel coordinate `base` moved by `f` pixels, and the factor
+// (0 or 1) by which its derivative with respect to f is multiplied. With align_corners a map of size 1 is
+// always sampled at 0 (grid_sample's un-normalisation multiplies by size - 1). Border padding clamps the
+// position into [0, size - 1]; as in grid_sample the clamped positions and the two ends have derivative 0.
+template <typename T> VPFAST_HD T flow_coord(T base, T f, int32_t size, bool border, bool align_corners, T& dfac) {
+  const bool fixed = align_corners && size == 1;
+  T p = fixed ? T(0) : base + f;
+  T g = fixed ? T(0) : T(1);
+  if (border) {
+    const T hi = T(size - 1);
+    g = (p > T(0) && p < hi) ? g : T(0);
+    p = p > T(0) ? p : T(0);
+    p = p < hi ? p : hi;
+  }
+  dfac = g;
+  return p;
+}
+
+}  // namespace warp
+}  // namespace vpfast

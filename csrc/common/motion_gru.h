@@ -1,0 +1,37 @@
+// MotionGRU pointwise arithmetic shared by csrc/cpu/motion_gru.cpp and csrc/cuda/motion_gru.cu.
+#pragma once
+#include "common/math.h"
+
+namespace vpfast {
+namespace mgru {
+
+template <typename T> VPFAST_HD T reset_fwd(T gr, T f) { return fast_sigmoid<T>(gr) * f; }
+
+template <typename T> VPFAST_HD void reset_bwd(T g, T gr, T f, T& d_gr, T& d_f) {
+  const T r = fast_sigmoid<T>(gr);
+  d_gr = g * f * r * (T(1) - r);
+  d_f = g * r;
+}
+
+template <typename T> VPFAST_HD void update_fwd(T gu, T o, T f, T d, T& f_out, T& d_out) {
+  const T u = fast_sigmoid<T>(gu);
+  const T t = fast_tanh<T>(o);
+  const T dn = d + T(0.5) * (f - d);
+  f_out = f * (T(1) - u) + t * u + dn;
+  d_out = dn;
+}
+
+// F = f (1 - u) + t u + D and D = d + (f - d) / 2, so D's gradient also receives F's.
+template <typename T>
+VPFAST_HD void update_bwd(T g_f, T g_d, T gu, T o, T f, T& d_gu, T& d_o, T& d_f, T& d_d) {
+  const T u = fast_sigmoid<T>(gu);
+  const T t = fast_tanh<T>(o);
+  const T g_dn = g_d + g_f;
+  d_gu = g_f * (t - f) * u * (T(1) - u);
+  d_o = g_f * u * (T(1) - t * t);
+  d_f = g_f * (T(1) - u) + T(0.5) * g_dn;
+  d_d = T(0.5) * g_dn;
+}
+
+}  // namespace mgru
+}  // namespace vpfast

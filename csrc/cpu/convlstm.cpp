@@ -1,0 +1,186 @@
+// Fused ConvLSTM pointwise step, CPU. One task per (b, channel) plane row of H*W elements, operands read in
+// place (strided batch/channel axes, contiguous H*W), vectorised inner loops. Arithmetic: common/stlstm.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "common/stlstm.h"
+
+namespace vpfast {
+namespace {
+
+using lstm::Planes;
+
+at::Tensor planar(const at::Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
+  return ok ? t : t.contiguous();
+}
+
+template <typename T>
+Planes<T> planes(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
+                  t.size(3) == c.size(3),
+              "vpfast::convlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == c.scalar_type(), "vpfast::convlstm: ", what, " has dtype ", t.scalar_type(),
+              ", expected ", c.scalar_type());
+}
+
+// in: h_g i f g o | x_g i f g o (HAS_X) | c_prev;  out: h, c_new | act i f g o
+template <typename T, bool HAS_X, bool TANH_C>
+VPFAST_CPU_CLONES void fwd_row(const T* const* in, T* const* out, T fb, int64_t n) {
+  const T *hi = in[0], *hf = in[1], *hg = in[2], *ho = in[3], *xi = in[4], *xf = in[5], *xg = in[6],
+          *xo = in[7], *cp = in[8];
+  T *h = out[0], *cn = out[1], *ai = out[2], *af = out[3], *ag = out[4], *ao = out[5];
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    T pi = hi[p], pf = hf[p], pg = hg[p], po = ho[p];
+    if constexpr (HAS_X) {
+      pi = xi[p] + pi;
+      pf = xf[p] + pf;
+      pg = xg[p] + pg;
+      po = xo[p] + po;
+    }
+    T i, f, g, c;
+    lstm::cell_forward<T>(pi, pf, pg, cp[p], fb, i, f, g, c);
+    const T o = fast_sigmoid<T>(po);
+    h[p] = o * (TANH_C ? fast_tanh<T>(c) : g);
+    cn[p] = c;
+    ai[p] = i;
+    af[p] = f;
+    ag[p] = g;
+    ao[p] = o;
+  }
+}
+
+// in: grad h, grad c_new (either may be null) | act i f g o | c_prev, c_new;  out: grad h_g (4) | grad c_prev
+// | grad x_g (4, HAS_X)
+template <typename T, bool HAS_X, bool TANH_C>
+VPFAST_CPU_CLONES void bwd_row(const T* const* in, T* const* out, int64_t n) {
+  const T *gh = in[0], *gc = in[1], *ai = in[2], *af = in[3], *ag = in[4], *ao = in[5], *cp = in[6], *cn = in[7];
+  T *hi = out[0], *hf = out[1], *hg = out[2], *ho = out[3], *gcp = out[4], *xi = out[5], *xf = out[6],
+    *xg = out[7], *xo = out[8];
+  const bool has_gh = gh != nullptr, has_gc = gc != nullptr;
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    T pi, pf, pg, po, c_;
+    lstm::convlstm_backward<T>(ai[p], af[p], ag[p], ao[p], cp[p], cn[p], has_gh ? gh[p] : T(0),
+                               has_gc ? gc[p] : T(0), TANH_C, pi, pf, pg, po, c_);
+    hi[p] = pi;
+    hf[p] = pf;
+    hg[p] = pg;
+    ho[p] = po;
+    gcp[p] = c_;
+    if constexpr (HAS_X) {
+      xi[p] = pi;
+      xf[p] = pf;
+      xg[p] = pg;
+      xo[p] = po;
+    }
+  }
+}
+
+template <typename F>
+void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::optional<at::Tensor>& x_g_,
+                                                                    const at::Tensor& h_g_, const at::Tensor& c_,
+                                                                    double forget_bias, bool tanh_c) {
+  TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
+  const bool has_x = x_g_.has_value() && x_g_->defined();
+  check_like(h_g_, c_, 4, "h_g");
+  if (has_x) check_like(*x_g_, c_, 4, "x_g");
+  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
+  const auto h_g = planar(h_g_), c = planar(c_);
+  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
+  auto h = at::empty({B, C, H, W}, c.options());
+  auto cn = at::empty({B, C, H, W}, c.options());
+  auto act = at::empty({B, 4 * C, H, W}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cpu", [&] {
+    using T = scalar_t;
+    const auto ph = planes<T>(h_g), pc = planes<T>(c), poh = planes<T>(h), pcn = planes<T>(cn),
+               pa = planes<T>(act);
+    const auto px = has_x ? planes<T>(x_g) : Planes<T>{nullptr, 0, 0};
+    const T fb = static_cast<T>(forget_bias);
+    with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
+      at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t s, int64_t e) {
+        for (int64_t r = s; r < e; ++r) {
+          const int64_t b = r / C, ch = r % C;
+          const T* in[9];
+          for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * C + ch);
+          for (int j = 0; j < 4; ++j) in[4 + j] = decltype(HX)::value ? px.at(b, j * C + ch) : nullptr;
+          in[8] = pc.at(b, ch);
+          T* out[6] = {poh.at(b, ch), pcn.at(b, ch), pa.at(b, ch), pa.at(b, C + ch), pa.at(b, 2 * C + ch),
+                       pa.at(b, 3 * C + ch)};
+          fwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, fb, HW);
+        }
+      });
+    });
+  });
+  return {h, cn, act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::optional<at::Tensor>& gh_,
+                                                                     const std::optional<at::Tensor>& gc_,
+                                                                     const at::Tensor& act_, const at::Tensor& c_,
+                                                                     const at::Tensor& cn_, bool has_x, bool tanh_c) {
+  TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_backward: c must be [B, C, H, W]");
+  const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
+  check_like(act_, c_, 4, "act");
+  check_like(cn_, c_, 1, "c_new");
+  if (has_gh) check_like(*gh_, c_, 1, "grad_h");
+  if (has_gc) check_like(*gc_, c_, 1, "grad_c");
+  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
+  const auto act = planar(act_), c = planar(c_), cn = planar(cn_);
+  const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
+  auto gx = has_x ? at::empty({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  auto ghg = at::empty({B, 4 * C, H, W}, c.options());
+  auto gcp = at::empty({B, C, H, W}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto pa = planes<T>(act), pc = planes<T>(c), pcn = planes<T>(cn), pghg = planes<T>(ghg),
+               pgcp = planes<T>(gcp);
+    const auto pgh = has_gh ? planes<T>(gh) : Planes<T>{nullptr, 0, 0};
+    const auto pgc = has_gc ? planes<T>(gc) : Planes<T>{nullptr, 0, 0};
+    const auto pgx = has_x ? planes<T>(gx) : Planes<T>{nullptr, 0, 0};
+    with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
+      at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t s, int64_t e) {
+        for (int64_t r = s; r < e; ++r) {
+          const int64_t b = r / C, ch = r % C;
+          const T* in[8] = {has_gh ? pgh.at(b, ch) : nullptr, has_gc ? pgc.at(b, ch) : nullptr, pa.at(b, ch),
+                            pa.at(b, C + ch), pa.at(b, 2 * C + ch), pa.at(b, 3 * C + ch), pc.at(b, ch),
+                            pcn.at(b, ch)};
+          T* out[9];
+          for (int j = 0; j < 4; ++j) out[j] = pghg.at(b, j * C + ch);
+          out[4] = pgcp.at(b, ch);
+          for (int j = 0; j < 4; ++j) out[5 + j] = decltype(HX)::value ? pgx.at(b, j * C + ch) : nullptr;
+          bwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, HW);
+        }
+      });
+    });
+  });
+  return {gx, ghg, gcp};
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CPU, m) {
+  m.impl("convlstm_forward", &vpfast::convlstm_forward_cpu);
+  m.impl("convlstm_backward", &vpfast::convlstm_backward_cpu);
+}

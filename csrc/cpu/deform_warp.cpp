@@ -1,0 +1,315 @@
+// Deformable warp, CPU.
+//
+// Forward, per chunk of images (sized so the column buffer stays near 32 MB): one task per (image,
+// neighbour n[, channel block]) computes the n-th sample geometry of every pixel once (four corner indices
+// and four weights with the mask folded in, common/deform_warp.h), then fills the column rows (c, n) of
+// every channel with four gathers each; the contraction out[b] = W[O, C k²] x col[b][C k², HW] is a GEMM.
+// Backward: grad_col = W^T x grad_out (GEMM); one task per (image, neighbour) recomputes the samples,
+// rebuilds the column buffer for the weight gradient (GEMM, accumulated image after image) and reduces the
+// offset and mask gradients over channels; one task per (image, channel) scatters that channel's input
+// gradient in a fixed order. No task writes where another does, so the result does not depend on the
+// thread count or timing (deterministic, no atomics).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "common/deform_warp.h"
+
+namespace vpfast {
+namespace {
+
+constexpr int64_t kColBytes = 32 << 20;
+
+// Sample geometry of neighbour (ny, nx) for every pixel of one image: idx/wt hold 4 planes of HW entries
+// (corners 00, 01, 10, 11); the weights include validity and the mask.
+template <typename T>
+VPFAST_CPU_CLONES void build_table(const T* off_y, const T* off_x, const T* mask, int32_t H, int32_t W, T ny,
+                                   T nx, int32_t* idx, T* wt) {
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  for (int32_t h = 0; h < H; ++h) {
+    const int64_t row = static_cast<int64_t>(h) * W;
+#pragma omp simd
+    for (int32_t w = 0; w < W; ++w) {
+      const int64_t p = row + w;
+      const auto c = warp::corners<T>(T(h) + ny + off_y[p], T(w) + nx + off_x[p], H, W, true);
+      T w00, w01, w10, w11;
+      warp::corner_weights<T>(c, mask[p], w00, w01, w10, w11);
+      idx[p] = c.r0 + c.c0;
+      idx[HW + p] = c.r0 + c.c1;
+      idx[2 * HW + p] = c.r1 + c.c0;
+      idx[3 * HW + p] = c.r1 + c.c1;
+      wt[p] = w00;
+      wt[HW + p] = w01;
+      wt[2 * HW + p] = w10;
+      wt[3 * HW + p] = w11;
+    }
+  }
+}
+
+// col rows (c, n) for channels [c0, c1): row c sits at col + c * N * HW.
+template <typename T>
+VPFAST_CPU_CLONES void sample_rows(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0, int64_t c1,
+                                   int64_t N, T* col) {
+  const int32_t *i0 = idx, *i1 = idx + HW, *i2 = idx + 2 * HW, *i3 = idx + 3 * HW;
+  const T *w0 = wt, *w1 = wt + HW, *w2 = wt + 2 * HW, *w3 = wt + 3 * HW;
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* xc = x + c * HW;
+    T* out = col + c * N * HW;
+#pragma omp simd
+    for (int64_t p = 0; p < HW; ++p) {
+      out[p] = w0[p] * xc[i0[p]] + w1[p] * xc[i1[p]] + w2[p] * xc[i2[p]] + w3[p] * xc[i3[p]];
+    }
+  }
+}
+
+// Backward for one (image, neighbour): geometry, optional column rows for the weight gradient, and the
+// offset/mask gradients reduced over channels in channel order. Leaves the forward-style table (idx, wt)
+// for the input-gradient scatter. scratch: 9 * HW entries.
+template <typename T, bool kCol>
+VPFAST_CPU_CLONES void grad_neighbour(const T* x, const T* off_y, const T* off_x, const T* mask, int32_t H, int32_t W,
+                                      T ny, T nx, int64_t C, int64_t N, const T* gcol, T* col, T* g_off_y,
+                                      T* g_off_x, T* g_mask, int32_t* idx, T* wt, T* scratch) {
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  T *m0 = scratch, *m1 = scratch + HW, *m2 = scratch + 2 * HW, *m3 = scratch + 3 * HW;
+  T *ly = scratch + 4 * HW, *lx = scratch + 5 * HW;
+  T *ay = scratch + 6 * HW, *ax = scratch + 7 * HW, *am = scratch + 8 * HW;
+  int32_t *i0 = idx, *i1 = idx + HW, *i2 = idx + 2 * HW, *i3 = idx + 3 * HW;
+  for (int32_t h = 0; h < H; ++h) {
+    const int64_t row = static_cast<int64_t>(h) * W;
+#pragma omp simd
+    for (int32_t w = 0; w < W; ++w) {
+      const int64_t p = row + w;
+      const auto c = warp::corners<T>(T(h) + ny + off_y[p], T(w) + nx + off_x[p], H, W, true);
+      i0[p] = c.r0 + c.c0;
+      i1[p] = c.r0 + c.c1;
+      i2[p] = c.r1 + c.c0;
+      i3[p] = c.r1 + c.c1;
+      m0[p] = c.vy0 * c.vx0;
+      m1[p] = c.vy0 * c.vx1;
+      m2[p] = c.vy1 * c.vx0;
+      m3[p] = c.vy1 * c.vx1;
+      ly[p] = c.ly;
+      lx[p] = c.lx;
+      T w00, w01, w10, w11;
+      warp::corner_weights<T>(c, mask[p], w00, w01, w10, w11);
+      wt[p] = w00;
+      wt[HW + p] = w01;
+      wt[2 * HW + p] = w10;
+      wt[3 * HW + p] = w11;
+      ay[p] = T(0);
+      ax[p] = T(0);
+      am[p] = T(0);
+    }
+  }
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const T* xc = x + ch * HW;
+    const T* g = gcol + ch * N * HW;
+    T* out = kCol ? col + ch * N * HW : nullptr;
+#pragma omp simd
+    for (int64_t p = 0; p < HW; ++p) {
+      T s, dy, dx;
+      warp::sample_grad<T>(m0[p] * xc[i0[p]], m1[p] * xc[i1[p]], m2[p] * xc[i2[p]], m3[p] * xc[i3[p]], ly[p], lx[p],
+                           s, dy, dx);
+      if (kCol) out[p] = mask[p] * s;
+      const T gg = g[p];
+      am[p] += gg * s;
+      ay[p] += gg * dy;
+      ax[p] += gg * dx;
+    }
+  }
+#pragma omp simd
+  for (int64_t p = 0; p < HW; ++p) {
+    g_mask[p] = am[p];
+    g_off_y[p] = mask[p] * ay[p];
+    g_off_x[p] = mask[p] * ax[p];
+  }
+}
+
+// Input gradient of one (image, channel) plane: every sample of the channel adds its share to its four
+// corners, in a fixed order.
+template <typename T>
+VPFAST_CPU_CLONES void scatter_plane(const T* gcol, int64_t N, int64_t HW, const int32_t* idx, const T* wt, T* gx) {
+  std::fill(gx, gx + HW, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T* g = gcol + n * HW;
+    const int32_t* id = idx + n * 4 * HW;
+    const T* w = wt + n * 4 * HW;
+    for (int64_t p = 0; p < HW; ++p) {
+      const T v = g[p];
+      gx[id[p]] += w[p] * v;
+      gx[id[HW + p]] += w[HW + p] * v;
+      gx[id[2 * HW + p]] += w[2 * HW + p] * v;
+      gx[id[3 * HW + p]] += w[3 * HW + p] * v;
+    }
+  }
+}
+
+void check_inputs(const char* fn, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                  const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && offset.dim() == 4 && mask.dim() == 4 && weight.dim() == 4, fn,
+              ": x, offset, mask, weight must be 4-D");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), k = weight.size(2);
+  TORCH_CHECK(weight.size(1) == C && weight.size(3) == k && k % 2 == 1, fn, ": weight must be [O, C, k, k], k odd");
+  TORCH_CHECK(offset.sizes() == at::IntArrayRef({B, 2 * k * k, H, W}), fn, ": offset must be [B, 2k², H, W]");
+  TORCH_CHECK(mask.sizes() == at::IntArrayRef({B, k * k, H, W}), fn, ": mask must be [B, k², H, W]");
+  TORCH_CHECK(offset.scalar_type() == x.scalar_type() && mask.scalar_type() == x.scalar_type() &&
+                  weight.scalar_type() == x.scalar_type(),
+              fn, ": dtype mismatch");
+  TORCH_CHECK(H * W < (int64_t(1) << 31) && H + 2 < (int64_t(1) << 30) && W + 2 < (int64_t(1) << 30), fn,
+              ": the map is too large for 32-bit indices");
+}
+
+int64_t chunk_images(int64_t B, int64_t bytes_per_image, int buffers) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, kColBytes / std::max<int64_t>(1, bytes_per_image * buffers)));
+}
+
+at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                                   const at::Tensor& weight) {
+  check_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
+  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
+  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
+  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  auto out = at::empty({B, O, H, W}, X.options());
+  if (out.numel() == 0) return out;
+  if (K == 0) return out.zero_();
+  const auto Wm = weight.contiguous().view({O, K});
+  const int64_t bc = chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1);
+  auto col = at::empty({bc, K, HW}, X.options());
+  const int threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_forward_cpu", [&] {
+    const scalar_t* xp = X.data_ptr<scalar_t>();
+    const scalar_t* op = OFF.data_ptr<scalar_t>();
+    const scalar_t* mp = M.data_ptr<scalar_t>();
+    scalar_t* cp = col.data_ptr<scalar_t>();
+    const scalar_t half = static_cast<scalar_t>(k / 2);
+    for (int64_t b0 = 0; b0 < B; b0 += bc) {
+      const int64_t nb = std::min(bc, B - b0), tasks_bn = nb * N;
+      const int64_t ncb = std::min<int64_t>(C, std::max<int64_t>(1, (4 * threads + tasks_bn - 1) / tasks_bn));
+      const int64_t cper = (C + ncb - 1) / ncb;
+      at::parallel_for(0, tasks_bn * ncb, 1, [&](int64_t begin, int64_t end) {
+        std::vector<int32_t> idx(4 * HW);
+        std::vector<scalar_t> wt(4 * HW);
+        int64_t last = -1;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t bn = t / ncb, cb = t % ncb, b = bn / N, n = bn % N;
+          const int64_t gb = b0 + b;
+          if (bn != last) {
+            const scalar_t* ob = op + gb * 2 * N * HW;
+            build_table<scalar_t>(ob + n * HW, ob + (N + n) * HW, mp + (gb * N + n) * HW, (int32_t)H, (int32_t)W,
+                                  static_cast<scalar_t>(n / k) - half, static_cast<scalar_t>(n % k) - half,
+                                  idx.data(), wt.data());
+            last = bn;
+          }
+          const int64_t c0 = cb * cper, c1 = std::min(C, c0 + cper);
+          if (c0 < c1)
+            sample_rows<scalar_t>(xp + gb * C * HW, HW, idx.data(), wt.data(), c0, c1, N, cp + b * K * HW + n * HW);
+        }
+      });
+      for (int64_t b = 0; b < nb; ++b) {
+        auto ob = out[b0 + b].view({O, HW});
+        at::mm_out(ob, Wm, col[b]);
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+    const at::Tensor& weight, std::array<bool, 4> needs) {
+  check_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
+  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
+  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
+  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, O, H, W}), "vpfast::deform_warp_backward: grad must be [B, O, H, W]");
+  const auto G = grad.to(X.scalar_type()).contiguous();
+  const auto Wm = weight.contiguous().view({O, K});
+  // every entry of gx (if needed), goff and gm is written below, unless the early return zeroes them
+  auto gx = at::empty_like(X);
+  auto goff = at::empty_like(OFF);
+  auto gm = at::empty_like(M);
+  auto gw = at::zeros({O, K}, X.options());
+  auto empty = at::empty({0}, X.options());
+  auto result = [&]() {
+    return std::make_tuple(needs[0] ? gx : empty, needs[1] ? goff : empty, needs[2] ? gm : empty,
+                           needs[3] ? gw.view(weight.sizes()) : empty);
+  };
+  if (B == 0 || HW == 0 || K == 0 || O == 0) {
+    gx.zero_();
+    goff.zero_();
+    gm.zero_();
+    return result();
+  }
+  const bool want_col = needs[3];
+  const int64_t bc = chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), want_col ? 2 : 1);
+  auto gcol = at::empty({bc, K, HW}, X.options());
+  auto col = want_col ? at::empty({bc, K, HW}, X.options()) : empty;
+  auto idx = at::empty({bc, N, 4, HW}, X.options().dtype(at::kInt));
+  auto wt = at::empty({bc, N, 4, HW}, X.options());
+  const auto Wt = Wm.t();
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_backward_cpu", [&] {
+    const scalar_t* xp = X.data_ptr<scalar_t>();
+    const scalar_t* op = OFF.data_ptr<scalar_t>();
+    const scalar_t* mp = M.data_ptr<scalar_t>();
+    scalar_t* gcp = gcol.data_ptr<scalar_t>();
+    scalar_t* cp = want_col ? col.data_ptr<scalar_t>() : nullptr;
+    int32_t* ip = idx.data_ptr<int32_t>();
+    scalar_t* wp = wt.data_ptr<scalar_t>();
+    scalar_t* gop = goff.data_ptr<scalar_t>();
+    scalar_t* gmp = gm.data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const scalar_t half = static_cast<scalar_t>(k / 2);
+    for (int64_t b0 = 0; b0 < B; b0 += bc) {
+      const int64_t nb = std::min(bc, B - b0);
+      for (int64_t b = 0; b < nb; ++b) {
+        auto gb = gcol[b];
+        at::mm_out(gb, Wt, G[b0 + b].view({O, HW}));
+      }
+      at::parallel_for(0, nb * N, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> scratch(9 * HW);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / N, n = t % N, gb = b0 + b;
+          const scalar_t* ob = op + gb * 2 * N * HW;
+          scalar_t* gob = gop + gb * 2 * N * HW;
+          const scalar_t ny = static_cast<scalar_t>(n / k) - half, nx = static_cast<scalar_t>(n % k) - half;
+          auto run = [&](auto col_flag) {
+            constexpr bool kCol = decltype(col_flag)::value;
+            grad_neighbour<scalar_t, kCol>(xp + gb * C * HW, ob + n * HW, ob + (N + n) * HW, mp + (gb * N + n) * HW,
+                                           (int32_t)H, (int32_t)W, ny, nx, C, N, gcp + b * K * HW + n * HW,
+                                           kCol ? cp + b * K * HW + n * HW : nullptr, gob + n * HW,
+                                           gob + (N + n) * HW, gmp + (gb * N + n) * HW, ip + t * 4 * HW,
+                                           wp + t * 4 * HW, scratch.data());
+          };
+          if (want_col)
+            run(std::true_type{});
+          else
+            run(std::false_type{});
+        }
+      });
+      if (want_col)
+        for (int64_t b = 0; b < nb; ++b) gw.addmm_(G[b0 + b].view({O, HW}), col[b].t());
+      if (needs[0]) {
+        at::parallel_for(0, nb * C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t b = t / C, c = t % C;
+            scatter_plane<scalar_t>(gcp + b * K * HW + c * N * HW, N, HW, ip + b * N * 4 * HW, wp + b * N * 4 * HW,
+                                    gxp + ((b0 + b) * C + c) * HW);
+          }
+        });
+      }
+    }
+  });
+  return result();
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CPU, m) {
+  m.impl("deform_warp_forward", &vpfast::deform_warp_forward_cpu);
+  m.impl("deform_warp_backward", &vpfast::deform_warp_backward_cpu);
+}

@@ -1,0 +1,345 @@
+// Fused ST-LSTM pointwise stages, CPU. One task per (b, channel) plane row of H*W elements; the inner loop
+// reads every operand's plane in place (strided batch/channel axes, contiguous H*W) and is vectorised with
+// the csrc/common/math.h functions. Arithmetic: common/stlstm.h (shared with CUDA).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "common/stlstm.h"
+
+namespace vpfast {
+namespace {
+
+using lstm::Planes;
+
+// A [B, K, H, W] tensor whose H*W planes are contiguous (any batch/channel strides); others are copied.
+at::Tensor planar(const at::Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
+  return ok ? t : t.contiguous();
+}
+
+template <typename T>
+Planes<T> planes(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+int64_t grain_rows(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hw)); }
+
+// ---- stage 1 --------------------------------------------------------------------------------------------
+// in: h_g i f g o | m_g i' f' g' | x_g i f g i' f' g' o (HAS_X) | c_prev m_prev
+// out: c_new m_new o_part | act i f g i' f' g' | delta_c delta_m (DELTA)
+template <typename T, bool HAS_X, bool DELTA>
+VPFAST_CPU_CLONES void gates_fwd_row(const T* const* in, T* const* out, T fb, int64_t n) {
+  const T *hi = in[0], *hf = in[1], *hg = in[2], *ho = in[3], *mi = in[4], *mf = in[5], *mg = in[6];
+  const T *xi = in[7], *xf = in[8], *xg = in[9], *xi2 = in[10], *xf2 = in[11], *xg2 = in[12], *xo = in[13];
+  const T *cp = in[14], *mp = in[15];
+  T *cn = out[0], *mn = out[1], *op = out[2], *ai = out[3], *af = out[4], *ag = out[5], *ai2 = out[6],
+    *af2 = out[7], *ag2 = out[8], *dc = out[9], *dm = out[10];
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    T pi = hi[p], pf = hf[p], pg = hg[p], po = ho[p], qi = mi[p], qf = mf[p], qg = mg[p];
+    if constexpr (HAS_X) {
+      pi = xi[p] + pi;
+      pf = xf[p] + pf;
+      pg = xg[p] + pg;
+      po = xo[p] + po;
+      qi = xi2[p] + qi;
+      qf = xf2[p] + qf;
+      qg = xg2[p] + qg;
+    }
+    T i, f, g, c, i2, f2, g2, m2;
+    lstm::cell_forward<T>(pi, pf, pg, cp[p], fb, i, f, g, c);
+    lstm::cell_forward<T>(qi, qf, qg, mp[p], fb, i2, f2, g2, m2);
+    cn[p] = c;
+    mn[p] = m2;
+    op[p] = po;
+    ai[p] = i;
+    af[p] = f;
+    ag[p] = g;
+    ai2[p] = i2;
+    af2[p] = f2;
+    ag2[p] = g2;
+    if constexpr (DELTA) {
+      dc[p] = i * g;
+      dm[p] = i2 * g2;
+    }
+  }
+}
+
+// in: grad c_new, grad m_new, grad o_part | grad delta_c, delta_m (DELTA) | act (6) | c_prev m_prev
+// out: grad h_g (4) | grad m_g (3) | grad c_prev, grad m_prev | grad x_g (7, HAS_X)
+template <typename T, bool HAS_X, bool DELTA>
+VPFAST_CPU_CLONES void gates_bwd_row(const T* const* in, T* const* out, int64_t n) {
+  const T *gcn = in[0], *gmn = in[1], *gop = in[2], *gdc = in[3], *gdm = in[4];
+  const T *ai = in[5], *af = in[6], *ag = in[7], *ai2 = in[8], *af2 = in[9], *ag2 = in[10], *cp = in[11],
+          *mp = in[12];
+  T *hi = out[0], *hf = out[1], *hg = out[2], *ho = out[3], *mi = out[4], *mf = out[5], *mg = out[6],
+    *gc = out[7], *gm = out[8];
+  T *xi = out[9], *xf = out[10], *xg = out[11], *xi2 = out[12], *xf2 = out[13], *xg2 = out[14], *xo = out[15];
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    T d_c = T(0), d_m = T(0);
+    if constexpr (DELTA) {
+      d_c = gdc[p];
+      d_m = gdm[p];
+    }
+    T pi, pf, pg, qi, qf, qg, c_, m_;
+    lstm::cell_backward<T>(ai[p], af[p], ag[p], cp[p], gcn[p], d_c, T(0), pi, pf, pg, c_);
+    lstm::cell_backward<T>(ai2[p], af2[p], ag2[p], mp[p], gmn[p], d_m, T(0), qi, qf, qg, m_);
+    const T po = gop[p];
+    hi[p] = pi;
+    hf[p] = pf;
+    hg[p] = pg;
+    ho[p] = po;
+    mi[p] = qi;
+    mf[p] = qf;
+    mg[p] = qg;
+    gc[p] = c_;
+    gm[p] = m_;
+    if constexpr (HAS_X) {
+      xi[p] = pi;
+      xf[p] = pf;
+      xg[p] = pg;
+      xi2[p] = qi;
+      xf2[p] = qf;
+      xg2[p] = qg;
+      xo[p] = po;
+    }
+  }
+}
+
+template <typename F>
+void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
+
+void check_state(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
+                  t.size(3) == c.size(3),
+              "vpfast::stlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == c.scalar_type(), "vpfast::stlstm: ", what, " has dtype ", t.scalar_type(),
+              ", expected ", c.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cpu(
+    const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
+    const at::Tensor& m_, double forget_bias, bool with_delta) {
+  TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_forward: c must be [B, C, H, W]");
+  const bool has_x = x_g_.has_value() && x_g_->defined();
+  check_state(h_g_, c_, 4, "h_g");
+  check_state(m_g_, c_, 3, "m_g");
+  check_state(m_, c_, 1, "m");
+  if (has_x) check_state(*x_g_, c_, 7, "x_g");
+  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
+  const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
+  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
+  auto cm = at::empty({B, 2 * C, H, W}, c.options());
+  auto o_part = at::empty({B, C, H, W}, c.options());
+  auto act = at::empty({B, 6 * C, H, W}, c.options());
+  auto delta = with_delta ? at::empty({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_forward_cpu", [&] {
+    using T = scalar_t;
+    const auto ph = planes<T>(h_g), pm = planes<T>(m_g), pc = planes<T>(c), pmm = planes<T>(m);
+    const auto px = has_x ? planes<T>(x_g) : Planes<T>{nullptr, 0, 0};
+    const auto pcm = planes<T>(cm), pop = planes<T>(o_part), pa = planes<T>(act);
+    const auto pd = with_delta ? planes<T>(delta) : Planes<T>{nullptr, 0, 0};
+    const T fb = static_cast<T>(forget_bias);
+    with_flags(has_x, with_delta, [&](auto HX, auto DL) {
+      at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / C, ch = r % C;
+          const T* in[16];
+          for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * C + ch);
+          for (int j = 0; j < 3; ++j) in[4 + j] = pm.at(b, j * C + ch);
+          for (int j = 0; j < 7; ++j) in[7 + j] = decltype(HX)::value ? px.at(b, j * C + ch) : nullptr;
+          in[14] = pc.at(b, ch);
+          in[15] = pmm.at(b, ch);
+          T* out[11];
+          out[0] = pcm.at(b, ch);
+          out[1] = pcm.at(b, C + ch);
+          out[2] = pop.at(b, ch);
+          for (int j = 0; j < 6; ++j) out[3 + j] = pa.at(b, j * C + ch);
+          out[9] = decltype(DL)::value ? pd.at(b, ch) : nullptr;
+          out[10] = decltype(DL)::value ? pd.at(b, C + ch) : nullptr;
+          gates_fwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, fb, HW);
+        }
+      });
+    });
+  });
+  return {cm, o_part, act, delta};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_backward_cpu(
+    const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
+    const at::Tensor& act_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
+  TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_backward: c must be [B, C, H, W]");
+  const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
+  check_state(grad_cm_, c_, 2, "grad_cm");
+  check_state(grad_op_, c_, 1, "grad_o_part");
+  check_state(act_, c_, 6, "act");
+  check_state(m_, c_, 1, "m");
+  if (with_delta) check_state(*grad_delta_, c_, 2, "grad_delta");
+  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
+  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), c = planar(c_), m = planar(m_);
+  const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
+  auto gx = has_x ? at::empty({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  auto gh = at::empty({B, 4 * C, H, W}, c.options());
+  auto gm = at::empty({B, 3 * C, H, W}, c.options());
+  auto gc = at::empty({B, C, H, W}, c.options());
+  auto gmm = at::empty({B, C, H, W}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto pgcm = planes<T>(gcm), pgop = planes<T>(gop), pa = planes<T>(act), pc = planes<T>(c),
+               pm = planes<T>(m);
+    const auto pgd = with_delta ? planes<T>(gd) : Planes<T>{nullptr, 0, 0};
+    const auto pgx = has_x ? planes<T>(gx) : Planes<T>{nullptr, 0, 0};
+    const auto pgh = planes<T>(gh), pgm = planes<T>(gm), pgc = planes<T>(gc), pgmm = planes<T>(gmm);
+    with_flags(has_x, with_delta, [&](auto HX, auto DL) {
+      at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / C, ch = r % C;
+          const T* in[13];
+          in[0] = pgcm.at(b, ch);
+          in[1] = pgcm.at(b, C + ch);
+          in[2] = pgop.at(b, ch);
+          in[3] = decltype(DL)::value ? pgd.at(b, ch) : nullptr;
+          in[4] = decltype(DL)::value ? pgd.at(b, C + ch) : nullptr;
+          for (int j = 0; j < 6; ++j) in[5 + j] = pa.at(b, j * C + ch);
+          in[11] = pc.at(b, ch);
+          in[12] = pm.at(b, ch);
+          T* out[16];
+          for (int j = 0; j < 4; ++j) out[j] = pgh.at(b, j * C + ch);
+          for (int j = 0; j < 3; ++j) out[4 + j] = pgm.at(b, j * C + ch);
+          out[7] = pgc.at(b, ch);
+          out[8] = pgmm.at(b, ch);
+          for (int j = 0; j < 7; ++j) out[9 + j] = decltype(HX)::value ? pgx.at(b, j * C + ch) : nullptr;
+          gates_bwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, HW);
+        }
+      });
+    });
+  });
+  return {gx, gh, gm, gc, gmm};
+}
+
+// ---- stage 2 --------------------------------------------------------------------------------------------
+template <typename T, bool HW_>
+VPFAST_CPU_CLONES void output_fwd_row(const T* __restrict__ opart, const T* __restrict__ om,
+                                      const T* __restrict__ last, const T* __restrict__ hw, T* __restrict__ h,
+                                      T* __restrict__ o, T* __restrict__ tl, int64_t n) {
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    T o_, tl_, h_;
+    lstm::output_forward<T>(opart[p] + om[p], last[p], HW_ ? hw[p] : T(0), o_, tl_, h_);
+    h[p] = h_;
+    o[p] = o_;
+    if constexpr (HW_) tl[p] = tl_;
+  }
+}
+
+template <typename T, bool HW_>
+VPFAST_CPU_CLONES void output_bwd_row(const T* __restrict__ gh, const T* __restrict__ o,
+                                      const T* __restrict__ h_or_tl, const T* __restrict__ hw, T* __restrict__ gpre,
+                                      T* __restrict__ glast, T* __restrict__ ghw, int64_t n) {
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    const T o_ = o[p];
+    const T tl = HW_ ? h_or_tl[p] : lstm::tl_from_h<T>(h_or_tl[p], o_);
+    T a, b, c;
+    lstm::output_backward<T>(gh[p], o_, tl, HW_ ? hw[p] : T(0), a, b, c);
+    gpre[p] = a;
+    glast[p] = b;
+    if constexpr (HW_) ghw[p] = c;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cpu(const at::Tensor& o_part_,
+                                                                         const at::Tensor& o_m_,
+                                                                         const at::Tensor& last_,
+                                                                         const std::optional<at::Tensor>& hw_) {
+  TORCH_CHECK(o_part_.dim() == 4, "vpfast::stlstm_output_forward: o_part must be [B, C, H, W]");
+  const bool has_hw = hw_.has_value() && hw_->defined();
+  check_state(o_m_, o_part_, 1, "o_m");
+  check_state(last_, o_part_, 1, "last");
+  if (has_hw) check_state(*hw_, o_part_, 1, "highway");
+  const int64_t B = o_part_.size(0), C = o_part_.size(1), H = o_part_.size(2), W = o_part_.size(3), HW = H * W;
+  const auto op = planar(o_part_), om = planar(o_m_), last = planar(last_);
+  const auto hw = has_hw ? planar(*hw_) : at::Tensor();
+  auto h = at::empty({B, C, H, W}, op.options());
+  auto o = at::empty({B, C, H, W}, op.options());
+  auto tl = has_hw ? at::empty({B, C, H, W}, op.options()) : at::empty({0}, op.options());
+  AT_DISPATCH_FLOATING_TYPES(op.scalar_type(), "stlstm_output_forward_cpu", [&] {
+    using T = scalar_t;
+    const auto pop = planes<T>(op), pom = planes<T>(om), pl = planes<T>(last), ph = planes<T>(h),
+               po = planes<T>(o);
+    const auto phw = has_hw ? planes<T>(hw) : Planes<T>{nullptr, 0, 0};
+    const auto ptl = has_hw ? planes<T>(tl) : Planes<T>{nullptr, 0, 0};
+    at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, ch = r % C;
+        if (has_hw)
+          output_fwd_row<T, true>(pop.at(b, ch), pom.at(b, ch), pl.at(b, ch), phw.at(b, ch), ph.at(b, ch),
+                                  po.at(b, ch), ptl.at(b, ch), HW);
+        else
+          output_fwd_row<T, false>(pop.at(b, ch), pom.at(b, ch), pl.at(b, ch), nullptr, ph.at(b, ch),
+                                   po.at(b, ch), nullptr, HW);
+      }
+    });
+  });
+  return {h, o, tl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cpu(const at::Tensor& gh_,
+                                                                          const at::Tensor& o_,
+                                                                          const at::Tensor& h_or_tl_,
+                                                                          const std::optional<at::Tensor>& hw_) {
+  TORCH_CHECK(o_.dim() == 4, "vpfast::stlstm_output_backward: o must be [B, C, H, W]");
+  const bool has_hw = hw_.has_value() && hw_->defined();
+  check_state(gh_, o_, 1, "grad_h");
+  check_state(h_or_tl_, o_, 1, "h_or_tl");
+  if (has_hw) check_state(*hw_, o_, 1, "highway");
+  const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W;
+  const auto gh = planar(gh_), o = planar(o_), ht = planar(h_or_tl_);
+  const auto hw = has_hw ? planar(*hw_) : at::Tensor();
+  auto gpre = at::empty({B, C, H, W}, o.options());
+  auto glast = at::empty({B, C, H, W}, o.options());
+  auto ghw = has_hw ? at::empty({B, C, H, W}, o.options()) : at::empty({0}, o.options());
+  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "stlstm_output_backward_cpu", [&] {
+    using T = scalar_t;
+    const auto pgh = planes<T>(gh), po = planes<T>(o), pht = planes<T>(ht), pgp = planes<T>(gpre),
+               pgl = planes<T>(glast);
+    const auto phw = has_hw ? planes<T>(hw) : Planes<T>{nullptr, 0, 0};
+    const auto pghw = has_hw ? planes<T>(ghw) : Planes<T>{nullptr, 0, 0};
+    at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / C, ch = r % C;
+        if (has_hw)
+          output_bwd_row<T, true>(pgh.at(b, ch), po.at(b, ch), pht.at(b, ch), phw.at(b, ch), pgp.at(b, ch),
+                                  pgl.at(b, ch), pghw.at(b, ch), HW);
+        else
+          output_bwd_row<T, false>(pgh.at(b, ch), po.at(b, ch), pht.at(b, ch), nullptr, pgp.at(b, ch),
+                                   pgl.at(b, ch), nullptr, HW);
+      }
+    });
+  });
+  return {gpre, glast, ghw};
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CPU, m) {
+  m.impl("stlstm_gates_forward", &vpfast::stlstm_gates_forward_cpu);
+  m.impl("stlstm_gates_backward", &vpfast::stlstm_gates_backward_cpu);
+  m.impl("stlstm_output_forward", &vpfast::stlstm_output_forward_cpu);
+  m.impl("stlstm_output_backward", &vpfast::stlstm_output_backward_cpu);
+}

@@ -1,0 +1,208 @@
+"""Triton kernels for the fused ST-LSTM pointwise stages (see vpfast/ops/stlstm.py for the contract).
+
+One program per BLOCK elements of the flattened [B, C, H, W] index space; a [B, K*C, H, W] operand's gate j
+of element (b, ch, p) sits at ((b*K + j)*C + ch)*HW + p. Operands are made contiguous by the launchers.
+tanh(x) is 2*sigmoid(2x) - 1 (tl.tanh does not exist in this Triton).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_ptr, N, C, HW, fb,
+               HAS_X: tl.constexpr, DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    p = idx % HW
+    r = idx // HW
+    ch = r % C
+    b = r // C
+    pi = tl.load(h_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)
+    pf = tl.load(h_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)
+    pg = tl.load(h_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)
+    po = tl.load(h_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)
+    qi = tl.load(m_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask)
+    qf = tl.load(m_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask)
+    qg = tl.load(m_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask)
+    if HAS_X:
+        pi = tl.load(x_ptr + ((b * 7 + 0) * C + ch) * HW + p, mask=mask) + pi
+        pf = tl.load(x_ptr + ((b * 7 + 1) * C + ch) * HW + p, mask=mask) + pf
+        pg = tl.load(x_ptr + ((b * 7 + 2) * C + ch) * HW + p, mask=mask) + pg
+        qi = tl.load(x_ptr + ((b * 7 + 3) * C + ch) * HW + p, mask=mask) + qi
+        qf = tl.load(x_ptr + ((b * 7 + 4) * C + ch) * HW + p, mask=mask) + qf
+        qg = tl.load(x_ptr + ((b * 7 + 5) * C + ch) * HW + p, mask=mask) + qg
+        po = tl.load(x_ptr + ((b * 7 + 6) * C + ch) * HW + p, mask=mask) + po
+    c0 = tl.load(c_ptr + idx, mask=mask)
+    m0 = tl.load(mp_ptr + idx, mask=mask)
+    i = tl.sigmoid(pi)
+    f = tl.sigmoid(pf + fb)
+    g = _tanh(pg)
+    i2 = tl.sigmoid(qi)
+    f2 = tl.sigmoid(qf + fb)
+    g2 = _tanh(qg)
+    tl.store(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, f * c0 + i * g, mask=mask)
+    tl.store(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, f2 * m0 + i2 * g2, mask=mask)
+    tl.store(op_ptr + idx, po, mask=mask)
+    tl.store(act_ptr + ((b * 6 + 0) * C + ch) * HW + p, i, mask=mask)
+    tl.store(act_ptr + ((b * 6 + 1) * C + ch) * HW + p, f, mask=mask)
+    tl.store(act_ptr + ((b * 6 + 2) * C + ch) * HW + p, g, mask=mask)
+    tl.store(act_ptr + ((b * 6 + 3) * C + ch) * HW + p, i2, mask=mask)
+    tl.store(act_ptr + ((b * 6 + 4) * C + ch) * HW + p, f2, mask=mask)
+    tl.store(act_ptr + ((b * 6 + 5) * C + ch) * HW + p, g2, mask=mask)
+    if DELTA:
+        tl.store(d_ptr + ((b * 2 + 0) * C + ch) * HW + p, i * g, mask=mask)
+        tl.store(d_ptr + ((b * 2 + 1) * C + ch) * HW + p, i2 * g2, mask=mask)
+
+
+@triton.jit
+def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, c_ptr, mp_ptr, gx_ptr, gh_ptr, gm_ptr, gc_ptr, gmp_ptr, N, C, HW,
+               HAS_X: tl.constexpr, DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    p = idx % HW
+    r = idx // HW
+    ch = r % C
+    b = r // C
+    gcn = tl.load(gcm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
+    gmn = tl.load(gcm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
+    gig = gcn
+    gig2 = gmn
+    if DELTA:
+        gig = gcn + tl.load(gd_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
+        gig2 = gmn + tl.load(gd_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
+    i = tl.load(act_ptr + ((b * 6 + 0) * C + ch) * HW + p, mask=mask)
+    f = tl.load(act_ptr + ((b * 6 + 1) * C + ch) * HW + p, mask=mask)
+    g = tl.load(act_ptr + ((b * 6 + 2) * C + ch) * HW + p, mask=mask)
+    i2 = tl.load(act_ptr + ((b * 6 + 3) * C + ch) * HW + p, mask=mask)
+    f2 = tl.load(act_ptr + ((b * 6 + 4) * C + ch) * HW + p, mask=mask)
+    g2 = tl.load(act_ptr + ((b * 6 + 5) * C + ch) * HW + p, mask=mask)
+    c0 = tl.load(c_ptr + idx, mask=mask)
+    m0 = tl.load(mp_ptr + idx, mask=mask)
+    go = tl.load(gop_ptr + idx, mask=mask)
+    gpi = gig * g * i * (1.0 - i)
+    gpf = gcn * c0 * f * (1.0 - f)
+    gpg = gig * i * (1.0 - g * g)
+    gqi = gig2 * g2 * i2 * (1.0 - i2)
+    gqf = gmn * m0 * f2 * (1.0 - f2)
+    gqg = gig2 * i2 * (1.0 - g2 * g2)
+    tl.store(gh_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask=mask)
+    tl.store(gh_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask=mask)
+    tl.store(gh_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask=mask)
+    tl.store(gh_ptr + ((b * 4 + 3) * C + ch) * HW + p, go, mask=mask)
+    tl.store(gm_ptr + ((b * 3 + 0) * C + ch) * HW + p, gqi, mask=mask)
+    tl.store(gm_ptr + ((b * 3 + 1) * C + ch) * HW + p, gqf, mask=mask)
+    tl.store(gm_ptr + ((b * 3 + 2) * C + ch) * HW + p, gqg, mask=mask)
+    tl.store(gc_ptr + idx, gcn * f, mask=mask)
+    tl.store(gmp_ptr + idx, gmn * f2, mask=mask)
+    if HAS_X:
+        tl.store(gx_ptr + ((b * 7 + 0) * C + ch) * HW + p, gpi, mask=mask)
+        tl.store(gx_ptr + ((b * 7 + 1) * C + ch) * HW + p, gpf, mask=mask)
+        tl.store(gx_ptr + ((b * 7 + 2) * C + ch) * HW + p, gpg, mask=mask)
+        tl.store(gx_ptr + ((b * 7 + 3) * C + ch) * HW + p, gqi, mask=mask)
+        tl.store(gx_ptr + ((b * 7 + 4) * C + ch) * HW + p, gqf, mask=mask)
+        tl.store(gx_ptr + ((b * 7 + 5) * C + ch) * HW + p, gqg, mask=mask)
+        tl.store(gx_ptr + ((b * 7 + 6) * C + ch) * HW + p, go, mask=mask)
+
+
+@triton.jit
+def _output_fwd(op_ptr, om_ptr, last_ptr, hw_ptr, h_ptr, o_ptr, tl_ptr, N, HAS_HW: tl.constexpr,
+                BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    o = tl.sigmoid(tl.load(op_ptr + idx, mask=mask) + tl.load(om_ptr + idx, mask=mask))
+    t = _tanh(tl.load(last_ptr + idx, mask=mask))
+    h = o * t
+    if HAS_HW:
+        h = h + (1.0 - o) * tl.load(hw_ptr + idx, mask=mask)
+        tl.store(tl_ptr + idx, t, mask=mask)
+    tl.store(h_ptr + idx, h, mask=mask)
+    tl.store(o_ptr + idx, o, mask=mask)
+
+
+@triton.jit
+def _output_bwd(gh_ptr, o_ptr, ht_ptr, hw_ptr, gpre_ptr, glast_ptr, ghw_ptr, N, HAS_HW: tl.constexpr,
+                BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    gh = tl.load(gh_ptr + idx, mask=mask)
+    o = tl.load(o_ptr + idx, mask=mask, other=1.0)
+    ht = tl.load(ht_ptr + idx, mask=mask)
+    if HAS_HW:
+        t = ht
+        hw = tl.load(hw_ptr + idx, mask=mask)
+        tl.store(ghw_ptr + idx, gh * (1.0 - o), mask=mask)
+    else:
+        t = tl.where(o > 0.0, ht / tl.where(o > 0.0, o, 1.0), 0.0)
+        hw = 0.0
+    tl.store(gpre_ptr + idx, gh * (t - hw) * o * (1.0 - o), mask=mask)
+    tl.store(glast_ptr + idx, gh * o * (1.0 - t * t), mask=mask)
+
+
+def _grid(n):
+    return (triton.cdiv(n, BLOCK),)
+
+
+def gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta):
+    B, C, H, W = c.shape
+    HW, N = H * W, c.numel()
+    h_g, m_g, c, m = h_g.contiguous(), m_g.contiguous(), c.contiguous(), m.contiguous()
+    x_g = x_g.contiguous() if x_g is not None else None
+    cm = c.new_empty((B, 2 * C, H, W))
+    o_part = torch.empty_like(c)
+    act = c.new_empty((B, 6 * C, H, W))
+    delta = c.new_empty((B, 2 * C, H, W)) if with_delta else c.new_empty((0,))
+    if N:
+        _gates_fwd[_grid(N)](x_g if x_g is not None else h_g, h_g, m_g, c, m, cm, o_part, act,
+                             delta if with_delta else cm, N, C, HW, float(forget_bias), HAS_X=x_g is not None,
+                             DELTA=bool(with_delta), BLOCK=BLOCK)
+    return cm, o_part, act, delta
+
+
+def gates_backward(g_cm, g_opart, g_delta, act, c, m, has_x):
+    B, C, H, W = c.shape
+    HW, N = H * W, c.numel()
+    g_cm, g_opart, act, c, m = (t.contiguous() for t in (g_cm, g_opart, act, c, m))
+    g_delta = g_delta.contiguous() if g_delta is not None else None
+    gx = c.new_empty((B, 7 * C, H, W)) if has_x else c.new_empty((0,))
+    gh = c.new_empty((B, 4 * C, H, W))
+    gm = c.new_empty((B, 3 * C, H, W))
+    gc, gmp = torch.empty_like(c), torch.empty_like(m)
+    if N:
+        _gates_bwd[_grid(N)](g_cm, g_opart, g_delta if g_delta is not None else g_cm, act, c, m,
+                             gx if has_x else gh, gh, gm, gc, gmp, N, C, HW, HAS_X=bool(has_x),
+                             DELTA=g_delta is not None, BLOCK=BLOCK)
+    return gx, gh, gm, gc, gmp
+
+
+def output_forward(o_part, o_m, last, highway):
+    o_part, o_m, last = o_part.contiguous(), o_m.contiguous(), last.contiguous()
+    highway = highway.contiguous() if highway is not None else None
+    h, o = torch.empty_like(o_part), torch.empty_like(o_part)
+    t = torch.empty_like(o_part) if highway is not None else o_part.new_empty((0,))
+    N = o_part.numel()
+    if N:
+        _output_fwd[_grid(N)](o_part, o_m, last, highway if highway is not None else last, h, o,
+                              t if highway is not None else h, N, HAS_HW=highway is not None, BLOCK=BLOCK)
+    return h, o, t
+
+
+def output_backward(g_h, o, h_or_tl, highway):
+    g_h, o, h_or_tl = g_h.contiguous(), o.contiguous(), h_or_tl.contiguous()
+    highway = highway.contiguous() if highway is not None else None
+    gpre, glast = torch.empty_like(o), torch.empty_like(o)
+    ghw = torch.empty_like(o) if highway is not None else o.new_empty((0,))
+    N = o.numel()
+    if N:
+        _output_bwd[_grid(N)](g_h, o, h_or_tl, highway if highway is not None else o, gpre, glast,
+                              ghw if highway is not None else gpre, N, HAS_HW=highway is not None, BLOCK=BLOCK)
+    return gpre, glast, ghw

@@ -1,0 +1,101 @@
+"""Video prediction models, weight-compatible with OpenSTL (ConvLSTM, PredRNN, PredRNN-v2, SimVP+IncepU,
+SimVP+gSTA, TAU) and thuml's MotionRNN.
+
+    model = vpfast.models.create("tau", preset="mmnist")      # the published Moving-MNIST configuration
+    model = vpfast.models.create("predrnn", preset="small")   # trains at a useful speed on a 2-core CPU
+    vpfast.models.load_checkpoint(model, "epoch=199.ckpt")
+    y = model(x)                       # x: Tensor[B, pre, C, H, W] -> Tensor[B, aft, C, H, W]
+    loss, logs = model.training_loss(frames, itr)   # frames: Tensor[B, pre + aft, C, H, W]
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from torch import nn
+
+from ._base import VideoPredictionModel, patch, reverse_sampling_probs, scheduled_sampling_eta, unpatch  # noqa: F401
+from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: F401
+from .recurrent import ConvLSTM, MotionRNN, PredRNN, PredRNNv2  # noqa: F401
+from .simvp import TAU, SimVP, SimVP_gSTA, SimVP_IncepU  # noqa: F401
+
+NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau")
+
+CLASSES = {
+    "convlstm": ConvLSTM,
+    "predrnn": PredRNN,
+    "predrnnv2": PredRNNv2,
+    "motionrnn": MotionRNN,
+    "simvp_incepu": SimVP_IncepU,
+    "simvp_gsta": SimVP_gSTA,
+    "tau": TAU,
+}
+
+_MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
+_RNN_MMNIST = dict(_MMNIST, num_hidden="128,128,128,128", filter_size=5, stride=1, patch_size=4, layer_norm=False,
+                   scheduled_sampling=True, sampling_stop_iter=50000, sampling_start_value=1.0,
+                   sampling_changing_rate=2e-5)
+_SIMVP_MMNIST = dict(_MMNIST, hid_S=64, hid_T=512, N_S=4, N_T=8, mlp_ratio=8.0, drop=0.0, drop_path=0.0,
+                     spatio_kernel_enc=3, spatio_kernel_dec=3)
+
+# "small": sized so that a training step at batch 16 on 64x64 Moving MNIST takes well under a second on
+# this project's 2-core CPU (measured in benchmarks/test_bench_models.py); same structure as the published
+# models, fewer/narrower layers.
+_RNN_SMALL = dict(_RNN_MMNIST, num_hidden="32,32", filter_size=3)
+_SIMVP_SMALL = dict(_SIMVP_MMNIST, hid_S=16, hid_T=128, N_S=4, N_T=4, mlp_ratio=4.0)
+
+PRESETS = {
+    "convlstm": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
+    "predrnn": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
+    "predrnnv2": {
+        "mmnist": dict(_RNN_MMNIST, reverse_scheduled_sampling=True, r_sampling_step_1=25000,
+                       r_sampling_step_2=50000, r_exp_alpha=5000, decouple_beta=0.1),
+        "small": dict(_RNN_SMALL, reverse_scheduled_sampling=True, r_sampling_step_1=25000,
+                      r_sampling_step_2=50000, r_exp_alpha=5000, decouple_beta=0.1),
+    },
+    # thuml's MotionRNN (Human3.6M script: 64x4, filter 5, patch 4) at Moving-MNIST frame sizes
+    "motionrnn": {"mmnist": dict(_RNN_MMNIST, num_hidden="64,64,64,64"),
+                  "small": dict(_RNN_SMALL, num_hidden="32,32")},
+    "simvp_incepu": {"mmnist": dict(_SIMVP_MMNIST, model_type="IncepU"),
+                     "small": dict(_SIMVP_SMALL, model_type="IncepU")},
+    "simvp_gsta": {"mmnist": dict(_SIMVP_MMNIST, model_type="gSTA"),
+                   "small": dict(_SIMVP_SMALL, model_type="gSTA")},
+    "tau": {"mmnist": dict(_SIMVP_MMNIST, model_type="tau", alpha=0.1),
+            "small": dict(_SIMVP_SMALL, model_type="tau", alpha=0.1)},
+}
+
+
+def create(name: str, preset: Optional[str] = None, backend: Optional[str] = None, **config) -> nn.Module:
+    """Build a model by name: one of `NAMES`.
+
+    preset: None (the class defaults), "mmnist" (the published Moving-MNIST configuration) or "small"
+      (fast on a 2-core CPU); `config` entries override the preset (the reference projects' vocabulary:
+      in_shape=(T, C, H, W), pre_seq_length, aft_seq_length, num_hidden, filter_size, stride, patch_size,
+      layer_norm, reverse_scheduled_sampling, decouple_beta, hid_S, hid_T, N_S, N_T, model_type, mlp_ratio,
+      drop, drop_path, spatio_kernel_enc, spatio_kernel_dec, ...).
+    backend: for the model's fused layers: "torch" (reference arithmetic), "cpp", "cuda", "triton", or None
+      ($VPFAST_BACKEND or auto).
+    `create(model.name, **model.config)` rebuilds the same architecture.
+    """
+    key = str(name).lower()
+    if key not in CLASSES:
+        raise ValueError(f"unknown model {name!r}; choose one of {NAMES}")
+    cfg = {}
+    if preset is not None:
+        if preset not in PRESETS[key]:
+            raise ValueError(f"unknown preset {preset!r} for {key}; choose one of {tuple(PRESETS[key])} or None")
+        cfg.update(copy.deepcopy(PRESETS[key][preset]))
+    cfg.update(config)
+    if "backend" in cfg:
+        raise TypeError("pass backend as create(..., backend=...), not inside the config")
+    try:
+        return CLASSES[key](backend=backend, **cfg)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise TypeError(f"create({key!r}): {e}") from None
+        raise
+
+
+__all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
+           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]

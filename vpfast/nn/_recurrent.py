@@ -1,0 +1,86 @@
+"""Helpers shared by the recurrent cells (SpatioTemporalLSTMCell, ConvLSTMCell)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .._dispatch import resolve
+
+
+def conv_block(cin: int, cout: int, k: int, stride: int, layer_norm: bool, height: int, width: int) -> nn.Sequential:
+    """The reference's `Sequential(Conv2d(no bias)[, LayerNorm([cout, H, W])])` (keys `.0.weight`, `.1.*`)."""
+    layers = [nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=k // 2, bias=False)]
+    if layer_norm:
+        layers.append(nn.LayerNorm([cout, height, width]))
+    return nn.Sequential(*layers)
+
+
+def check_state(name: str, t, ref_name: str, ref: torch.Tensor, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions [B, C, H, W], got shape {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_input(x, in_channel: int, weight: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, {in_channel}, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have 4 dimensions [B, {in_channel}, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channel:
+        raise ValueError(f"x must have in_channel={in_channel} channels, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the cell's parameters are on {weight.device}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the cell's parameters have {weight.dtype}")
+
+
+def out_size(n: int, k: int, stride: int) -> int:
+    return (n + 2 * (k // 2) - k) // stride + 1
+
+
+class MergedWeightsMixin:
+    """Merged-convolution weights derived from the reference parameters on every use (never stored as
+    parameters, so they cannot go stale after an optimizer step). Inside `with cell.unroll():` they are
+    derived once and reused by every step of the loop, so a T-step unroll keeps one copy (and autograd
+    splits the accumulated gradient back into the reference parameters once)."""
+
+    _unroll_depth = 0
+    _merged_cache = None
+
+    @contextlib.contextmanager
+    def unroll(self):
+        """Context for a time loop: derive the merged weights once for all steps inside it."""
+        self._unroll_depth += 1
+        try:
+            yield self
+        finally:
+            self._unroll_depth -= 1
+            if self._unroll_depth == 0:
+                self._merged_cache = None
+
+    def merged_weights(self):
+        if self._unroll_depth > 0:
+            key = (torch.is_grad_enabled(),) + tuple(p._version for p in self.parameters())
+            if self._merged_cache is not None and self._merged_cache[0] == key:
+                return self._merged_cache[1]
+            w = self._derive_merged_weights()
+            self._merged_cache = (key, w)
+            return w
+        return self._derive_merged_weights()
+
+
+def fused_backend(op, backend, *tensors) -> str:
+    """The backend a cell's fused path would use; "torch" means: run the reference arithmetic verbatim."""
+    name = resolve(backend)
+    return op.select(name, *tensors)[0]

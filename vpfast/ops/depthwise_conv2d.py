@@ -1,0 +1,215 @@
+"""Depthwise 2-D convolution (one filter per channel), the building block of gSTA's and TAU's large-kernel
+attention (MODELS.md §5).
+
+Backends: torch (reference below, F.conv2d with groups=C), cpp and cuda (csrc/*/depthwise_conv2d.*, compiled
+ops vpfast::depthwise_conv2d_forward / depthwise_conv2d_backward), triton (kernels/depthwise_conv2d.py).
+The weight and bias gradients of the compiled backends are deterministic: per-(sample, channel) partial sums
+reduced over the batch in a fixed order, never float atomics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .._dispatch import Op
+from . import _checks
+
+
+def _pair(name: str, v, minimum: int) -> tuple[int, int]:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        v = (v, v)
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) and not isinstance(e, bool)
+                                                                for e in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def _check_weight(name: str, weight, C: int, x: torch.Tensor, odd: bool = True) -> tuple[int, int]:
+    _checks.tensor(name, weight, 4, "[C, 1, kh, kw]")
+    if weight.shape[0] != C or weight.shape[1] != 1:
+        raise ValueError(f"{name} must have shape [C, 1, kh, kw] with C = {C} (the input's channels), got "
+                         f"{tuple(weight.shape)}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if odd and (kh % 2 == 0 or kw % 2 == 0):
+        raise ValueError(f"{name}: kernel sizes must be odd, got {kh}x{kw}")
+    _checks.same(("x", name), x, weight, shape=False)
+    return kh, kw
+
+
+def _check_bias(name: str, bias, C: int, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    _checks.tensor(name, bias, 1, "[C]")
+    if bias.shape[0] != C:
+        raise ValueError(f"{name} must have shape [C] with C = {C}, got {tuple(bias.shape)}")
+    _checks.same(("x", name), x, bias, shape=False)
+
+
+def normalize_args(x, weight, bias=None, stride=1, padding=None, dilation=1):
+    """Check the arguments; returns (stride, padding, dilation) as pairs. padding=None: dilation*(k//2),
+    which keeps H, W at stride 1 ("same")."""
+    _checks.tensor("x", x, 4, "[B, C, H, W]")
+    C = x.shape[1]
+    kh, kw = _check_weight("weight", weight, C, x)
+    _check_bias("bias", bias, C, x)
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    if padding is None:
+        padding = (dilation[0] * (kh // 2), dilation[1] * (kw // 2))
+    elif isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' needs stride 1")
+            padding = (dilation[0] * (kh // 2), dilation[1] * (kw // 2))
+        else:
+            raise ValueError(f"padding must be an int, a pair, 'same', 'valid' or None, got {padding!r}")
+    padding = _pair("padding", padding, 0)
+    H, W = x.shape[2], x.shape[3]
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"the output would be empty: input {H}x{W}, kernel {kh}x{kw}, padding {padding}, "
+                         f"dilation {dilation}, stride {stride}")
+    return stride, padding, dilation
+
+
+def output_size(H: int, W: int, k: tuple[int, int], stride, padding, dilation) -> tuple[int, int]:
+    return ((H + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
+            (W + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
+
+
+def depthwise_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                               stride=1, padding=None, dilation=1) -> torch.Tensor:
+    """The reference in plain PyTorch (the oracle and the fallback): F.conv2d with groups = C.
+
+    x: Tensor[B, C, H, W], weight: Tensor[C, 1, kh, kw], bias: Tensor[C] | None -> Tensor[B, C, Ho, Wo]
+    """
+    if padding is None:
+        padding = (_pair("dilation", dilation, 1)[0] * (weight.shape[2] // 2),
+                   _pair("dilation", dilation, 1)[1] * (weight.shape[3] // 2))
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
+
+
+# ---- cpp / cuda: one compiled op pair, fake kernels and autograd here ---------------------------------
+if _ext.has_kernel("depthwise_conv2d_forward", "CPU") or _ext.has_kernel("depthwise_conv2d_forward", "CUDA"):
+
+    @torch.library.register_fake("vpfast::depthwise_conv2d_forward")
+    def _dw_forward_fake(x, weight, bias, stride, padding, dilation):
+        Ho, Wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        return x.new_empty((x.shape[0], x.shape[1], Ho, Wo))
+
+    @torch.library.register_fake("vpfast::depthwise_conv2d_backward")
+    def _dw_backward_fake(grad, x, weight, stride, padding, dilation, output_mask):
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
+        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] \
+            else x.new_empty((0,))
+        gb = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty((0,))
+        return gx, gw, gb
+
+    def _dw_setup(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.args = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+
+    def _dw_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
+        gx, gw, gb = torch.ops.vpfast.depthwise_conv2d_backward(grad, x, weight, *ctx.args, mask)
+        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
+
+    torch.library.register_autograd("vpfast::depthwise_conv2d_forward", _dw_backward, setup_context=_dw_setup)
+
+
+def _dw_compiled(x, weight, bias, stride, padding, dilation):
+    return torch.ops.vpfast.depthwise_conv2d_forward(x, weight, bias, list(stride), list(padding), list(dilation))
+
+
+# ---- triton: a Python custom op around the launchers in kernels/depthwise_conv2d.py -------------------
+@torch.library.custom_op("vpfast::depthwise_conv2d_forward_triton", mutates_args=())
+def _dw_triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                       padding: list[int], dilation: list[int]) -> torch.Tensor:
+    from ..kernels import depthwise_conv2d as k
+    return k.forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                     stride, padding, dilation)
+
+
+@_dw_triton_forward.register_fake
+def _(x, weight, bias, stride, padding, dilation):
+    Ho, Wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], x.shape[1], Ho, Wo))
+
+
+@torch.library.custom_op("vpfast::depthwise_conv2d_backward_triton", mutates_args=())
+def _dw_triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                        padding: list[int], dilation: list[int],
+                        output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import depthwise_conv2d as k
+    return k.backward(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation,
+                      output_mask)
+
+
+@_dw_triton_backward.register_fake
+def _(grad, x, weight, stride, padding, dilation, output_mask):
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else x.new_empty((0,))
+    gb = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty((0,))
+    return gx, gw, gb
+
+
+def _dw_triton_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _dw_triton_bwd(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
+    gx, gw, gb = _dw_triton_backward(grad, x, weight, *ctx.args, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
+
+
+_dw_triton_forward.register_autograd(_dw_triton_bwd, setup_context=_dw_triton_setup)
+
+
+def _dw_triton(x, weight, bias, stride, padding, dilation):
+    return _dw_triton_forward(x, weight, bias, list(stride), list(padding), list(dilation))
+
+
+def _dw_torch(x, weight, bias, stride, padding, dilation):
+    return depthwise_conv2d_reference(x, weight, bias, stride, padding, dilation)
+
+
+# ---- dispatch and the public function -----------------------------------------------------------------
+OP = Op("depthwise_conv2d", kernel="depthwise_conv2d_forward")
+OP.register("torch", _dw_torch)
+OP.register("cpp", _dw_compiled)
+OP.register("cuda", _dw_compiled)
+OP.register("triton", _dw_triton)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                     padding=None, dilation=1, backend: str | None = None) -> torch.Tensor:
+    """Depthwise convolution: channel c of x convolved (cross-correlated, as nn.Conv2d) with weight[c, 0].
+
+    x: Tensor[B, C, H, W], weight: Tensor[C, 1, kh, kw] (kh, kw odd), bias: Tensor[C] | None
+    -> Tensor[B, C, Ho, Wo], Ho = (H + 2*padding - dilation*(kh-1) - 1) // stride + 1 (likewise Wo)
+
+    stride, dilation: int or (h, w) pair, >= 1. padding: int or pair >= 0 (zeros), "same", "valid", or None
+    for dilation*(k//2) on each side (keeps H, W at stride 1). Same result as
+    `F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`; differentiable in x, weight and bias.
+    backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
+    """
+    stride, padding, dilation = normalize_args(x, weight, bias, stride, padding, dilation)
+    return OP(x, weight, bias, stride, padding, dilation, backend=backend)

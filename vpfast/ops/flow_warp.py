@@ -1,0 +1,107 @@
+"""Bilinear warp of a feature map by a per-pixel flow in pixels (the k = 1 case of deform_warp, no mask).
+
+Backends: torch (reference below: build the sampling grid and call grid_sample), cpp and cuda
+(csrc/*/flow_warp.*: positions computed in registers, no grid tensor), triton (kernels/flow_warp.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .._dispatch import Op
+from . import _checks
+
+PADDING_MODES = ("zeros", "border")
+
+
+def flow_warp_reference(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros",
+                        align_corners: bool = True) -> torch.Tensor:
+    """The reference arithmetic in plain PyTorch (the oracle and the fallback).
+
+    x: Tensor[B, C, H, W], flow: Tensor[B, 2, H, W] (channel 0 = dx along W, channel 1 = dy along H, in
+    pixels) -> Tensor[B, C, H, W]: the usual grid construction followed by grid_sample (bilinear).
+    """
+    B, C, H, W = x.shape
+    gy = torch.arange(H, device=x.device, dtype=x.dtype).view(1, H, 1)
+    gx = torch.arange(W, device=x.device, dtype=x.dtype).view(1, 1, W)
+    px = gx + flow[:, 0]
+    py = gy + flow[:, 1]
+    if align_corners:
+        nx = 2 * px / max(W - 1, 1) - 1
+        ny = 2 * py / max(H - 1, 1) - 1
+    else:
+        nx = (2 * px + 1) / W - 1
+        ny = (2 * py + 1) / H - 1
+    grid = torch.stack([nx, ny], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=align_corners)
+
+
+def _check(x, flow, padding_mode, align_corners):
+    _checks.tensor("x", x, 4, "[B, C, H, W]")
+    _checks.tensor("flow", flow, 4, "[B, 2, H, W]")
+    _checks.same(("x", "flow"), x, flow, shape=False)
+    B, C, H, W = x.shape
+    if tuple(flow.shape) != (B, 2, H, W):
+        raise ValueError(f"flow must be [B, 2, H, W] = {(B, 2, H, W)} for x {tuple(x.shape)}, got {tuple(flow.shape)}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
+
+
+# ---- cpp / cuda: one compiled op pair, fake kernel and autograd here ----------------------------------
+if _ext.has_kernel("flow_warp_forward", "CPU") or _ext.has_kernel("flow_warp_forward", "CUDA"):
+
+    @torch.library.register_fake("vpfast::flow_warp_forward")
+    def _fw_forward_fake(x, flow, border, align_corners):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("vpfast::flow_warp_backward")
+    def _fw_backward_fake(grad, x, flow, border, align_corners, need_x, need_flow):
+        return (torch.empty_like(x) if need_x else x.new_empty((0,)),
+                torch.empty_like(flow) if need_flow else x.new_empty((0,)))
+
+    def _fw_setup(ctx, inputs, output):
+        x, flow, border, align_corners = inputs
+        ctx.save_for_backward(x, flow)
+        ctx.border, ctx.align_corners = border, align_corners
+
+    def _fw_backward(ctx, grad):
+        x, flow = ctx.saved_tensors
+        nx, nf = ctx.needs_input_grad[:2]
+        gx, gf = torch.ops.vpfast.flow_warp_backward(grad, x, flow, ctx.border, ctx.align_corners, nx, nf)
+        return (gx if nx else None), (gf if nf else None), None, None
+
+    torch.library.register_autograd("vpfast::flow_warp_forward", _fw_backward, setup_context=_fw_setup)
+
+
+def _fw_compiled(x, flow, padding_mode, align_corners):
+    return torch.ops.vpfast.flow_warp_forward(x, flow, padding_mode == "border", align_corners)
+
+
+# ---- dispatch and the public function -----------------------------------------------------------------
+OP = Op("flow_warp", kernel="flow_warp_forward")
+OP.register("torch", flow_warp_reference)
+OP.register("cpp", _fw_compiled)
+OP.register("cuda", _fw_compiled)
+
+
+def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros", align_corners: bool = True,
+              backend: str | None = None) -> torch.Tensor:
+    """Bilinear warp of x by a per-pixel flow in pixels.
+
+    x: Tensor[B, C, H, W], flow: Tensor[B, 2, H, W] -> Tensor[B, C, H, W]
+
+    out[b, c, h, w] = bilinear(x[b, c], h + flow[b, 1, h, w], w + flow[b, 0, h, w]): flow channel 0 is the
+    horizontal displacement (along W), channel 1 the vertical one (along H), the optical-flow and
+    grid_sample order (note: deform_warp's offsets put dy first). padding_mode "zeros" reads zeros outside
+    the map, "border" clamps the position into it. Equal to building the normalised grid for
+    `grid_sample(x, grid, "bilinear", padding_mode, align_corners)`; since the flow is in pixels the sample
+    position does not depend on align_corners, except that with align_corners=True a map of width (height)
+    1 is always sampled at column (row) 0, as grid_sample does. Differentiable in x and flow; the compiled
+    backward is deterministic.
+    backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
+    """
+    _check(x, flow, padding_mode, align_corners)
+    return OP(x, flow, padding_mode, align_corners, backend=backend)

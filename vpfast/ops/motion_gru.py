@@ -1,0 +1,169 @@
+"""MotionGRU's state update (thuml MotionRNN, MODELS.md §4), with the pointwise work fused.
+
+    u = σ(update([x, F_prev]))      r = σ(reset([x, F_prev]))
+    F' = F_prev ⊙ (1 − u) + tanh(output([x, r ⊙ F_prev])) ⊙ u
+    D  = D_prev + 0.5 ⊙ (F_prev − D_prev)
+    F  = F' + D
+
+The fast path runs update and reset as one convolution (their weights stacked along the output axis, which
+changes no sum), then two fused pointwise kernels around the `output` convolution that the data dependency
+forces in between: `motion_gru_reset` (σ of the reset half, times F_prev) and `motion_gru_update` (σ of the
+update half, tanh, F', D and F in one pass). Backends: torch (reference below), cpp and cuda
+(csrc/*/motion_gru.*), triton (kernels/motion_gru.py); the convolutions are PyTorch's in every backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .._dispatch import Op
+from . import _checks
+
+
+def motion_gru_reference(x: torch.Tensor, f_prev: torch.Tensor, d_prev: torch.Tensor,
+                         update_weight: torch.Tensor, update_bias: torch.Tensor | None,
+                         reset_weight: torch.Tensor, reset_bias: torch.Tensor | None,
+                         output_weight: torch.Tensor, output_bias: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference arithmetic in plain PyTorch (the oracle and the fallback).
+
+    x: Tensor[B, Cin, H, W], f_prev, d_prev: Tensor[B, M, H, W], *_weight: Tensor[M, Cin + M, k, k],
+    *_bias: Tensor[M] or None -> (F: Tensor[B, M, H, W], D: Tensor[B, M, H, W])
+    """
+    pad = update_weight.shape[-1] // 2
+    stacked = torch.cat([x, f_prev], dim=1)
+    u = torch.sigmoid(F.conv2d(stacked, update_weight, update_bias, padding=pad))
+    r = torch.sigmoid(F.conv2d(stacked, reset_weight, reset_bias, padding=pad))
+    o = torch.tanh(F.conv2d(torch.cat([x, f_prev * r], dim=1), output_weight, output_bias, padding=pad))
+    f_new = f_prev * (1 - u) + o * u
+    d = d_prev + 0.5 * (f_prev - d_prev)
+    return f_new + d, d
+
+
+def _check(x, f_prev, d_prev, uw, ub, rw, rb, ow, ob):
+    _checks.tensor("x", x, 4, "[B, Cin, H, W]")
+    _checks.tensor("f_prev", f_prev, 4, "[B, M, H, W]")
+    _checks.tensor("d_prev", d_prev, 4, "[B, M, H, W]")
+    _checks.same(("f_prev", "d_prev"), f_prev, d_prev)
+    _checks.same(("x", "f_prev"), x, f_prev, shape=False)
+    B, Cin, H, W = x.shape
+    M = f_prev.shape[1]
+    if (f_prev.shape[0], f_prev.shape[2], f_prev.shape[3]) != (B, H, W):
+        raise ValueError(f"f_prev must be [B, M, H, W] with B, H, W of x {tuple(x.shape)}, got {tuple(f_prev.shape)}")
+    for name, w in (("update_weight", uw), ("reset_weight", rw), ("output_weight", ow)):
+        _checks.tensor(name, w, 4, "[M, Cin + M, k, k]")
+        _checks.same(("x", name), x, w, shape=False)
+        if w.shape[0] != M or w.shape[1] != Cin + M or w.shape[2] != w.shape[3] or w.shape[2] % 2 == 0:
+            raise ValueError(f"{name} must be [M, Cin + M, k, k] = [{M}, {Cin + M}, k, k] with k odd, got "
+                             f"{tuple(w.shape)}")
+        if w.shape != uw.shape:
+            raise ValueError(f"{name} must have the shape of update_weight {tuple(uw.shape)}, got {tuple(w.shape)}")
+    for name, b in (("update_bias", ub), ("reset_bias", rb), ("output_bias", ob)):
+        if b is not None:
+            _checks.tensor(name, b, 1, "[M]")
+            _checks.same(("x", name), x, b, shape=False)
+            if b.shape[0] != M:
+                raise ValueError(f"{name} must be [M] = [{M}], got {tuple(b.shape)}")
+
+
+def _fused_path(reset_fn, update_fn):
+    """The fast path around two fused pointwise ops (compiled or Triton)."""
+
+    def run(x, f_prev, d_prev, uw, ub, rw, rb, ow, ob):
+        pad = uw.shape[-1] // 2
+        stacked = torch.cat([x, f_prev], dim=1)
+        if ub is None and rb is None:
+            bias = None
+        else:
+            zeros = uw.new_zeros(uw.shape[0])
+            bias = torch.cat([ub if ub is not None else zeros, rb if rb is not None else zeros])
+        gates = F.conv2d(stacked, torch.cat([uw, rw]), bias, padding=pad)  # [B, 2M, H, W]: u then r
+        rf = reset_fn(gates, f_prev)
+        o = F.conv2d(torch.cat([x, rf], dim=1), ow, ob, padding=pad)
+        return update_fn(gates, o, f_prev, d_prev)
+
+    return run
+
+
+def _fake_update(gates, o, f_prev, d_prev):
+    return torch.empty_like(f_prev), torch.empty_like(f_prev)
+
+
+# ---- cpp / cuda: compiled pointwise ops, fake kernels and autograd here -------------------------------
+if _ext.has_kernel("motion_gru_reset", "CPU") or _ext.has_kernel("motion_gru_reset", "CUDA"):
+
+    @torch.library.register_fake("vpfast::motion_gru_reset")
+    def _mg_reset_fake(gates, f_prev):
+        return torch.empty_like(f_prev)
+
+    @torch.library.register_fake("vpfast::motion_gru_reset_backward")
+    def _mg_reset_bwd_fake(grad, gates, f_prev):
+        return torch.empty_like(gates), torch.empty_like(f_prev)
+
+    @torch.library.register_fake("vpfast::motion_gru_update")
+    def _mg_update_fake(gates, o, f_prev, d_prev):
+        return _fake_update(gates, o, f_prev, d_prev)
+
+    @torch.library.register_fake("vpfast::motion_gru_update_backward")
+    def _mg_update_bwd_fake(grad_f, grad_d, gates, o, f_prev):
+        return torch.empty_like(gates), torch.empty_like(o), torch.empty_like(f_prev), torch.empty_like(f_prev)
+
+    def _mg_reset_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _mg_reset_bwd(ctx, grad):
+        gates, f_prev = ctx.saved_tensors
+        return torch.ops.vpfast.motion_gru_reset_backward(grad, gates, f_prev)
+
+    def _mg_update_setup(ctx, inputs, output):
+        gates, o, f_prev, _ = inputs
+        ctx.save_for_backward(gates, o, f_prev)
+
+    def _mg_update_bwd(ctx, grad_f, grad_d):
+        gates, o, f_prev = ctx.saved_tensors
+        if grad_f is None:
+            grad_f = torch.zeros_like(f_prev)
+        if grad_d is None:
+            grad_d = torch.zeros_like(f_prev)
+        return torch.ops.vpfast.motion_gru_update_backward(grad_f, grad_d, gates, o, f_prev)
+
+    torch.library.register_autograd("vpfast::motion_gru_reset", _mg_reset_bwd, setup_context=_mg_reset_setup)
+    torch.library.register_autograd("vpfast::motion_gru_update", _mg_update_bwd, setup_context=_mg_update_setup)
+
+
+def _mg_compiled_reset(gates, f_prev):
+    return torch.ops.vpfast.motion_gru_reset(gates, f_prev)
+
+
+def _mg_compiled_update(gates, o, f_prev, d_prev):
+    return torch.ops.vpfast.motion_gru_update(gates, o, f_prev, d_prev)
+
+
+_mg_compiled = _fused_path(_mg_compiled_reset, _mg_compiled_update)
+
+# ---- dispatch and the public function -----------------------------------------------------------------
+OP = Op("motion_gru", kernel="motion_gru_reset")
+OP.register("torch", motion_gru_reference)
+OP.register("cpp", _mg_compiled)
+OP.register("cuda", _mg_compiled)
+
+
+def motion_gru(x: torch.Tensor, f_prev: torch.Tensor, d_prev: torch.Tensor,
+               update_weight: torch.Tensor, update_bias: torch.Tensor | None,
+               reset_weight: torch.Tensor, reset_bias: torch.Tensor | None,
+               output_weight: torch.Tensor, output_bias: torch.Tensor | None,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MotionGRU's state update (without the warp): the new motion F and trend D.
+
+    x: Tensor[B, Cin, H, W], f_prev, d_prev: Tensor[B, M, H, W], update/reset/output_weight:
+    Tensor[M, Cin + M, k, k] (convolutions with padding k//2), *_bias: Tensor[M] or None
+    -> (F: Tensor[B, M, H, W], D: Tensor[B, M, H, W])
+
+    u = σ(update([x, F_prev])), r = σ(reset([x, F_prev])),
+    F' = F_prev (1 − u) + tanh(output([x, r F_prev])) u, D = D_prev + 0.5 (F_prev − D_prev), F = F' + D.
+    backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
+    """
+    _check(x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias, output_weight, output_bias)
+    return OP(x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias, output_weight,
+              output_bias, backend=backend)

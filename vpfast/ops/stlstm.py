@@ -1,0 +1,310 @@
+"""Fused pointwise parts of the ST-LSTM step (PredRNN, PredRNN-v2, MotionRNN's highway cell), MODELS.md §1.
+
+The step is convolutions (left to PyTorch/oneDNN) around two pointwise stages, each one fused op:
+
+  stlstm_gates   (stage 1) the six gates i, f, g, i', f', g' with the constant forget bias, c_t and m_t
+                 written into one [B, 2C, H, W] buffer (so `torch.cat([c, m])` disappears), the partial
+                 output-gate sum o_x + o_h, and optionally PredRNN-v2's Δc = i⊙g, Δm = i'⊙g'.
+  stlstm_output  (stage 2) o = σ(o_part + conv_o([c, m])), h = o ⊙ tanh(conv_last([c, m])) and, for the
+                 Motion-Highway cell, h += (1 − o) ⊙ highway.
+
+Gate pre-activations come either from the reference's separate convolutions (x_g: conv_x output with 7C
+channels i, f, g, i', f', g', o; h_g: conv_h output 4C i, f, g, o; m_g: conv_m output 3C i', f', g') or,
+when layer_norm is off, from two merged convolutions, over [x, h] (4C: i, f, g, o) and over [x, m]
+(3C: i', f', g'); then `x_g` is None and h_g / m_g already hold the sums.
+
+What backward keeps (the memory choice): stage 1 saves its six activated gates in one [B, 6C, H, W] buffer
+(not the 7C-14C convolution outputs, which are then freed) plus references to c_{t-1} and m_{t-1}; stage 2
+saves o and its own output h (tanh(conv_last) is recovered as h / o; where o underflows to 0 every gradient
+that needs it is multiplied by o anyway) — for the highway variant it saves tanh(conv_last) instead.
+
+Backends: torch (the reference below), cpp / cuda (csrc/*/stlstm.*, compiled ops vpfast::stlstm_*),
+triton (kernels/stlstm.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .._dispatch import Op
+from . import _checks
+
+
+# ---- reference ----------------------------------------------------------------------------------------
+def stlstm_gates_reference(x_g: Optional[torch.Tensor], h_g: torch.Tensor, m_g: torch.Tensor, c: torch.Tensor,
+                           m: torch.Tensor, forget_bias: float = 1.0, with_delta: bool = False):
+    """Stage 1 in plain PyTorch, the reference's arithmetic (the oracle and the fallback).
+
+    x_g: Tensor[B, 7C, H, W] or None, h_g: Tensor[B, 4C, H, W], m_g: Tensor[B, 3C, H, W],
+    c, m: Tensor[B, C, H, W] -> (cm: Tensor[B, 2C, H, W], o_part: Tensor[B, C, H, W],
+    delta: Tensor[B, 2C, H, W] (Δc then Δm) or None)
+    """
+    C = c.shape[1]
+    i_h, f_h, g_h, o_h = torch.split(h_g, C, dim=1)
+    i_m, f_m, g_m = torch.split(m_g, C, dim=1)
+    if x_g is not None:
+        i_x, f_x, g_x, i_xp, f_xp, g_xp, o_x = torch.split(x_g, C, dim=1)
+        i_h, f_h, g_h, o_h = i_x + i_h, f_x + f_h, g_x + g_h, o_x + o_h
+        i_m, f_m, g_m = i_xp + i_m, f_xp + f_m, g_xp + g_m
+    i_t = torch.sigmoid(i_h)
+    f_t = torch.sigmoid(f_h + forget_bias)
+    g_t = torch.tanh(g_h)
+    delta_c = i_t * g_t
+    c_new = f_t * c + delta_c
+    i_tp = torch.sigmoid(i_m)
+    f_tp = torch.sigmoid(f_m + forget_bias)
+    g_tp = torch.tanh(g_m)
+    delta_m = i_tp * g_tp
+    m_new = f_tp * m + delta_m
+    cm = torch.cat((c_new, m_new), 1)
+    delta = torch.cat((delta_c, delta_m), 1) if with_delta else None
+    return cm, o_h, delta
+
+
+def stlstm_output_reference(o_part: torch.Tensor, o_m: torch.Tensor, last: torch.Tensor,
+                            highway: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stage 2 in plain PyTorch.
+
+    o_part, o_m, last (, highway): Tensor[B, C, H, W] -> h: Tensor[B, C, H, W]
+    """
+    o_t = torch.sigmoid(o_part + o_m)
+    h = o_t * torch.tanh(last)
+    if highway is not None:
+        h = h + (1 - o_t) * highway
+    return h
+
+
+# ---- cpp / cuda: compiled ops, fake kernels and autograd ------------------------------------------------
+def _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta):
+    B, C, H, W = c.shape
+    cm = c.new_empty((B, 2 * C, H, W))
+    o_part = c.new_empty((B, C, H, W))
+    act = c.new_empty((B, 6 * C, H, W))
+    delta = c.new_empty((B, 2 * C, H, W)) if with_delta else c.new_empty((0,))
+    return cm, o_part, act, delta
+
+
+def _gates_bwd_fake_shapes(act, c, m, has_x):
+    B, C, H, W = c.shape
+    gx = c.new_empty((B, 7 * C, H, W)) if has_x else c.new_empty((0,))
+    return gx, c.new_empty((B, 4 * C, H, W)), c.new_empty((B, 3 * C, H, W)), torch.empty_like(c), \
+        torch.empty_like(m)
+
+
+def _output_fake_shapes(o_part, highway):
+    tl = torch.empty_like(o_part) if highway is not None else o_part.new_empty((0,))
+    return torch.empty_like(o_part), torch.empty_like(o_part), tl
+
+
+def _output_bwd_fake_shapes(o, highway):
+    gh = torch.empty_like(o) if highway is not None else o.new_empty((0,))
+    return torch.empty_like(o), torch.empty_like(o), gh
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _make_autograd(gates_fwd, gates_bwd, output_fwd, output_bwd):
+    """setup_context/backward pairs shared by the compiled ops and the Triton custom ops."""
+
+    def gates_setup(ctx, inputs, output):
+        x_g, h_g, m_g, c, m, forget_bias, with_delta = inputs
+        cm, o_part, act, delta = output
+        ctx.save_for_backward(act, c, m)
+        ctx.has_x = x_g is not None
+        ctx.mark_non_differentiable(act)
+
+    def gates_backward(ctx, g_cm, g_opart, _g_act, g_delta):
+        act, c, m = ctx.saved_tensors
+        B, C, H, W = c.shape
+        g_cm = _zeros_if_none(g_cm, act[:, : 2 * C])
+        g_opart = _zeros_if_none(g_opart, c)
+        if g_delta is not None and g_delta.numel() == 0:
+            g_delta = None
+        gx, gh, gm, gc, gmm = gates_bwd(g_cm, g_opart, g_delta, act, c, m, ctx.has_x)
+        need = ctx.needs_input_grad
+        return (gx if ctx.has_x and need[0] else None, gh if need[1] else None, gm if need[2] else None,
+                gc if need[3] else None, gmm if need[4] else None, None, None)
+
+    def output_setup(ctx, inputs, output):
+        o_part, o_m, last, highway = inputs
+        h, o, tl = output
+        ctx.has_highway = highway is not None
+        if ctx.has_highway:
+            ctx.save_for_backward(o, tl, highway)
+        else:
+            ctx.save_for_backward(o, h)
+        ctx.mark_non_differentiable(o, tl)
+
+    def output_backward(ctx, g_h, _g_o, _g_tl):
+        if ctx.has_highway:
+            o, tl, highway = ctx.saved_tensors
+        else:
+            (o, tl), highway = ctx.saved_tensors, None
+        g_h = _zeros_if_none(g_h, o)
+        g_pre, g_last, g_hw = output_bwd(g_h, o, tl, highway)
+        need = ctx.needs_input_grad
+        return (g_pre if need[0] else None, g_pre if need[1] else None, g_last if need[2] else None,
+                g_hw if ctx.has_highway and need[3] else None)
+
+    return gates_setup, gates_backward, output_setup, output_backward
+
+
+if _ext.has_kernel("stlstm_gates_forward", "CPU") or _ext.has_kernel("stlstm_gates_forward", "CUDA"):
+
+    @torch.library.register_fake("vpfast::stlstm_gates_forward")
+    def _gates_fwd_fake(x_g, h_g, m_g, c, m, forget_bias, with_delta):
+        return _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta)
+
+    @torch.library.register_fake("vpfast::stlstm_gates_backward")
+    def _gates_bwd_fake(g_cm, g_opart, g_delta, act, c, m, has_x):
+        return _gates_bwd_fake_shapes(act, c, m, has_x)
+
+    @torch.library.register_fake("vpfast::stlstm_output_forward")
+    def _output_fwd_fake(o_part, o_m, last, highway):
+        return _output_fake_shapes(o_part, highway)
+
+    @torch.library.register_fake("vpfast::stlstm_output_backward")
+    def _output_bwd_fake(g_h, o, h_or_tl, highway):
+        return _output_bwd_fake_shapes(o, highway)
+
+    _gs, _gb, _os, _ob = _make_autograd(None, lambda *a: torch.ops.vpfast.stlstm_gates_backward(*a), None,
+                                        lambda *a: torch.ops.vpfast.stlstm_output_backward(*a))
+    torch.library.register_autograd("vpfast::stlstm_gates_forward", _gb, setup_context=_gs)
+    torch.library.register_autograd("vpfast::stlstm_output_forward", _ob, setup_context=_os)
+
+
+def _gates_compiled(x_g, h_g, m_g, c, m, forget_bias=1.0, with_delta=False):
+    cm, o_part, _act, delta = torch.ops.vpfast.stlstm_gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta)
+    return cm, o_part, (delta if with_delta else None)
+
+
+def _output_compiled(o_part, o_m, last, highway=None):
+    return torch.ops.vpfast.stlstm_output_forward(o_part, o_m, last, highway)[0]
+
+
+# ---- triton: Python custom ops around the launchers in kernels/stlstm.py -------------------------------
+@torch.library.custom_op("vpfast::stlstm_gates_forward_triton", mutates_args=())
+def _gates_triton_fwd(x_g: Optional[torch.Tensor], h_g: torch.Tensor, m_g: torch.Tensor, c: torch.Tensor,
+                      m: torch.Tensor, forget_bias: float,
+                      with_delta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import stlstm as k
+    return k.gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta)
+
+
+@_gates_triton_fwd.register_fake
+def _(x_g, h_g, m_g, c, m, forget_bias, with_delta):
+    return _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta)
+
+
+@torch.library.custom_op("vpfast::stlstm_gates_backward_triton", mutates_args=())
+def _gates_triton_bwd(g_cm: torch.Tensor, g_opart: torch.Tensor, g_delta: Optional[torch.Tensor],
+                      act: torch.Tensor, c: torch.Tensor, m: torch.Tensor,
+                      has_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import stlstm as k
+    return k.gates_backward(g_cm, g_opart, g_delta, act, c, m, has_x)
+
+
+@_gates_triton_bwd.register_fake
+def _(g_cm, g_opart, g_delta, act, c, m, has_x):
+    return _gates_bwd_fake_shapes(act, c, m, has_x)
+
+
+@torch.library.custom_op("vpfast::stlstm_output_forward_triton", mutates_args=())
+def _output_triton_fwd(o_part: torch.Tensor, o_m: torch.Tensor, last: torch.Tensor,
+                       highway: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import stlstm as k
+    return k.output_forward(o_part, o_m, last, highway)
+
+
+@_output_triton_fwd.register_fake
+def _(o_part, o_m, last, highway):
+    return _output_fake_shapes(o_part, highway)
+
+
+@torch.library.custom_op("vpfast::stlstm_output_backward_triton", mutates_args=())
+def _output_triton_bwd(g_h: torch.Tensor, o: torch.Tensor, h_or_tl: torch.Tensor,
+                       highway: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import stlstm as k
+    return k.output_backward(g_h, o, h_or_tl, highway)
+
+
+@_output_triton_bwd.register_fake
+def _(g_h, o, h_or_tl, highway):
+    return _output_bwd_fake_shapes(o, highway)
+
+
+_tgs, _tgb, _tos, _tob = _make_autograd(None, _gates_triton_bwd, None, _output_triton_bwd)
+_gates_triton_fwd.register_autograd(_tgb, setup_context=_tgs)
+_output_triton_fwd.register_autograd(_tob, setup_context=_tos)
+
+
+def _gates_triton(x_g, h_g, m_g, c, m, forget_bias=1.0, with_delta=False):
+    cm, o_part, _act, delta = _gates_triton_fwd(x_g, h_g, m_g, c, m, forget_bias, with_delta)
+    return cm, o_part, (delta if with_delta else None)
+
+
+def _output_triton(o_part, o_m, last, highway=None):
+    return _output_triton_fwd(o_part, o_m, last, highway)[0]
+
+
+# ---- dispatch and the public functions ----------------------------------------------------------------
+GATES = Op("stlstm_gates", kernel="stlstm_gates_forward")
+GATES.register("torch", stlstm_gates_reference)
+GATES.register("cpp", _gates_compiled)
+GATES.register("cuda", _gates_compiled)
+GATES.register("triton", _gates_triton)
+
+OUTPUT = Op("stlstm_output", kernel="stlstm_output_forward")
+OUTPUT.register("torch", stlstm_output_reference)
+OUTPUT.register("cpp", _output_compiled)
+OUTPUT.register("cuda", _output_compiled)
+OUTPUT.register("triton", _output_triton)
+
+
+def check_gates_args(x_g, h_g, m_g, c, m) -> int:
+    """Validate stage-1 arguments; returns C."""
+    _checks.tensor("c", c, 4, "[B, C, H, W]")
+    B, C, H, W = c.shape
+    _checks.tensor("m", m, 4, "[B, C, H, W]")
+    _checks.same(("c", "m"), c, m)
+    for name, t, k in (("h_g", h_g, 4), ("m_g", m_g, 3)) + ((("x_g", x_g, 7),) if x_g is not None else ()):
+        _checks.tensor(name, t, 4, f"[B, {k}C, H, W]")
+        _checks.same(("c", name), c, t, shape=False)
+        if tuple(t.shape) != (B, k * C, H, W):
+            raise ValueError(f"{name} must have shape [B, {k}C, H, W] = {(B, k * C, H, W)} for c of shape "
+                             f"{tuple(c.shape)}, got {tuple(t.shape)}")
+    return C
+
+
+def stlstm_gates(x_g: Optional[torch.Tensor], h_g: torch.Tensor, m_g: torch.Tensor, c: torch.Tensor,
+                 m: torch.Tensor, forget_bias: float = 1.0, with_delta: bool = False, backend: str | None = None):
+    """Stage 1 of the ST-LSTM step: gates, new cell state c and spatiotemporal memory m.
+
+    x_g: Tensor[B, 7C, H, W] (conv_x output: i, f, g, i', f', g', o) or None when h_g / m_g come from the
+    merged convolutions and already contain the x terms;
+    h_g: Tensor[B, 4C, H, W] (i, f, g, o); m_g: Tensor[B, 3C, H, W] (i', f', g'); c, m: Tensor[B, C, H, W]
+    -> (cm: Tensor[B, 2C, H, W] = [c_t, m_t], o_part: Tensor[B, C, H, W] = o_x + o_h,
+        delta: Tensor[B, 2C, H, W] = [i⊙g, i'⊙g'] if with_delta else None)
+    backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
+    """
+    check_gates_args(x_g, h_g, m_g, c, m)
+    return GATES(x_g, h_g, m_g, c, m, float(forget_bias), bool(with_delta), backend=backend)
+
+
+def stlstm_output(o_part: torch.Tensor, o_m: torch.Tensor, last: torch.Tensor,
+                  highway: Optional[torch.Tensor] = None, backend: str | None = None) -> torch.Tensor:
+    """Stage 2 of the ST-LSTM step: h = σ(o_part + o_m) ⊙ tanh(last) [+ (1 − o) ⊙ highway].
+
+    o_part, o_m, last, highway: Tensor[B, C, H, W] -> h: Tensor[B, C, H, W]
+    backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
+    """
+    names = ("o_part", "o_m", "last") + (("highway",) if highway is not None else ())
+    ts = (o_part, o_m, last) + ((highway,) if highway is not None else ())
+    for n, t in zip(names, ts):
+        _checks.tensor(n, t, 4, "[B, C, H, W]")
+        _checks.same(("o_part", n), o_part, t)
+    return OUTPUT(o_part, o_m, last, highway, backend=backend)
