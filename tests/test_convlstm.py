@@ -18,7 +18,7 @@ def _inputs(B, C, H, W, dtype, device, has_x, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: (torch.randn(*s, generator=g, dtype=dtype) * 1.5).to(device)  # noqa: E731
     x_g = r(B, 4 * C, H, W) if has_x else None
-    h_g = r(B, 4 * C, H, W)
+    h_g = r(B, 4 * C, W, H).transpose(2, 3)  # H*W planes not contiguous
     c = r(B, 2 * C, H, W)[:, C:]  # a channel slice: non-contiguous
     return x_g, h_g, c
 

@@ -18,7 +18,8 @@ def _inputs(B, C, H, W, dtype, device, has_x, highway, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: (torch.randn(*s, generator=g, dtype=dtype) * 1.5).to(device)  # noqa: E731
     x_g = r(B, 7 * C, H, W) if has_x else None
-    h_g, m_g = r(B, 4 * C, H, W), r(B, 3 * C, H, W)
+    h_g = r(B, 4 * C, H, W)
+    m_g = r(B, 3 * C, W, H).transpose(2, 3)  # H*W planes not contiguous: the kernels must copy or cope
     cm0 = r(B, 2 * C, H, W)  # c and m are channel slices of one buffer: non-contiguous, as in a real unroll
     hw = r(B, C, H, W) if highway else None
     return x_g, h_g, m_g, cm0, hw

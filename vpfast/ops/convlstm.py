@@ -132,7 +132,9 @@ def _triton(x_g, h_g, c, forget_bias=0.0, tanh_c=True):
 
 
 # ---- dispatch and the public function ----------------------------------------------------------------
-OP = Op("convlstm", kernel="convlstm_forward")
+from .stlstm import _int32_index_check  # noqa: E402
+
+OP = Op("convlstm", kernel="convlstm_forward", check=_int32_index_check)
 OP.register("torch", convlstm_reference)
 OP.register("cpp", _compiled)
 OP.register("cuda", _compiled)

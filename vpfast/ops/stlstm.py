@@ -254,13 +254,21 @@ def _output_triton(o_part, o_m, last, highway=None):
 
 
 # ---- dispatch and the public functions ----------------------------------------------------------------
-GATES = Op("stlstm_gates", kernel="stlstm_gates_forward")
+def _int32_index_check(backend, *args, **kwargs):
+    """The Triton kernels index with int32: every operand must have fewer than 2**31 elements."""
+    if backend != "triton":
+        return []
+    big = [tuple(t.shape) for t in args if isinstance(t, torch.Tensor) and t.numel() >= 2**31]
+    return [f"triton kernels index with int32; operands {big} have 2**31 elements or more"] if big else []
+
+
+GATES = Op("stlstm_gates", kernel="stlstm_gates_forward", check=_int32_index_check)
 GATES.register("torch", stlstm_gates_reference)
 GATES.register("cpp", _gates_compiled)
 GATES.register("cuda", _gates_compiled)
 GATES.register("triton", _gates_triton)
 
-OUTPUT = Op("stlstm_output", kernel="stlstm_output_forward")
+OUTPUT = Op("stlstm_output", kernel="stlstm_output_forward", check=_int32_index_check)
 OUTPUT.register("torch", stlstm_output_reference)
 OUTPUT.register("cpp", _output_compiled)
 OUTPUT.register("cuda", _output_compiled)
