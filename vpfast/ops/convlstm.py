@@ -64,6 +64,7 @@ def _make_autograd(bwd):
         h, c_new, act = output
         ctx.save_for_backward(act, c, c_new)
         ctx.has_x, ctx.tanh_c = x_g is not None, tanh_c
+        ctx.set_materialize_grads(False)  # absent gradients stay None (the kernel treats them as 0)
         ctx.mark_non_differentiable(act)
 
     def backward(ctx, g_h, g_c, _g_act):
@@ -131,7 +132,9 @@ def _triton(x_g, h_g, c, forget_bias=0.0, tanh_c=True):
 
 
 # ---- dispatch and the public function ----------------------------------------------------------------
-OP = Op("convlstm", kernel="convlstm_forward")
+from .stlstm import _int32_index_check  # noqa: E402
+
+OP = Op("convlstm", kernel="convlstm_forward", check=_int32_index_check)
 OP.register("torch", convlstm_reference)
 OP.register("cpp", _compiled)
 OP.register("cuda", _compiled)

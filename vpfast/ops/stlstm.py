@@ -115,6 +115,7 @@ def _make_autograd(gates_fwd, gates_bwd, output_fwd, output_bwd):
         cm, o_part, act, delta = output
         ctx.save_for_backward(act, c, m)
         ctx.has_x = x_g is not None
+        ctx.set_materialize_grads(False)  # no zero-filled [B, 6C, H, W] gradient for the saved gates
         ctx.mark_non_differentiable(act)
 
     def gates_backward(ctx, g_cm, g_opart, _g_act, g_delta):
@@ -133,6 +134,7 @@ def _make_autograd(gates_fwd, gates_bwd, output_fwd, output_bwd):
         o_part, o_m, last, highway = inputs
         h, o, tl = output
         ctx.has_highway = highway is not None
+        ctx.set_materialize_grads(False)
         if ctx.has_highway:
             ctx.save_for_backward(o, tl, highway)
         else:
@@ -252,13 +254,21 @@ def _output_triton(o_part, o_m, last, highway=None):
 
 
 # ---- dispatch and the public functions ----------------------------------------------------------------
-GATES = Op("stlstm_gates", kernel="stlstm_gates_forward")
+def _int32_index_check(backend, *args, **kwargs):
+    """The Triton kernels index with int32: every operand must have fewer than 2**31 elements."""
+    if backend != "triton":
+        return []
+    big = [tuple(t.shape) for t in args if isinstance(t, torch.Tensor) and t.numel() >= 2**31]
+    return [f"triton kernels index with int32; operands {big} have 2**31 elements or more"] if big else []
+
+
+GATES = Op("stlstm_gates", kernel="stlstm_gates_forward", check=_int32_index_check)
 GATES.register("torch", stlstm_gates_reference)
 GATES.register("cpp", _gates_compiled)
 GATES.register("cuda", _gates_compiled)
 GATES.register("triton", _gates_triton)
 
-OUTPUT = Op("stlstm_output", kernel="stlstm_output_forward")
+OUTPUT = Op("stlstm_output", kernel="stlstm_output_forward", check=_int32_index_check)
 OUTPUT.register("torch", stlstm_output_reference)
 OUTPUT.register("cpp", _output_compiled)
 OUTPUT.register("cuda", _output_compiled)
