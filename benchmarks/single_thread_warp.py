@@ -1,6 +1,8 @@
 """Single-thread CPU time (time.process_time, min over reps) of each provider for deform_warp, flow_warp and
-motion_gru: robust when the machine is shared, unlike wall-clock medians. Run: python benchmarks/single_thread_warp.py [dw] [fw] [mg]
-shared, unlike wall-clock medians."""
+motion_gru: robust when the machine is shared, unlike wall-clock medians.
+
+Run: python benchmarks/single_thread_warp.py [dw] [fw] [mg]
+"""
 import time, sys
 import torch, torchvision
 import vpfast
