@@ -1,0 +1,215 @@
+"""Training loop, checkpoints, resume, CLI and multi-process training, on a tiny stand-in model (tests/standin.py)
+so the machinery is tested independently of the real models' speed."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vpfast import evaluate as ev
+from vpfast import train as tr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the tiny model's ops are far too small for two threads; on a busy machine they only wait on each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ["--train-size", "16", "--batch-size", "8", "--test-size", "8", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    rc = tr.main(["--model", "standin:create", "--epochs", "2", "--out", out, *TINY])
+    assert rc == 0
+    return out
+
+
+def test_run_writes_logs_pictures_and_checkpoint(trained):
+    for name in ("last.pt", "log.csv", "log.json", "predictions.png", "predictions.gif", "loss.png",
+                 "summary.json"):
+        assert os.path.getsize(os.path.join(trained, name)) > 0, name
+    rows = open(os.path.join(trained, "log.csv")).read().strip().splitlines()
+    assert rows[0].startswith("epoch,step,train_loss,lr,mse,mae,ssim,psnr") and len(rows) == 3
+    log = json.load(open(os.path.join(trained, "log.json")))
+    assert [e["step"] for e in log["epochs"]] == [2, 4] and len(log["steps"]) == 4
+    ck = _state(os.path.join(trained, "last.pt"))
+    assert ck["format"] == "vpfast-train" and ck["epoch"] == 2 and ck["global_step"] == 4
+    assert ck["scheduler"]["total_steps"] == 4
+    assert not [f for f in os.listdir(trained) if ".tmp" in f]  # atomic writes leave no temporaries
+
+
+def _run(out, *extra, model="standin:create"):
+    return tr.main(["--model", model, "--epochs", "3", "--dtype", "float64", "--config", '{"noise": 0.05}',
+                    "--out", out, *TINY, *extra])
+
+
+@pytest.mark.parametrize("sigint_at", [1, 2])  # mid-epoch and at an epoch boundary
+def test_ctrl_c_saves_and_resume_is_exact(tmp_path, sigint_at):
+    ref = str(tmp_path / "ref")
+    assert _run(ref) == 0
+    part = str(tmp_path / "part")
+    cfg = json.dumps({"noise": 0.05, "sigint_at": sigint_at})
+    rc = tr.main(["--model", "standin:create_interrupting", "--epochs", "3", "--dtype", "float64", "--config",
+                  cfg, "--out", part, *TINY])
+    assert rc == 130
+    ck = _state(os.path.join(part, "last.pt"))
+    assert ck["reason"] == "interrupt" and ck["global_step"] == sigint_at + 1
+    assert (ck["epoch"], ck["batch_in_epoch"]) == divmod(sigint_at + 1, 2) or ck["batch_in_epoch"] == 2
+    assert tr.main(["--out", part, "--resume", "--no-progress", "--test-size", "8"]) == 0
+    a, b = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
+    assert b["global_step"] == a["global_step"] == 6
+    for k, v in a["state_dict"].items():
+        assert v.dtype == torch.float64
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, trained, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    path = os.path.join(out, "last.pt")
+    good = open(path, "rb").read()
+    # mismatched run arguments
+    assert tr.main(["--out", out, "--resume", "--batch-size", "4", *TINY[4:]]) == 2
+    assert "batch_size=8" in capsys.readouterr().err
+    assert tr.main(["--out", out, "--resume", "--model", "other:thing", "--no-progress"]) == 2
+    assert "model" in capsys.readouterr().err
+    # a fresh run may not silently replace the existing checkpoint
+    assert tr.main(["--model", "standin:create", "--out", out, *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert open(path, "rb").read() == good
+    # truncated and garbage files
+    for bad in (good[: len(good) // 2], b"not a checkpoint at all"):
+        open(path, "wb").write(bad)
+        assert tr.main(["--out", out, "--resume", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "corrupt" in err and "last.pt" in err
+        assert open(path, "rb").read() == bad  # untouched: nothing was written over it
+    # a plain state_dict is not a training checkpoint
+    torch.save({"w": torch.zeros(1)}, path)
+    assert tr.main(["--out", out, "--resume", "--no-progress"]) == 2
+    assert "not a vpfast training checkpoint" in capsys.readouterr().err
+    assert tr.main(["--out", str(tmp_path / "nothing"), "--resume", "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_eval_and_predict(tmp_path, trained, capsys):
+    ck = os.path.join(trained, "last.pt")
+    js = str(tmp_path / "m.json")
+    assert tr.cli(["eval", ck, "--test-size", "8", "--no-progress", "--json", js]) == 0
+    out = capsys.readouterr().out
+    assert "| model |" in out and "zeros (baseline)" in out and "repeat last frame" in out
+    res = json.load(open(js))["metrics"]
+    assert set(res) == {"model", "zeros", "last"} and res["zeros"]["ssim"] < 1
+    # mnist_test_seq.npy layout [T, N, H, W]
+    seq = np.stack([ev._test_set("mmnist", 3, 5)[i][:, 0].numpy() for i in range(3)], 1)
+    f = str(tmp_path / "mnist_test_seq.npy")
+    np.save(f, (seq * 255).round().astype(np.uint8))
+    assert tr.cli(["eval", ck, "--data", f, "--no-progress"]) == 0
+    assert "3 test sequences" in capsys.readouterr().out
+    pout = str(tmp_path / "pred")
+    assert tr.cli(["predict", ck, "--input", f, "--out", pout]) == 0
+    pred = np.load(os.path.join(pout, "predictions.npy"))
+    assert pred.shape == (3, 10, 1, 64, 64)
+    assert os.path.getsize(os.path.join(pout, "predictions.png")) > 0
+    # plain weights need --model
+    sd = str(tmp_path / "weights.pt")
+    torch.save({"state_dict": {"module." + k: v for k, v in _state(ck)["state_dict"].items()}}, sd)
+    assert tr.cli(["eval", sd, "--test-size", "4", "--no-progress"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert tr.cli(["eval", sd, "--model", "standin:create", "--test-size", "4", "--no-progress"]) == 0
+    assert tr.cli(["eval", sd, "--model", "standin:create", "--config", '{"hidden": 4}', "--no-progress"]) == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert tr.cli(["eval", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert tr.main(["--model", "no_such_model", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    bad = str(tmp_path / "bad.npy")
+    np.save(bad, np.zeros((4, 20, 8), np.float32))
+    assert tr.main(["--model", "standin:create", "--data", bad, "--out", str(tmp_path / "y"), *TINY]) == 2
+    assert "[N, T, C, H, W]" in capsys.readouterr().err
+    short = str(tmp_path / "short.npy")
+    np.save(short, np.zeros((12, 5, 1, 16, 16), np.float32))
+    assert tr.main(["--model", "standin:create", "--data", short, "--out", str(tmp_path / "z"), *TINY]) == 2
+    assert "T >= 20" in capsys.readouterr().err
+    assert tr.main(["--model", "standin:create", "--config", "{oops", "--out", str(tmp_path / "w"), *TINY]) == 2
+    assert "JSON" in capsys.readouterr().err
+    # python -m vpfast.train works and argparse rejects bad values with exit code 2
+    r = subprocess.run([sys.executable, "-m", "vpfast.train", "--dtype", "float16"], capture_output=True,
+                       text=True, env=_env())
+    assert r.returncode == 2 and "float16" in r.stderr
+
+
+def test_train_on_user_array(tmp_path):
+    # any [N, T, C, H, W] array: 2 channels, 12x16 frames, 6 -> 4 frames; last 10% held out for testing
+    arr = np.random.default_rng(0).random((20, 10, 2, 12, 16)).astype(np.float32)
+    f = str(tmp_path / "seqs.npy")
+    np.save(f, arr)
+    out = str(tmp_path / "run")
+    cfg = json.dumps({"pre_seq_length": 6, "aft_seq_length": 4, "channels": 2})
+    assert tr.main(["--model", "standin:create", "--config", cfg, "--data", f, "--epochs", "1",
+                    "--batch-size", "6", "--out", out, "--no-progress"]) == 0
+    log = json.load(open(os.path.join(out, "log.json")))
+    assert log["epochs"][0]["step"] == 3  # 18 training sequences // 6
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    args = ["--model", "standin:create", "--epochs", "2", "--dtype", "float64", "--train-size", "16",
+            "--batch-size", "8", "--test-size", "8", "--no-progress", "--overwrite"]
+    single = str(tmp_path / "single")
+    assert tr.main(args + ["--out", single]) == 0
+    multi = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "vpfast.train", *args, "--out", multi]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.load(open(os.path.join(multi, "summary.json")))
+    assert summary["ddp_max_param_diff"] == 0.0  # replicas stayed identical
+    a, b = _state(os.path.join(single, "last.pt")), _state(os.path.join(multi, "last.pt"))
+    assert b["world_size"] == 2 and len(b["rng_per_rank"]) == 2
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-12, atol=1e-14)
+    la = json.load(open(os.path.join(single, "log.json")))["epochs"]
+    lb = json.load(open(os.path.join(multi, "log.json")))["epochs"]
+    for ra, rb in zip(la, lb):
+        for key in ("mse", "mae", "ssim", "psnr", "train_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-9), key
+
+
+def test_demo_reports_model_and_baselines(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert tr.cli(["demo", "--model", "standin:create", "--preset", "small", "--steps", "20",
+                   "--batch-size", "8", "--epochs", "2", "--test-size", "8", "--out", out, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "zeros (baseline)" in text and "repeat last frame (baseline)" in text
+    res = json.load(open(os.path.join(out, "demo.json")))
+    assert res["steps"] == 20 and set(res["metrics"]) == {"model", "zeros", "last"}
+    for name in ("demo.md", "predictions.png", "predictions.gif", "loss.png", "last.pt"):
+        assert os.path.exists(os.path.join(out, name))
