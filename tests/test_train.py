@@ -67,10 +67,16 @@ def _run(out, *extra, model="standin:create"):
                     "--out", out, *TINY, *extra])
 
 
-@pytest.mark.parametrize("sigint_at", [1, 2])  # mid-epoch and at an epoch boundary
-def test_ctrl_c_saves_and_resume_is_exact(tmp_path, sigint_at):
-    ref = str(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("ref"))
     assert _run(ref) == 0
+    return ref
+
+
+@pytest.mark.parametrize("sigint_at", [1, 2])  # mid-epoch and at an epoch boundary
+def test_ctrl_c_saves_and_resume_is_exact(tmp_path, uninterrupted, sigint_at):
+    ref = uninterrupted
     part = str(tmp_path / "part")
     cfg = json.dumps({"noise": 0.05, "sigint_at": sigint_at})
     rc = tr.main(["--model", "standin:create_interrupting", "--epochs", "3", "--dtype", "float64", "--config",
