@@ -7,3 +7,4 @@ _ext.warn_once()
 
 from . import ops, nn, models  # noqa: E402,F401
 from ._dispatch import BackendUnavailable  # noqa: E402,F401
+from .accelerate import AccelerateReport, accelerate  # noqa: E402,F401

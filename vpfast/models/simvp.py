@@ -166,7 +166,7 @@ class DropPath(nn.Module):
 class DWConv(nn.Module):
     def __init__(self, dim, backend=None):
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, 3, stride=1, padding=1, bias=True, backend=backend)
+        self.dwconv = DepthwiseConv2d(dim, dim, kernel_size=3, stride=1, padding=1, bias=True, backend=backend)
 
     def forward(self, x):
         return self.dwconv(x)
@@ -256,7 +256,7 @@ class MidMetaNet(nn.Module):
         if N2 < 2:
             raise ValueError(f"N_T must be >= 2, got {N2}")
         self.N2 = N2
-        dpr = [v.item() for v in torch.linspace(1e-2, drop_path, N2)]
+        dpr = [v.item() for v in torch.linspace(1e-2, drop_path, N2, device="cpu")]
         kw = dict(model_type=model_type, mlp_ratio=mlp_ratio, drop=drop, backend=backend)
         layers = [MetaBlock(channel_in, channel_hid, drop_path=dpr[0], **kw)]
         layers += [MetaBlock(channel_hid, channel_hid, drop_path=dpr[i], **kw) for i in range(1, N2 - 1)]

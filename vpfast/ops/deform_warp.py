@@ -161,7 +161,7 @@ OP = Op("deform_warp", kernel="deform_warp_forward")
 OP.register("torch", deform_warp_reference)
 OP.register("cpp", _dw_compiled)
 OP.register("cuda", _dw_compiled)
-# OP.register("triton", _dw_triton_forward)  # TODO
+OP.register("triton", _dw_triton_forward)
 
 
 def deform_warp(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,

@@ -80,11 +80,55 @@ def _fw_compiled(x, flow, padding_mode, align_corners):
     return torch.ops.vpfast.flow_warp_forward(x, flow, padding_mode == "border", align_corners)
 
 
+# ---- triton: a Python custom op around the launchers in kernels/flow_warp.py --------------------------
+@torch.library.custom_op("vpfast::flow_warp_forward_triton", mutates_args=())
+def _fw_triton_forward(x: torch.Tensor, flow: torch.Tensor, border: bool, align_corners: bool) -> torch.Tensor:
+    from ..kernels import flow_warp as k
+    return k.forward(x.contiguous(), flow.contiguous(), border, align_corners)
+
+
+@_fw_triton_forward.register_fake
+def _(x, flow, border, align_corners):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("vpfast::flow_warp_backward_triton", mutates_args=())
+def _fw_triton_backward(grad: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, border: bool,
+                        align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import flow_warp as k
+    return k.backward(grad.contiguous(), x.contiguous(), flow.contiguous(), border, align_corners)
+
+
+@_fw_triton_backward.register_fake
+def _(grad, x, flow, border, align_corners):
+    return torch.empty_like(x), torch.empty_like(flow)
+
+
+def _fw_triton_setup(ctx, inputs, output):
+    x, flow, border, align_corners = inputs
+    ctx.save_for_backward(x, flow)
+    ctx.border, ctx.align_corners = border, align_corners
+
+
+def _fw_triton_bwd(ctx, grad):
+    x, flow = ctx.saved_tensors
+    gx, gf = _fw_triton_backward(grad, x, flow, ctx.border, ctx.align_corners)
+    return gx, gf, None, None
+
+
+_fw_triton_forward.register_autograd(_fw_triton_bwd, setup_context=_fw_triton_setup)
+
+
+def _fw_triton(x, flow, padding_mode, align_corners):
+    return _fw_triton_forward(x, flow, padding_mode == "border", align_corners)
+
+
 # ---- dispatch and the public function -----------------------------------------------------------------
 OP = Op("flow_warp", kernel="flow_warp_forward")
 OP.register("torch", flow_warp_reference)
 OP.register("cpp", _fw_compiled)
 OP.register("cuda", _fw_compiled)
+OP.register("triton", _fw_triton)
 
 
 def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros", align_corners: bool = True,

@@ -142,11 +142,87 @@ def _mg_compiled_update(gates, o, f_prev, d_prev):
 
 _mg_compiled = _fused_path(_mg_compiled_reset, _mg_compiled_update)
 
+
+# ---- triton: Python custom ops around the launchers in kernels/motion_gru.py --------------------------
+@torch.library.custom_op("vpfast::motion_gru_reset_triton", mutates_args=())
+def _mg_triton_reset(gates: torch.Tensor, f_prev: torch.Tensor) -> torch.Tensor:
+    from ..kernels import motion_gru as k
+    return k.reset(gates.contiguous(), f_prev.contiguous())
+
+
+@_mg_triton_reset.register_fake
+def _(gates, f_prev):
+    return torch.empty_like(f_prev)
+
+
+@torch.library.custom_op("vpfast::motion_gru_reset_backward_triton", mutates_args=())
+def _mg_triton_reset_bwd(grad: torch.Tensor, gates: torch.Tensor,
+                         f_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import motion_gru as k
+    return k.reset_backward(grad.contiguous(), gates.contiguous(), f_prev.contiguous())
+
+
+@_mg_triton_reset_bwd.register_fake
+def _(grad, gates, f_prev):
+    return torch.empty_like(gates), torch.empty_like(f_prev)
+
+
+@torch.library.custom_op("vpfast::motion_gru_update_triton", mutates_args=())
+def _mg_triton_update(gates: torch.Tensor, o: torch.Tensor, f_prev: torch.Tensor,
+                      d_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import motion_gru as k
+    return k.update(gates.contiguous(), o.contiguous(), f_prev.contiguous(), d_prev.contiguous())
+
+
+@_mg_triton_update.register_fake
+def _(gates, o, f_prev, d_prev):
+    return _fake_update(gates, o, f_prev, d_prev)
+
+
+@torch.library.custom_op("vpfast::motion_gru_update_backward_triton", mutates_args=())
+def _mg_triton_update_bwd(grad_f: torch.Tensor, grad_d: torch.Tensor, gates: torch.Tensor, o: torch.Tensor,
+                          f_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import motion_gru as k
+    return k.update_backward(grad_f.contiguous(), grad_d.contiguous(), gates.contiguous(), o.contiguous(),
+                             f_prev.contiguous())
+
+
+@_mg_triton_update_bwd.register_fake
+def _(grad_f, grad_d, gates, o, f_prev):
+    return torch.empty_like(gates), torch.empty_like(o), torch.empty_like(f_prev), torch.empty_like(f_prev)
+
+
+def _mg_triton_reset_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mg_triton_reset_backward(ctx, grad):
+    gates, f_prev = ctx.saved_tensors
+    return _mg_triton_reset_bwd(grad, gates, f_prev)
+
+
+def _mg_triton_update_setup(ctx, inputs, output):
+    gates, o, f_prev, _ = inputs
+    ctx.save_for_backward(gates, o, f_prev)
+
+
+def _mg_triton_update_backward(ctx, grad_f, grad_d):
+    gates, o, f_prev = ctx.saved_tensors
+    grad_f = torch.zeros_like(f_prev) if grad_f is None else grad_f
+    grad_d = torch.zeros_like(f_prev) if grad_d is None else grad_d
+    return _mg_triton_update_bwd(grad_f, grad_d, gates, o, f_prev)
+
+
+_mg_triton_reset.register_autograd(_mg_triton_reset_backward, setup_context=_mg_triton_reset_setup)
+_mg_triton_update.register_autograd(_mg_triton_update_backward, setup_context=_mg_triton_update_setup)
+_mg_triton = _fused_path(_mg_triton_reset, _mg_triton_update)
+
 # ---- dispatch and the public function -----------------------------------------------------------------
 OP = Op("motion_gru", kernel="motion_gru_reset")
 OP.register("torch", motion_gru_reference)
 OP.register("cpp", _mg_compiled)
 OP.register("cuda", _mg_compiled)
+OP.register("triton", _mg_triton)
 
 
 def motion_gru(x: torch.Tensor, f_prev: torch.Tensor, d_prev: torch.Tensor,

@@ -1,0 +1,54 @@
+"""flow_warp: grid construction + grid_sample (the reference, eager and under torch.compile) vs the compiled
+kernels, which build no grid. Bytes: x and flow read, the output written (forward); the backward pass reads
+the output gradient, x and flow again and writes the gradients of x and flow."""
+import pytest
+import torch
+
+from vpfast.ops import flow_warp, flow_warp_reference
+from vpfast.ops.flow_warp import OP
+
+SHAPES = {"b16c64": (16, 64, 64, 64)}
+_compiled = torch.compile(flow_warp_reference)
+
+
+def _providers():
+    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
+    for b in ("cpp", "cuda"):
+        why = OP.static_reasons(b)
+        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
+    return out
+
+
+def _fn(provider):
+    if provider == "eager":
+        return flow_warp_reference
+    if provider == "compile":
+        return _compiled
+    return lambda x, f, pm: flow_warp(x, f, pm, backend=provider)
+
+
+@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_flow_warp(record, benchmark, provider, mode, padding, shape):
+    B, C, H, W = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    grad = mode != "fwd"
+    x = torch.randn(B, C, H, W, generator=g).requires_grad_(grad)
+    flow = (torch.randn(B, 2, H, W, generator=g) * 3).requires_grad_(grad)
+    fn = _fn(provider)
+    benchmark.group = f"flow_warp {shape} {(B, C, H, W)} {padding} {mode}"
+    nx, nf = x.numel() * 4, flow.numel() * 4
+
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(x, flow, padding)
+        gbytes = (2 * nx + nf) / 1e9
+    else:
+        def step():
+            x.grad = flow.grad = None
+            fn(x, flow, padding).backward(torch.ones(B, C, H, W))
+        gbytes = (5 * nx + 3 * nf) / 1e9
+    record(provider, step, gbytes=gbytes)

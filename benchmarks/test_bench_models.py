@@ -1,0 +1,90 @@
+"""Model-level benchmarks: a training step (forward, loss, backward) and an inference call per model.
+
+Providers: `eager` = the model with backend="torch" (the reference arithmetic, PyTorch eager), `compile` =
+torch.compile of that model (SimVP/TAU; the recurrent models unroll 19 steps x 4 layers, which takes minutes
+to compile here, so they are not compiled at model level), `vpfast` = the model with its fused layers
+(backend auto: cpp kernels on this CPU).
+Shapes: each model's `small` preset at batch 16 and its Moving-MNIST preset at batch 4 (64x64, 10 -> 10).
+With --benchmark-disable (CI smoke run) only the small cases run, plus TAU at the Moving-MNIST size.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vpfast import models as M
+from vpfast.ops.ddr_loss import ddr_loss_reference
+
+SHAPES = {"small-b16": ("small", 16), "mmnist-b4": ("mmnist", 4)}
+SIMVPS = ("simvp_incepu", "simvp_gsta", "tau")
+
+
+@functools.lru_cache(maxsize=None)
+def _gflops(name, preset, batch, mode):
+    """Multiply-adds x 2 of one call, counted on the reference path (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, frames = _setup(name, preset, batch, "eager")
+    with FlopCounterMode(display=False) as fc:
+        _step(model, frames, mode, name, "eager")()
+    return fc.get_total_flops() / 1e9
+
+
+def _setup(name, preset, batch, provider):
+    torch.manual_seed(0)
+    backend = "torch" if provider in ("eager", "compile") else None
+    model = M.create(name, preset=preset, backend=backend)
+    T = model.pre_seq_length + model.aft_seq_length
+    _, C, H, W = model.config["in_shape"]
+    frames = torch.rand(batch, T, C, H, W, generator=torch.Generator().manual_seed(0))
+    return model, frames
+
+
+def _step(model, frames, mode, name, provider):
+    pre = model.pre_seq_length
+    if mode == "infer":
+        model.eval()
+        fwd = torch.compile(model) if provider == "compile" else model
+
+        def infer():
+            with torch.no_grad():
+                return fwd(frames[:, :pre])
+        return infer
+    model.train()
+    if provider == "compile":
+        cstep = torch.compile(model.step)
+
+        def loss_fn():
+            pred, target = cstep(frames[:, :pre]), frames[:, pre:]
+            loss = F.mse_loss(pred, target)
+            return loss + 0.1 * ddr_loss_reference(pred, target) if name == "tau" else loss
+    else:
+        def loss_fn():
+            return model.training_loss(frames, 10000)[0]
+
+    def train():
+        for p in model.parameters():
+            p.grad = None
+        loss_fn().backward()
+    return train
+
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "vpfast"])
+@pytest.mark.parametrize("mode", ["train", "infer"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("name", M.NAMES)
+def test_model(record, benchmark, name, shape, mode, provider):
+    preset, batch = SHAPES[shape]
+    if provider == "compile" and name not in SIMVPS:
+        pytest.skip("recurrent models: torch.compile of the whole 19-step unroll takes minutes here "
+                    "(tests/test_models.py compiles a cell)")
+    if benchmark.disabled and shape != "small-b16" and name != "tau":
+        pytest.skip("timing disabled: the Moving-MNIST-size cases only run when timing")
+    model, frames = _setup(name, preset, batch, provider)
+    benchmark.group = f"{name} {shape} {mode}"
+    benchmark.extra_info["params"] = sum(p.numel() for p in model.parameters())
+    gflops = None if benchmark.disabled else _gflops(name, preset, batch, mode)
+    record(provider, _step(model, frames, mode, name, provider), gflops=gflops)

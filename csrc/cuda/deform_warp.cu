@@ -1,0 +1,213 @@
+// Deformable warp, CUDA. Forward: one thread per column entry (image, channel, neighbour, pixel) samples
+// straight into the column buffer (geometry from common/deform_warp.h, as on the CPU), then a GEMM per image.
+// Backward: grad_col = W^T x grad_out (GEMM); one thread per (image, neighbour, pixel) reduces the offset and
+// mask gradients over channels in order (deterministic) and rebuilds the column buffer for the weight
+// gradient (GEMMs accumulated image after image); the input gradient scatters with atomicAdd, which is not
+// deterministic, so it reports itself to torch.use_deterministic_algorithms (an error when that is on).
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <array>
+
+#include "common/deform_warp.h"
+
+namespace vpfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kColBytes = 64 << 20;
+
+int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)); }
+
+struct Geo {
+  int64_t C, N, HW;
+  int32_t H, W, k;
+};
+
+// Sample geometry of neighbour n at pixel p of image b (b relative to the pointers).
+template <typename T>
+__device__ __forceinline__ warp::Corners<T> geometry(const T* off, const Geo& g, int64_t b, int64_t n, int64_t p) {
+  const T half = T(g.k / 2);
+  const int32_t h = static_cast<int32_t>(p / g.W), w = static_cast<int32_t>(p % g.W);
+  const T* ob = off + b * 2 * g.N * g.HW;
+  return warp::corners<T>(T(h) + T(n / g.k) - half + ob[n * g.HW + p],
+                          T(w) + T(n % g.k) - half + ob[(g.N + n) * g.HW + p], g.H, g.W, true);
+}
+
+template <typename T>
+__global__ void im2col_kernel(const T* __restrict__ x, const T* __restrict__ off, const T* __restrict__ mask,
+                              int64_t nb, Geo g, T* __restrict__ col) {
+  const int64_t total = nb * g.C * g.N * g.HW;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = i % g.HW, r = i / g.HW, n = r % g.N, bc = r / g.N, b = bc / g.C;
+    const auto c = geometry<T>(off, g, b, n, p);
+    T w00, w01, w10, w11;
+    warp::corner_weights<T>(c, mask[(b * g.N + n) * g.HW + p], w00, w01, w10, w11);
+    const T* xc = x + bc * g.HW;
+    col[i] = w00 * xc[c.r0 + c.c0] + w01 * xc[c.r0 + c.c1] + w10 * xc[c.r1 + c.c0] + w11 * xc[c.r1 + c.c1];
+  }
+}
+
+template <typename T>
+__global__ void grad_offset_kernel(const T* __restrict__ x, const T* __restrict__ off, const T* __restrict__ mask,
+                                   const T* __restrict__ gcol, int64_t nb, Geo g, T* __restrict__ col,
+                                   T* __restrict__ g_off, T* __restrict__ g_mask) {
+  const int64_t total = nb * g.N * g.HW;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = i % g.HW, r = i / g.HW, n = r % g.N, b = r / g.N;
+    const auto c = geometry<T>(off, g, b, n, p);
+    const T m = mask[(b * g.N + n) * g.HW + p];
+    const T m00 = c.vy0 * c.vx0, m01 = c.vy0 * c.vx1, m10 = c.vy1 * c.vx0, m11 = c.vy1 * c.vx1;
+    T am = 0, ay = 0, ax = 0;
+    for (int64_t ch = 0; ch < g.C; ++ch) {
+      const T* xc = x + (b * g.C + ch) * g.HW;
+      const int64_t j = ((b * g.C + ch) * g.N + n) * g.HW + p;
+      T s, dy, dx;
+      warp::sample_grad<T>(m00 * xc[c.r0 + c.c0], m01 * xc[c.r0 + c.c1], m10 * xc[c.r1 + c.c0],
+                           m11 * xc[c.r1 + c.c1], c.ly, c.lx, s, dy, dx);
+      if (col) col[j] = m * s;
+      const T gg = gcol[j];
+      am += gg * s;
+      ay += gg * dy;
+      ax += gg * dx;
+    }
+    g_mask[(b * g.N + n) * g.HW + p] = am;
+    g_off[(b * 2 * g.N + n) * g.HW + p] = m * ay;
+    g_off[(b * 2 * g.N + g.N + n) * g.HW + p] = m * ax;
+  }
+}
+
+template <typename T>
+__global__ void grad_input_kernel(const T* __restrict__ off, const T* __restrict__ mask, const T* __restrict__ gcol,
+                                  int64_t nb, Geo g, T* __restrict__ gx) {
+  const int64_t total = nb * g.C * g.N * g.HW;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = i % g.HW, r = i / g.HW, n = r % g.N, bc = r / g.N, b = bc / g.C;
+    const T gg = gcol[i];
+    if (gg == T(0)) continue;
+    const auto c = geometry<T>(off, g, b, n, p);
+    T w00, w01, w10, w11;
+    warp::corner_weights<T>(c, mask[(b * g.N + n) * g.HW + p], w00, w01, w10, w11);
+    T* gp = gx + bc * g.HW;
+    if (w00 != T(0)) atomicAdd(gp + c.r0 + c.c0, w00 * gg);
+    if (w01 != T(0)) atomicAdd(gp + c.r0 + c.c1, w01 * gg);
+    if (w10 != T(0)) atomicAdd(gp + c.r1 + c.c0, w10 * gg);
+    if (w11 != T(0)) atomicAdd(gp + c.r1 + c.c1, w11 * gg);
+  }
+}
+
+void check_inputs(const char* fn, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                  const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && offset.dim() == 4 && mask.dim() == 4 && weight.dim() == 4, fn,
+              ": x, offset, mask, weight must be 4-D");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), k = weight.size(2);
+  TORCH_CHECK(weight.size(1) == C && weight.size(3) == k && k % 2 == 1, fn, ": weight must be [O, C, k, k], k odd");
+  TORCH_CHECK(offset.sizes() == at::IntArrayRef({B, 2 * k * k, H, W}), fn, ": offset must be [B, 2k², H, W]");
+  TORCH_CHECK(mask.sizes() == at::IntArrayRef({B, k * k, H, W}), fn, ": mask must be [B, k², H, W]");
+  TORCH_CHECK(offset.scalar_type() == x.scalar_type() && mask.scalar_type() == x.scalar_type() &&
+                  weight.scalar_type() == x.scalar_type(),
+              fn, ": dtype mismatch");
+  TORCH_CHECK(H * W < (int64_t(1) << 31) && H + 2 < (int64_t(1) << 30) && W + 2 < (int64_t(1) << 30), fn,
+              ": the map is too large for 32-bit indices");
+}
+
+int64_t chunk_images(int64_t B, int64_t bytes_per_image, int buffers) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, kColBytes / std::max<int64_t>(1, bytes_per_image * buffers)));
+}
+
+at::Tensor deform_warp_forward_cuda(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                                    const at::Tensor& weight) {
+  check_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
+  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
+  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  auto out = at::empty({B, O, H, W}, X.options());
+  if (out.numel() == 0) return out;
+  if (K == 0) return out.zero_();
+  const auto Wm = weight.contiguous().view({O, K});
+  const int64_t bc = chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1);
+  auto col = at::empty({bc, K, HW}, X.options());
+  const Geo g{C, N, HW, (int32_t)H, (int32_t)W, (int32_t)k};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_forward_cuda", [&] {
+    for (int64_t b0 = 0; b0 < B; b0 += bc) {
+      const int64_t nb = std::min(bc, B - b0);
+      im2col_kernel<scalar_t><<<blocks_for(nb * K * HW), kThreads, 0, stream>>>(
+          X.data_ptr<scalar_t>() + b0 * C * HW, OFF.data_ptr<scalar_t>() + b0 * 2 * N * HW,
+          M.data_ptr<scalar_t>() + b0 * N * HW, nb, g, col.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int64_t b = 0; b < nb; ++b) {
+        auto ob = out[b0 + b].view({O, HW});
+        at::mm_out(ob, Wm, col[b]);
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+    const at::Tensor& weight, std::array<bool, 4> needs) {
+  check_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
+  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
+  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, O, H, W}), "vpfast::deform_warp_backward: grad must be [B, O, H, W]");
+  if (needs[0]) at::globalContext().alertNotDeterministic("vpfast::deform_warp_backward (CUDA input gradient)");
+  const auto G = grad.to(X.scalar_type()).contiguous();
+  const auto Wm = weight.contiguous().view({O, K});
+  auto gx = at::zeros_like(X);
+  auto goff = at::zeros_like(OFF);
+  auto gm = at::zeros_like(M);
+  auto gw = at::zeros({O, K}, X.options());
+  auto empty = at::empty({0}, X.options());
+  auto result = [&]() {
+    return std::make_tuple(needs[0] ? gx : empty, needs[1] ? goff : empty, needs[2] ? gm : empty,
+                           needs[3] ? gw.view(weight.sizes()) : empty);
+  };
+  if (B == 0 || HW == 0 || K == 0 || O == 0) return result();
+  const bool want_col = needs[3];
+  const int64_t bc = chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), want_col ? 2 : 1);
+  auto gcol = at::empty({bc, K, HW}, X.options());
+  auto col = want_col ? at::empty({bc, K, HW}, X.options()) : empty;
+  const auto Wt = Wm.t();
+  const Geo g{C, N, HW, (int32_t)H, (int32_t)W, (int32_t)k};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_backward_cuda", [&] {
+    for (int64_t b0 = 0; b0 < B; b0 += bc) {
+      const int64_t nb = std::min(bc, B - b0);
+      for (int64_t b = 0; b < nb; ++b) {
+        auto gb = gcol[b];
+        at::mm_out(gb, Wt, G[b0 + b].view({O, HW}));
+      }
+      const scalar_t* xp = X.data_ptr<scalar_t>() + b0 * C * HW;
+      const scalar_t* op = OFF.data_ptr<scalar_t>() + b0 * 2 * N * HW;
+      const scalar_t* mp = M.data_ptr<scalar_t>() + b0 * N * HW;
+      grad_offset_kernel<scalar_t><<<blocks_for(nb * N * HW), kThreads, 0, stream>>>(
+          xp, op, mp, gcol.data_ptr<scalar_t>(), nb, g, want_col ? col.data_ptr<scalar_t>() : nullptr,
+          goff.data_ptr<scalar_t>() + b0 * 2 * N * HW, gm.data_ptr<scalar_t>() + b0 * N * HW);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (want_col)
+        for (int64_t b = 0; b < nb; ++b) gw.addmm_(G[b0 + b].view({O, HW}), col[b].t());
+      if (needs[0]) {
+        grad_input_kernel<scalar_t><<<blocks_for(nb * K * HW), kThreads, 0, stream>>>(
+            op, mp, gcol.data_ptr<scalar_t>(), nb, g, gx.data_ptr<scalar_t>() + b0 * C * HW);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+  return result();
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CUDA, m) {
+  m.impl("deform_warp_forward", &vpfast::deform_warp_forward_cuda);
+  m.impl("deform_warp_backward", &vpfast::deform_warp_backward_cuda);
+}

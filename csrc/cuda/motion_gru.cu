@@ -1,0 +1,180 @@
+// MotionGRU pointwise steps, CUDA: one thread per element, arithmetic from common/motion_gru.h.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "common/motion_gru.h"
+
+namespace vpfast {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20)); }
+
+#define VPFAST_GRID_LOOP(i, n) \
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+// Element i of an [B, M, H, W] tensor sits at gates[b*2L + j] (update) and gates[b*2L + L + j] (reset).
+template <typename T>
+__global__ void reset_kernel(const T* __restrict__ gates, const T* __restrict__ f, int64_t n, int64_t L,
+                             T* __restrict__ out) {
+  VPFAST_GRID_LOOP(i, n) {
+    const int64_t b = i / L, j = i % L;
+    out[i] = mgru::reset_fwd<T>(gates[b * 2 * L + L + j], f[i]);
+  }
+}
+
+template <typename T>
+__global__ void reset_bwd_kernel(const T* __restrict__ g, const T* __restrict__ gates, const T* __restrict__ f,
+                                 int64_t n, int64_t L, T* __restrict__ d_gates, T* __restrict__ d_f) {
+  VPFAST_GRID_LOOP(i, n) {
+    const int64_t b = i / L, j = i % L;
+    T a, c;
+    mgru::reset_bwd<T>(g[i], gates[b * 2 * L + L + j], f[i], a, c);
+    d_gates[b * 2 * L + j] = T(0);
+    d_gates[b * 2 * L + L + j] = a;
+    d_f[i] = c;
+  }
+}
+
+template <typename T>
+__global__ void update_kernel(const T* __restrict__ gates, const T* __restrict__ o, const T* __restrict__ f,
+                              const T* __restrict__ d, int64_t n, int64_t L, T* __restrict__ f_out,
+                              T* __restrict__ d_out) {
+  VPFAST_GRID_LOOP(i, n) {
+    const int64_t b = i / L, j = i % L;
+    T a, c;
+    mgru::update_fwd<T>(gates[b * 2 * L + j], o[i], f[i], d[i], a, c);
+    f_out[i] = a;
+    d_out[i] = c;
+  }
+}
+
+template <typename T>
+__global__ void update_bwd_kernel(const T* __restrict__ g_f, const T* __restrict__ g_d, const T* __restrict__ gates,
+                                  const T* __restrict__ o, const T* __restrict__ f, int64_t n, int64_t L,
+                                  T* __restrict__ d_gates, T* __restrict__ d_o, T* __restrict__ d_f,
+                                  T* __restrict__ d_d) {
+  VPFAST_GRID_LOOP(i, n) {
+    const int64_t b = i / L, j = i % L;
+    T a, c, e, h;
+    mgru::update_bwd<T>(g_f[i], g_d[i], gates[b * 2 * L + j], o[i], f[i], a, c, e, h);
+    d_gates[b * 2 * L + j] = a;
+    d_gates[b * 2 * L + L + j] = T(0);
+    d_o[i] = c;
+    d_f[i] = e;
+    d_d[i] = h;
+  }
+}
+
+void check_pair(const char* fn, const at::Tensor& gates, const at::Tensor& f) {
+  TORCH_CHECK(f.dim() == 4 && gates.dim() == 4, fn, ": gates and f_prev must be 4-D");
+  TORCH_CHECK(gates.size(0) == f.size(0) && gates.size(1) == 2 * f.size(1) && gates.size(2) == f.size(2) &&
+                  gates.size(3) == f.size(3),
+              fn, ": gates must be [B, 2M, H, W] for f_prev [B, M, H, W]");
+  TORCH_CHECK(gates.scalar_type() == f.scalar_type(), fn, ": dtype mismatch");
+}
+
+void check_like(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& f) {
+  TORCH_CHECK(t.sizes() == f.sizes() && t.scalar_type() == f.scalar_type(), fn, ": ", name,
+              " must match f_prev in shape and dtype");
+}
+
+int64_t per_image(const at::Tensor& f) { return f.numel() / std::max<int64_t>(1, f.size(0)); }
+
+at::Tensor motion_gru_reset_cuda(const at::Tensor& gates, const at::Tensor& f_prev) {
+  check_pair("vpfast::motion_gru_reset", gates, f_prev);
+  const c10::cuda::CUDAGuard guard(f_prev.device());
+  const auto Gt = gates.contiguous(), Fp = f_prev.contiguous();
+  auto out = at::empty_like(Fp);
+  const int64_t n = Fp.numel(), L = per_image(Fp);
+  if (n == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_reset_cuda", [&] {
+    reset_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(Gt.data_ptr<scalar_t>(), Fp.data_ptr<scalar_t>(), n,
+                                                                  L, out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cuda(const at::Tensor& grad, const at::Tensor& gates,
+                                                                  const at::Tensor& f_prev) {
+  check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
+  check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
+  const c10::cuda::CUDAGuard guard(f_prev.device());
+  const auto G = grad.contiguous(), Gt = gates.contiguous(), Fp = f_prev.contiguous();
+  auto d_gates = at::empty_like(Gt);
+  auto d_f = at::empty_like(Fp);
+  const int64_t n = Fp.numel(), L = per_image(Fp);
+  if (n == 0) return {d_gates, d_f};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_reset_backward_cuda", [&] {
+    reset_bwd_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        G.data_ptr<scalar_t>(), Gt.data_ptr<scalar_t>(), Fp.data_ptr<scalar_t>(), n, L, d_gates.data_ptr<scalar_t>(),
+        d_f.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {d_gates, d_f};
+}
+
+std::tuple<at::Tensor, at::Tensor> motion_gru_update_cuda(const at::Tensor& gates, const at::Tensor& o,
+                                                          const at::Tensor& f_prev, const at::Tensor& d_prev) {
+  check_pair("vpfast::motion_gru_update", gates, f_prev);
+  check_like("vpfast::motion_gru_update", "o", o, f_prev);
+  check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
+  const c10::cuda::CUDAGuard guard(f_prev.device());
+  const auto Gt = gates.contiguous(), O = o.contiguous(), Fp = f_prev.contiguous(), Dp = d_prev.contiguous();
+  auto f_out = at::empty_like(Fp);
+  auto d_out = at::empty_like(Fp);
+  const int64_t n = Fp.numel(), L = per_image(Fp);
+  if (n == 0) return {f_out, d_out};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_update_cuda", [&] {
+    update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        Gt.data_ptr<scalar_t>(), O.data_ptr<scalar_t>(), Fp.data_ptr<scalar_t>(), Dp.data_ptr<scalar_t>(), n, L,
+        f_out.data_ptr<scalar_t>(), d_out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {f_out, d_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_backward_cuda(
+    const at::Tensor& grad_f, const at::Tensor& grad_d, const at::Tensor& gates, const at::Tensor& o,
+    const at::Tensor& f_prev) {
+  const char* fn = "vpfast::motion_gru_update_backward";
+  check_pair(fn, gates, f_prev);
+  check_like(fn, "grad_f", grad_f, f_prev);
+  check_like(fn, "grad_d", grad_d, f_prev);
+  check_like(fn, "o", o, f_prev);
+  const c10::cuda::CUDAGuard guard(f_prev.device());
+  const auto GF = grad_f.contiguous(), GD = grad_d.contiguous(), Gt = gates.contiguous(), O = o.contiguous(),
+             Fp = f_prev.contiguous();
+  auto d_gates = at::empty_like(Gt);
+  auto d_o = at::empty_like(Fp);
+  auto d_f = at::empty_like(Fp);
+  auto d_d = at::empty_like(Fp);
+  const int64_t n = Fp.numel(), L = per_image(Fp);
+  if (n == 0) return {d_gates, d_o, d_f, d_d};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_update_backward_cuda", [&] {
+    update_bwd_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        GF.data_ptr<scalar_t>(), GD.data_ptr<scalar_t>(), Gt.data_ptr<scalar_t>(), O.data_ptr<scalar_t>(),
+        Fp.data_ptr<scalar_t>(), n, L, d_gates.data_ptr<scalar_t>(), d_o.data_ptr<scalar_t>(),
+        d_f.data_ptr<scalar_t>(), d_d.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {d_gates, d_o, d_f, d_d};
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CUDA, m) {
+  m.impl("motion_gru_reset", &vpfast::motion_gru_reset_cuda);
+  m.impl("motion_gru_reset_backward", &vpfast::motion_gru_reset_backward_cuda);
+  m.impl("motion_gru_update", &vpfast::motion_gru_update_cuda);
+  m.impl("motion_gru_update_backward", &vpfast::motion_gru_update_backward_cuda);
+}

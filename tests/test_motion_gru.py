@@ -1,0 +1,194 @@
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vpfast
+from vpfast.ops import motion_gru, motion_gru_reference
+from vpfast.ops.motion_gru import OP
+from vpfast.testing import assert_close_bounded, backend_params, non_contiguous, tolerances
+
+BACKENDS = backend_params("motion_gru")
+NAMES = ("F", "D", "grad_x", "grad_f_prev", "grad_d_prev", "grad_uw", "grad_ub", "grad_rw", "grad_rb", "grad_ow",
+         "grad_ob")
+
+
+def _inputs(B, Cin, M, H, W, k=3, dtype=torch.float64, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype).requires_grad_()
+    fan = (Cin + M) * k * k
+    ts = [r(B, Cin, H, W), r(B, M, H, W), r(B, M, H, W)]
+    for _ in range(3):
+        ts += [r(M, Cin + M, k, k, sc=2 / fan ** 0.5), r(M, sc=0.5) if bias else None]
+    return ts
+
+
+def _run(fn, inputs, dtype=None):
+    ins = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    f, d = fn(*ins)
+    g = torch.Generator().manual_seed(1)
+    gf = torch.randn(f.shape, generator=g, dtype=torch.float64).to(f.dtype)
+    gd = torch.randn(d.shape, generator=g, dtype=torch.float64).to(d.dtype)
+    wrt = [t for t in ins if t is not None]
+    return (f, d, *torch.autograd.grad((f, d), wrt, (gf, gd)))
+
+
+def _compare(backend, inputs, dtype):
+    got = _run(lambda *a: motion_gru(*a, backend=backend), inputs)
+    ref = _run(motion_gru_reference, inputs)
+    if dtype == torch.float64:
+        for name, a, b in zip(NAMES, got, ref):
+            torch.testing.assert_close(a, b, **tolerances(dtype), msg=name)
+    else:
+        ref64 = _run(motion_gru_reference, inputs, torch.float64)
+        for name, a, b, c in zip(NAMES, got, ref, ref64):
+            assert_close_bounded(a, b, c, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 4, 18, 5, 7), (3, 16, 18, 8, 8), (2, 3, 2, 9, 4)], ids=str)
+def test_matches_reference(backend, dtype, shape):
+    if backend == "triton" and shape[0] * shape[2] * shape[3] * shape[4] > 1200:
+        pytest.skip("the Triton interpreter is slow; small shapes only")
+    _compare(backend, _inputs(*shape, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_and_k5(backend):
+    _compare(backend, _inputs(2, 3, 4, 5, 6, bias=False), torch.float64)
+    _compare(backend, _inputs(1, 3, 4, 6, 5, k=5), torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    ins = _inputs(2, 3, 4, 5, 6)
+    ins = [non_contiguous(t.detach()).requires_grad_() if t is not None and t.dim() == 4 else t for t in ins]
+    _compare(backend, ins, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    ins = _inputs(1, 2, 4, 3, 4)
+    torch.autograd.gradcheck(lambda *a: motion_gru(*a, backend=backend), ins, fast_mode=backend == "triton")
+
+
+def test_opcheck_compiled():
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    gates, o, f, d = r(2, 8, 3, 5), r(2, 4, 3, 5), r(2, 4, 3, 5), r(2, 4, 3, 5)
+    ops = torch.ops.vpfast
+    torch.library.opcheck(ops.motion_gru_reset.default, (gates.requires_grad_(), f.requires_grad_()))
+    torch.library.opcheck(ops.motion_gru_reset_backward.default, (r(2, 4, 3, 5), gates.detach(), f.detach()))
+    torch.library.opcheck(ops.motion_gru_update.default, (gates, o.requires_grad_(), f, d.requires_grad_()))
+    torch.library.opcheck(ops.motion_gru_update_backward.default,
+                          (r(2, 4, 3, 5), r(2, 4, 3, 5), gates.detach(), o.detach(), f.detach()))
+
+
+@pytest.mark.triton
+def test_opcheck_triton():
+    if OP.static_reasons("triton"):
+        pytest.skip("; ".join(OP.static_reasons("triton")))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_()
+    torch.library.opcheck(torch.ops.vpfast.motion_gru_reset_triton.default, (r(2, 8, 3, 5), r(2, 4, 3, 5)))
+    torch.library.opcheck(torch.ops.vpfast.motion_gru_update_triton.default,
+                          (r(2, 8, 3, 5), r(2, 4, 3, 5), r(2, 4, 3, 5), r(2, 4, 3, 5)))
+
+
+def test_bad_input():
+    ins = [t if t is None else t.detach() for t in _inputs(2, 3, 4, 5, 6, dtype=torch.float32)]
+    with pytest.raises(ValueError, match="f_prev and d_prev must have the same shape"):
+        motion_gru(ins[0], ins[1], ins[2][:, :2], *ins[3:])
+    with pytest.raises(ValueError, match=r"update_weight must be \[M, Cin \+ M, k, k\]"):
+        motion_gru(*ins[:3], ins[3][:, :5], *ins[4:])
+    with pytest.raises(ValueError, match=r"reset_bias must be \[M\]"):
+        motion_gru(*ins[:6], ins[6][:2], *ins[7:])
+    with pytest.raises(TypeError, match="same dtype"):
+        motion_gru(ins[0].double(), *ins[1:])
+    with pytest.raises(ValueError, match="f_prev must be"):
+        motion_gru(ins[0][:, :, :4], *ins[1:])
+
+
+# ---- layers -------------------------------------------------------------------------------------------
+# thuml MotionRNN's motion_list.0.* entries (../shared/reference/keys/motionrnn_64x4.txt)
+THUML_KEYS = {
+    "update.weight": (18, 34, 3, 3), "update.bias": (18,), "reset.weight": (18, 34, 3, 3), "reset.bias": (18,),
+    "output.weight": (18, 34, 3, 3), "output.bias": (18,), "warp.conv.weight": (16, 16, 3, 3),
+    "warp.warp_gate.weight": (9, 16, 3, 3), "warp.warp_gate.bias": (9,),
+}
+
+
+def test_state_dict_keys():
+    m = vpfast.nn.MotionGRU(16, 18, 3)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == THUML_KEYS
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "keys", "motionrnn_64x4.txt")
+    if os.path.exists(path):
+        listed = {}
+        for line in open(path):
+            if line.startswith("motion_list.0."):
+                name, shape = line.split(" ", 1)
+                listed[name[len("motion_list.0."):]] = tuple(int(v) for v in shape.strip("()\n ,").split(",") if v.strip())
+        assert listed == THUML_KEYS
+    # zero initialisations of the reference
+    for name in ("update", "reset", "output"):
+        assert (getattr(m, name).weight == 0).all()
+    assert (m.warp.warp_gate.weight == 0).all()
+    assert m.warp.conv.bias is None
+
+
+def _thuml_step(m, x, f_prev, d_prev):
+    """MotionGRU written out from MODELS.md §4, with torchvision's deform_conv2d as the warp."""
+    tv = pytest.importorskip("torchvision")
+    st = torch.cat([x, f_prev], 1)
+    u = torch.sigmoid(F.conv2d(st, m.update.weight, m.update.bias, padding=1))
+    r = torch.sigmoid(F.conv2d(st, m.reset.weight, m.reset.bias, padding=1))
+    o = torch.tanh(F.conv2d(torch.cat([x, f_prev * r], 1), m.output.weight, m.output.bias, padding=1))
+    d = d_prev + 0.5 * (f_prev - d_prev)
+    f = f_prev * (1 - u) + o * u + d
+    mask = torch.sigmoid(F.conv2d(x, m.warp.warp_gate.weight, m.warp.warp_gate.bias, padding=1))
+    N = f.shape[1] // 2
+    inter = torch.stack([f[:, :N], f[:, N:]], 2).reshape(f.shape)
+    return tv.ops.deform_conv2d(x, inter, m.warp.conv.weight, padding=1, mask=mask), f, d
+
+
+@pytest.mark.parametrize("backend", [None, "torch"] + [b.values[0] for b in BACKENDS if not b.marks])
+def test_motion_gru_layer(backend):
+    torch.manual_seed(0)
+    m = vpfast.nn.MotionGRU(4, 18, 3, backend=backend).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    x, f_prev, d_prev = (torch.randn(2, c, 6, 7, dtype=torch.float64) for c in (4, 18, 18))
+    got = m(x, f_prev, d_prev)
+    ref = _thuml_step(m, x, f_prev, d_prev)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # parameter gradients agree with the torch backend
+    grads = {}
+    for be in ("torch", backend):
+        m.zero_grad()
+        for mod in m.modules():
+            if hasattr(mod, "backend"):
+                mod.backend = be
+        sum(t.square().sum() for t in m(x, f_prev, d_prev)).backward()
+        grads[be] = {k: p.grad.clone() for k, p in m.named_parameters()}
+    for k in grads["torch"]:
+        torch.testing.assert_close(grads[backend][k], grads["torch"][k], rtol=1e-9, atol=1e-11, msg=k)
+
+
+def test_warp_layer_calling_conventions():
+    torch.manual_seed(0)
+    w = vpfast.nn.Warp(3, 5, neighbour=5)
+    x, off = torch.randn(2, 3, 6, 6), torch.randn(2, 50, 6, 6)
+    a = w(x, off)
+    b = w([x, off])
+    torch.testing.assert_close(a, b)
+    assert a.shape == (2, 5, 6, 6)
+    with pytest.raises(ValueError, match="neighbour must be a positive odd"):
+        vpfast.nn.Warp(3, 3, neighbour=4)
+    with pytest.raises(ValueError, match="motion_hidden must be 2"):
+        vpfast.nn.MotionGRU(3, 16, 3)

@@ -1,0 +1,250 @@
+"""`vpfast.accelerate(module)`: swap the reference projects' layers inside any model for vpfast's fast ones.
+
+For people who keep their own training code (OpenSTL, thuml's MotionRNN, or their own models): the module
+tree is walked and every submodule that is recognised is replaced, in place, by the vpfast layer with the same
+state_dict, sharing the *same Parameter and buffer objects* (so an optimizer built before the call keeps
+working and checkpoints keep their keys). Recognised:
+
+- any depthwise `nn.Conv2d` (groups == in_channels == out_channels, odd kernel, zero padding)
+  -> `vpfast.nn.DepthwiseConv2d`;
+- by class name and structure, the reference projects' modules: `SpatioTemporalLSTMCell` (OpenSTL PredRNN;
+  thuml's Motion-Highway variant, recognised by its 5-argument forward), `SpatioTemporalLSTMCellv2`
+  (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
+  `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU).
+
+Everything else is left alone; the returned report lists what was swapped and which candidates were left
+alone and why.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from . import nn as vnn
+from ._dispatch import resolve
+
+
+@dataclass
+class AccelerateReport:
+    swapped: list = field(default_factory=list)  # (path, reference class, vpfast class)
+    left: list = field(default_factory=list)  # (path, class, reason)
+
+    def __str__(self) -> str:
+        lines = [f"vpfast.accelerate: swapped {len(self.swapped)} module(s), left {len(self.left)} candidate(s)"]
+        counts: dict = {}
+        for _, old, new in self.swapped:
+            counts[(old, new)] = counts.get((old, new), 0) + 1
+        for (old, new), n in counts.items():
+            lines.append(f"  {n} x {old} -> vpfast.nn.{new}")
+        for path, cls, why in self.left:
+            lines.append(f"  left {path or '<root>'} ({cls}): {why}")
+        return "\n".join(lines)
+
+    def __len__(self) -> int:
+        return len(self.swapped)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _need(cond: bool, why: str) -> None:
+    if not cond:
+        raise _Skip(why)
+
+
+def _conv(m, name) -> nn.Conv2d:
+    sub = getattr(m, name, None)
+    if isinstance(sub, nn.Sequential):
+        sub = sub[0] if len(sub) else None
+    _need(isinstance(sub, nn.Conv2d), f"no convolution {name!r}")
+    return sub
+
+
+def _hw(m):
+    seq = getattr(m, "conv_x", None)
+    if isinstance(seq, nn.Sequential) and len(seq) > 1 and isinstance(seq[1], nn.LayerNorm):
+        _, H, W = seq[1].normalized_shape
+        return True, H, W
+    return False, 1, 1
+
+
+def _forward_arity(m) -> int:
+    return len(inspect.signature(type(m).forward).parameters) - 1
+
+
+def _stlstm(m, backend, variant=None):
+    cx = _conv(m, "conv_x")
+    for n in ("conv_h", "conv_m", "conv_o", "conv_last"):
+        _conv(m, n)
+    _need(getattr(m, "_forget_bias", 1.0) == 1.0, "forget bias is not the reference's constant 1.0")
+    C = m.conv_last.out_channels
+    _need(cx.out_channels == 7 * C, "conv_x does not produce the 7 ST-LSTM gates")
+    if variant is None:
+        variant = "highway" if _forward_arity(m) == 5 else "predrnn"
+    ln, H, W = _hw(m)
+    return vnn.SpatioTemporalLSTMCell(cx.in_channels, C, H, W, cx.kernel_size[0], cx.stride[0], ln,
+                                      variant=variant, backend=backend)
+
+
+def _stlstm_v2(m, backend):
+    return _stlstm(m, backend, "predrnnv2")
+
+
+def _convlstm(m, backend):
+    cx = _conv(m, "conv_x")
+    _conv(m, "conv_h")
+    C = cx.out_channels // 4
+    _need(cx.out_channels == 4 * C, "conv_x does not produce the 4 LSTM gates")
+    ln, H, W = _hw(m)
+    # OpenSTL's current ConvLSTM cell (h = o * tanh(c)); releases <= v0.3.0 used h = o * g and cannot be
+    # told apart by structure: pass the model through vpfast.models.ConvLSTM(tanh_c=False) for those.
+    return vnn.ConvLSTMCell(cx.in_channels, C, H, W, cx.kernel_size[0], cx.stride[0], ln, backend=backend)
+
+
+def _warp(m, backend):
+    conv = _conv(m, "conv")
+    _conv(m, "warp_gate")
+    k = getattr(m, "neighbour", conv.kernel_size[0])
+    return vnn.Warp(conv.in_channels, conv.out_channels, k, backend=backend)
+
+
+def _motion_gru(m, backend):
+    up = _conv(m, "update")
+    _conv(m, "reset")
+    _conv(m, "output")
+    _need(isinstance(getattr(m, "warp", None), nn.Module), "no warp submodule")
+    mh = up.out_channels
+    k = getattr(m.warp, "neighbour", 3)
+    return vnn.MotionGRU(up.in_channels - mh, mh, k, backend=backend)
+
+
+def _lka_kernel(unit):
+    c0, cs = _conv(unit, "conv0"), _conv(unit, "conv_spatial")
+    d = cs.dilation[0]
+    _need(c0.kernel_size[0] == 2 * d - 1, "conv0/conv_spatial do not follow the large-kernel decomposition")
+    return cs.kernel_size[0] * d, d
+
+
+def _attention_unit(m, backend, temporal):
+    ks, d = _lka_kernel(m)
+    dim = m.conv0.in_channels
+    if temporal:
+        return vnn.TemporalAttentionModule(dim, ks, d, backend=backend)
+    return vnn.AttentionModule(dim, ks, d, backend=backend)
+
+
+def _attention(m, backend, temporal):
+    p1 = _conv(m, "proj_1")
+    unit = getattr(m, "spatial_gating_unit", None)
+    _need(isinstance(unit, nn.Module), "no spatial_gating_unit")
+    ks, d = _lka_kernel(unit)
+    _need(d == 3, f"dilation {d} (the vpfast wrappers build the reference's dilation 3)")
+    cls = vnn.TemporalAttention if temporal else vnn.SpatialAttention
+    return cls(p1.in_channels, ks, getattr(m, "attn_shortcut", True), backend=backend)
+
+
+def _depthwise(m: nn.Conv2d, backend):
+    _need(m.padding_mode == "zeros", f"padding_mode {m.padding_mode!r}")
+    _need(all(k % 2 == 1 for k in m.kernel_size), f"even kernel {m.kernel_size}")
+    _need(not isinstance(m.padding, str), "string padding")
+    return vnn.DepthwiseConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                               m.groups, m.bias is not None, backend=backend)
+
+
+_BY_NAME: dict[str, Callable] = {
+    "SpatioTemporalLSTMCell": _stlstm,
+    "SpatioTemporalLSTMCellv2": _stlstm_v2,
+    "SpatioTemporalLSTMCell_v2": _stlstm_v2,
+    "ConvLSTMCell": _convlstm,
+    "MotionGRU": _motion_gru,
+    "Warp": _warp,
+    "SpatialAttention": lambda m, b: _attention(m, b, False),
+    "TemporalAttention": lambda m, b: _attention(m, b, True),
+    "AttentionModule": lambda m, b: _attention_unit(m, b, False),
+    "TemporalAttentionModule": lambda m, b: _attention_unit(m, b, True),
+}
+
+_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,
+                 vnn.TemporalAttention, vnn.AttentionModule, vnn.TemporalAttentionModule, vnn.DepthwiseConv2d)
+
+
+def _share(old: nn.Module, new: nn.Module) -> None:
+    """Make `new` use exactly old's Parameter and buffer objects (same keys and shapes required)."""
+    o_params, o_bufs = dict(old.named_parameters()), dict(old.named_buffers())
+    n_params, n_bufs = dict(new.named_parameters()), dict(new.named_buffers())
+    _need(o_params.keys() == n_params.keys(),
+          f"parameter keys differ: {sorted(set(o_params) ^ set(n_params))[:6]}")
+    _need(set(n_bufs) <= set(o_bufs), f"buffer keys differ: {sorted(set(n_bufs) - set(o_bufs))[:6]}")
+    for k, p in o_params.items():
+        _need(tuple(p.shape) == tuple(n_params[k].shape),
+              f"{k}: shape {tuple(p.shape)} vs {tuple(n_params[k].shape)}")
+    for k, p in o_params.items():
+        owner, leaf = _owner(new, k)
+        owner._parameters[leaf] = p
+    for k in n_bufs:
+        owner, leaf = _owner(new, k)
+        owner._buffers[leaf] = o_bufs[k]
+    new.train(old.training)
+
+
+def _owner(root: nn.Module, key: str):
+    *path, leaf = key.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, leaf
+
+
+def _candidate(m: nn.Module) -> Optional[Callable]:
+    if isinstance(m, _VPFAST_TYPES):
+        return None
+    f = _BY_NAME.get(type(m).__name__)
+    if f is not None:
+        return f
+    if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+        return _depthwise
+    return None
+
+
+def accelerate(module: nn.Module, backend: Optional[str] = None) -> AccelerateReport:
+    """Swap, in place, every recognised submodule of `module` for its vpfast layer (see the module docstring).
+
+    backend: the backend the new layers use ("cpp", "cuda", "triton", "torch" or None = $VPFAST_BACKEND /
+      auto). Layers that already are vpfast layers get this backend set.
+    Returns an AccelerateReport (swapped: [(path, old class, new class)], left: [(path, class, reason)]).
+    The module itself is replaced only through its parent, so pass the model, not a bare layer.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if backend is not None:
+        resolve(backend)  # validates the name
+    report = AccelerateReport()
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            path = f"{prefix}{name}"
+            if isinstance(child, _VPFAST_TYPES):
+                if backend is not None:
+                    for sub in child.modules():
+                        if hasattr(sub, "backend"):
+                            sub.backend = backend
+                continue
+            make = _candidate(child)
+            if make is not None:
+                try:
+                    new = make(child, backend)
+                    _share(child, new)
+                except _Skip as e:
+                    report.left.append((path, type(child).__name__, str(e)))
+                else:
+                    setattr(parent, name, new)
+                    report.swapped.append((path, type(child).__name__, type(new).__name__))
+                    continue
+            walk(child, path + ".")
+
+    walk(module, "")
+    return report
