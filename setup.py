@@ -47,9 +47,14 @@ def _find_cuda_home():
 def _nvidia_pip_includes():
     # torch's CUDA headers include cublas_v2.h / cusparse.h, which the pip nvidia-* wheels ship rather than
     # the toolkit; add every include dir those wheels provide.
+    # Look on sys.path too: in a venv that inherits torch from another environment (a .pth file), the wheels
+    # sit in that environment's site-packages, not in this interpreter's purelib.
     found = []
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        found += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
+    bases = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]] + [p for p in sys.path if p]
+    for base in dict.fromkeys(bases):
+        for inc in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
+            if inc not in found:
+                found.append(inc)
     return found
 
 

@@ -5,7 +5,7 @@ torch.compile of that model (SimVP/TAU; the recurrent models unroll 19 steps x 4
 to compile here, so they are not compiled at model level), `vpfast` = the model with its fused layers
 (backend auto: cpp kernels on this CPU).
 Shapes: each model's `small` preset at batch 16 and its Moving-MNIST preset at batch 4 (64x64, 10 -> 10).
-With --benchmark-disable (CI smoke run) only the small cases run, plus TAU at the Moving-MNIST size.
+With --benchmark-disable (CI smoke run) only the small presets run, at batch 2.
 """
 from __future__ import annotations
 
@@ -24,13 +24,23 @@ SIMVPS = ("simvp_incepu", "simvp_gsta", "tau")
 
 @functools.lru_cache(maxsize=None)
 def _gflops(name, preset, batch, mode):
-    """Multiply-adds x 2 of one call, counted on the reference path (convolutions and matmuls)."""
+    """Work of one call in GFLOP (2 x multiply-adds of the convolutions and matmuls), counted on the meta
+    device for the forward pass; a training step is taken as 3 x forward (torch's FlopCounterMode counts
+    grouped-convolution backward as dense, so it is not used for backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, frames = _setup(name, preset, batch, "eager")
-    with FlopCounterMode(display=False) as fc:
-        _step(model, frames, mode, name, "eager")()
-    return fc.get_total_flops() / 1e9
+    with torch.device("meta"):
+        model = M.create(name, preset=preset, backend="torch")
+        pre, aft = model.pre_seq_length, model.aft_seq_length
+        _, C, H, W = model.config["in_shape"]
+        x = torch.empty(batch, pre + aft, C, H, W)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            if name in SIMVPS:
+                model._predict(x[:, :pre])
+            else:
+                model.rollout(M.patch(x, model.patch_size), model.test_mask(batch, x))
+    fwd = fc.get_total_flops() / 1e9
+    return 3 * fwd if mode == "train" else fwd
 
 
 def _setup(name, preset, batch, provider):
@@ -81,8 +91,10 @@ def test_model(record, benchmark, name, shape, mode, provider):
     if provider == "compile" and name not in SIMVPS:
         pytest.skip("recurrent models: torch.compile of the whole 19-step unroll takes minutes here "
                     "(tests/test_models.py compiles a cell)")
-    if benchmark.disabled and shape != "small-b16" and name != "tau":
-        pytest.skip("timing disabled: the Moving-MNIST-size cases only run when timing")
+    if benchmark.disabled:  # CI smoke run: the code paths at batch 2, small presets only
+        if shape != "small-b16":
+            pytest.skip("timing disabled: the Moving-MNIST-size cases only run when timing")
+        batch = 2
     model, frames = _setup(name, preset, batch, provider)
     benchmark.group = f"{name} {shape} {mode}"
     benchmark.extra_info["params"] = sum(p.numel() for p in model.parameters())

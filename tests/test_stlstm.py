@@ -5,13 +5,12 @@ import os
 import pytest
 import torch
 
-from _lstm_helpers import backend_params, device_for, tol
-
 import vpfast
+from vpfast.testing import backend_params, tolerances as tol
 from vpfast.nn import SpatioTemporalLSTMCell
 
 S = importlib.import_module("vpfast.ops.stlstm")
-BACKENDS = backend_params(S.GATES)
+BACKENDS = backend_params("stlstm_gates")
 KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "keys")
 
 
@@ -54,7 +53,7 @@ def _run(backend, x_g, h_g, m_g, cm0, hw, with_delta):
 def test_pointwise_vs_reference(backend, dtype, has_x, variant, shape):
     if backend == "triton" and shape != (1, 3, 5, 7):
         pytest.skip("Triton interpreter: one small shape is enough")
-    dev = device_for(backend)
+    dev = "cuda" if backend == "cuda" else "cpu"
     args = _inputs(*shape, dtype, dev, has_x, variant == "highway")
     ref_out, ref_g = _run("torch", *args, variant == "predrnnv2")
     out, g = _run(backend, *args, variant == "predrnnv2")
@@ -77,7 +76,8 @@ def test_gradcheck(backend, has_x):
         return cm, op, d, S.OUTPUT.impls[backend](op, cm[:, :C], cm[:, C:], hw), \
             S.OUTPUT.impls[backend](op, cm[:, C:], hw, None)
 
-    assert torch.autograd.gradcheck(f, ins, atol=1e-6, rtol=1e-5)
+    # the interpreter is slow: Triton gets gradcheck's fast mode (random projections of the Jacobian)
+    assert torch.autograd.gradcheck(f, ins, atol=1e-6, rtol=1e-5, fast_mode=backend == "triton")
 
 
 def _opcheck_cases():
@@ -147,7 +147,7 @@ def _unroll(cell, xs, hw0, steps):
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("variant", ["predrnn", "predrnnv2", "highway"])
 def test_cell_unroll_matches_reference(backend, layer_norm, merge, k, variant):
-    steps = 10
+    steps = 10 if k == 5 else 4  # the 10-step unroll of the issue at k=5; shorter ones cover k=1, 3
     if backend == "triton":
         if k != 3 or layer_norm:
             pytest.skip("Triton interpreter: one configuration per variant")

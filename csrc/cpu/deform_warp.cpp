@@ -15,9 +15,11 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "common/deform_warp.h"
+#include "cpu/warp_gather.h"
 
 namespace vpfast {
 namespace {
@@ -52,8 +54,8 @@ VPFAST_CPU_CLONES void build_table(const T* off_y, const T* off_x, const T* mask
 
 // col rows (c, n) for channels [c0, c1): row c sits at col + c * N * HW.
 template <typename T>
-VPFAST_CPU_CLONES void sample_rows(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0, int64_t c1,
-                                   int64_t N, T* col) {
+VPFAST_CPU_CLONES void sample_rows_generic(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0,
+                                           int64_t c1, int64_t N, T* col) {
   const int32_t *i0 = idx, *i1 = idx + HW, *i2 = idx + 2 * HW, *i3 = idx + 3 * HW;
   const T *w0 = wt, *w1 = wt + HW, *w2 = wt + 2 * HW, *w3 = wt + 3 * HW;
   for (int64_t c = c0; c < c1; ++c) {
@@ -64,6 +66,14 @@ VPFAST_CPU_CLONES void sample_rows(const T* x, int64_t HW, const int32_t* idx, c
       out[p] = w0[p] * xc[i0[p]] + w1[p] * xc[i1[p]] + w2[p] * xc[i2[p]] + w3[p] * xc[i3[p]];
     }
   }
+}
+
+template <typename T>
+void sample_rows(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0, int64_t c1, int64_t N, T* col) {
+  if (!warp::cpu_has_avx512()) return sample_rows_generic<T>(x, HW, idx, wt, c0, c1, N, col);
+  const int32_t* ip[4] = {idx, idx + HW, idx + 2 * HW, idx + 3 * HW};
+  const T* wp[4] = {wt, wt + HW, wt + 2 * HW, wt + 3 * HW};
+  for (int64_t c = c0; c < c1; ++c) warp::gather4<T>(x + c * HW, ip, wp, col + c * N * HW, HW);
 }
 
 // Backward for one (image, neighbour): geometry, optional column rows for the weight gradient, and the
@@ -105,7 +115,19 @@ VPFAST_CPU_CLONES void grad_neighbour(const T* x, const T* off_y, const T* off_x
       am[p] = T(0);
     }
   }
-  for (int64_t ch = 0; ch < C; ++ch) {
+  bool done = false;
+#ifdef VPFAST_X86_GATHER
+  if constexpr (std::is_same_v<T, float>) {
+    if (warp::cpu_has_avx512()) {
+      const int32_t* ip[4] = {i0, i1, i2, i3};
+      const T* mp[4] = {m0, m1, m2, m3};
+      warp::grad_channels_f32(x, HW, gcol, N * HW, kCol ? col : nullptr, N * HW, mask, C, ip, mp, ly, lx, am, ay, ax,
+                              0, HW);
+      done = true;
+    }
+  }
+#endif
+  for (int64_t ch = 0; ch < C && !done; ++ch) {
     const T* xc = x + ch * HW;
     const T* g = gcol + ch * N * HW;
     T* out = kCol ? col + ch * N * HW : nullptr;
@@ -132,19 +154,14 @@ VPFAST_CPU_CLONES void grad_neighbour(const T* x, const T* off_y, const T* off_x
 // Input gradient of one (image, channel) plane: every sample of the channel adds its share to its four
 // corners, in a fixed order.
 template <typename T>
-VPFAST_CPU_CLONES void scatter_plane(const T* gcol, int64_t N, int64_t HW, const int32_t* idx, const T* wt, T* gx) {
+void scatter_plane(const T* gcol, int64_t N, int64_t HW, const int32_t* idx, const T* wt, T* gx) {
   std::fill(gx, gx + HW, T(0));
   for (int64_t n = 0; n < N; ++n) {
-    const T* g = gcol + n * HW;
     const int32_t* id = idx + n * 4 * HW;
     const T* w = wt + n * 4 * HW;
-    for (int64_t p = 0; p < HW; ++p) {
-      const T v = g[p];
-      gx[id[p]] += w[p] * v;
-      gx[id[HW + p]] += w[HW + p] * v;
-      gx[id[2 * HW + p]] += w[2 * HW + p] * v;
-      gx[id[3 * HW + p]] += w[3 * HW + p] * v;
-    }
+    const int32_t* ip[4] = {id, id + HW, id + 2 * HW, id + 3 * HW};
+    const T* wp[4] = {w, w + HW, w + 2 * HW, w + 3 * HW};
+    warp::scatter4<T>(gx, ip, wp, gcol + n * HW, HW);
   }
 }
 
@@ -235,8 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
   auto gw = at::zeros({O, K}, X.options());
   auto empty = at::empty({0}, X.options());
   auto result = [&]() {
-    return std::make_tuple(needs[0] ? gx : empty, needs[1] ? goff : empty, needs[2] ? gm : empty,
-                           needs[3] ? gw.view(weight.sizes()) : empty);
+    // outputs that are not needed are distinct empty tensors (outputs must not alias)
+    auto none = [&]() { return at::empty({0}, X.options()); };
+    return std::make_tuple(needs[0] ? gx : none(), needs[1] ? goff : none(), needs[2] ? gm : none(),
+                           needs[3] ? gw.view(weight.sizes()) : none());
   };
   if (B == 0 || HW == 0 || K == 0 || O == 0) {
     gx.zero_();

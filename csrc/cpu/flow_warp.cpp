@@ -8,9 +8,11 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/flow_warp.h"
+#include "cpu/warp_gather.h"
 
 namespace vpfast {
 namespace {
@@ -58,7 +60,7 @@ VPFAST_CPU_CLONES void flow_table(const T* flow, int32_t H, int32_t W, int32_t h
 }
 
 template <typename T>
-VPFAST_CPU_CLONES void warp_channels(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0, int64_t c1,
+VPFAST_CPU_CLONES void warp_channels_generic(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0, int64_t c1,
                                      T* out) {
   const int32_t *i0 = idx, *i1 = idx + HW, *i2 = idx + 2 * HW, *i3 = idx + 3 * HW;
   const T *w0 = wt, *w1 = wt + HW, *w2 = wt + 2 * HW, *w3 = wt + 3 * HW;
@@ -68,6 +70,14 @@ VPFAST_CPU_CLONES void warp_channels(const T* x, int64_t HW, const int32_t* idx,
 #pragma omp simd
     for (int64_t p = 0; p < HW; ++p) o[p] = w0[p] * xc[i0[p]] + w1[p] * xc[i1[p]] + w2[p] * xc[i2[p]] + w3[p] * xc[i3[p]];
   }
+}
+
+template <typename T>
+void warp_channels(const T* x, int64_t HW, const int32_t* idx, const T* wt, int64_t c0, int64_t c1, T* out) {
+  if (!warp::cpu_has_avx512()) return warp_channels_generic<T>(x, HW, idx, wt, c0, c1, out);
+  const int32_t* ip[4] = {idx, idx + HW, idx + 2 * HW, idx + 3 * HW};
+  const T* wp[4] = {wt, wt + HW, wt + 2 * HW, wt + 3 * HW};
+  for (int64_t c = c0; c < c1; ++c) warp::gather4<T>(x + c * HW, ip, wp, out + c * HW, HW);
 }
 
 // Flow gradient for pixels [p0, p1) of one image, reduced over the C channels in order.
@@ -84,7 +94,18 @@ VPFAST_CPU_CLONES void flow_grad_pixels(const T* x, const T* g, int64_t C, int64
     gfx[p] = T(0);
     gfy[p] = T(0);
   }
-  for (int64_t c = 0; c < C; ++c) {
+  bool done = false;
+#ifdef VPFAST_X86_GATHER
+  if constexpr (std::is_same_v<T, float>) {
+    if (warp::cpu_has_avx512()) {
+      const int32_t* ip[4] = {i0, i1, i2, i3};
+      const T* mp[4] = {m0, m1, m2, m3};
+      warp::grad_channels_f32(x, HW, g, HW, nullptr, 0, nullptr, C, ip, mp, ly, lx, nullptr, gfy, gfx, p0, p1);
+      done = true;
+    }
+  }
+#endif
+  for (int64_t c = 0; c < C && !done; ++c) {
     const T* xc = x + c * HW;
     const T* gc = g + c * HW;
 #pragma omp simd
@@ -103,16 +124,11 @@ VPFAST_CPU_CLONES void flow_grad_pixels(const T* x, const T* g, int64_t C, int64
   }
 }
 
-template <typename T>
-VPFAST_CPU_CLONES void scatter_channel(const T* g, int64_t HW, const int32_t* idx, const T* wt, T* gx) {
+template <typename T> void scatter_channel(const T* g, int64_t HW, const int32_t* idx, const T* wt, T* gx) {
   std::fill(gx, gx + HW, T(0));
-  for (int64_t p = 0; p < HW; ++p) {
-    const T v = g[p];
-    gx[idx[p]] += wt[p] * v;
-    gx[idx[HW + p]] += wt[HW + p] * v;
-    gx[idx[2 * HW + p]] += wt[2 * HW + p] * v;
-    gx[idx[3 * HW + p]] += wt[3 * HW + p] * v;
-  }
+  const int32_t* ip[4] = {idx, idx + HW, idx + 2 * HW, idx + 3 * HW};
+  const T* wp[4] = {wt, wt + HW, wt + 2 * HW, wt + 3 * HW};
+  warp::scatter4<T>(gx, ip, wp, g, HW);
 }
 
 void check_inputs(const char* fn, const at::Tensor& x, const at::Tensor& flow) {
@@ -163,9 +179,8 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.sizes() == x.sizes(), "vpfast::flow_warp_backward: grad must have the shape of x");
   const auto X = x.contiguous(), FL = flow.contiguous(), G = grad.to(x.scalar_type()).contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3), HW = H * W;
-  auto empty = at::empty({0}, X.options());
-  auto gx = need_x ? at::empty_like(X) : empty;
-  auto gf = need_flow ? at::empty_like(FL) : empty;
+  auto gx = need_x ? at::empty_like(X) : at::empty({0}, X.options());
+  auto gf = need_flow ? at::empty_like(FL) : at::empty({0}, X.options());
   if (B == 0 || HW == 0 || C == 0 || !(need_x || need_flow)) {
     if (need_x) gx.zero_();
     if (need_flow) gf.zero_();
@@ -173,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
   }
   auto idx = at::empty({B, 4, HW}, X.options().dtype(at::kInt));
   auto wt = at::empty({B, 4, HW}, X.options());
-  auto scratch = need_flow ? at::empty({B, 8, HW}, X.options()) : empty;
+  auto scratch = need_flow ? at::empty({B, 8, HW}, X.options()) : at::empty({0}, X.options());
   const int threads = at::get_num_threads();
   const int64_t nhb = std::min<int64_t>(H, std::max<int64_t>(1, (4 * threads + B - 1) / B));
   const int64_t hper = (H + nhb - 1) / nhb;

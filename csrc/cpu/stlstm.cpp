@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <optional>
 
 #include "common/stlstm.h"
@@ -99,15 +100,18 @@ VPFAST_CPU_CLONES void gates_bwd_row(const T* const* in, T* const* out, int64_t 
     mg[p] = qg;
     gc[p] = c_;
     gm[p] = m_;
-    if constexpr (HAS_X) {
-      xi[p] = pi;
-      xf[p] = pf;
-      xg[p] = pg;
-      xi2[p] = qi;
-      xf2[p] = qf;
-      xg2[p] = qg;
-      xo[p] = po;
-    }
+  }
+  if constexpr (HAS_X) {
+    // x_g's gradient equals the h_g / m_g gradients slot by slot. Copied in a second pass over the row (still
+    // in L1): writing 16 output streams in one loop ran 14x slower here than 9 streams + these copies.
+    const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+    std::memcpy(xi, hi, bytes);
+    std::memcpy(xf, hf, bytes);
+    std::memcpy(xg, hg, bytes);
+    std::memcpy(xi2, mi, bytes);
+    std::memcpy(xf2, mf, bytes);
+    std::memcpy(xg2, mg, bytes);
+    std::memcpy(xo, ho, bytes);
   }
 }
 

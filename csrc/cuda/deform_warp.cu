@@ -167,8 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
   auto gw = at::zeros({O, K}, X.options());
   auto empty = at::empty({0}, X.options());
   auto result = [&]() {
-    return std::make_tuple(needs[0] ? gx : empty, needs[1] ? goff : empty, needs[2] ? gm : empty,
-                           needs[3] ? gw.view(weight.sizes()) : empty);
+    // outputs that are not needed are distinct empty tensors (outputs must not alias)
+    auto none = [&]() { return at::empty({0}, X.options()); };
+    return std::make_tuple(needs[0] ? gx : none(), needs[1] ? goff : none(), needs[2] ? gm : none(),
+                           needs[3] ? gw.view(weight.sizes()) : none());
   };
   if (B == 0 || HW == 0 || K == 0 || O == 0) return result();
   const bool want_col = needs[3];

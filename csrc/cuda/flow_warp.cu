@@ -121,9 +121,8 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& gra
   if (need_x) at::globalContext().alertNotDeterministic("vpfast::flow_warp_backward (CUDA input gradient)");
   const auto X = x.contiguous(), FL = flow.contiguous(), G = grad.to(x.scalar_type()).contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  auto empty = at::empty({0}, X.options());
-  auto gx = need_x ? at::zeros_like(X) : empty;
-  auto gf = need_flow ? at::zeros_like(FL) : empty;
+  auto gx = need_x ? at::zeros_like(X) : at::empty({0}, X.options());
+  auto gf = need_flow ? at::zeros_like(FL) : at::empty({0}, X.options());
   if (X.numel() == 0) return {gx, gf};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "flow_warp_backward_cuda", [&] {

@@ -38,10 +38,10 @@ _RNN_MMNIST = dict(_MMNIST, num_hidden="128,128,128,128", filter_size=5, stride=
 _SIMVP_MMNIST = dict(_MMNIST, hid_S=64, hid_T=512, N_S=4, N_T=8, mlp_ratio=8.0, drop=0.0, drop_path=0.0,
                      spatio_kernel_enc=3, spatio_kernel_dec=3)
 
-# "small": sized so that a training step at batch 16 on 64x64 Moving MNIST takes well under a second on
-# this project's 2-core CPU (measured in benchmarks/test_bench_models.py); same structure as the published
-# models, fewer/narrower layers.
-_RNN_SMALL = dict(_RNN_MMNIST, num_hidden="32,32", filter_size=3)
+# "small": the published structure, narrower, so that a training step at batch 16 on 64x64 Moving MNIST is
+# about 35-75 GFLOP (3x the forward count; the Moving-MNIST presets are 1.3-3.4 TFLOP at batch 4 for the
+# ST-LSTM and gSTA/TAU models), i.e. a fraction of a second to a few seconds on a 2-core AVX-512 CPU.
+_RNN_SMALL = dict(_RNN_MMNIST, num_hidden="16,16", filter_size=3)
 _SIMVP_SMALL = dict(_SIMVP_MMNIST, hid_S=16, hid_T=128, N_S=4, N_T=4, mlp_ratio=4.0)
 
 PRESETS = {
@@ -55,7 +55,7 @@ PRESETS = {
     },
     # thuml's MotionRNN (Human3.6M script: 64x4, filter 5, patch 4) at Moving-MNIST frame sizes
     "motionrnn": {"mmnist": dict(_RNN_MMNIST, num_hidden="64,64,64,64"),
-                  "small": dict(_RNN_SMALL, num_hidden="32,32")},
+                  "small": dict(_RNN_SMALL)},
     "simvp_incepu": {"mmnist": dict(_SIMVP_MMNIST, model_type="IncepU"),
                      "small": dict(_SIMVP_SMALL, model_type="IncepU")},
     "simvp_gsta": {"mmnist": dict(_SIMVP_MMNIST, model_type="gSTA"),

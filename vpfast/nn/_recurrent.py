@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import resolve
@@ -84,3 +85,34 @@ def fused_backend(op, backend, *tensors) -> str:
     """The backend a cell's fused path would use; "torch" means: run the reference arithmetic verbatim."""
     name = resolve(backend)
     return op.select(name, *tensors)[0]
+
+
+class _CatConv(torch.autograd.Function):
+    """conv2d(cat([a, b], 1), weight) that does not keep the concatenation for backward.
+
+    Autograd would save the [B, Ca + Cb, H, W] concatenation of every step; a and b (the input and a state)
+    are alive anyway, so backward rebuilds the concatenation instead (one copy, no extra saved memory).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, weight, stride, padding):
+        ctx.save_for_backward(a, b, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(torch.cat((a, b), 1), weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, weight = ctx.saved_tensors
+        need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            grad, torch.cat((a, b), 1), weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1,
+            [need_in, ctx.needs_input_grad[2], False])
+        ga = gb = None
+        if need_in:
+            ga, gb = gi.split((a.shape[1], b.shape[1]), 1)
+        return ga, gb, gw, None, None
+
+
+def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """conv2d over the channel concatenation [a, b] (no bias), saving a and b rather than the concatenation."""
+    return _CatConv.apply(a, b, weight, stride, padding)

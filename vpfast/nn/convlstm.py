@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.convlstm import OP as _OP
-from ._recurrent import MergedWeightsMixin, check_input, check_state, conv_block, fused_backend, out_size
+from ._recurrent import MergedWeightsMixin, cat_conv, check_input, check_state, conv_block, fused_backend, out_size
 
 
 class ConvLSTMCell(MergedWeightsMixin, nn.Module):
@@ -87,7 +86,7 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
         if backend == "torch":
             return self._forward_reference(x, h, c)
         if self.merge_convs:
-            h_g = F.conv2d(torch.cat((x, h), 1), self.merged_weights(), None, self.stride, self.padding)
+            h_g = cat_conv(x, h, self.merged_weights(), self.stride, self.padding)
             x_g = None
         else:
             x_g, h_g = self.conv_x(x), self.conv_h(h)

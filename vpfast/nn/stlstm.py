@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.stlstm import GATES as _GATES, OUTPUT as _OUTPUT
-from ._recurrent import MergedWeightsMixin, check_input, check_state, conv_block, fused_backend, out_size
+from ._recurrent import MergedWeightsMixin, cat_conv, check_input, check_state, conv_block, fused_backend, out_size
 
 VARIANTS = ("predrnn", "predrnnv2", "highway")
 
@@ -116,8 +115,8 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
         C = self.num_hidden
         if self.merge_convs:
             w_xh, w_xm = self.merged_weights()
-            h_g = F.conv2d(torch.cat((x, h), 1), w_xh, None, self.stride, self.padding)
-            m_g = F.conv2d(torch.cat((x, m), 1), w_xm, None, self.stride, self.padding)
+            h_g = cat_conv(x, h, w_xh, self.stride, self.padding)
+            m_g = cat_conv(x, m, w_xm, self.stride, self.padding)
             x_g = None
         else:
             x_g, h_g, m_g = self.conv_x(x), self.conv_h(h), self.conv_m(m)

@@ -64,6 +64,7 @@ def _make_autograd(bwd):
         h, c_new, act = output
         ctx.save_for_backward(act, c, c_new)
         ctx.has_x, ctx.tanh_c = x_g is not None, tanh_c
+        ctx.set_materialize_grads(False)  # absent gradients stay None (the kernel treats them as 0)
         ctx.mark_non_differentiable(act)
 
     def backward(ctx, g_h, g_c, _g_act):

@@ -115,6 +115,7 @@ def _make_autograd(gates_fwd, gates_bwd, output_fwd, output_bwd):
         cm, o_part, act, delta = output
         ctx.save_for_backward(act, c, m)
         ctx.has_x = x_g is not None
+        ctx.set_materialize_grads(False)  # no zero-filled [B, 6C, H, W] gradient for the saved gates
         ctx.mark_non_differentiable(act)
 
     def gates_backward(ctx, g_cm, g_opart, _g_act, g_delta):
@@ -133,6 +134,7 @@ def _make_autograd(gates_fwd, gates_bwd, output_fwd, output_bwd):
         o_part, o_m, last, highway = inputs
         h, o, tl = output
         ctx.has_highway = highway is not None
+        ctx.set_materialize_grads(False)
         if ctx.has_highway:
             ctx.save_for_backward(o, tl, highway)
         else:

@@ -1,0 +1,142 @@
+"""ST-LSTM step (PredRNN cell): reference eager, reference under torch.compile, and the fused path.
+
+Groups: one cell step forward / forward+backward, the pointwise part alone (both fused stages on given
+convolution outputs), and a 10-step unrolled training step (its peak_mb is the memory target).
+Providers: eager, compile (the reference under torch.compile), cpp (fused kernels + merged convolutions),
+cpp_sep (fused kernels, the reference's separate convolutions).
+With --benchmark-disable the shapes shrink so that the suite only checks that everything runs.
+"""
+import importlib
+
+import pytest
+import torch
+
+from vpfast.nn import SpatioTemporalLSTMCell
+
+S = importlib.import_module("vpfast.ops.stlstm")
+SHAPES = {"C64": (16, 64, 16, 16, 5), "C128": (16, 128, 16, 16, 5)}  # B, C, H, W, k (Cin = C)
+TINY = (2, 8, 6, 6, 3)
+CPP_WHY = S.GATES.static_reasons("cpp")
+
+
+def _providers(with_sep=True):
+    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
+    skip = [pytest.mark.skip(reason="; ".join(CPP_WHY))] if CPP_WHY else []
+    out.append(pytest.param("cpp", id="cpp", marks=skip))
+    if with_sep:
+        out.append(pytest.param("cpp_sep", id="cpp_sep", marks=skip))
+    return out
+
+
+def _shape(request, name):
+    if request.config.getoption("benchmark_disable"):
+        if name != "C64":
+            pytest.skip("--benchmark-disable: one tiny shape stands for all")
+        return TINY
+    return SHAPES[name]
+
+
+def _cell_gflop(B, C, H, W, k, train):
+    macs = B * H * W * (k * k * (C * 7 * C + C * 4 * C + C * 3 * C + 2 * C * C) + 2 * C * C)
+    return 2 * macs * (3 if train else 1) / 1e9
+
+
+def _cell(provider, B, C, H, W, k):
+    torch.manual_seed(0)
+    backend = "torch" if provider in ("eager", "compile") else "cpp"
+    cell = SpatioTemporalLSTMCell(C, C, H, W, k, 1, False, backend=backend, merge_convs=provider == "cpp")
+    if provider == "compile":
+        return cell, torch.compile(cell._forward_reference)
+    return cell, lambda x, h, c, m, hw: cell(x, h, c, m)
+
+
+def _states(B, C, H, W, grad):
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(B, C, H, W, generator=g) * 0.5 for _ in range(4)]
+    return [t.requires_grad_(grad) for t in ts]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("provider", _providers())
+def test_cell_step(benchmark, record, request, provider, shape, mode):
+    B, C, H, W, k = _shape(request, shape)
+    benchmark.group = f"stlstm cell step {shape} B{B} C{C} {H}x{W} k{k} {mode}"
+    cell, step = _cell(provider, B, C, H, W, k)
+    train = mode == "fwdbwd"
+    x, h, c, m = _states(B, C, H, W, train)
+
+    def fn():
+        if not train:
+            with torch.no_grad():
+                return step(x, h, c, m, None)
+        hn, cn, mn = step(x, h, c, m, None)
+        (hn.sum() + cn.sum() + mn.sum()).backward()
+
+    record(provider, fn, gflops=_cell_gflop(B, C, H, W, k, train))
+
+
+def _pointwise_inputs(B, C, H, W, grad):
+    g = torch.Generator().manual_seed(2)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_(grad)  # noqa: E731
+    return r(B, 7 * C, H, W), r(B, 4 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), r(B, C, H, W), \
+        r(B, C, H, W), r(B, C, H, W)
+
+
+def _pointwise_ref(x_g, h_g, m_g, c, m, o_m, last):
+    cm, o_part, _ = S.stlstm_gates_reference(x_g, h_g, m_g, c, m, 1.0, False)
+    return cm, S.stlstm_output_reference(o_part, o_m, last)
+
+
+_pointwise_compiled = torch.compile(_pointwise_ref)
+
+
+def _pointwise_cpp(x_g, h_g, m_g, c, m, o_m, last):
+    cm, o_part, _ = S._gates_compiled(x_g, h_g, m_g, c, m, 1.0, False)
+    return cm, S._output_compiled(o_part, o_m, last)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("provider", _providers(with_sep=False))
+def test_pointwise(benchmark, record, request, provider, shape, mode):
+    """Both fused stages on the separate-convolution layout (conv_x, conv_h, conv_m outputs given)."""
+    B, C, H, W, _ = _shape(request, shape)
+    benchmark.group = f"stlstm pointwise {shape} B{B} C{C} {H}x{W} {mode}"
+    fn_ = {"eager": _pointwise_ref, "compile": _pointwise_compiled, "cpp": _pointwise_cpp}[provider]
+    train = mode == "fwdbwd"
+    args = _pointwise_inputs(B, C, H, W, train)
+    n = B * C * H * W * 4 / 1e9  # GB per [B, C, H, W] float32 tensor
+    # minimum traffic: forward reads 7C+4C+3C+2C, writes 2C+C (+6C saved gates +C saved o for training);
+    # stage 2 reads 3C, writes C; backward reads ~11C and writes ~16C
+    gbytes = n * ((16 + 3 + 3 + 1) + ((6 + 1) + 27 if train else 0))
+
+    def fn():
+        if not train:
+            with torch.no_grad():
+                return fn_(*args)
+        cm, h = fn_(*args)
+        (cm.sum() + h.sum()).backward()
+
+    record(provider, fn, gbytes=gbytes)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("provider", _providers())
+def test_unroll10_train(benchmark, record, request, provider, shape):
+    """A 10-step unrolled training step of one cell (its peak_mb is the memory target)."""
+    B, C, H, W, k = _shape(request, shape)
+    benchmark.group = f"stlstm 10-step unroll {shape} B{B} C{C} {H}x{W} k{k} fwdbwd"
+    cell, step = _cell(provider, B, C, H, W, k)
+    xs = torch.randn(10, B, C, H, W, generator=torch.Generator().manual_seed(3))
+
+    def fn():
+        h = c = m = xs.new_zeros(B, C, H, W)
+        loss = 0
+        with cell.unroll():
+            for t in range(10):
+                h, c, m = step(xs[t], h, c, m, None)
+                loss = loss + h.square().mean()
+        loss.backward()
+
+    record(provider, fn, gflops=10 * _cell_gflop(B, C, H, W, k, True))

@@ -1,0 +1,151 @@
+// Fused ConvLSTM pointwise step, CUDA: one thread per element (grid-stride loop), strided planes as on the
+// CPU. Arithmetic: common/stlstm.h.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "common/stlstm.h"
+
+namespace vpfast {
+namespace {
+
+using lstm::Planes;
+constexpr int kThreads = 256;
+
+at::Tensor planar(const at::Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
+  return ok ? t : t.contiguous();
+}
+
+template <typename T>
+Planes<T> planes(bool on, const at::Tensor& t) {
+  return on ? Planes<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)} : Planes<T>{nullptr, 0, 0};
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
+                  t.size(3) == c.size(3),
+              "vpfast::convlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == c.scalar_type() && t.device() == c.device(), "vpfast::convlstm: ", what,
+              " must match c's dtype and device");
+}
+
+template <typename T>
+__global__ void fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> c, Planes<T> h, Planes<T> cn, Planes<T> act,
+                           int64_t C, int64_t HW, int64_t n, T fb, bool tanh_c) {
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
+    T pi = hg.at(b, ch)[p], pf = hg.at(b, C + ch)[p], pg = hg.at(b, 2 * C + ch)[p], po = hg.at(b, 3 * C + ch)[p];
+    if (x.ptr) {
+      pi = x.at(b, ch)[p] + pi;
+      pf = x.at(b, C + ch)[p] + pf;
+      pg = x.at(b, 2 * C + ch)[p] + pg;
+      po = x.at(b, 3 * C + ch)[p] + po;
+    }
+    T i, f, g, c_new;
+    lstm::cell_forward<T>(pi, pf, pg, c.at(b, ch)[p], fb, i, f, g, c_new);
+    const T o = fast_sigmoid<T>(po);
+    h.at(b, ch)[p] = o * (tanh_c ? fast_tanh<T>(c_new) : g);
+    cn.at(b, ch)[p] = c_new;
+    act.at(b, ch)[p] = i;
+    act.at(b, C + ch)[p] = f;
+    act.at(b, 2 * C + ch)[p] = g;
+    act.at(b, 3 * C + ch)[p] = o;
+  }
+}
+
+template <typename T>
+__global__ void bwd_kernel(Planes<T> gh, Planes<T> gc, Planes<T> act, Planes<T> c, Planes<T> cn, Planes<T> gx,
+                           Planes<T> ghg, Planes<T> gcp, int64_t C, int64_t HW, int64_t n, bool tanh_c) {
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
+    T pi, pf, pg, po, c_;
+    lstm::convlstm_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], act.at(b, 2 * C + ch)[p],
+                               act.at(b, 3 * C + ch)[p], c.at(b, ch)[p], cn.at(b, ch)[p],
+                               gh.ptr ? gh.at(b, ch)[p] : T(0), gc.ptr ? gc.at(b, ch)[p] : T(0), tanh_c, pi, pf, pg,
+                               po, c_);
+    ghg.at(b, ch)[p] = pi;
+    ghg.at(b, C + ch)[p] = pf;
+    ghg.at(b, 2 * C + ch)[p] = pg;
+    ghg.at(b, 3 * C + ch)[p] = po;
+    gcp.at(b, ch)[p] = c_;
+    if (gx.ptr) {
+      gx.at(b, ch)[p] = pi;
+      gx.at(b, C + ch)[p] = pf;
+      gx.at(b, 2 * C + ch)[p] = pg;
+      gx.at(b, 3 * C + ch)[p] = po;
+    }
+  }
+}
+
+int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::optional<at::Tensor>& x_g_,
+                                                                     const at::Tensor& h_g_, const at::Tensor& c_,
+                                                                     double forget_bias, bool tanh_c) {
+  TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
+  const bool has_x = x_g_.has_value() && x_g_->defined();
+  check_like(h_g_, c_, 4, "h_g");
+  if (has_x) check_like(*x_g_, c_, 4, "x_g");
+  const c10::cuda::CUDAGuard guard(c_.device());
+  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
+  const auto h_g = planar(h_g_), c = planar(c_);
+  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
+  auto h = at::empty({B, C, H, W}, c.options());
+  auto cn = at::empty({B, C, H, W}, c.options());
+  auto act = at::empty({B, 4 * C, H, W}, c.options());
+  if (n == 0) return {h, cn, act};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cuda", [&] {
+    using T = scalar_t;
+    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes<T>(has_x, x_g), planes<T>(true, h_g),
+                                                           planes<T>(true, c), planes<T>(true, h), planes<T>(true, cn),
+                                                           planes<T>(true, act), C, HW, n,
+                                                           static_cast<T>(forget_bias), tanh_c);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {h, cn, act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std::optional<at::Tensor>& gh_,
+                                                                      const std::optional<at::Tensor>& gc_,
+                                                                      const at::Tensor& act_, const at::Tensor& c_,
+                                                                      const at::Tensor& cn_, bool has_x, bool tanh_c) {
+  const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
+  check_like(act_, c_, 4, "act");
+  check_like(cn_, c_, 1, "c_new");
+  if (has_gh) check_like(*gh_, c_, 1, "grad_h");
+  if (has_gc) check_like(*gc_, c_, 1, "grad_c");
+  const c10::cuda::CUDAGuard guard(c_.device());
+  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
+  const auto act = planar(act_), c = planar(c_), cn = planar(cn_);
+  const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
+  auto gx = has_x ? at::empty({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  auto ghg = at::empty({B, 4 * C, H, W}, c.options());
+  auto gcp = at::empty({B, C, H, W}, c.options());
+  if (n == 0) return {gx, ghg, gcp};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cuda", [&] {
+    using T = scalar_t;
+    bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+        planes<T>(has_gh, gh), planes<T>(has_gc, gc), planes<T>(true, act), planes<T>(true, c), planes<T>(true, cn),
+        planes<T>(has_x, gx), planes<T>(true, ghg), planes<T>(true, gcp), C, HW, n, tanh_c);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gx, ghg, gcp};
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CUDA, m) {
+  m.impl("convlstm_forward", &vpfast::convlstm_forward_cuda);
+  m.impl("convlstm_backward", &vpfast::convlstm_backward_cuda);
+}
