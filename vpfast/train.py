@@ -238,7 +238,7 @@ def _parse_config(text):
     return cfg
 
 
-def _datasets(run, args, pre, aft):
+def _datasets(run, args, pre, aft, model_config=None):
     data = run["data"]
     test_data = getattr(args, "test_data", None)
     seed = run["seed"]
@@ -264,11 +264,20 @@ def _datasets(run, args, pre, aft):
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     for name, ds in (("training", train_ds), ("test", test_ds)):
-        shape = tuple(ds[0].shape)
-        if len(shape) != 4 or shape[0] < pre + aft:
-            raise UsageError(f"{name} sequences have shape {shape}; expected [T, C, H, W] with T >= "
-                             f"{pre + aft} ({pre} observed + {aft} predicted)")
+        check_sequence_shape(tuple(ds[0].shape), model_config, pre, aft, name)
     return train_ds, test_ds
+
+
+def check_sequence_shape(shape, model_config, pre, aft, name="input"):
+    """UsageError unless sequences of `shape` [T, C, H, W] fit the model."""
+    if len(shape) != 4 or shape[0] < pre + aft:
+        raise UsageError(f"{name} sequences have shape {shape}; expected [T, C, H, W] with T >= "
+                         f"{pre + aft} ({pre} observed + {aft} predicted)")
+    in_shape = (model_config or {}).get("in_shape")
+    if in_shape is not None and shape[1] != tuple(in_shape)[1]:
+        raise UsageError(f"{name} frames have {shape[1]} channels but the model was built for {tuple(in_shape)[1]} "
+                         f"(in_shape {tuple(in_shape)}); pass --config '{{\"in_shape\": [{pre}, {shape[1]}, "
+                         f"{shape[2]}, {shape[3]}]}}' to build it for your data")
 
 
 def train(args):
@@ -303,7 +312,14 @@ def _train(args, ddp):
         model = build_model(run["model"], run["preset"], args.backend, run["config"])
     model = model.to(device, dtype)
     pre, aft = model_seq_lengths(model, run["pre"], run["aft"])
-    train_ds, test_ds = _datasets(run, args, pre, aft)
+    train_ds, test_ds = _datasets(run, args, pre, aft, getattr(model, "config", None))
+    try:  # one sequence through the model: shape problems become a clear message, not a traceback mid-run
+        with torch.no_grad():
+            model.eval()
+            model(test_ds[0][None, :pre].to(device, dtype))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UsageError(f"the model cannot take these sequences ({tuple(test_ds[0].shape)} [T, C, H, W]): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     sampler = ShardedBatchSampler(len(train_ds), run["batch_size"], ddp.rank, ddp.world,
                                   shuffle=not hasattr(train_ds, "sequence_uint8"), seed=run["seed"])
@@ -366,12 +382,14 @@ def _train(args, ddp):
         }
         save_atomic(state, ckpt_path)
 
-    stop = {"flag": False}
+    stop = {"flag": False, "signal": False}
+    stop_after = getattr(args, "stop_after", None)
+    session_steps = 0
 
     def on_sigint(signum, frame):
         if stop["flag"]:
             raise KeyboardInterrupt
-        stop["flag"] = True
+        stop["flag"] = stop["signal"] = True
         if ddp.main:
             print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)",
                   file=sys.stderr, flush=True)
@@ -405,7 +423,7 @@ def _train(args, ddp):
                 save(epoch, b, "interrupt")
                 break
             for seqs in loader:
-                frames = seqs.to(device, dtype, non_blocking=True)
+                frames = seqs[:, :pre + aft].to(device, dtype, non_blocking=True)
                 loss, logs = step_module(frames, global_step)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss.item()} at step {global_step}")
@@ -416,6 +434,9 @@ def _train(args, ddp):
                 optimizer.step()
                 scheduler.step()
                 global_step += 1
+                session_steps += 1
+                if stop_after and session_steps >= stop_after:
+                    stop["flag"] = True
                 b += 1
                 lv = float(loss.detach())
                 loss_sum, loss_n = loss_sum + lv, loss_n + 1
@@ -463,12 +484,13 @@ def _train(args, ddp):
             signal.signal(s, h)
 
     summary = {"out": out, "global_step": global_step, "epoch": epoch, "interrupted": interrupted,
+               "signal": stop["signal"],
                "checkpoint": ckpt_path, "final": history["epochs"][-1] if history["epochs"] else None}
     if ddp.enabled:
         summary["ddp_max_param_diff"] = _ddp_param_divergence(model, ddp)
     if ddp.main:
         if interrupted:
-            print(f"interrupted at epoch {epoch + 1}, step {global_step}: saved {ckpt_path}; continue with --resume",
+            print(f"{'interrupted' if stop['signal'] else 'stopped (--stop-after)'} at epoch {epoch + 1}, step {global_step}: saved {ckpt_path}; continue with --resume",
                   file=sys.stderr, flush=True)
         write_text_atomic(json.dumps(summary, indent=1), os.path.join(out, "summary.json"))
     return summary
@@ -558,6 +580,8 @@ def add_train_arguments(p):
     p.add_argument("--out", default="runs/latest", help="output directory (default runs/latest)")
     p.add_argument("--resume", nargs="?", const="auto", help="continue from OUT/last.pt (or the given file)")
     p.add_argument("--overwrite", action="store_true", help="start over even if OUT already has a checkpoint")
+    p.add_argument("--stop-after", type=int, help="save and stop after this many steps of this session (for "
+                                                   "time-limited jobs; continue with --resume)")
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with "
                                                                           "parameters unused in some steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -566,7 +590,7 @@ def add_train_arguments(p):
 
 def _cmd_train(args):
     summary = train(args)
-    return 130 if summary["interrupted"] else 0
+    return 130 if summary["signal"] else 0
 
 
 def run_command(func, args):

@@ -83,11 +83,15 @@ def save_loss_curve(path, steps, losses, epoch_steps=(), epoch_mse=()):
             ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
+    handles, labels = ax.get_legend_handles_labels()
     if len(epoch_mse):
         ax2 = ax.twinx()
         ax2.plot(list(epoch_steps), list(epoch_mse), "o-", color="tab:red", label="test MSE")
         ax2.set_ylabel("test MSE (per frame)", color="tab:red")
-    ax.legend(loc="upper right", fontsize=8)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

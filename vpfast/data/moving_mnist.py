@@ -176,9 +176,13 @@ def make_dataset(source, split="train", length=None, seed=0):
     else:
         ds = load_sequences(source)
     if length is not None and length < len(ds):
-        ds = torch.utils.data.Subset(ds, range(length))
-        ds.set_epoch = lambda epoch: None
+        ds = _Subset(ds, range(length))
     return ds
+
+
+class _Subset(torch.utils.data.Subset):
+    def set_epoch(self, epoch):  # fixed arrays do not change with the epoch (the sampler shuffles them)
+        pass
 
 
 class ShardedBatchSampler(Sampler):
