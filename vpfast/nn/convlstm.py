@@ -29,7 +29,8 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
     backend: "torch" runs the reference arithmetic verbatim; "cpp" / "cuda" / "triton" the fused kernel;
       None = $VPFAST_BACKEND or "auto".
     merge_convs: with layer_norm off, one convolution over [x, h] whose weight is assembled from conv_x and
-      conv_h on every use (None = on when layer_norm is off); `with cell.unroll():` assembles it once.
+      conv_h on every use (None = off, as for SpatioTemporalLSTMCell: lower peak memory measured);
+      `with cell.unroll():` assembles it once per time loop.
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
@@ -44,7 +45,7 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
         self.layer_norm = bool(layer_norm)
         self.tanh_c = bool(tanh_c)
         self.backend = backend
-        self.merge_convs = (not self.layer_norm) if merge_convs is None else bool(merge_convs)
+        self.merge_convs = bool(merge_convs)  # None: off (see the class docstring)
         if self.merge_convs and self.layer_norm:
             raise ValueError("merge_convs=True is not exact with layer_norm=True")
         C, k = num_hidden, filter_size
