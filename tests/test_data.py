@@ -16,6 +16,11 @@ def test_shipped_digits():
     assert allx.dtype == np.uint8 and allx.shape == (5000, 28, 28)
     tr, te = load_digits("train"), load_digits("test")
     assert len(tr) + len(te) == 5000 and len(te) > 0
+    with np.load(path) as z:
+        labels, tri, tei = z["labels"], z["train_index"], z["test_index"]
+    # every class on both sides of the split, no digit on both
+    assert (np.bincount(labels[tri], minlength=10) > 0).all() and (np.bincount(labels[tei], minlength=10) > 0).all()
+    assert not set(tri.tolist()) & set(tei.tolist())
     # real handwritten digits: dark borders, bright strokes, ~100-200 lit pixels each
     assert allx[:, 0, :].max() < 64 and allx.max() == 255
     lit = (allx > 127).sum(axis=(1, 2))

@@ -28,12 +28,12 @@ def load_digits(split="train"):
             raise FileNotFoundError(
                 f"{_DIGITS_FILE} is missing; rebuild it with scripts/make_mnist_digits.py (see docs/DATA.md)")
         with np.load(_DIGITS_FILE) as z:
-            _DIGITS = (z["images"], int(z["n_train"]))
-    images, n_train = _DIGITS
+            _DIGITS = (z["images"], z["train_index"].astype(np.int64), z["test_index"].astype(np.int64))
+    images, train_index, test_index = _DIGITS
     if split == "train":
-        return images[:n_train]
+        return images[train_index]
     if split == "test":
-        return images[n_train:]
+        return images[test_index]
     if split == "all":
         return images
     raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
