@@ -7,22 +7,14 @@
 #include <optional>
 
 #include "common/stlstm.h"
+#include "cpu/lstm_planes.h"
 
 namespace vpfast {
 namespace {
 
 using lstm::Planes;
-
-at::Tensor planar(const at::Tensor& t) {
-  const int64_t H = t.size(2), W = t.size(3);
-  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
-  return ok ? t : t.contiguous();
-}
-
-template <typename T>
-Planes<T> planes(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
-}
+using lstm::planar;
+using lstm::planes;
 
 void check_like(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
   TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&

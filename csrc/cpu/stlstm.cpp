@@ -9,23 +9,14 @@
 #include <optional>
 
 #include "common/stlstm.h"
+#include "cpu/lstm_planes.h"
 
 namespace vpfast {
 namespace {
 
 using lstm::Planes;
-
-// A [B, K, H, W] tensor whose H*W planes are contiguous (any batch/channel strides); others are copied.
-at::Tensor planar(const at::Tensor& t) {
-  const int64_t H = t.size(2), W = t.size(3);
-  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
-  return ok ? t : t.contiguous();
-}
-
-template <typename T>
-Planes<T> planes(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
-}
+using lstm::planar;
+using lstm::planes;
 
 int64_t grain_rows(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hw)); }
 
