@@ -77,6 +77,36 @@ def test_matches_reference(backend, dtype, case):
     _compare(backend, *_inputs(B, C, H, W, k, k, dtype), stride=s, dilation=d)
 
 
+# The CPU backend has register-blocked kernels for 3/5/7 tap rows with row dilation 1-3 at vertical stride 1
+# (blocks of 8 or 16 output rows, see csrc/cpu/depthwise_plane.h). Cover every combination with heights
+# that give one short block, one full block and several blocks plus a tail, widths below, at and above a
+# vector, rectangular filters, unequal dilations, horizontal stride 2 and non-"same" padding.
+ROW_KERNEL_CASES = [  # (H, W, (kh, kw), (dh, dw), (sh, sw), padding)
+    (5, 7, (3, 3), (1, 1), (1, 1), None), (16, 16, (3, 5), (2, 1), (1, 1), None),
+    (37, 41, (3, 3), (3, 2), (1, 1), (1, 0)), (8, 16, (5, 5), (1, 1), (1, 1), None),
+    (16, 16, (5, 5), (1, 1), (1, 1), None), (23, 19, (5, 7), (2, 3), (1, 1), (0, 4)),
+    (37, 17, (5, 3), (3, 1), (1, 2), None), (9, 33, (7, 7), (1, 1), (1, 1), None),
+    (16, 16, (7, 7), (3, 3), (1, 1), None), (35, 18, (7, 5), (2, 2), (1, 1), (3, 6)),
+    (6, 5, (7, 3), (3, 1), (1, 1), None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ROW_KERNEL_CASES, ids=str)
+def test_row_kernels(dtype, case):
+    _skip_unless("cpp")
+    H, W, (kh, kw), dil, stride, padding = case
+    if padding is None:
+        padding = (dil[0] * (kh // 2), dil[1] * (kw // 2))
+    x, w, b = _inputs(2, 3, H, W, kh, kw, dtype)
+    got = _run(lambda *a: depthwise_conv2d(*a, stride=stride, padding=padding, dilation=dil, backend="cpp"),
+               x, w, b)
+    ref = _run(lambda *a: F.conv2d(*a, stride, padding, dil, groups=3), x, w, b)
+    for name, a, r in zip(("out", "grad_x", "grad_w", "grad_b"), got, ref):
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(a / scale, r / scale, **_tol(dtype), msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_channels_last(backend):
     _skip_unless(backend)

@@ -79,7 +79,7 @@ void fill_upsampled(const Geo& g, const Args& a, int64_t offh, int64_t offw, con
     const T* src = gp + oh * a.Wo;
     if (a.sw == 1 && offw >= 0) {
       const int64_t n = std::min<int64_t>(a.Wo, g.ld - offw);
-      if (n > 0) std::memcpy(row + offw, src, n * sizeof(T));
+      if (n > 0) dwcpu::copy_row<T>(row + offw, src, n);
       continue;
     }
     for (int64_t ow = 0; ow < a.Wo; ++ow) {
@@ -108,15 +108,19 @@ at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& w
     const scalar_t* bp = Bt.defined() ? Bt.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const Geo g = forward_geo<scalar_t>(a);
-    const int64_t K = (int64_t)a.kh * a.kw, KV = K * dwcpu::Vec<scalar_t>::N;
-    const auto wtab = dwcpu::splat_table<scalar_t>(wp, a.C, a.kh, a.kw, false);
+    const auto taps = dwcpu::make_taps<scalar_t>(wp, a.C, a.kh, a.kw, false, g);
     at::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
       // zero once: every plane overwrites the same data region, the padding stays zero
       std::vector<scalar_t> buf(g.size(), scalar_t(0));
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % a.C;
+        if (p + 1 < p1) {
+          const int64_t pn = (p + 1);
+          dwcpu::prefetch_plane(xp + pn * a.H * a.W, a.H * a.W * sizeof(scalar_t));
+          dwcpu::prefetch_plane_w(op + pn * a.Ho * a.Wo, a.Ho * a.Wo * sizeof(scalar_t));
+        }
         dwcpu::fill_plane<scalar_t>(g, xp + p * a.H * a.W, a.W, buf.data());
-        dwcpu::correlate_plane<scalar_t>(buf.data(), g, &wtab[c * KV], bp ? bp[c] : scalar_t(0),
+        dwcpu::correlate_plane<scalar_t>(buf.data(), g, taps, c, bp ? bp[c] : scalar_t(0),
                                          op + p * a.Ho * a.Wo, a.Wo, a.Ho, a.Wo);
       }
     });
@@ -149,10 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const T* xp = X.data_ptr<T>();
     const T* wp = Wt.data_ptr<T>();
     std::vector<T> part_w(mask[1] ? P * K : 0), part_b(mask[2] ? P : 0);
-    const auto flipped = mask[0] ? dwcpu::splat_table<T>(wp, a.C, a.kh, a.kw, true) : std::vector<T>();
     const Geo gf = forward_geo<T>(a);
     int64_t offh = 0, offw = 0;
     const Geo gi = input_grad_geo<T>(a, offh, offw);
+    const auto flipped = mask[0] ? dwcpu::make_taps<T>(wp, a.C, a.kh, a.kw, true, gi) : dwcpu::Taps<T>();
     const int64_t ldg = dwcpu::round_up(a.Wo, V);
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       std::vector<T> xbuf(mask[1] ? gf.size() : 0, T(0));
@@ -164,18 +168,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
       const bool reuse = dwcpu::wgrad_reuse(gf, a.Ho);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % a.C;
+        if (p + 1 < p1) {
+          const int64_t pn = (p + 1);
+          dwcpu::prefetch_plane(gp + pn * a.Ho * a.Wo, a.Ho * a.Wo * sizeof(T));
+          if (mask[1]) dwcpu::prefetch_plane(xp + pn * a.H * a.W, a.H * a.W * sizeof(T));
+          if (mask[0]) dwcpu::prefetch_plane_w(gx.data_ptr<T>() + pn * a.H * a.W, a.H * a.W * sizeof(T));
+        }
         const T* gplane = gp + p * a.Ho * a.Wo;
         if (mask[2]) part_b[p] = dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
         if (mask[1]) {
           for (int64_t oh = 0; oh < a.Ho; ++oh)
-            std::memcpy(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo * sizeof(T));
+            dwcpu::copy_row<T>(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo);
           dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
           dwcpu::weight_grad_plane<T>(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, &part_w[p * K],
                                       reuse ? gcomp : nullptr);
         }
         if (mask[0]) {
           fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
-          dwcpu::correlate_plane<T>(ibuf.data(), gi, &flipped[c * K * V], T(0), gx.data_ptr<T>() + p * a.H * a.W,
+          dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gx.data_ptr<T>() + p * a.H * a.W,
                                     a.W, a.H, a.W);
         }
       }

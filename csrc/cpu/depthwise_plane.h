@@ -102,12 +102,40 @@ inline Geo make_geo(int kh, int kw, int sh, int sw, int dh, int dw, int64_t Ho, 
   return g;
 }
 
+// Copy n elements. Rows of small planes are a few vectors long, where a memcpy call costs more than the
+// copy: whole vectors, the last one overlapping the previous (n >= V), never reading past the row.
+template <typename T>
+VPFAST_HD void copy_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  constexpr int V = Vec<T>::N;
+  if (n < V) {
+    std::memcpy(dst, src, n * sizeof(T));
+    return;
+  }
+  int64_t e = 0;
+  for (; e + V <= n; e += V) storeu<T>(dst + e, loadu<T>(src + e));
+  if (e < n) storeu<T>(dst + n - V, loadu<T>(src + n - V));
+}
+
+// Ask for a plane's cache lines ahead of use (at most the first 16 KiB): the kernels stream planes from
+// memory one after another, and the copy into the scratch plane otherwise waits on each miss in turn.
+inline void prefetch_plane(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  bytes = std::min<int64_t>(bytes, 16384);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+// likewise for a plane about to be written (fetches the lines for ownership)
+inline void prefetch_plane_w(void* p, int64_t bytes) {
+  char* c = static_cast<char*>(p);
+  bytes = std::min<int64_t>(bytes, 16384);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
+}
+
 // Copy an Hd x Wd plane (row stride ldx) into the data region of a scratch plane (whose padding is zero).
 template <typename T>
-void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf) {
+VPFAST_CPU_CLONES void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf) {
   const int64_t Hd = g.rhi - g.rlo, Wd = g.chi - g.clo;
   if (g.sw == 1) {
-    for (int64_t h = 0; h < Hd; ++h) std::memcpy(buf + (g.rlo + h) * g.ld + g.clo, x + h * ldx, Wd * sizeof(T));
+    for (int64_t h = 0; h < Hd; ++h) copy_row<T>(buf + (g.rlo + h) * g.ld + g.clo, x + h * ldx, Wd);
     return;
   }
   for (int64_t h = 0; h < Hd; ++h) {
@@ -120,30 +148,42 @@ void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf) {
   }
 }
 
-// Each tap of each channel as a whole vector of copies ([C, K, V]), optionally with the taps flipped.
-// The hot loop loads these instead of broadcasting: GCC 12 expands a broadcast inside a target_clones
-// function into 16 masked inserts (with -mavx512f on the command line it is one vbroadcastss).
+bool row_kernels_cover(const Geo& g);
+
+// The filter taps of every channel, optionally flipped (the input gradient correlates with the flipped filter).
+// The general loops read each tap as a whole vector of copies ([C, K, V]): GCC 12 expands a broadcast inside a
+// target_clones function into 16 masked inserts. The row kernels (AVX-512 only) broadcast scalar taps
+// ([C, K]) instead, which keeps a channel's filter in a few cache lines rather than one line per tap.
 template <typename T>
-std::vector<T> splat_table(const T* w, int64_t C, int kh, int kw, bool flip) {
-  constexpr int V = Vec<T>::N;
-  const int64_t K = (int64_t)kh * kw;
-  std::vector<T> tab(C * K * V);
+struct Taps {
+  int64_t K = 0, stride = 0;  // taps per channel, elements per channel
+  std::vector<T> w;
+  const T* of(int64_t c) const { return w.data() + c * stride; }
+};
+
+template <typename T>
+Taps<T> make_taps(const T* w, int64_t C, int kh, int kw, bool flip, const Geo& g) {
+  const int V = row_kernels_cover(g) ? 1 : Vec<T>::N;
+  Taps<T> t;
+  t.K = (int64_t)kh * kw;
+  t.stride = t.K * V;
+  t.w.resize(C * t.stride);
   for (int64_t c = 0; c < C; ++c)
     for (int i = 0; i < kh; ++i)
       for (int j = 0; j < kw; ++j) {
-        const T v = flip ? w[c * K + (kh - 1 - i) * kw + (kw - 1 - j)] : w[c * K + i * kw + j];
-        T* dst = &tab[((c * K) + i * kw + j) * V];
+        const T v = flip ? w[c * t.K + (kh - 1 - i) * kw + (kw - 1 - j)] : w[c * t.K + i * kw + j];
+        T* dst = &t.w[c * t.stride + (i * kw + j) * V];
         for (int e = 0; e < V; ++e) dst[e] = v;
       }
-  return tab;
+  return t;
 }
 
 // out[oh*ldo + ow] = init + sum_{i,j} w[i*kw + j] * plane(oh*sh + i*dh, ow*sw + j*dw), oh < Ho, ow < Wo,
 // with the taps given as a splat table wtab [K, V]. Taps that would only read padding for a whole block
 // are skipped.
 template <typename T>
-VPFAST_CPU_CLONES void correlate_plane(const T* __restrict__ in, const Geo& g, const T* __restrict__ wtab, T init,
-                                       T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
+VPFAST_CPU_CLONES void correlate_general(const T* __restrict__ in, const Geo& g, const T* __restrict__ wtab, T init,
+                                         T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
   constexpr int V = Vec<T>::N, R = kRows;
   using vec = vec_t<T>;
   const int64_t rstep = (int64_t)g.sh * g.ld;
@@ -222,9 +262,9 @@ constexpr int kTapRows = 8;  // weight-gradient tap rows per sweep in the stride
 // Ho >= 32), it must point at row 0 of a copy of gr with kTapRows - 1 zero rows above and below: then one
 // load of an input row feeds kTapRows tap rows at once.
 template <typename T>
-VPFAST_CPU_CLONES void weight_grad_plane(const T* __restrict__ in, const Geo& g, const T* __restrict__ gr,
-                                         int64_t ldg, int64_t Ho, int64_t Wo, T* __restrict__ dw,
-                                         const T* __restrict__ gpad = nullptr) {
+VPFAST_CPU_CLONES void weight_grad_general(const T* __restrict__ in, const Geo& g, const T* __restrict__ gr,
+                                           int64_t ldg, int64_t Ho, int64_t Wo, T* __restrict__ dw,
+                                           const T* __restrict__ gpad) {
   constexpr int V = Vec<T>::N, J = kTapsPerPass, I = kTapRows;
   using vec = vec_t<T>;
   const int64_t Wr = round_up(Wo, V);
@@ -270,6 +310,174 @@ VPFAST_CPU_CLONES void weight_grad_plane(const T* __restrict__ in, const Geo& g,
       for (int t = 0; t < nj; ++t) dw[i * g.kw + j0 + t] = hsum<T>(acc[t]);
     }
   }
+}
+
+// ---- small filters at vertical stride 1: every loaded input row feeds every output row it reaches ----------
+//
+// The general loops above issue one unaligned load per multiply-add (the column shift of tap j rarely
+// falls on a vector boundary, so most of those loads split across two cache lines). For the 3/5/7-tap filters
+// of gSTA and TAU on small maps that load traffic, not arithmetic, set the speed. Here a block of R output
+// rows lives in registers, the KH weights of one tap column are held in registers too, and each shifted input
+// row is loaded once and multiplied into the up to KH output rows that read it (output row r reads input row
+// r + i*DH through tap row i). The filter height, tap-row dilation and block height are compile-time constants
+// so that every accumulator index is known and the blocks stay in registers (R + KH + 1 <= 24 of 32).
+
+// These kernels are compiled for AVX-512 only (other CPUs take the general loops): they need the 32 vector
+// registers, and `pin` keeps a loaded row in one of them. Without it GCC's register allocator, short of
+// registers, re-reads the row from memory in every multiply-add that uses it, which brings back the
+// one-split-load-per-FMA pattern these kernels exist to avoid. (The asm constraint cannot be met by the
+// AVX2 and baseline clones, where a 64-byte vector spans several registers.)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define VPFAST_AVX512 __attribute__((target("avx512f")))
+#define VPFAST_ROW_KERNELS 1
+inline bool row_kernels_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+template <typename V>
+VPFAST_HD void pin(V& v) {
+  asm("" : "+v"(v));
+}
+#else
+#define VPFAST_AVX512
+#define VPFAST_ROW_KERNELS 0
+inline bool row_kernels_available() { return false; }
+template <typename V>
+VPFAST_HD void pin(V&) {}
+#endif
+
+template <typename T, int KH, int DH, int R>
+VPFAST_AVX512 void correlate_rows(const T* __restrict__ in, const Geo& g, const T* __restrict__ taps, T init,
+                                  T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
+  constexpr int V = Vec<T>::N, NT = R + (KH - 1) * DH;
+  using vec = vec_t<T>;
+  const int64_t ld = g.ld;
+  for (int64_t oh0 = 0; oh0 < Ho; oh0 += R) {
+    const int64_t nr = std::min<int64_t>(R, Ho - oh0);
+    for (int64_t ow0 = 0; ow0 < Wo; ow0 += V) {
+      const int64_t nc = std::min<int64_t>(V, Wo - ow0);
+      int j0, j1;
+      dw::tap_range(ow0 * g.sw, (ow0 + nc - 1) * g.sw, g.dw, g.kw, g.clo, g.chi, j0, j1);
+      vec acc[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = splat<T>(init);
+      for (int j = j0; j < j1; ++j) {
+        vec w[KH];
+#pragma GCC unroll 8
+        for (int i = 0; i < KH; ++i) w[i] = splat<T>(taps[i * g.kw + j]);
+        const T* base = in + oh0 * ld + ow0 + g.coff[j];
+#pragma GCC unroll 64
+        for (int t = 0; t < NT; ++t) {
+          vec x = loadu<T>(base + t * ld);
+          pin(x);
+#pragma GCC unroll 8
+          for (int i = 0; i < KH; ++i) {
+            const int r = t - i * DH;
+            if (r >= 0 && r < R) acc[r] += x * w[i];
+          }
+        }
+      }
+      if (nc == V) {
+        for (int r = 0; r < nr; ++r) storeu<T>(out + (oh0 + r) * ldo + ow0, acc[r]);
+      } else {
+        for (int r = 0; r < nr; ++r) {
+          T tmp[V];
+          storeu<T>(tmp, acc[r]);
+          for (int64_t e = 0; e < nc; ++e) out[(oh0 + r) * ldo + ow0 + e] = tmp[e];
+        }
+      }
+    }
+  }
+}
+
+// dw[i*kw + j] for a small filter at vertical stride 1: a block of R gradient rows stays in registers and
+// each shifted input row is loaded once per tap column and multiplied into the KH tap rows that pair it with a
+// row of the block. gr must read zero in columns [Wo, round_up(Wo, V)).
+template <typename T, int KH, int DH, int R>
+VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, const T* __restrict__ gr, int64_t ldg,
+                                        int64_t Ho, int64_t Wo, T* __restrict__ dw) {
+  constexpr int V = Vec<T>::N, NT = R + (KH - 1) * DH;
+  using vec = vec_t<T>;
+  const int64_t ld = g.ld, Wr = round_up(Wo, V);
+  for (int j = 0; j < g.kw; ++j) {
+    vec acc[KH];
+#pragma GCC unroll 8
+    for (int i = 0; i < KH; ++i) acc[i] = splat<T>(T(0));
+    for (int64_t oh0 = 0; oh0 < Ho; oh0 += R) {
+      const int64_t nr = std::min<int64_t>(R, Ho - oh0);
+      for (int64_t ow0 = 0; ow0 < Wr; ow0 += V) {
+        vec gv[R];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) gv[r] = r < nr ? loadu<T>(gr + (oh0 + r) * ldg + ow0) : splat<T>(T(0));
+        const T* base = in + oh0 * ld + ow0 + g.coff[j];
+#pragma GCC unroll 64
+        for (int t = 0; t < NT; ++t) {
+          vec x = loadu<T>(base + t * ld);
+          pin(x);
+#pragma GCC unroll 8
+          for (int i = 0; i < KH; ++i) {
+            const int r = t - i * DH;
+            if (r >= 0 && r < R) acc[i] += x * gv[r];
+          }
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < KH; ++i) dw[i * g.kw + j] = hsum<T>(acc[i]);
+  }
+}
+
+// Calls f(KH, DH) with compile-time constants when the row kernels cover the filter (3, 5 or 7 tap rows,
+// tap-row dilation 1 to 3, vertical stride 1); returns false otherwise.
+inline bool row_kernels_cover(const Geo& g) {
+  return row_kernels_available() && g.sh == 1 && g.dh >= 1 && g.dh <= 3 && (g.kh == 3 || g.kh == 5 || g.kh == 7);
+}
+
+template <typename F>
+bool with_small_filter(const Geo& g, F&& f) {
+  if (!row_kernels_cover(g)) return false;
+  auto pick_dh = [&](auto kh) {
+    switch (g.dh) {
+      case 1: f(kh, std::integral_constant<int, 1>{}); break;
+      case 2: f(kh, std::integral_constant<int, 2>{}); break;
+      default: f(kh, std::integral_constant<int, 3>{}); break;
+    }
+    return true;
+  };
+  switch (g.kh) {
+    case 3: return pick_dh(std::integral_constant<int, 3>{});
+    case 5: return pick_dh(std::integral_constant<int, 5>{});
+    case 7: return pick_dh(std::integral_constant<int, 7>{});
+    default: return false;
+  }
+}
+
+// out = init + correlation of the scratch plane with channel c's filter (see correlate_general); the taps
+// must have been made for the same geometry.
+template <typename T>
+void correlate_plane(const T* in, const Geo& g, const Taps<T>& taps, int64_t c, T init, T* out, int64_t ldo,
+                     int64_t Ho, int64_t Wo) {
+  const T* w = taps.of(c);
+  const bool done = with_small_filter(g, [&](auto kh, auto dh) {
+    if (Ho <= 8)
+      correlate_rows<T, decltype(kh)::value, decltype(dh)::value, 8>(in, g, w, init, out, ldo, Ho, Wo);
+    else
+      correlate_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, w, init, out, ldo, Ho, Wo);
+  });
+  if (!done) correlate_general<T>(in, g, w, init, out, ldo, Ho, Wo);
+}
+
+// Weight gradient of one plane (see weight_grad_general; gpad is only read by its tap-row reuse path).
+template <typename T>
+void weight_grad_plane(const T* in, const Geo& g, const T* gr, int64_t ldg, int64_t Ho, int64_t Wo, T* dw,
+                       const T* gpad = nullptr) {
+  const bool done = with_small_filter(g, [&](auto kh, auto dh) {
+    if (Ho <= 8)
+      weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 8>(in, g, gr, ldg, Ho, Wo, dw);
+    else
+      weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, gr, ldg, Ho, Wo, dw);
+  });
+  if (!done) weight_grad_general<T>(in, g, gr, ldg, Ho, Wo, dw, gpad);
 }
 
 // Whether weight_grad_plane's tap-row reuse path applies, and the padded gradient copy it needs.

@@ -82,18 +82,21 @@ at::Tensor lka_forward_cpu(const at::Tensor& x, const at::Tensor& w0, const std:
     T* op = out.data_ptr<T>();
     const Geo g0 = stage_geo<T>(a, a.k0h, a.k0w, a.d0h, a.d0w);
     const Geo g1 = stage_geo<T>(a, a.k1h, a.k1w, a.d1h, a.d1w);
-    constexpr int V = dwcpu::Vec<T>::N;
-    const int64_t K0 = (int64_t)a.k0h * a.k0w, K1 = (int64_t)a.k1h * a.k1w, HW = a.H * a.W;
-    const auto t0 = dwcpu::splat_table<T>(w0p, a.C, a.k0h, a.k0w, false);
-    const auto t1 = dwcpu::splat_table<T>(w1p, a.C, a.k1h, a.k1w, false);
+    const int64_t HW = a.H * a.W;
+    const auto t0 = dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false, g0);
+    const auto t1 = dwcpu::make_taps<T>(w1p, a.C, a.k1h, a.k1w, false, g1);
     at::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
       std::vector<T> buf0(g0.size(), T(0)), buf1(g1.size(), T(0));
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % a.C;
+        if (p + 1 < p1) {
+          dwcpu::prefetch_plane(xp + (p + 1) * HW, HW * sizeof(T));
+          dwcpu::prefetch_plane_w(op + (p + 1) * HW, HW * sizeof(T));
+        }
         dwcpu::fill_plane<T>(g0, xp + p * HW, a.W, buf0.data());
-        dwcpu::correlate_plane<T>(buf0.data(), g0, &t0[c * K0 * V], b0p ? b0p[c] : T(0), interior(g1, buf1.data()),
+        dwcpu::correlate_plane<T>(buf0.data(), g0, t0, c, b0p ? b0p[c] : T(0), interior(g1, buf1.data()),
                                   g1.ld, a.H, a.W);
-        dwcpu::correlate_plane<T>(buf1.data(), g1, &t1[c * K1 * V], b1p ? b1p[c] : T(0), op + p * HW, a.W, a.H, a.W);
+        dwcpu::correlate_plane<T>(buf1.data(), g1, t1, c, b1p ? b1p[c] : T(0), op + p * HW, a.W, a.H, a.W);
       }
     });
   });
@@ -130,10 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lka_backw
     const T* b0p = B0.defined() ? B0.data_ptr<T>() : nullptr;
     const Geo g0 = stage_geo<T>(a, a.k0h, a.k0w, a.d0h, a.d0w);
     const Geo g1 = stage_geo<T>(a, a.k1h, a.k1w, a.d1h, a.d1w);
-    constexpr int V = dwcpu::Vec<T>::N;
-    const auto t0 = need_mid ? dwcpu::splat_table<T>(w0p, a.C, a.k0h, a.k0w, false) : std::vector<T>();
-    const auto f0 = mask[0] ? dwcpu::splat_table<T>(w0p, a.C, a.k0h, a.k0w, true) : std::vector<T>();
-    const auto f1 = need_gmid ? dwcpu::splat_table<T>(W1.data_ptr<T>(), a.C, a.k1h, a.k1w, true) : std::vector<T>();
+    const auto t0 = need_mid ? dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false, g0) : dwcpu::Taps<T>();
+    const auto f0 = mask[0] ? dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, true, g0) : dwcpu::Taps<T>();
+    const auto f1 = need_gmid ? dwcpu::make_taps<T>(W1.data_ptr<T>(), a.C, a.k1h, a.k1w, true, g1) : dwcpu::Taps<T>();
     // the tap-row reuse path of the weight gradient needs kTapRows-1 zero rows around the gradient plane;
     // the scratch planes have them when their padding is deep enough
     auto reuse_ok = [&](const Geo& g) {
@@ -149,22 +151,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lka_backw
           gmb(need_gmid ? g0.size() : 0, T(0));
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % a.C;
+        if (p + 1 < p1) {
+          const int64_t pn = (p + 1);
+          dwcpu::prefetch_plane(gp + pn * HW, HW * sizeof(T));
+          dwcpu::prefetch_plane(xp + pn * HW, HW * sizeof(T));
+          if (mask[0]) dwcpu::prefetch_plane_w(gx.data_ptr<T>() + pn * HW, HW * sizeof(T));
+        }
         dwcpu::fill_plane<T>(g1, gp + p * HW, a.W, gb.data());
         const T* g_in = interior(g1, gb.data());
         if (mask[4]) pb1[p] = dwcpu::plane_sum<T>(g_in, g1.ld, a.H, a.W);
         if (need_mid || mask[1]) dwcpu::fill_plane<T>(g0, xp + p * HW, a.W, xb.data());
         if (need_mid) {
-          dwcpu::correlate_plane<T>(xb.data(), g0, &t0[c * K0 * V], b0p ? b0p[c] : T(0), interior(g1, mb.data()),
+          dwcpu::correlate_plane<T>(xb.data(), g0, t0, c, b0p ? b0p[c] : T(0), interior(g1, mb.data()),
                                     g1.ld, a.H, a.W);
           dwcpu::weight_grad_plane<T>(mb.data(), g1, g_in, g1.ld, a.H, a.W, &pw1[p * K1], reuse1 ? g_in : nullptr);
         }
         if (!need_gmid) continue;
         T* gm = interior(g0, gmb.data());
-        dwcpu::correlate_plane<T>(gb.data(), g1, &f1[c * K1 * V], T(0), gm, g0.ld, a.H, a.W);
+        dwcpu::correlate_plane<T>(gb.data(), g1, f1, c, T(0), gm, g0.ld, a.H, a.W);
         if (mask[2]) pb0[p] = dwcpu::plane_sum<T>(gm, g0.ld, a.H, a.W);
         if (mask[1]) dwcpu::weight_grad_plane<T>(xb.data(), g0, gm, g0.ld, a.H, a.W, &pw0[p * K0], reuse0 ? gm : nullptr);
         if (mask[0])
-          dwcpu::correlate_plane<T>(gmb.data(), g0, &f0[c * K0 * V], T(0), gx.data_ptr<T>() + p * HW, a.W, a.H, a.W);
+          dwcpu::correlate_plane<T>(gmb.data(), g0, f0, c, T(0), gx.data_ptr<T>() + p * HW, a.W, a.H, a.W);
       }
     });
     if (mask[1]) dwcpu::reduce_batch<T>(pw0.data(), a.B, a.C, K0, gw0.data_ptr<T>());
