@@ -108,7 +108,7 @@ at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& w
     const scalar_t* bp = Bt.defined() ? Bt.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const Geo g = forward_geo<scalar_t>(a);
-    const auto taps = dwcpu::make_taps<scalar_t>(wp, a.C, a.kh, a.kw, false, g);
+    const auto taps = dwcpu::make_taps<scalar_t>(wp, a.C, a.kh, a.kw, false);
     at::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
       // zero once: every plane overwrites the same data region, the padding stays zero
       std::vector<scalar_t> buf(g.size(), scalar_t(0));
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const Geo gf = forward_geo<T>(a);
     int64_t offh = 0, offw = 0;
     const Geo gi = input_grad_geo<T>(a, offh, offw);
-    const auto flipped = mask[0] ? dwcpu::make_taps<T>(wp, a.C, a.kh, a.kw, true, gi) : dwcpu::Taps<T>();
+    const auto flipped = mask[0] ? dwcpu::make_taps<T>(wp, a.C, a.kh, a.kw, true) : dwcpu::Taps<T>();
     const int64_t ldg = dwcpu::round_up(a.Wo, V);
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       std::vector<T> xbuf(mask[1] ? gf.size() : 0, T(0));

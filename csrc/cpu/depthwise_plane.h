@@ -44,9 +44,11 @@ template <typename T>
 VPFAST_HD void storeu(T* p, const vec_t<T>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// (written as vector + scalar: GCC 12 turns that into one broadcast, but expands `s - vec{}` or a braced list
+// inside a target-attributed function into 16 masked inserts; -0 becomes +0, which no caller minds)
 template <typename T>
-VPFAST_HD vec_t<T> splat(T s) {  // fine outside hot loops (see splat_table)
-  return s - vec_t<T>{};
+VPFAST_HD vec_t<T> splat(T s) {
+  return vec_t<T>{} + s;
 }
 // horizontal sum as a fixed tree of half-vector adds (deterministic, and short: the weight gradient does one
 // per tap and plane)
@@ -148,12 +150,36 @@ VPFAST_CPU_CLONES void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf)
   }
 }
 
-bool row_kernels_cover(const Geo& g);
+// The row kernels below and the scalar-tap variant of the general loops are compiled for AVX-512 only (other
+// CPUs take the cloned general loops): they need the 32 vector registers and cheap broadcasts, and `pin` keeps a
+// loaded row in a register. Without it GCC's register allocator, short of
+// registers, re-reads the row from memory in every multiply-add that uses it, which brings back the
+// one-split-load-per-FMA pattern these kernels exist to avoid. (The asm constraint cannot be met by the
+// AVX2 and baseline clones, where a 64-byte vector spans several registers.)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define VPFAST_AVX512 __attribute__((target("avx512f")))
+#define VPFAST_ROW_KERNELS 1
+inline bool row_kernels_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+template <typename V>
+VPFAST_HD void pin(V& v) {
+  asm("" : "+v"(v));
+}
+#else
+#define VPFAST_AVX512
+#define VPFAST_ROW_KERNELS 0
+inline bool row_kernels_available() { return false; }
+template <typename V>
+VPFAST_HD void pin(V&) {}
+#endif
 
 // The filter taps of every channel, optionally flipped (the input gradient correlates with the flipped filter).
-// The general loops read each tap as a whole vector of copies ([C, K, V]): GCC 12 expands a broadcast inside a
-// target_clones function into 16 masked inserts. The row kernels (AVX-512 only) broadcast scalar taps
-// ([C, K]) instead, which keeps a channel's filter in a few cache lines rather than one line per tap.
+// With AVX-512 every kernel broadcasts scalar taps ([C, K]): a channel's filter fits in a few cache lines. The
+// cloned AVX2/baseline loops read each tap as a whole vector of copies ([C, K, V]) instead, because GCC 12
+// expands a broadcast inside a target_clones function into 16 masked inserts; that table is 16 times larger
+// and, for large filters, no longer fits in L1 next to the plane.
 template <typename T>
 struct Taps {
   int64_t K = 0, stride = 0;  // taps per channel, elements per channel
@@ -162,8 +188,8 @@ struct Taps {
 };
 
 template <typename T>
-Taps<T> make_taps(const T* w, int64_t C, int kh, int kw, bool flip, const Geo& g) {
-  const int V = row_kernels_cover(g) ? 1 : Vec<T>::N;
+Taps<T> make_taps(const T* w, int64_t C, int kh, int kw, bool flip) {
+  const int V = row_kernels_available() ? 1 : Vec<T>::N;
   Taps<T> t;
   t.K = (int64_t)kh * kw;
   t.stride = t.K * V;
@@ -179,12 +205,16 @@ Taps<T> make_taps(const T* w, int64_t C, int kh, int kw, bool flip, const Geo& g
 }
 
 // out[oh*ldo + ow] = init + sum_{i,j} w[i*kw + j] * plane(oh*sh + i*dh, ow*sw + j*dw), oh < Ho, ow < Wo,
-// with the taps given as a splat table wtab [K, V]. Taps that would only read padding for a whole block
-// are skipped.
-template <typename T>
-VPFAST_CPU_CLONES void correlate_general(const T* __restrict__ in, const Geo& g, const T* __restrict__ wtab, T init,
-                                         T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
+// with the taps given as a table wtab [K, TS]: TS = V splatted copies per tap, or TS = 1 scalar taps (broadcast
+// on use; AVX-512 builds only, see Taps). Taps that would only read padding for a whole block are skipped.
+template <typename T, int TS>
+VPFAST_HD void correlate_general_body(const T* __restrict__ in, const Geo& g, const T* __restrict__ wtab, T init,
+                                      T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
   constexpr int V = Vec<T>::N, R = kRows;
+  // a tap as a scalar (vector * scalar compiles to a broadcast operand) or as its splatted vector
+  auto tap = [](const T* p) {
+    if constexpr (TS == 1) return *p; else return loadu<T>(p);
+  };
   using vec = vec_t<T>;
   const int64_t rstep = (int64_t)g.sh * g.ld;
   for (int64_t oh0 = 0; oh0 < Ho; oh0 += R) {
@@ -202,37 +232,40 @@ VPFAST_CPU_CLONES void correlate_general(const T* __restrict__ in, const Geo& g,
         // input row t feeds every output row of the block (R FMAs, weights from the aligned table) instead
         // of one; the first and last R-1 rows feed fewer (compile-time unrolled edges)
         const int kh = i1 - i0;
-        const int64_t wrow = (int64_t)g.kw * V;
+        const int64_t wrow = (int64_t)g.kw * TS;
         for (int j = j0; j < j1; ++j) {
           const T* base = in + (oh0 + i0) * g.ld + ow0 + g.coff[j];
-          const T* wj = wtab + (int64_t)i0 * wrow + (int64_t)j * V;
+          const T* wj = wtab + (int64_t)i0 * wrow + (int64_t)j * TS;
 #pragma GCC unroll 16
           for (int t = 0; t < R - 1; ++t) {
-            const vec x = loadu<T>(base + t * g.ld);
+            vec x = loadu<T>(base + t * g.ld);
+            if constexpr (TS == 1) pin(x);
 #pragma GCC unroll 16
-            for (int r = 0; r <= t; ++r) acc[r] += x * loadu<T>(wj + (t - r) * wrow);
+            for (int r = 0; r <= t; ++r) acc[r] += x * tap(wj + (t - r) * wrow);
           }
           for (int t = R - 1; t < kh; ++t) {
-            const vec x = loadu<T>(base + t * g.ld);
+            vec x = loadu<T>(base + t * g.ld);
+            if constexpr (TS == 1) pin(x);
             const T* wt = wj + (int64_t)t * wrow;
 #pragma GCC unroll 16
-            for (int r = 0; r < R; ++r) acc[r] += x * loadu<T>(wt - r * wrow);
+            for (int r = 0; r < R; ++r) acc[r] += x * tap(wt - r * wrow);
           }
           const T* bt = base + (int64_t)kh * g.ld;
           const T* wt = wj + (int64_t)kh * wrow;
 #pragma GCC unroll 16
           for (int t = 0; t < R - 1; ++t) {
-            const vec x = loadu<T>(bt + t * g.ld);
+            vec x = loadu<T>(bt + t * g.ld);
+            if constexpr (TS == 1) pin(x);
 #pragma GCC unroll 16
-            for (int r = t + 1; r < R; ++r) acc[r] += x * loadu<T>(wt + (t - r) * wrow);
+            for (int r = t + 1; r < R; ++r) acc[r] += x * tap(wt + (t - r) * wrow);
           }
         }
       } else {
         for (int i = i0; i < i1; ++i) {
           const T* rp = in + (oh0 * g.sh + (int64_t)i * g.dh) * g.ld + ow0;
-          const T* wr = wtab + (int64_t)i * g.kw * V;
+          const T* wr = wtab + (int64_t)i * g.kw * TS;
           for (int j = j0; j < j1; ++j) {
-            const vec wv = loadu<T>(wr + j * V);
+            const auto wv = tap(wr + j * TS);
             const T* p = rp + g.coff[j];
             for (int r = 0; r < R; ++r) acc[r] += wv * loadu<T>(p + r * rstep);
           }
@@ -249,6 +282,18 @@ VPFAST_CPU_CLONES void correlate_general(const T* __restrict__ in, const Geo& g,
       }
     }
   }
+}
+
+template <typename T>
+VPFAST_CPU_CLONES void correlate_general(const T* __restrict__ in, const Geo& g, const T* __restrict__ wtab, T init,
+                                         T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
+  correlate_general_body<T, Vec<T>::N>(in, g, wtab, init, out, ldo, Ho, Wo);
+}
+
+template <typename T>
+VPFAST_AVX512 void correlate_general_scalar_taps(const T* __restrict__ in, const Geo& g, const T* __restrict__ taps,
+                                                 T init, T* __restrict__ out, int64_t ldo, int64_t Ho, int64_t Wo) {
+  correlate_general_body<T, 1>(in, g, taps, init, out, ldo, Ho, Wo);
 }
 
 constexpr int kTapsPerPass = 6;  // weight-gradient taps accumulated per sweep over the plane
@@ -273,19 +318,29 @@ VPFAST_CPU_CLONES void weight_grad_general(const T* __restrict__ in, const Geo& 
     for (int i0 = 0; i0 < g.kh; i0 += I) {
       const int ni = std::min(I, g.kh - i0);
       const int64_t r_lo = std::max<int64_t>(i0, g.rlo), r_hi = std::min<int64_t>(i0 + ni - 1 + Ho, g.rhi);
-      for (int j = 0; j < g.kw; ++j) {
-        vec acc[I];
-        for (int t = 0; t < I; ++t) acc[t] = splat<T>(T(0));
+      // two tap columns per sweep: the I gradient rows loaded for one input row serve both (an odd last
+      // column is computed twice and stored once)
+      for (int j = 0; j < g.kw; j += 2) {
+        const int j1 = std::min(j + 1, g.kw - 1);
+        vec acc0[I], acc1[I];
+        for (int t = 0; t < I; ++t) acc0[t] = acc1[t] = splat<T>(T(0));
         for (int64_t r = r_lo; r < r_hi; ++r) {
-          const T* xr = in + r * g.ld + g.coff[j];
+          const T* xr0 = in + r * g.ld + g.coff[j];
+          const T* xr1 = in + r * g.ld + g.coff[j1];
           const T* gp = gpad + (r - i0) * ldg;
           for (int64_t ow0 = 0; ow0 < Wr; ow0 += V) {
-            const vec x = loadu<T>(xr + ow0);
+            const vec x0 = loadu<T>(xr0 + ow0), x1 = loadu<T>(xr1 + ow0);
 #pragma GCC unroll 16
-            for (int t = 0; t < I; ++t) acc[t] += x * loadu<T>(gp - t * ldg + ow0);
+            for (int t = 0; t < I; ++t) {
+              const vec gv = loadu<T>(gp - t * ldg + ow0);
+              acc0[t] += x0 * gv;
+              acc1[t] += x1 * gv;
+            }
           }
         }
-        for (int t = 0; t < ni; ++t) dw[(i0 + t) * g.kw + j] = hsum<T>(acc[t]);
+        for (int t = 0; t < ni; ++t) dw[(i0 + t) * g.kw + j] = hsum<T>(acc0[t]);
+        if (j1 != j)
+          for (int t = 0; t < ni; ++t) dw[(i0 + t) * g.kw + j1] = hsum<T>(acc1[t]);
       }
     }
     return;
@@ -322,29 +377,6 @@ VPFAST_CPU_CLONES void weight_grad_general(const T* __restrict__ in, const Geo& 
 // r + i*DH through tap row i). The filter height, tap-row dilation and block height are compile-time constants
 // so that every accumulator index is known and the blocks stay in registers (R + KH + 1 <= 24 of 32).
 
-// These kernels are compiled for AVX-512 only (other CPUs take the general loops): they need the 32 vector
-// registers, and `pin` keeps a loaded row in one of them. Without it GCC's register allocator, short of
-// registers, re-reads the row from memory in every multiply-add that uses it, which brings back the
-// one-split-load-per-FMA pattern these kernels exist to avoid. (The asm constraint cannot be met by the
-// AVX2 and baseline clones, where a 64-byte vector spans several registers.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
-#define VPFAST_AVX512 __attribute__((target("avx512f")))
-#define VPFAST_ROW_KERNELS 1
-inline bool row_kernels_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
-template <typename V>
-VPFAST_HD void pin(V& v) {
-  asm("" : "+v"(v));
-}
-#else
-#define VPFAST_AVX512
-#define VPFAST_ROW_KERNELS 0
-inline bool row_kernels_available() { return false; }
-template <typename V>
-VPFAST_HD void pin(V&) {}
-#endif
 
 template <typename T, int KH, int DH, int R>
 VPFAST_AVX512 void correlate_rows(const T* __restrict__ in, const Geo& g, const T* __restrict__ taps, T init,
@@ -464,7 +496,11 @@ void correlate_plane(const T* in, const Geo& g, const Taps<T>& taps, int64_t c, 
     else
       correlate_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, w, init, out, ldo, Ho, Wo);
   });
-  if (!done) correlate_general<T>(in, g, w, init, out, ldo, Ho, Wo);
+  if (done) return;
+  if (row_kernels_available())
+    correlate_general_scalar_taps<T>(in, g, w, init, out, ldo, Ho, Wo);
+  else
+    correlate_general<T>(in, g, w, init, out, ldo, Ho, Wo);
 }
 
 // Weight gradient of one plane (see weight_grad_general; gpad is only read by its tap-row reuse path).

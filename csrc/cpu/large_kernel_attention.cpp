@@ -83,8 +83,8 @@ at::Tensor lka_forward_cpu(const at::Tensor& x, const at::Tensor& w0, const std:
     const Geo g0 = stage_geo<T>(a, a.k0h, a.k0w, a.d0h, a.d0w);
     const Geo g1 = stage_geo<T>(a, a.k1h, a.k1w, a.d1h, a.d1w);
     const int64_t HW = a.H * a.W;
-    const auto t0 = dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false, g0);
-    const auto t1 = dwcpu::make_taps<T>(w1p, a.C, a.k1h, a.k1w, false, g1);
+    const auto t0 = dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false);
+    const auto t1 = dwcpu::make_taps<T>(w1p, a.C, a.k1h, a.k1w, false);
     at::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
       std::vector<T> buf0(g0.size(), T(0)), buf1(g1.size(), T(0));
       for (int64_t p = p0; p < p1; ++p) {
@@ -133,9 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lka_backw
     const T* b0p = B0.defined() ? B0.data_ptr<T>() : nullptr;
     const Geo g0 = stage_geo<T>(a, a.k0h, a.k0w, a.d0h, a.d0w);
     const Geo g1 = stage_geo<T>(a, a.k1h, a.k1w, a.d1h, a.d1w);
-    const auto t0 = need_mid ? dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false, g0) : dwcpu::Taps<T>();
-    const auto f0 = mask[0] ? dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, true, g0) : dwcpu::Taps<T>();
-    const auto f1 = need_gmid ? dwcpu::make_taps<T>(W1.data_ptr<T>(), a.C, a.k1h, a.k1w, true, g1) : dwcpu::Taps<T>();
+    const auto t0 = need_mid ? dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false) : dwcpu::Taps<T>();
+    const auto f0 = mask[0] ? dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, true) : dwcpu::Taps<T>();
+    const auto f1 = need_gmid ? dwcpu::make_taps<T>(W1.data_ptr<T>(), a.C, a.k1h, a.k1w, true) : dwcpu::Taps<T>();
     // the tap-row reuse path of the weight gradient needs kTapRows-1 zero rows around the gradient plane;
     // the scratch planes have them when their padding is deep enough
     auto reuse_ok = [&](const Geo& g) {
