@@ -107,6 +107,15 @@ def test_row_kernels(dtype, case):
         torch.testing.assert_close(a / scale, r / scale, **_tol(dtype), msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("shape", [(5, 20, 9, 10, 5), (7, 9, 16, 16, 21), (3, 70, 4, 33, 3)], ids=str)
+def test_weight_grad_batch_chunks(shape):
+    """The CPU backward sums weight/bias gradients per (channel, chunk of samples) and then over chunks; these
+    shapes give uneven chunks, an empty last chunk (B=5, C=20: 4 chunks of 2) and one chunk per channel."""
+    _skip_unless("cpp")
+    B, C, H, W, k = shape
+    _compare("cpp", *_inputs(B, C, H, W, k, k, torch.float64))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_channels_last(backend):
     _skip_unless(backend)

@@ -2,9 +2,10 @@
 // copies its plane into a zero-padded scratch buffer that stays in cache and runs the register-blocked,
 // W-vectorised loops of cpu/depthwise_plane.h.
 //
-// Backward, per plane: grad_x is the correlation of the zero-upsampled output gradient with the flipped
-// filter; the weight and bias gradients are per-plane partial sums, reduced over the batch in a fixed order
-// afterwards (no atomics, identical bits on every run and for every thread count).
+// Backward, one task per (channel, chunk of samples): grad_x of each plane is the correlation of the
+// zero-upsampled output gradient with the flipped filter; the weight and bias gradients are summed over the
+// chunk's planes in order, then over the chunks in order (no atomics, identical bits on every run and for
+// every thread count; see dwcpu::batch_chunks).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -152,46 +153,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const T* gp = G.data_ptr<T>();
     const T* xp = X.data_ptr<T>();
     const T* wp = Wt.data_ptr<T>();
-    std::vector<T> part_w(mask[1] ? P * K : 0), part_b(mask[2] ? P : 0);
     const Geo gf = forward_geo<T>(a);
     int64_t offh = 0, offw = 0;
     const Geo gi = input_grad_geo<T>(a, offh, offw);
     const auto flipped = mask[0] ? dwcpu::make_taps<T>(wp, a.C, a.kh, a.kw, true) : dwcpu::Taps<T>();
     const int64_t ldg = dwcpu::round_up(a.Wo, V);
-    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    const bool reuse = dwcpu::wgrad_reuse(gf, a.Ho);
+    // the weight gradient reads the output gradient in place when its rows are whole vectors (and no padded
+    // copy is needed for the tap-row reuse path)
+    const bool direct = a.Wo % V == 0 && !reuse;
+    const int64_t NB = dwcpu::batch_chunks(a.B, a.C), Bc = (a.B + NB - 1) / NB;
+    std::vector<T> part_w(mask[1] ? NB * a.C * K : 0), part_b(mask[2] ? NB * a.C : 0);
+    T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
+    at::parallel_for(0, a.C * NB, 1, [&](int64_t t0, int64_t t1) {
       std::vector<T> xbuf(mask[1] ? gf.size() : 0, T(0));
       std::vector<T> ibuf(mask[0] ? gi.size() : 0, T(0));
-      // grad plane with zero tail columns and kTapRows-1 zero rows above and below (weight_grad_plane)
+      // grad plane with zero tail columns and kTapRows-1 zero rows above and below (weight_grad_general)
       constexpr int64_t pad = dwcpu::kTapRows - 1;
-      std::vector<T> gpadded(mask[1] ? (a.Ho + 2 * pad) * ldg : 0, T(0));
-      T* gcomp = mask[1] ? gpadded.data() + pad * ldg : nullptr;
-      const bool reuse = dwcpu::wgrad_reuse(gf, a.Ho);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % a.C;
-        if (p + 1 < p1) {
-          const int64_t pn = (p + 1);
-          dwcpu::prefetch_plane(gp + pn * a.Ho * a.Wo, a.Ho * a.Wo * sizeof(T));
-          if (mask[1]) dwcpu::prefetch_plane(xp + pn * a.H * a.W, a.H * a.W * sizeof(T));
-          if (mask[0]) dwcpu::prefetch_plane_w(gx.data_ptr<T>() + pn * a.H * a.W, a.H * a.W * sizeof(T));
+      std::vector<T> gpadded(mask[1] && !direct ? (a.Ho + 2 * pad) * ldg : 0, T(0));
+      T* gcomp = mask[1] && !direct ? gpadded.data() + pad * ldg : nullptr;
+      dwcpu::WeightGrad<T> wg(mask[1] ? K : 0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / NB, chunk = t % NB;
+        const int64_t b0 = chunk * Bc, b1 = std::min(a.B, b0 + Bc);
+        wg.reset();
+        T bsum = 0;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t p = b * a.C + c;
+          if (b + 1 < b1) {
+            const int64_t pn = p + a.C;
+            dwcpu::prefetch_plane(gp + pn * a.Ho * a.Wo, a.Ho * a.Wo * sizeof(T));
+            if (mask[1]) dwcpu::prefetch_plane(xp + pn * a.H * a.W, a.H * a.W * sizeof(T));
+            if (mask[0]) dwcpu::prefetch_plane_w(gxp + pn * a.H * a.W, a.H * a.W * sizeof(T));
+          }
+          const T* gplane = gp + p * a.Ho * a.Wo;
+          if (mask[2]) bsum += dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
+          if (mask[1]) {
+            dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
+            if (direct) {
+              wg.add(xbuf.data(), gf, gplane, a.Wo, a.Ho, a.Wo);
+            } else {
+              for (int64_t oh = 0; oh < a.Ho; ++oh) dwcpu::copy_row<T>(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo);
+              wg.add(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, reuse ? gcomp : nullptr);
+            }
+          }
+          if (mask[0]) {
+            fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
+            dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gxp + p * a.H * a.W, a.W, a.H, a.W);
+          }
         }
-        const T* gplane = gp + p * a.Ho * a.Wo;
-        if (mask[2]) part_b[p] = dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
-        if (mask[1]) {
-          for (int64_t oh = 0; oh < a.Ho; ++oh)
-            dwcpu::copy_row<T>(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo);
-          dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
-          dwcpu::weight_grad_plane<T>(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, &part_w[p * K],
-                                      reuse ? gcomp : nullptr);
-        }
-        if (mask[0]) {
-          fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
-          dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gx.data_ptr<T>() + p * a.H * a.W,
-                                    a.W, a.H, a.W);
-        }
+        if (mask[1]) wg.result(&part_w[(chunk * a.C + c) * K]);
+        if (mask[2]) part_b[chunk * a.C + c] = bsum;
       }
     });
-    if (mask[1]) dwcpu::reduce_batch<T>(part_w.data(), a.B, a.C, K, gw.data_ptr<T>());
-    if (mask[2]) dwcpu::reduce_batch<T>(part_b.data(), a.B, a.C, 1, gb.data_ptr<T>());
+    if (mask[1]) dwcpu::reduce_batch<T>(part_w.data(), NB, a.C, K, gw.data_ptr<T>());
+    if (mask[2]) dwcpu::reduce_batch<T>(part_b.data(), NB, a.C, 1, gb.data_ptr<T>());
   });
   return {gx, gw, gb};
 }

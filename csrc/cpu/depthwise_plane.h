@@ -422,19 +422,20 @@ VPFAST_AVX512 void correlate_rows(const T* __restrict__ in, const Geo& g, const 
   }
 }
 
-// dw[i*kw + j] for a small filter at vertical stride 1: a block of R gradient rows stays in registers and
-// each shifted input row is loaded once per tap column and multiplied into the KH tap rows that pair it with a
-// row of the block. gr must read zero in columns [Wo, round_up(Wo, V)).
+// Adds this plane's weight gradient of a small filter at vertical stride 1 to vector partial sums
+// acc[(i*kw + j)*V ...] (their horizontal sums are dw[i*kw + j]): a block of R gradient rows stays in registers
+// and each shifted input row is loaded once per tap column and multiplied into the KH tap rows that pair it
+// with a row of the block. gr must read zero in columns [Wo, round_up(Wo, V)).
 template <typename T, int KH, int DH, int R>
 VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, const T* __restrict__ gr, int64_t ldg,
-                                        int64_t Ho, int64_t Wo, T* __restrict__ dw) {
+                                    int64_t Ho, int64_t Wo, T* __restrict__ accv) {
   constexpr int V = Vec<T>::N, NT = R + (KH - 1) * DH;
   using vec = vec_t<T>;
   const int64_t ld = g.ld, Wr = round_up(Wo, V);
   for (int j = 0; j < g.kw; ++j) {
     vec acc[KH];
 #pragma GCC unroll 8
-    for (int i = 0; i < KH; ++i) acc[i] = splat<T>(T(0));
+    for (int i = 0; i < KH; ++i) acc[i] = loadu<T>(accv + (int64_t)(i * g.kw + j) * V);
     for (int64_t oh0 = 0; oh0 < Ho; oh0 += R) {
       const int64_t nr = std::min<int64_t>(R, Ho - oh0);
       for (int64_t ow0 = 0; ow0 < Wr; ow0 += V) {
@@ -455,7 +456,7 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
       }
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < KH; ++i) dw[i * g.kw + j] = hsum<T>(acc[i]);
+    for (int i = 0; i < KH; ++i) storeu<T>(accv + (int64_t)(i * g.kw + j) * V, acc[i]);
   }
 }
 
@@ -503,18 +504,42 @@ void correlate_plane(const T* in, const Geo& g, const Taps<T>& taps, int64_t c, 
     correlate_general<T>(in, g, w, init, out, ldo, Ho, Wo);
 }
 
-// Weight gradient of one plane (see weight_grad_general; gpad is only read by its tap-row reuse path).
+// Weight gradient of one channel summed over several planes, in the order they are added (deterministic).
+// The row kernels keep vector partial sums, so a small plane costs one horizontal sum per tap for the whole
+// channel rather than one per tap and plane; the general loops add per-plane scalars.
 template <typename T>
-void weight_grad_plane(const T* in, const Geo& g, const T* gr, int64_t ldg, int64_t Ho, int64_t Wo, T* dw,
-                       const T* gpad = nullptr) {
-  const bool done = with_small_filter(g, [&](auto kh, auto dh) {
-    if (Ho <= 8)
-      weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 8>(in, g, gr, ldg, Ho, Wo, dw);
-    else
-      weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, gr, ldg, Ho, Wo, dw);
-  });
-  if (!done) weight_grad_general<T>(in, g, gr, ldg, Ho, Wo, dw, gpad);
-}
+struct WeightGrad {
+  int64_t K = 0;
+  std::vector<T> vsum, ssum, tmp;  // [K, V], [K], [K]
+
+  explicit WeightGrad(int64_t taps) : K(taps), vsum(taps * Vec<T>::N), ssum(taps), tmp(taps) {}
+  void reset() {
+    std::fill(vsum.begin(), vsum.end(), T(0));
+    std::fill(ssum.begin(), ssum.end(), T(0));
+  }
+  // add one plane (gpad: see weight_grad_general's tap-row reuse path)
+  void add(const T* in, const Geo& g, const T* gr, int64_t ldg, int64_t Ho, int64_t Wo, const T* gpad = nullptr) {
+    const bool done = with_small_filter(g, [&](auto kh, auto dh) {
+      if (Ho <= 8)
+        weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 8>(in, g, gr, ldg, Ho, Wo, vsum.data());
+      else
+        weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, gr, ldg, Ho, Wo, vsum.data());
+    });
+    if (done) return;
+    weight_grad_general<T>(in, g, gr, ldg, Ho, Wo, tmp.data(), gpad);
+    for (int64_t k = 0; k < K; ++k) ssum[k] += tmp[k];
+  }
+  void result(T* dw) const {
+    for (int64_t k = 0; k < K; ++k) dw[k] = ssum[k] + hsum<T>(loadu<T>(&vsum[k * Vec<T>::N]));
+  }
+};
+
+// Batch chunks of the backward passes: tasks are (channel, chunk of samples), each summing its weight and
+// bias gradients over its samples in order; chunks are then reduced in order. The split depends on the shape
+// only (never on the thread count), so the gradients are the same bits on every run and machine. Enough chunks
+// to give every thread work when there are few channels, one per channel otherwise.
+inline int64_t batch_chunks(int64_t B, int64_t C) { return std::max<int64_t>(1, std::min<int64_t>(B, (64 + C - 1) / C)); }
+
 
 // Whether weight_grad_plane's tap-row reuse path applies, and the padded gradient copy it needs.
 inline bool wgrad_reuse(const Geo& g, int64_t Ho) { return g.sh == 1 && g.dh == 1 && Ho >= 32 && g.kh >= 4; }

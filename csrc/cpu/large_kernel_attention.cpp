@@ -4,8 +4,9 @@
 // padding, so each transposed correlation of the backward pass reads a scratch plane of the same geometry
 // as its forward stage.
 //
-// Backward per plane: recompute mid (stage 0); grad_mid = flip(w1) * grad; grad_x = flip(w0) * grad_mid;
-// weight and bias gradients as per-plane partials, reduced over the batch in a fixed order.
+// Backward per plane: recompute mid (stage 0); grad_mid = flip(w1) * grad; grad_x = flip(w0) * grad_mid.
+// Tasks are (channel, chunk of samples); weight and bias gradients are summed over a chunk's planes in order,
+// then over the chunks in order (deterministic; dwcpu::batch_chunks).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -142,43 +143,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lka_backw
       return dwcpu::wgrad_reuse(g, a.H) && g.rlo >= dwcpu::kTapRows - 1 && g.rows - g.rhi >= dwcpu::kTapRows - 1;
     };
     const bool reuse0 = reuse_ok(g0), reuse1 = reuse_ok(g1);
-    std::vector<T> pw0(mask[1] ? P * K0 : 0), pb0(mask[2] ? P : 0), pw1(mask[3] ? P * K1 : 0),
-        pb1(mask[4] ? P : 0);
-    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    // tasks: (channel, chunk of samples), weight and bias gradients summed in order (dwcpu::batch_chunks)
+    const int64_t NB = dwcpu::batch_chunks(a.B, a.C), Bc = (a.B + NB - 1) / NB;
+    std::vector<T> pw0(mask[1] ? NB * a.C * K0 : 0), pb0(mask[2] ? NB * a.C : 0),
+        pw1(mask[3] ? NB * a.C * K1 : 0), pb1(mask[4] ? NB * a.C : 0);
+    T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
+    at::parallel_for(0, a.C * NB, 1, [&](int64_t t0_, int64_t t1_) {
       // x (stage 0 input), mid (stage 1 input), grad (stage 1 transposed input), grad_mid (stage 0
       // transposed input): all zero-padded scratch planes whose padding stays zero across planes
       std::vector<T> xb(g0.size(), T(0)), mb(need_mid ? g1.size() : 0, T(0)), gb(g1.size(), T(0)),
           gmb(need_gmid ? g0.size() : 0, T(0));
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % a.C;
-        if (p + 1 < p1) {
-          const int64_t pn = (p + 1);
-          dwcpu::prefetch_plane(gp + pn * HW, HW * sizeof(T));
-          dwcpu::prefetch_plane(xp + pn * HW, HW * sizeof(T));
-          if (mask[0]) dwcpu::prefetch_plane_w(gx.data_ptr<T>() + pn * HW, HW * sizeof(T));
+      dwcpu::WeightGrad<T> wg0(mask[1] ? K0 : 0), wg1(mask[3] ? K1 : 0);
+      for (int64_t t = t0_; t < t1_; ++t) {
+        const int64_t c = t / NB, chunk = t % NB;
+        const int64_t b0 = chunk * Bc, b1 = std::min(a.B, b0 + Bc);
+        wg0.reset();
+        wg1.reset();
+        T bsum0 = 0, bsum1 = 0;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t p = b * a.C + c;
+          if (b + 1 < b1) {
+            const int64_t pn = p + a.C;
+            dwcpu::prefetch_plane(gp + pn * HW, HW * sizeof(T));
+            dwcpu::prefetch_plane(xp + pn * HW, HW * sizeof(T));
+            if (mask[0]) dwcpu::prefetch_plane_w(gxp + pn * HW, HW * sizeof(T));
+          }
+          dwcpu::fill_plane<T>(g1, gp + p * HW, a.W, gb.data());
+          const T* g_in = interior(g1, gb.data());
+          if (mask[4]) bsum1 += dwcpu::plane_sum<T>(g_in, g1.ld, a.H, a.W);
+          if (need_mid || mask[1]) dwcpu::fill_plane<T>(g0, xp + p * HW, a.W, xb.data());
+          if (need_mid) {
+            dwcpu::correlate_plane<T>(xb.data(), g0, t0, c, b0p ? b0p[c] : T(0), interior(g1, mb.data()),
+                                      g1.ld, a.H, a.W);
+            wg1.add(mb.data(), g1, g_in, g1.ld, a.H, a.W, reuse1 ? g_in : nullptr);
+          }
+          if (!need_gmid) continue;
+          T* gm = interior(g0, gmb.data());
+          dwcpu::correlate_plane<T>(gb.data(), g1, f1, c, T(0), gm, g0.ld, a.H, a.W);
+          if (mask[2]) bsum0 += dwcpu::plane_sum<T>(gm, g0.ld, a.H, a.W);
+          if (mask[1]) wg0.add(xb.data(), g0, gm, g0.ld, a.H, a.W, reuse0 ? gm : nullptr);
+          if (mask[0]) dwcpu::correlate_plane<T>(gmb.data(), g0, f0, c, T(0), gxp + p * HW, a.W, a.H, a.W);
         }
-        dwcpu::fill_plane<T>(g1, gp + p * HW, a.W, gb.data());
-        const T* g_in = interior(g1, gb.data());
-        if (mask[4]) pb1[p] = dwcpu::plane_sum<T>(g_in, g1.ld, a.H, a.W);
-        if (need_mid || mask[1]) dwcpu::fill_plane<T>(g0, xp + p * HW, a.W, xb.data());
-        if (need_mid) {
-          dwcpu::correlate_plane<T>(xb.data(), g0, t0, c, b0p ? b0p[c] : T(0), interior(g1, mb.data()),
-                                    g1.ld, a.H, a.W);
-          dwcpu::weight_grad_plane<T>(mb.data(), g1, g_in, g1.ld, a.H, a.W, &pw1[p * K1], reuse1 ? g_in : nullptr);
-        }
-        if (!need_gmid) continue;
-        T* gm = interior(g0, gmb.data());
-        dwcpu::correlate_plane<T>(gb.data(), g1, f1, c, T(0), gm, g0.ld, a.H, a.W);
-        if (mask[2]) pb0[p] = dwcpu::plane_sum<T>(gm, g0.ld, a.H, a.W);
-        if (mask[1]) dwcpu::weight_grad_plane<T>(xb.data(), g0, gm, g0.ld, a.H, a.W, &pw0[p * K0], reuse0 ? gm : nullptr);
-        if (mask[0])
-          dwcpu::correlate_plane<T>(gmb.data(), g0, f0, c, T(0), gx.data_ptr<T>() + p * HW, a.W, a.H, a.W);
+        const int64_t q = chunk * a.C + c;
+        if (mask[1]) wg0.result(&pw0[q * K0]);
+        if (mask[2]) pb0[q] = bsum0;
+        if (mask[3]) wg1.result(&pw1[q * K1]);
+        if (mask[4]) pb1[q] = bsum1;
       }
     });
-    if (mask[1]) dwcpu::reduce_batch<T>(pw0.data(), a.B, a.C, K0, gw0.data_ptr<T>());
-    if (mask[2]) dwcpu::reduce_batch<T>(pb0.data(), a.B, a.C, 1, gb0.data_ptr<T>());
-    if (mask[3]) dwcpu::reduce_batch<T>(pw1.data(), a.B, a.C, K1, gw1.data_ptr<T>());
-    if (mask[4]) dwcpu::reduce_batch<T>(pb1.data(), a.B, a.C, 1, gb1.data_ptr<T>());
+    if (mask[1]) dwcpu::reduce_batch<T>(pw0.data(), NB, a.C, K0, gw0.data_ptr<T>());
+    if (mask[2]) dwcpu::reduce_batch<T>(pb0.data(), NB, a.C, 1, gb0.data_ptr<T>());
+    if (mask[3]) dwcpu::reduce_batch<T>(pw1.data(), NB, a.C, K1, gw1.data_ptr<T>());
+    if (mask[4]) dwcpu::reduce_batch<T>(pb1.data(), NB, a.C, 1, gb1.data_ptr<T>());
   });
   return {gx, gw0, gb0, gw1, gb1};
 }
