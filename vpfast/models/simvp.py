@@ -331,11 +331,16 @@ class SimVP(_base.VideoPredictionModel):
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One pass of the network: Tensor[B, T, C, H, W] -> Tensor[B, T, C, H, W] (T = in_shape[0])."""
         B, T, C, H, W = x.shape
-        embed, skip = self.enc(x.reshape(B * T, C, H, W))
+        frames = x.reshape(B * T, C, H, W)
+        # Fast path: the encoder and decoder (narrow 3x3 convolutions over every full-size frame) run in
+        # channels_last, oneDNN's native layout: their convolutions measured 2-3x faster here than in NCHW.
+        # The translator stays NCHW (vpfast's depthwise kernels read whole planes). Same arithmetic either way.
+        fmt = torch.contiguous_format if self.backend == "torch" else torch.channels_last
+        embed, skip = self.enc(frames.contiguous(memory_format=fmt))
         _, C_, H_, W_ = embed.shape
-        z = self.hid(embed.reshape(B, T * C_, H_, W_))
-        y = self.dec(z.reshape(B * T, C_, H_, W_), skip)
-        return y.reshape(B, T, C, H, W)
+        z = self.hid(embed.reshape(B, T * C_, H_, W_).contiguous())
+        y = self.dec(z.reshape(B * T, C_, H_, W_).contiguous(memory_format=fmt), skip)
+        return y.contiguous().reshape(B, T, C, H, W)
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         pre, aft = self.pre_seq_length, self.aft_seq_length
