@@ -107,6 +107,50 @@ def test_row_kernels(dtype, case):
         torch.testing.assert_close(a / scale, r / scale, **_tol(dtype), msg=lambda m: f"{name}: {m}")
 
 
+_PORTABLE_SCRIPT = """
+import torch, torch.nn.functional as F
+from vpfast.ops import depthwise_conv2d, large_kernel_attention, large_kernel_attention_reference
+cases = [(2, 3, 16, 16, 5, 1, 1), (1, 2, 19, 33, 7, 3, 1), (2, 2, 17, 20, 21, 1, 1), (1, 2, 9, 11, 7, 3, 2),
+         (2, 3, 37, 17, 3, 2, 1)]
+for dtype in (torch.float32, torch.float64):
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for B, C, H, W, k, d, s in cases:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*sh, generator=g, dtype=dtype).requires_grad_() for sh in
+                   ((B, C, H, W), (C, 1, k, k), (C,)))
+        p = d * (k // 2)
+        ref = F.conv2d(x, w, b, s, p, d, groups=C)
+        out = depthwise_conv2d(x, w, b, stride=s, dilation=d, backend="cpp")
+        go = torch.randn(ref.shape, generator=g, dtype=dtype)
+        for a, r in zip((out, *torch.autograd.grad(out, (x, w, b), go)),
+                        (ref, *torch.autograd.grad(ref, (x, w, b), go))):
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(a / scale, r / scale, rtol=tol, atol=tol)
+    x = torch.randn(2, 3, 16, 16, dtype=dtype, requires_grad=True)
+    ws = [torch.randn(3, 1, 5, 5, dtype=dtype), torch.randn(3, dtype=dtype), torch.randn(3, 1, 7, 7, dtype=dtype),
+          torch.randn(3, dtype=dtype)]
+    a = large_kernel_attention(x, *ws, dilation=3, backend="cpp")
+    r = large_kernel_attention_reference(x, *ws, dilation=3)
+    torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.autograd.grad(a.sum(), x)[0], torch.autograd.grad(r.sum(), x)[0],
+                               rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+def test_portable_cpu_loops():
+    """VPFAST_CPU_PORTABLE=1 switches off the AVX-512 row kernels and scalar tap tables; the portable loops
+    (what CPUs without AVX-512 run) must agree with the reference too."""
+    _skip_unless("cpp")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, VPFAST_CPU_PORTABLE="1", VPFAST_QUIET="1")
+    res = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
 @pytest.mark.parametrize("shape", [(5, 20, 9, 10, 5), (7, 9, 16, 16, 21), (3, 70, 4, 33, 3)], ids=str)
 def test_weight_grad_batch_chunks(shape):
     """The CPU backward sums weight/bias gradients per (channel, chunk of samples) and then over chunks; these

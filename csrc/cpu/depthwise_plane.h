@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -159,8 +160,10 @@ VPFAST_CPU_CLONES void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define VPFAST_AVX512 __attribute__((target("avx512f")))
 #define VPFAST_ROW_KERNELS 1
+// VPFAST_CPU_PORTABLE=1 in the environment turns them off, so that tests can run the portable loops (and
+// their splatted tap tables) on an AVX-512 machine too.
 inline bool row_kernels_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
+  static const bool ok = __builtin_cpu_supports("avx512f") && !std::getenv("VPFAST_CPU_PORTABLE");
   return ok;
 }
 template <typename V>
