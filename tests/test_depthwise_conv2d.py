@@ -107,6 +107,15 @@ def test_row_kernels(dtype, case):
         torch.testing.assert_close(a / scale, r / scale, **_tol(dtype), msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(40, 21, 9, 9), (45, 33, 21, 21), (33, 64, 11, 5), (70, 17, 31, 3)], ids=str)
+def test_tall_filter_weight_grad(dtype, shape):
+    """Maps of 32+ rows with tall filters take the CPU weight gradient's tap-row reuse path (row bands)."""
+    _skip_unless("cpp")
+    H, W, kh, kw = shape
+    _compare("cpp", *_inputs(2, 3, H, W, kh, kw, dtype), padding=(kh // 2, kw // 2))
+
+
 _PORTABLE_SCRIPT = """
 import torch, torch.nn.functional as F
 from vpfast.ops import depthwise_conv2d, large_kernel_attention, large_kernel_attention_reference

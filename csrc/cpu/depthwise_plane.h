@@ -463,6 +463,60 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
   }
 }
 
+// The tap-row reuse path of weight_grad_general (tall filters, stride and dilation 1; gpad as described there)
+// with vector partial sums added to accv [K, V], walking the plane in bands of input rows: every tap is
+// accumulated over one band before the next band, so the band's input and gradient rows stay in L1 instead of
+// the whole plane streaming from L2 once per block of taps (which bound the 21x21 weight gradient).
+template <typename T>
+VPFAST_AVX512 void weight_grad_tall(const T* __restrict__ in, const Geo& g, const T* __restrict__ gpad, int64_t ldg,
+                                    int64_t Ho, int64_t Wo, T* __restrict__ accv) {
+  constexpr int V = Vec<T>::N, I = kTapRows;
+  constexpr int64_t RB = 32;  // input rows per band
+  using vec = vec_t<T>;
+  const int64_t Wr = round_up(Wo, V);
+  for (int64_t rb = g.rlo; rb < g.rhi; rb += RB) {
+    const int64_t rb_end = std::min<int64_t>(rb + RB, g.rhi);
+    for (int i0 = 0; i0 < g.kh; i0 += I) {
+      const int ni = std::min(I, g.kh - i0);
+      const int64_t r_lo = std::max<int64_t>({(int64_t)i0, g.rlo, rb});
+      const int64_t r_hi = std::min<int64_t>({(int64_t)i0 + ni - 1 + Ho, g.rhi, rb_end});
+      if (r_lo >= r_hi) continue;
+      for (int j = 0; j < g.kw; j += 2) {
+        const int j1 = std::min(j + 1, g.kw - 1);
+        T* a0 = accv + ((int64_t)i0 * g.kw + j) * V;
+        T* a1 = accv + ((int64_t)i0 * g.kw + j1) * V;
+        const int64_t trow = (int64_t)g.kw * V;
+        vec acc0[I], acc1[I];
+#pragma GCC unroll 8
+        for (int t = 0; t < I; ++t) {
+          acc0[t] = t < ni ? loadu<T>(a0 + t * trow) : splat<T>(T(0));
+          acc1[t] = t < ni && j1 != j ? loadu<T>(a1 + t * trow) : splat<T>(T(0));
+        }
+        for (int64_t r = r_lo; r < r_hi; ++r) {
+          const T* xr0 = in + r * g.ld + g.coff[j];
+          const T* xr1 = in + r * g.ld + g.coff[j1];
+          const T* gp = gpad + (r - i0) * ldg;
+          for (int64_t ow0 = 0; ow0 < Wr; ow0 += V) {
+            vec x0 = loadu<T>(xr0 + ow0), x1 = loadu<T>(xr1 + ow0);
+            pin(x0);
+            pin(x1);
+#pragma GCC unroll 8
+            for (int t = 0; t < I; ++t) {
+              vec gv = loadu<T>(gp - t * ldg + ow0);
+              pin(gv);
+              acc0[t] += x0 * gv;
+              acc1[t] += x1 * gv;
+            }
+          }
+        }
+        for (int t = 0; t < ni; ++t) storeu<T>(a0 + t * trow, acc0[t]);
+        if (j1 != j)
+          for (int t = 0; t < ni; ++t) storeu<T>(a1 + t * trow, acc1[t]);
+      }
+    }
+  }
+}
+
 // Calls f(KH, DH) with compile-time constants when the row kernels cover the filter (3, 5 or 7 tap rows,
 // tap-row dilation 1 to 3, vertical stride 1); returns false otherwise.
 inline bool row_kernels_cover(const Geo& g) {
@@ -529,6 +583,10 @@ struct WeightGrad {
         weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, gr, ldg, Ho, Wo, vsum.data());
     });
     if (done) return;
+    if (gpad != nullptr && row_kernels_available()) {
+      weight_grad_tall<T>(in, g, gpad, ldg, Ho, Wo, vsum.data());
+      return;
+    }
     weight_grad_general<T>(in, g, gr, ldg, Ho, Wo, tmp.data(), gpad);
     for (int64_t k = 0; k < K; ++k) ssum[k] += tmp[k];
   }
