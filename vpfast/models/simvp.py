@@ -285,6 +285,8 @@ class SimVP(_base.VideoPredictionModel):
     training_loss(frames: Tensor[B, pre + aft, C, H, W], itr) -> (loss, logs): MSE of the prediction
       (+ alpha * DDR for TAU).
     backend: for the depthwise convolutions and the attention units (vpfast.nn); "torch" = reference.
+      Any other backend also runs the encoder and decoder in channels_last (same arithmetic, faster oneDNN
+      convolutions for their narrow channels).
     """
 
     def __init__(self, in_shape=(10, 1, 64, 64), hid_S=16, hid_T=256, N_S=4, N_T=4, model_type="gSTA",
