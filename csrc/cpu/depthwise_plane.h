@@ -5,7 +5,10 @@
 // inner loops never test bounds. The hot loops work on whole 64-byte vectors along W (GCC vector extensions;
 // the VPFAST_CPU_CLONES functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
 // time) and keep a block of R output rows in registers: each weight is broadcast once per block and feeds R
-// fused multiply-adds whose input rows stream from the cache.
+// fused multiply-adds whose input rows stream from the cache. On AVX-512 machines, filters of 3, 5 or 7 tap
+// rows take the row kernels (each shifted input row loaded once and used by every output row it reaches),
+// every path broadcasts scalar taps, and the weight gradient keeps vector partial sums per channel
+// (WeightGrad); VPFAST_CPU_PORTABLE=1 switches those paths off.
 //
 // Horizontal stride s is handled by storing a padded row de-interleaved into s phases (column c at
 // (c % s) * PL + c / s), which makes every tap a contiguous read again.
@@ -300,10 +303,7 @@ VPFAST_AVX512 void correlate_general_scalar_taps(const T* __restrict__ in, const
 }
 
 constexpr int kTapsPerPass = 6;  // weight-gradient taps accumulated per sweep over the plane
-
-// dw[i*kw + j] = sum_{oh < Ho, ow < Wo} gr[oh*ldg + ow] * plane(oh*sh + i*dh, ow*sw + j*dw).
-// gr must read zero in columns [Wo, round_up(Wo, V)) of each row (true for the padded scratch planes).
-constexpr int kTapRows = 8;  // weight-gradient tap rows per sweep in the stride-1 path
+constexpr int kTapRows = 8;      // weight-gradient tap rows per sweep in the stride-1 path
 
 // dw[i*kw + j] = sum_{oh < Ho, ow < Wo} gr[oh*ldg + ow] * plane(oh*sh + i*dh, ow*sw + j*dw).
 // gr must read zero in columns [Wo, round_up(Wo, V)) of each row. If gpad is given (stride 1, dilation 1,
