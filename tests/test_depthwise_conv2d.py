@@ -98,13 +98,7 @@ def test_row_kernels(dtype, case):
     H, W, (kh, kw), dil, stride, padding = case
     if padding is None:
         padding = (dil[0] * (kh // 2), dil[1] * (kw // 2))
-    x, w, b = _inputs(2, 3, H, W, kh, kw, dtype)
-    got = _run(lambda *a: depthwise_conv2d(*a, stride=stride, padding=padding, dilation=dil, backend="cpp"),
-               x, w, b)
-    ref = _run(lambda *a: F.conv2d(*a, stride, padding, dil, groups=3), x, w, b)
-    for name, a, r in zip(("out", "grad_x", "grad_w", "grad_b"), got, ref):
-        scale = max(1.0, r.abs().max().item())
-        torch.testing.assert_close(a / scale, r / scale, **_tol(dtype), msg=lambda m: f"{name}: {m}")
+    _compare("cpp", *_inputs(2, 3, H, W, kh, kw, dtype), stride=stride, padding=padding, dilation=dil)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -195,7 +189,8 @@ def test_gradcheck(backend):
     _skip_unless(backend)
     if backend == "triton":
         pytest.skip("too many calls for the Triton interpreter; its gradients are compared with the reference")
-    for (H, W, k, d, s) in [(6, 5, 3, 1, 1), (7, 6, 5, 2, 2)]:
+    # the row kernels (3x3; 7x7 dilation 3), a strided case, and the tall-filter weight gradient (32+ rows)
+    for (H, W, k, d, s) in [(6, 5, 3, 1, 1), (7, 6, 5, 2, 2), (9, 7, 7, 3, 1), (33, 4, 9, 1, 1)]:
         x, w, b = _inputs(1, 2, H, W, k, k)
         assert torch.autograd.gradcheck(
             lambda *a: depthwise_conv2d(*a, stride=s, dilation=d, backend=backend), (x, w, b))

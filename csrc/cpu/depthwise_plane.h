@@ -162,7 +162,6 @@ VPFAST_CPU_CLONES void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf)
 // AVX2 and baseline clones, where a 64-byte vector spans several registers.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define VPFAST_AVX512 __attribute__((target("avx512f")))
-#define VPFAST_ROW_KERNELS 1
 // VPFAST_CPU_PORTABLE=1 in the environment turns them off, so that tests can run the portable loops (and
 // their splatted tap tables) on an AVX-512 machine too.
 inline bool row_kernels_available() {
@@ -175,7 +174,6 @@ VPFAST_HD void pin(V& v) {
 }
 #else
 #define VPFAST_AVX512
-#define VPFAST_ROW_KERNELS 0
 inline bool row_kernels_available() { return false; }
 template <typename V>
 VPFAST_HD void pin(V&) {}
@@ -188,7 +186,7 @@ VPFAST_HD void pin(V&) {}
 // and, for large filters, no longer fits in L1 next to the plane.
 template <typename T>
 struct Taps {
-  int64_t K = 0, stride = 0;  // taps per channel, elements per channel
+  int64_t stride = 0;  // elements per channel: K taps, or K splatted vectors
   std::vector<T> w;
   const T* of(int64_t c) const { return w.data() + c * stride; }
 };
@@ -196,14 +194,14 @@ struct Taps {
 template <typename T>
 Taps<T> make_taps(const T* w, int64_t C, int kh, int kw, bool flip) {
   const int V = row_kernels_available() ? 1 : Vec<T>::N;
+  const int64_t K = (int64_t)kh * kw;
   Taps<T> t;
-  t.K = (int64_t)kh * kw;
-  t.stride = t.K * V;
+  t.stride = K * V;
   t.w.resize(C * t.stride);
   for (int64_t c = 0; c < C; ++c)
     for (int i = 0; i < kh; ++i)
       for (int j = 0; j < kw; ++j) {
-        const T v = flip ? w[c * t.K + (kh - 1 - i) * kw + (kw - 1 - j)] : w[c * t.K + i * kw + j];
+        const T v = flip ? w[c * K + (kh - 1 - i) * kw + (kw - 1 - j)] : w[c * K + i * kw + j];
         T* dst = &t.w[c * t.stride + (i * kw + j) * V];
         for (int e = 0; e < V; ++e) dst[e] = v;
       }
@@ -542,8 +540,8 @@ bool with_small_filter(const Geo& g, F&& f) {
   }
 }
 
-// out = init + correlation of the scratch plane with channel c's filter (see correlate_general); the taps
-// must have been made for the same geometry.
+// out = init + correlation of the scratch plane with channel c's filter (see correlate_general), picking the
+// row kernels, the AVX-512 scalar-tap loops or the portable loops (the layout make_taps chose).
 template <typename T>
 void correlate_plane(const T* in, const Geo& g, const Taps<T>& taps, int64_t c, T init, T* out, int64_t ldo,
                      int64_t Ho, int64_t Wo) {
