@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+from vpfast.bench import grad_step
 from vpfast.nn import ConvLSTMCell
 
 CL = importlib.import_module("vpfast.ops.convlstm")
@@ -67,9 +68,6 @@ def test_pointwise_fwdbwd(benchmark, record, request, provider, shape):
     args = [torch.randn(B, n * C, H, W, generator=g).requires_grad_() for n in (4, 4, 1)]
     f = {"eager": _ref, "compile": _compiled, "cpp": CL._compiled}[provider]
 
-    def fn():
-        h, c = f(*args)
-        (h.sum() + c.sum()).backward()
-
+    fn = grad_step(f, args)
     # forward reads 9C writes 2C (+4C saved gates); backward reads 8C, writes 9C
     record(provider, fn, gbytes=B * C * H * W * 4 * (9 + 2 + 4 + 8 + 9) / 1e9)

@@ -9,6 +9,7 @@ With --benchmark-disable (CI's smoke run) every case runs once on a shrunken bat
 import pytest
 import torch
 
+from vpfast.bench import grad_step
 from vpfast.ops import (depthwise_conv2d, depthwise_conv2d_reference, large_kernel_attention,
                         large_kernel_attention_reference)
 from vpfast.ops.depthwise_conv2d import OP as DW_OP
@@ -35,17 +36,12 @@ def _providers(op):
 
 
 def _step(fn, args, mode):
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fn(*args)
-        return step
-    grad = torch.randn_like(fn(*args))
+    if mode != "fwd":
+        return grad_step(fn, args)
 
     def step():
-        out = fn(*args)
-        return torch.autograd.grad(out, leaves, grad)
+        with torch.no_grad():
+            return fn(*args)
     return step
 
 

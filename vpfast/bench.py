@@ -11,6 +11,27 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+
+
+def grad_step(fn, args):
+    """A step that runs fn(*args) and the gradients of every input that requires grad.
+
+    The incoming gradients are fixed random tensors and the results are returned, not accumulated into
+    `.grad`: that is how a network runs the op's backward. (`out.sum().backward()` would feed expanded
+    constant gradients and add a read-modify-write of every leaf's `.grad` to each call.)
+    """
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    with torch.no_grad():
+        outs = fn(*args)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    g = torch.Generator().manual_seed(123)
+    grads = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+
+    def step():
+        return torch.autograd.grad(fn(*args), leaves, grads)
+    return step
+
 
 def suites_dir() -> str:
     from . import benchmarks
