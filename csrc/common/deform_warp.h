@@ -6,6 +6,9 @@
 // Warp (which clamps positions into a frame padded by one zero pixel), including the one-sided derivative
 // at integer positions (floor convention).
 #pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
 #include <cstdint>
 #include "common/math.h"
 
@@ -76,6 +79,27 @@ VPFAST_HD void sample_grad(T u00, T u01, T u10, T u11, T ly, T lx, T& s, T& dy, 
   s = hy * top + ly * bot;
   dy = bot - top;
   dx = hy * (u01 - u00) + ly * (u11 - u10);
+}
+
+// ---- host side, shared by the CPU and CUDA wrappers --------------------------------------------------------
+inline void check_deform_inputs(const char* fn, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                  const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && offset.dim() == 4 && mask.dim() == 4 && weight.dim() == 4, fn,
+              ": x, offset, mask, weight must be 4-D");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), k = weight.size(2);
+  TORCH_CHECK(weight.size(1) == C && weight.size(3) == k && k % 2 == 1, fn, ": weight must be [O, C, k, k], k odd");
+  TORCH_CHECK(offset.sizes() == at::IntArrayRef({B, 2 * k * k, H, W}), fn, ": offset must be [B, 2k², H, W]");
+  TORCH_CHECK(mask.sizes() == at::IntArrayRef({B, k * k, H, W}), fn, ": mask must be [B, k², H, W]");
+  TORCH_CHECK(offset.scalar_type() == x.scalar_type() && mask.scalar_type() == x.scalar_type() &&
+                  weight.scalar_type() == x.scalar_type(),
+              fn, ": dtype mismatch");
+  TORCH_CHECK(H * W < (int64_t(1) << 31) && H + 2 < (int64_t(1) << 30) && W + 2 < (int64_t(1) << 30), fn,
+              ": the map is too large for 32-bit indices");
+}
+
+// Images per column-buffer chunk: as many as fit `budget` bytes with `buffers` buffers per image, at least one.
+inline int64_t chunk_images(int64_t B, int64_t bytes_per_image, int buffers, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, budget / std::max<int64_t>(1, bytes_per_image * buffers)));
 }
 
 }  // namespace warp

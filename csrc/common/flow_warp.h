@@ -25,5 +25,15 @@ template <typename T> VPFAST_HD T flow_coord(T base, T f, int32_t size, bool bor
   return p;
 }
 
+// host side, shared by the CPU and CUDA wrappers
+inline void check_flow_inputs(const char* fn, const at::Tensor& x, const at::Tensor& flow) {
+  TORCH_CHECK(x.dim() == 4 && flow.dim() == 4, fn, ": x and flow must be 4-D");
+  TORCH_CHECK(flow.sizes() == at::IntArrayRef({x.size(0), 2, x.size(2), x.size(3)}), fn, ": flow must be [B, 2, H, W]");
+  TORCH_CHECK(flow.scalar_type() == x.scalar_type(), fn, ": dtype mismatch");
+  TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31) && x.size(2) + 2 < (int64_t(1) << 30) &&
+                  x.size(3) + 2 < (int64_t(1) << 30),
+              fn, ": the map is too large for 32-bit indices");
+}
+
 }  // namespace warp
 }  // namespace vpfast

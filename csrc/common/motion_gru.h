@@ -1,5 +1,7 @@
 // MotionGRU pointwise arithmetic shared by csrc/cpu/motion_gru.cpp and csrc/cuda/motion_gru.cu.
 #pragma once
+#include <ATen/ATen.h>
+
 #include "common/math.h"
 
 namespace vpfast {
@@ -31,6 +33,20 @@ VPFAST_HD void update_bwd(T g_f, T g_d, T gu, T o, T f, T& d_gu, T& d_o, T& d_f,
   d_o = g_f * u * (T(1) - t * t);
   d_f = g_f * (T(1) - u) + T(0.5) * g_dn;
   d_d = T(0.5) * g_dn;
+}
+
+// ---- host side, shared by the CPU and CUDA wrappers ----
+inline void check_pair(const char* fn, const at::Tensor& gates, const at::Tensor& f) {
+  TORCH_CHECK(f.dim() == 4 && gates.dim() == 4, fn, ": gates and f_prev must be 4-D");
+  TORCH_CHECK(gates.size(0) == f.size(0) && gates.size(1) == 2 * f.size(1) && gates.size(2) == f.size(2) &&
+                  gates.size(3) == f.size(3),
+              fn, ": gates must be [B, 2M, H, W] for f_prev [B, M, H, W]");
+  TORCH_CHECK(gates.scalar_type() == f.scalar_type(), fn, ": dtype mismatch");
+}
+
+inline void check_like(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& f) {
+  TORCH_CHECK(t.sizes() == f.sizes() && t.scalar_type() == f.scalar_type(), fn, ": ", name,
+              " must match f_prev in shape and dtype");
 }
 
 }  // namespace mgru

@@ -7,23 +7,16 @@
 #include <optional>
 
 #include "common/stlstm.h"
-#include "cpu/lstm_planes.h"
+#include "common/lstm_planes.h"
 
 namespace vpfast {
 namespace {
 
 using lstm::Planes;
+using lstm::check_operand;
 using lstm::planar;
 using lstm::planes;
-
-void check_like(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
-                  t.size(3) == c.size(3),
-              "vpfast::convlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == c.scalar_type(), "vpfast::convlstm: ", what, " has dtype ", t.scalar_type(),
-              ", expected ", c.scalar_type());
-}
+using lstm::planes_opt;
 
 // in: h_g i f g o | x_g i f g o (HAS_X) | c_prev;  out: h, c_new | act i f g o
 template <typename T, bool HAS_X, bool TANH_C>
@@ -95,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
                                                                     double forget_bias, bool tanh_c) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_like(h_g_, c_, 4, "h_g");
-  if (has_x) check_like(*x_g_, c_, 4, "x_g");
+  check_operand("vpfast::convlstm", h_g_, c_, 4, "h_g");
+  if (has_x) check_operand("vpfast::convlstm", *x_g_, c_, 4, "x_g");
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto h_g = planar(h_g_), c = planar(c_);
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
@@ -107,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
     using T = scalar_t;
     const auto ph = planes<T>(h_g), pc = planes<T>(c), poh = planes<T>(h), pcn = planes<T>(cn),
                pa = planes<T>(act);
-    const auto px = has_x ? planes<T>(x_g) : Planes<T>{nullptr, 0, 0};
+    const auto px = planes_opt<T>(has_x, x_g);
     const T fb = static_cast<T>(forget_bias);
     with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
       at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t s, int64_t e) {
@@ -133,10 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
                                                                      const at::Tensor& cn_, bool has_x, bool tanh_c) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_backward: c must be [B, C, H, W]");
   const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  check_like(act_, c_, 4, "act");
-  check_like(cn_, c_, 1, "c_new");
-  if (has_gh) check_like(*gh_, c_, 1, "grad_h");
-  if (has_gc) check_like(*gc_, c_, 1, "grad_c");
+  check_operand("vpfast::convlstm", act_, c_, 4, "act");
+  check_operand("vpfast::convlstm", cn_, c_, 1, "c_new");
+  if (has_gh) check_operand("vpfast::convlstm", *gh_, c_, 1, "grad_h");
+  if (has_gc) check_operand("vpfast::convlstm", *gc_, c_, 1, "grad_c");
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto act = planar(act_), c = planar(c_), cn = planar(cn_);
   const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
@@ -147,9 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
     using T = scalar_t;
     const auto pa = planes<T>(act), pc = planes<T>(c), pcn = planes<T>(cn), pghg = planes<T>(ghg),
                pgcp = planes<T>(gcp);
-    const auto pgh = has_gh ? planes<T>(gh) : Planes<T>{nullptr, 0, 0};
-    const auto pgc = has_gc ? planes<T>(gc) : Planes<T>{nullptr, 0, 0};
-    const auto pgx = has_x ? planes<T>(gx) : Planes<T>{nullptr, 0, 0};
+    const auto pgh = planes_opt<T>(has_gh, gh);
+    const auto pgc = planes_opt<T>(has_gc, gc);
+    const auto pgx = planes_opt<T>(has_x, gx);
     with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
       at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t s, int64_t e) {
         for (int64_t r = s; r < e; ++r) {

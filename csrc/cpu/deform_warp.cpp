@@ -165,28 +165,9 @@ void scatter_plane(const T* gcol, int64_t N, int64_t HW, const int32_t* idx, con
   }
 }
 
-void check_inputs(const char* fn, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
-                  const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 4 && offset.dim() == 4 && mask.dim() == 4 && weight.dim() == 4, fn,
-              ": x, offset, mask, weight must be 4-D");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), k = weight.size(2);
-  TORCH_CHECK(weight.size(1) == C && weight.size(3) == k && k % 2 == 1, fn, ": weight must be [O, C, k, k], k odd");
-  TORCH_CHECK(offset.sizes() == at::IntArrayRef({B, 2 * k * k, H, W}), fn, ": offset must be [B, 2k², H, W]");
-  TORCH_CHECK(mask.sizes() == at::IntArrayRef({B, k * k, H, W}), fn, ": mask must be [B, k², H, W]");
-  TORCH_CHECK(offset.scalar_type() == x.scalar_type() && mask.scalar_type() == x.scalar_type() &&
-                  weight.scalar_type() == x.scalar_type(),
-              fn, ": dtype mismatch");
-  TORCH_CHECK(H * W < (int64_t(1) << 31) && H + 2 < (int64_t(1) << 30) && W + 2 < (int64_t(1) << 30), fn,
-              ": the map is too large for 32-bit indices");
-}
-
-int64_t chunk_images(int64_t B, int64_t bytes_per_image, int buffers) {
-  return std::max<int64_t>(1, std::min<int64_t>(B, kColBytes / std::max<int64_t>(1, bytes_per_image * buffers)));
-}
-
 at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
                                    const at::Tensor& weight) {
-  check_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
+  warp::check_deform_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
   const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
   const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
@@ -194,7 +175,7 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
   if (out.numel() == 0) return out;
   if (K == 0) return out.zero_();
   const auto Wm = weight.contiguous().view({O, K});
-  const int64_t bc = chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1);
+  const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1, kColBytes);
   auto col = at::empty({bc, K, HW}, X.options());
   const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_forward_cpu", [&] {
@@ -238,7 +219,7 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& weight, std::array<bool, 4> needs) {
-  check_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
+  warp::check_deform_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
   const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
   const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
@@ -264,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
     return result();
   }
   const bool want_col = needs[3];
-  const int64_t bc = chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), want_col ? 2 : 1);
+  const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), want_col ? 2 : 1, kColBytes);
   auto gcol = at::empty({bc, K, HW}, X.options());
   auto col = want_col ? at::empty({bc, K, HW}, X.options()) : empty;
   auto idx = at::empty({bc, N, 4, HW}, X.options().dtype(at::kInt));

@@ -67,21 +67,8 @@ VPFAST_CPU_CLONES void update_bwd_loop(const T* g_f, const T* g_d, const T* gu, 
   }
 }
 
-void check_pair(const char* fn, const at::Tensor& gates, const at::Tensor& f) {
-  TORCH_CHECK(f.dim() == 4 && gates.dim() == 4, fn, ": gates and f_prev must be 4-D");
-  TORCH_CHECK(gates.size(0) == f.size(0) && gates.size(1) == 2 * f.size(1) && gates.size(2) == f.size(2) &&
-                  gates.size(3) == f.size(3),
-              fn, ": gates must be [B, 2M, H, W] for f_prev [B, M, H, W]");
-  TORCH_CHECK(gates.scalar_type() == f.scalar_type(), fn, ": dtype mismatch");
-}
-
-void check_like(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& f) {
-  TORCH_CHECK(t.sizes() == f.sizes() && t.scalar_type() == f.scalar_type(), fn, ": ", name,
-              " must match f_prev in shape and dtype");
-}
-
 at::Tensor motion_gru_reset_cpu(const at::Tensor& gates, const at::Tensor& f_prev) {
-  check_pair("vpfast::motion_gru_reset", gates, f_prev);
+  mgru::check_pair("vpfast::motion_gru_reset", gates, f_prev);
   const auto Gt = gates.contiguous(), Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
   auto out = at::empty_like(Fp);
@@ -99,8 +86,8 @@ at::Tensor motion_gru_reset_cpu(const at::Tensor& gates, const at::Tensor& f_pre
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cpu(const at::Tensor& grad, const at::Tensor& gates,
                                                                  const at::Tensor& f_prev) {
-  check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
-  check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
+  mgru::check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
+  mgru::check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
   const auto G = grad.contiguous(), Gt = gates.contiguous(), Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
   auto d_gates = at::empty_like(Gt);
@@ -122,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cpu(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_update_cpu(const at::Tensor& gates, const at::Tensor& o,
                                                          const at::Tensor& f_prev, const at::Tensor& d_prev) {
-  check_pair("vpfast::motion_gru_update", gates, f_prev);
-  check_like("vpfast::motion_gru_update", "o", o, f_prev);
-  check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
+  mgru::check_pair("vpfast::motion_gru_update", gates, f_prev);
+  mgru::check_like("vpfast::motion_gru_update", "o", o, f_prev);
+  mgru::check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
   const auto Gt = gates.contiguous(), O = o.contiguous(), Fp = f_prev.contiguous(), Dp = d_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
   auto f_out = at::empty_like(Fp);
@@ -149,10 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_bac
     const at::Tensor& grad_f, const at::Tensor& grad_d, const at::Tensor& gates, const at::Tensor& o,
     const at::Tensor& f_prev) {
   const char* fn = "vpfast::motion_gru_update_backward";
-  check_pair(fn, gates, f_prev);
-  check_like(fn, "grad_f", grad_f, f_prev);
-  check_like(fn, "grad_d", grad_d, f_prev);
-  check_like(fn, "o", o, f_prev);
+  mgru::check_pair(fn, gates, f_prev);
+  mgru::check_like(fn, "grad_f", grad_f, f_prev);
+  mgru::check_like(fn, "grad_d", grad_d, f_prev);
+  mgru::check_like(fn, "o", o, f_prev);
   const auto GF = grad_f.contiguous(), GD = grad_d.contiguous(), Gt = gates.contiguous(), O = o.contiguous(),
              Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);

@@ -9,14 +9,16 @@
 #include <optional>
 
 #include "common/stlstm.h"
-#include "cpu/lstm_planes.h"
+#include "common/lstm_planes.h"
 
 namespace vpfast {
 namespace {
 
 using lstm::Planes;
+using lstm::check_operand;
 using lstm::planar;
 using lstm::planes;
+using lstm::planes_opt;
 
 int64_t grain_rows(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hw)); }
 
@@ -117,24 +119,15 @@ void with_flags(bool a, bool b, F&& f) {
   }
 }
 
-void check_state(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
-                  t.size(3) == c.size(3),
-              "vpfast::stlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == c.scalar_type(), "vpfast::stlstm: ", what, " has dtype ", t.scalar_type(),
-              ", expected ", c.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cpu(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
     const at::Tensor& m_, double forget_bias, bool with_delta) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_state(h_g_, c_, 4, "h_g");
-  check_state(m_g_, c_, 3, "m_g");
-  check_state(m_, c_, 1, "m");
-  if (has_x) check_state(*x_g_, c_, 7, "x_g");
+  check_operand("vpfast::stlstm", h_g_, c_, 4, "h_g");
+  check_operand("vpfast::stlstm", m_g_, c_, 3, "m_g");
+  check_operand("vpfast::stlstm", m_, c_, 1, "m");
+  if (has_x) check_operand("vpfast::stlstm", *x_g_, c_, 7, "x_g");
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
@@ -145,9 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_forward_cpu", [&] {
     using T = scalar_t;
     const auto ph = planes<T>(h_g), pm = planes<T>(m_g), pc = planes<T>(c), pmm = planes<T>(m);
-    const auto px = has_x ? planes<T>(x_g) : Planes<T>{nullptr, 0, 0};
+    const auto px = planes_opt<T>(has_x, x_g);
     const auto pcm = planes<T>(cm), pop = planes<T>(o_part), pa = planes<T>(act);
-    const auto pd = with_delta ? planes<T>(delta) : Planes<T>{nullptr, 0, 0};
+    const auto pd = planes_opt<T>(with_delta, delta);
     const T fb = static_cast<T>(forget_bias);
     with_flags(has_x, with_delta, [&](auto HX, auto DL) {
       at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
@@ -179,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
     const at::Tensor& act_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_backward: c must be [B, C, H, W]");
   const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
-  check_state(grad_cm_, c_, 2, "grad_cm");
-  check_state(grad_op_, c_, 1, "grad_o_part");
-  check_state(act_, c_, 6, "act");
-  check_state(m_, c_, 1, "m");
-  if (with_delta) check_state(*grad_delta_, c_, 2, "grad_delta");
+  check_operand("vpfast::stlstm", grad_cm_, c_, 2, "grad_cm");
+  check_operand("vpfast::stlstm", grad_op_, c_, 1, "grad_o_part");
+  check_operand("vpfast::stlstm", act_, c_, 6, "act");
+  check_operand("vpfast::stlstm", m_, c_, 1, "m");
+  if (with_delta) check_operand("vpfast::stlstm", *grad_delta_, c_, 2, "grad_delta");
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), c = planar(c_), m = planar(m_);
   const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
@@ -196,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
     using T = scalar_t;
     const auto pgcm = planes<T>(gcm), pgop = planes<T>(gop), pa = planes<T>(act), pc = planes<T>(c),
                pm = planes<T>(m);
-    const auto pgd = with_delta ? planes<T>(gd) : Planes<T>{nullptr, 0, 0};
-    const auto pgx = has_x ? planes<T>(gx) : Planes<T>{nullptr, 0, 0};
+    const auto pgd = planes_opt<T>(with_delta, gd);
+    const auto pgx = planes_opt<T>(has_x, gx);
     const auto pgh = planes<T>(gh), pgm = planes<T>(gm), pgc = planes<T>(gc), pgmm = planes<T>(gmm);
     with_flags(has_x, with_delta, [&](auto HX, auto DL) {
       at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
@@ -263,9 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cpu(const a
                                                                          const std::optional<at::Tensor>& hw_) {
   TORCH_CHECK(o_part_.dim() == 4, "vpfast::stlstm_output_forward: o_part must be [B, C, H, W]");
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_state(o_m_, o_part_, 1, "o_m");
-  check_state(last_, o_part_, 1, "last");
-  if (has_hw) check_state(*hw_, o_part_, 1, "highway");
+  check_operand("vpfast::stlstm", o_m_, o_part_, 1, "o_m");
+  check_operand("vpfast::stlstm", last_, o_part_, 1, "last");
+  if (has_hw) check_operand("vpfast::stlstm", *hw_, o_part_, 1, "highway");
   const int64_t B = o_part_.size(0), C = o_part_.size(1), H = o_part_.size(2), W = o_part_.size(3), HW = H * W;
   const auto op = planar(o_part_), om = planar(o_m_), last = planar(last_);
   const auto hw = has_hw ? planar(*hw_) : at::Tensor();
@@ -276,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cpu(const a
     using T = scalar_t;
     const auto pop = planes<T>(op), pom = planes<T>(om), pl = planes<T>(last), ph = planes<T>(h),
                po = planes<T>(o);
-    const auto phw = has_hw ? planes<T>(hw) : Planes<T>{nullptr, 0, 0};
-    const auto ptl = has_hw ? planes<T>(tl) : Planes<T>{nullptr, 0, 0};
+    const auto phw = planes_opt<T>(has_hw, hw);
+    const auto ptl = planes_opt<T>(has_hw, tl);
     at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, ch = r % C;
@@ -299,9 +292,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cpu(const 
                                                                           const std::optional<at::Tensor>& hw_) {
   TORCH_CHECK(o_.dim() == 4, "vpfast::stlstm_output_backward: o must be [B, C, H, W]");
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_state(gh_, o_, 1, "grad_h");
-  check_state(h_or_tl_, o_, 1, "h_or_tl");
-  if (has_hw) check_state(*hw_, o_, 1, "highway");
+  check_operand("vpfast::stlstm", gh_, o_, 1, "grad_h");
+  check_operand("vpfast::stlstm", h_or_tl_, o_, 1, "h_or_tl");
+  if (has_hw) check_operand("vpfast::stlstm", *hw_, o_, 1, "highway");
   const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W;
   const auto gh = planar(gh_), o = planar(o_), ht = planar(h_or_tl_);
   const auto hw = has_hw ? planar(*hw_) : at::Tensor();
@@ -312,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cpu(const 
     using T = scalar_t;
     const auto pgh = planes<T>(gh), po = planes<T>(o), pht = planes<T>(ht), pgp = planes<T>(gpre),
                pgl = planes<T>(glast);
-    const auto phw = has_hw ? planes<T>(hw) : Planes<T>{nullptr, 0, 0};
-    const auto pghw = has_hw ? planes<T>(ghw) : Planes<T>{nullptr, 0, 0};
+    const auto phw = planes_opt<T>(has_hw, hw);
+    const auto pghw = planes_opt<T>(has_hw, ghw);
     at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, ch = r % C;

@@ -7,33 +7,16 @@
 
 #include <optional>
 
-#include "common/stlstm.h"
+#include "common/lstm_planes.h"
 
 namespace vpfast {
 namespace {
 
 using lstm::Planes;
+using lstm::check_operand;
+using lstm::planar;
+using lstm::planes_opt;
 constexpr int kThreads = 256;
-
-at::Tensor planar(const at::Tensor& t) {
-  const int64_t H = t.size(2), W = t.size(3);
-  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
-  return ok ? t : t.contiguous();
-}
-
-template <typename T>
-Planes<T> planes(bool on, const at::Tensor& t) {
-  return on ? Planes<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)} : Planes<T>{nullptr, 0, 0};
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
-                  t.size(3) == c.size(3),
-              "vpfast::convlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == c.scalar_type() && t.device() == c.device(), "vpfast::convlstm: ", what,
-              " must match c's dtype and device");
-}
 
 template <typename T>
 __global__ void fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> c, Planes<T> h, Planes<T> cn, Planes<T> act,
@@ -92,8 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::
                                                                      double forget_bias, bool tanh_c) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_like(h_g_, c_, 4, "h_g");
-  if (has_x) check_like(*x_g_, c_, 4, "x_g");
+  check_operand("vpfast::convlstm", h_g_, c_, 4, "h_g");
+  if (has_x) check_operand("vpfast::convlstm", *x_g_, c_, 4, "x_g");
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto h_g = planar(h_g_), c = planar(c_);
@@ -105,9 +88,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cuda", [&] {
     using T = scalar_t;
-    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes<T>(has_x, x_g), planes<T>(true, h_g),
-                                                           planes<T>(true, c), planes<T>(true, h), planes<T>(true, cn),
-                                                           planes<T>(true, act), C, HW, n,
+    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes_opt<T>(has_x, x_g), planes_opt<T>(true, h_g),
+                                                           planes_opt<T>(true, c), planes_opt<T>(true, h), planes_opt<T>(true, cn),
+                                                           planes_opt<T>(true, act), C, HW, n,
                                                            static_cast<T>(forget_bias), tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -119,10 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
                                                                       const at::Tensor& act_, const at::Tensor& c_,
                                                                       const at::Tensor& cn_, bool has_x, bool tanh_c) {
   const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  check_like(act_, c_, 4, "act");
-  check_like(cn_, c_, 1, "c_new");
-  if (has_gh) check_like(*gh_, c_, 1, "grad_h");
-  if (has_gc) check_like(*gc_, c_, 1, "grad_c");
+  check_operand("vpfast::convlstm", act_, c_, 4, "act");
+  check_operand("vpfast::convlstm", cn_, c_, 1, "c_new");
+  if (has_gh) check_operand("vpfast::convlstm", *gh_, c_, 1, "grad_h");
+  if (has_gc) check_operand("vpfast::convlstm", *gc_, c_, 1, "grad_c");
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto act = planar(act_), c = planar(c_), cn = planar(cn_);
@@ -135,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cuda", [&] {
     using T = scalar_t;
     bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes<T>(has_gh, gh), planes<T>(has_gc, gc), planes<T>(true, act), planes<T>(true, c), planes<T>(true, cn),
-        planes<T>(has_x, gx), planes<T>(true, ghg), planes<T>(true, gcp), C, HW, n, tanh_c);
+        planes_opt<T>(has_gh, gh), planes_opt<T>(has_gc, gc), planes_opt<T>(true, act), planes_opt<T>(true, c), planes_opt<T>(true, cn),
+        planes_opt<T>(has_x, gx), planes_opt<T>(true, ghg), planes_opt<T>(true, gcp), C, HW, n, tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, ghg, gcp};

@@ -86,17 +86,8 @@ __global__ void grad_input_kernel(const T* __restrict__ flow, const T* __restric
   }
 }
 
-void check_inputs(const char* fn, const at::Tensor& x, const at::Tensor& flow) {
-  TORCH_CHECK(x.dim() == 4 && flow.dim() == 4, fn, ": x and flow must be 4-D");
-  TORCH_CHECK(flow.sizes() == at::IntArrayRef({x.size(0), 2, x.size(2), x.size(3)}), fn, ": flow must be [B, 2, H, W]");
-  TORCH_CHECK(flow.scalar_type() == x.scalar_type(), fn, ": dtype mismatch");
-  TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31) && x.size(2) + 2 < (int64_t(1) << 30) &&
-                  x.size(3) + 2 < (int64_t(1) << 30),
-              fn, ": the map is too large for 32-bit indices");
-}
-
 at::Tensor flow_warp_forward_cuda(const at::Tensor& x, const at::Tensor& flow, bool border, bool align_corners) {
-  check_inputs("vpfast::flow_warp_forward", x, flow);
+  warp::check_flow_inputs("vpfast::flow_warp_forward", x, flow);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto X = x.contiguous(), FL = flow.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
@@ -115,7 +106,7 @@ at::Tensor flow_warp_forward_cuda(const at::Tensor& x, const at::Tensor& flow, b
 std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                            const at::Tensor& flow, bool border, bool align_corners,
                                                            bool need_x, bool need_flow) {
-  check_inputs("vpfast::flow_warp_backward", x, flow);
+  warp::check_flow_inputs("vpfast::flow_warp_backward", x, flow);
   TORCH_CHECK(grad.sizes() == x.sizes(), "vpfast::flow_warp_backward: grad must have the shape of x");
   const c10::cuda::CUDAGuard guard(x.device());
   if (need_x) at::globalContext().alertNotDeterministic("vpfast::flow_warp_backward (CUDA input gradient)");

@@ -69,23 +69,10 @@ __global__ void update_bwd_kernel(const T* __restrict__ g_f, const T* __restrict
   }
 }
 
-void check_pair(const char* fn, const at::Tensor& gates, const at::Tensor& f) {
-  TORCH_CHECK(f.dim() == 4 && gates.dim() == 4, fn, ": gates and f_prev must be 4-D");
-  TORCH_CHECK(gates.size(0) == f.size(0) && gates.size(1) == 2 * f.size(1) && gates.size(2) == f.size(2) &&
-                  gates.size(3) == f.size(3),
-              fn, ": gates must be [B, 2M, H, W] for f_prev [B, M, H, W]");
-  TORCH_CHECK(gates.scalar_type() == f.scalar_type(), fn, ": dtype mismatch");
-}
-
-void check_like(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& f) {
-  TORCH_CHECK(t.sizes() == f.sizes() && t.scalar_type() == f.scalar_type(), fn, ": ", name,
-              " must match f_prev in shape and dtype");
-}
-
 int64_t per_image(const at::Tensor& f) { return f.numel() / std::max<int64_t>(1, f.size(0)); }
 
 at::Tensor motion_gru_reset_cuda(const at::Tensor& gates, const at::Tensor& f_prev) {
-  check_pair("vpfast::motion_gru_reset", gates, f_prev);
+  mgru::check_pair("vpfast::motion_gru_reset", gates, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto Gt = gates.contiguous(), Fp = f_prev.contiguous();
   auto out = at::empty_like(Fp);
@@ -102,8 +89,8 @@ at::Tensor motion_gru_reset_cuda(const at::Tensor& gates, const at::Tensor& f_pr
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cuda(const at::Tensor& grad, const at::Tensor& gates,
                                                                   const at::Tensor& f_prev) {
-  check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
-  check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
+  mgru::check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
+  mgru::check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto G = grad.contiguous(), Gt = gates.contiguous(), Fp = f_prev.contiguous();
   auto d_gates = at::empty_like(Gt);
@@ -122,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_update_cuda(const at::Tensor& gates, const at::Tensor& o,
                                                           const at::Tensor& f_prev, const at::Tensor& d_prev) {
-  check_pair("vpfast::motion_gru_update", gates, f_prev);
-  check_like("vpfast::motion_gru_update", "o", o, f_prev);
-  check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
+  mgru::check_pair("vpfast::motion_gru_update", gates, f_prev);
+  mgru::check_like("vpfast::motion_gru_update", "o", o, f_prev);
+  mgru::check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto Gt = gates.contiguous(), O = o.contiguous(), Fp = f_prev.contiguous(), Dp = d_prev.contiguous();
   auto f_out = at::empty_like(Fp);
@@ -145,10 +132,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_bac
     const at::Tensor& grad_f, const at::Tensor& grad_d, const at::Tensor& gates, const at::Tensor& o,
     const at::Tensor& f_prev) {
   const char* fn = "vpfast::motion_gru_update_backward";
-  check_pair(fn, gates, f_prev);
-  check_like(fn, "grad_f", grad_f, f_prev);
-  check_like(fn, "grad_d", grad_d, f_prev);
-  check_like(fn, "o", o, f_prev);
+  mgru::check_pair(fn, gates, f_prev);
+  mgru::check_like(fn, "grad_f", grad_f, f_prev);
+  mgru::check_like(fn, "grad_d", grad_d, f_prev);
+  mgru::check_like(fn, "o", o, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto GF = grad_f.contiguous(), GD = grad_d.contiguous(), Gt = gates.contiguous(), O = o.contiguous(),
              Fp = f_prev.contiguous();

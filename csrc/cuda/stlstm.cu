@@ -7,39 +7,19 @@
 
 #include <optional>
 
-#include "common/stlstm.h"
+#include "common/lstm_planes.h"
 
 namespace vpfast {
 namespace {
 
 using lstm::Planes;
+using lstm::check_operand;
+using lstm::planar;
+using lstm::planes;
+using lstm::planes_opt;
 constexpr int kThreads = 256;
 
-at::Tensor planar(const at::Tensor& t) {
-  const int64_t H = t.size(2), W = t.size(3);
-  const bool ok = (W == 1 || t.stride(3) == 1) && (H == 1 || t.stride(2) == W);
-  return ok ? t : t.contiguous();
-}
-
-template <typename T>
-Planes<T> planes(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
-}
-template <typename T>
-Planes<T> planes_opt(bool on, const at::Tensor& t) {
-  return on ? planes<T>(t) : Planes<T>{nullptr, 0, 0};
-}
-
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
-
-void check_state(const at::Tensor& t, const at::Tensor& c, int64_t k, const char* what) {
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == c.size(0) && t.size(1) == k * c.size(1) && t.size(2) == c.size(2) &&
-                  t.size(3) == c.size(3),
-              "vpfast::stlstm: ", what, " must be [B, ", k, "C, H, W] for c of shape ", c.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == c.scalar_type() && t.device() == c.device(), "vpfast::stlstm: ", what,
-              " must match c's dtype and device");
-}
 
 template <typename T>
 __global__ void gates_fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> mg, Planes<T> c, Planes<T> m, Planes<T> cm,
@@ -149,10 +129,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
     const at::Tensor& m_, double forget_bias, bool with_delta) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_state(h_g_, c_, 4, "h_g");
-  check_state(m_g_, c_, 3, "m_g");
-  check_state(m_, c_, 1, "m");
-  if (has_x) check_state(*x_g_, c_, 7, "x_g");
+  check_operand("vpfast::stlstm", h_g_, c_, 4, "h_g");
+  check_operand("vpfast::stlstm", m_g_, c_, 3, "m_g");
+  check_operand("vpfast::stlstm", m_, c_, 1, "m");
+  if (has_x) check_operand("vpfast::stlstm", *x_g_, c_, 7, "x_g");
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
@@ -177,11 +157,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
     const at::Tensor& act_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
   const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
-  check_state(grad_cm_, c_, 2, "grad_cm");
-  check_state(grad_op_, c_, 1, "grad_o_part");
-  check_state(act_, c_, 6, "act");
-  check_state(m_, c_, 1, "m");
-  if (with_delta) check_state(*grad_delta_, c_, 2, "grad_delta");
+  check_operand("vpfast::stlstm", grad_cm_, c_, 2, "grad_cm");
+  check_operand("vpfast::stlstm", grad_op_, c_, 1, "grad_o_part");
+  check_operand("vpfast::stlstm", act_, c_, 6, "act");
+  check_operand("vpfast::stlstm", m_, c_, 1, "m");
+  if (with_delta) check_operand("vpfast::stlstm", *grad_delta_, c_, 2, "grad_delta");
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), c = planar(c_), m = planar(m_);
@@ -209,9 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cuda(const 
                                                                           const std::optional<at::Tensor>& hw_) {
   TORCH_CHECK(op_.dim() == 4, "vpfast::stlstm_output_forward: o_part must be [B, C, H, W]");
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_state(om_, op_, 1, "o_m");
-  check_state(last_, op_, 1, "last");
-  if (has_hw) check_state(*hw_, op_, 1, "highway");
+  check_operand("vpfast::stlstm", om_, op_, 1, "o_m");
+  check_operand("vpfast::stlstm", last_, op_, 1, "last");
+  if (has_hw) check_operand("vpfast::stlstm", *hw_, op_, 1, "highway");
   const c10::cuda::CUDAGuard guard(op_.device());
   const int64_t B = op_.size(0), C = op_.size(1), H = op_.size(2), W = op_.size(3), HW = H * W, n = B * C * HW;
   const auto op = planar(op_), om = planar(om_), last = planar(last_);
@@ -236,9 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cuda(const
                                                                            const at::Tensor& ht_,
                                                                            const std::optional<at::Tensor>& hw_) {
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_state(gh_, o_, 1, "grad_h");
-  check_state(ht_, o_, 1, "h_or_tl");
-  if (has_hw) check_state(*hw_, o_, 1, "highway");
+  check_operand("vpfast::stlstm", gh_, o_, 1, "grad_h");
+  check_operand("vpfast::stlstm", ht_, o_, 1, "h_or_tl");
+  if (has_hw) check_operand("vpfast::stlstm", *hw_, o_, 1, "highway");
   const c10::cuda::CUDAGuard guard(o_.device());
   const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W, n = B * C * HW;
   const auto gh = planar(gh_), o = planar(o_), ht = planar(ht_);
