@@ -9,12 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+from ._pointwise import BLOCK, grid as _grid, tanh as _tanh
 
 
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -95,9 +92,6 @@ def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, gx_ptr, ghg_ptr, gcp_ptr, N, C,
         tl.store(gx_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask=mask)
         tl.store(gx_ptr + ((b * 4 + 3) * C + ch) * HW + p, gpo, mask=mask)
 
-
-def _grid(n):
-    return (triton.cdiv(n, BLOCK),)
 
 
 def forward(x_g, h_g, c, forget_bias, tanh_c):

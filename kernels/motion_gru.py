@@ -8,12 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
-
-
-@triton.jit
-def _tanh(x):
-    return 2 * tl.sigmoid(2 * x) - 1
+from ._pointwise import BLOCK, grid as _grid, tanh as _tanh
 
 
 @triton.jit
@@ -74,10 +69,6 @@ def _update_bwd_kernel(g_f, g_d, gates, o, f, d_gates, d_o, d_f, d_d, n, L, BLOC
     tl.store(d_o + i, gf * u * (1 - t * t), mask=ok)
     tl.store(d_f + i, gf * (1 - u) + 0.5 * gdn, mask=ok)
     tl.store(d_d + i, 0.5 * gdn, mask=ok)
-
-
-def _grid(n):
-    return (triton.cdiv(max(n, 1), BLOCK),)
 
 
 def _L(f):

@@ -10,12 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+from ._pointwise import BLOCK, grid as _grid, tanh as _tanh
 
 
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -147,9 +144,6 @@ def _output_bwd(gh_ptr, o_ptr, ht_ptr, hw_ptr, gpre_ptr, glast_ptr, ghw_ptr, N, 
     tl.store(gpre_ptr + idx, gh * (t - hw) * o * (1.0 - o), mask=mask)
     tl.store(glast_ptr + idx, gh * o * (1.0 - t * t), mask=mask)
 
-
-def _grid(n):
-    return (triton.cdiv(n, BLOCK),)
 
 
 def gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta):
