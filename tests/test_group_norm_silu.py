@@ -259,3 +259,15 @@ def test_named_backend_that_cannot_run_lists_reasons():
     with pytest.raises(vpfast.BackendUnavailable, match="backend 'cuda' cannot run"):
         group_norm_silu(x, 2, w, b, backend="cuda")
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_saturated_activation(backend, dtype, layout):
+    # a = xhat * w + b far beyond the range of exp (|a| up to ~1000): finite, and equal to the reference
+    x, w, b, gy = _inputs((2, 4, 5, 6), dtype)
+    w = w * 100
+    b = torch.tensor([-900.0, -150.0, 150.0, 900.0], dtype=dtype)
+    got = _compare(backend, x, w, b, gy, 2, layout)
+    assert all(torch.isfinite(t).all() for t in got)

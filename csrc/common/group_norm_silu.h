@@ -19,16 +19,25 @@
 namespace vpfast {
 namespace gns {
 
+// sigmoid(a) = 1 / (1 + exp(-a)) without fast_sigmoid's sign split (fewer instructions in the CPU loops).
+// fast_exp clamps its argument to the finite range, so for a below about -88 (float) 1 + exp(-a) is the
+// largest finite exp, not inf: sigmoid(a) and silu(a) come out as tiny numbers (|silu| < 1e-35) instead of
+// the exact, even tinier ones, and never as NaN.
+template <typename T>
+VPFAST_HD T sigmoid(T a) {
+  return T(1) / (T(1) + fast_exp<T>(-a));
+}
+
 // silu(a) = a * sigmoid(a)
 template <typename T>
 VPFAST_HD T silu(T a) {
-  return a * fast_sigmoid<T>(a);
+  return a * sigmoid<T>(a);
 }
 
 // d silu(a) / d a, times the incoming gradient g
 template <typename T>
 VPFAST_HD T silu_backward(T g, T a) {
-  const T s = fast_sigmoid<T>(a);
+  const T s = sigmoid<T>(a);
   return g * s * (T(1) + a * (T(1) - s));
 }
 
