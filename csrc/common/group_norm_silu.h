@@ -20,9 +20,10 @@ namespace vpfast {
 namespace gns {
 
 // sigmoid(a) = 1 / (1 + exp(-a)) without fast_sigmoid's sign split (fewer instructions in the CPU loops).
-// fast_exp clamps its argument to the finite range, so for a below about -88 (float) 1 + exp(-a) is the
-// largest finite exp, not inf: sigmoid(a) and silu(a) come out as tiny numbers (|silu| < 1e-35) instead of
-// the exact, even tinier ones, and never as NaN.
+// On the CPU fast_exp clamps its argument to the finite range, so for a below about -88 (float) 1 + exp(-a)
+// is the largest finite exp, not inf: sigmoid(a) and silu(a) come out as tiny numbers (|silu| < 1e-35, or
+// 0 under the CPU kernels' flush-to-zero) instead of the exact, even tinier ones. On the device exp(-a) = inf
+// gives sigmoid = 0 and silu = -0. Never NaN either way (no inf * 0 is formed).
 template <typename T>
 VPFAST_HD T sigmoid(T a) {
   return T(1) / (T(1) + fast_exp<T>(-a));
