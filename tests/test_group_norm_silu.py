@@ -203,8 +203,11 @@ def test_opcheck_compiled():
 def test_opcheck_triton():
     if OP.static_reasons("triton"):
         pytest.skip("; ".join(OP.static_reasons("triton")))
-    x, w, b, _ = _inputs((2, 4, 2, 3), torch.float32)
+    x, w, b, gy = _inputs((2, 4, 2, 3), torch.float32)
     torch.library.opcheck(torch.ops.vpfast.group_norm_silu_forward_triton.default, (x, 2, w, b, 1e-5))
+    _, mean, rstd = torch.ops.vpfast.group_norm_silu_forward_triton(x, 2, w, b, 1e-5)
+    torch.library.opcheck(torch.ops.vpfast.group_norm_silu_backward_triton.default,
+                          (gy, x, w, b, mean, rstd, 2, [True, True, True]))
 
 
 def test_torch_compile_fullgraph():
