@@ -25,6 +25,7 @@ from torch import nn
 
 from . import nn as vnn
 from ._dispatch import resolve
+from .models.simvp import BasicConv2d
 
 
 @dataclass
@@ -169,7 +170,8 @@ _BY_NAME: dict[str, Callable] = {
 }
 
 _VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,
-                 vnn.TemporalAttention, vnn.AttentionModule, vnn.TemporalAttentionModule, vnn.DepthwiseConv2d)
+                 vnn.TemporalAttention, vnn.AttentionModule, vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
+                 BasicConv2d)  # SimVP's conv -> GroupNorm -> SiLU (fused group_norm_silu unless "torch")
 
 
 def _share(old: nn.Module, new: nn.Module) -> None:

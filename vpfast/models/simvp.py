@@ -16,6 +16,7 @@ from torch import nn
 from . import _base
 from ._layers import DepthwiseConv2d, SpatialAttention, TemporalAttention
 from ..ops.ddr_loss import ddr_loss
+from ..ops.group_norm_silu import group_norm_silu
 
 
 def _sampling_pattern(N: int, reverse: bool = False) -> list[bool]:
@@ -26,11 +27,17 @@ def _sampling_pattern(N: int, reverse: bool = False) -> list[bool]:
 
 # ---- spatial encoder / decoder --------------------------------------------------------------------------
 class BasicConv2d(nn.Module):
-    """conv (or conv to 4C + PixelShuffle(2) when upsampling) -> GroupNorm(2) -> SiLU. Keys `conv.*`, `norm.*`."""
+    """conv (or conv to 4C + PixelShuffle(2) when upsampling) -> GroupNorm(2) -> SiLU. Keys `conv.*`, `norm.*`.
 
-    def __init__(self, cin, cout, kernel_size=3, stride=1, padding=0, upsampling=False, act_norm=True):
+    backend: "torch" runs nn.GroupNorm then nn.SiLU; any other (None = auto) runs them as one fused
+    vpfast.ops.group_norm_silu with the same parameters.
+    """
+
+    def __init__(self, cin, cout, kernel_size=3, stride=1, padding=0, upsampling=False, act_norm=True,
+                 backend=None):
         super().__init__()
         self.act_norm = act_norm
+        self.backend = backend
         if upsampling:
             self.conv = nn.Sequential(nn.Conv2d(cin, cout * 4, kernel_size, 1, padding), nn.PixelShuffle(2))
         else:
@@ -44,26 +51,33 @@ class BasicConv2d(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        return self.act(self.norm(y)) if self.act_norm else y
+        if not self.act_norm:
+            return y
+        if self.backend == "torch":
+            return self.act(self.norm(y))
+        n = self.norm
+        return group_norm_silu(y, n.num_groups, n.weight, n.bias, n.eps, backend=self.backend)
 
 
 class ConvSC(nn.Module):
-    def __init__(self, cin, cout, kernel_size=3, downsampling=False, upsampling=False, act_norm=True):
+    def __init__(self, cin, cout, kernel_size=3, downsampling=False, upsampling=False, act_norm=True,
+                 backend=None):
         super().__init__()
         stride = 2 if downsampling else 1
         padding = (kernel_size - stride + 1) // 2
-        self.conv = BasicConv2d(cin, cout, kernel_size, stride, padding, upsampling, act_norm)
+        self.conv = BasicConv2d(cin, cout, kernel_size, stride, padding, upsampling, act_norm, backend)
 
     def forward(self, x):
         return self.conv(x)
 
 
 class Encoder(nn.Module):
-    def __init__(self, C_in, C_hid, N_S, kernel_size):
+    def __init__(self, C_in, C_hid, N_S, kernel_size, backend=None):
         super().__init__()
         s = _sampling_pattern(N_S)
-        self.enc = nn.Sequential(ConvSC(C_in, C_hid, kernel_size, downsampling=s[0]),
-                                 *[ConvSC(C_hid, C_hid, kernel_size, downsampling=d) for d in s[1:]])
+        self.enc = nn.Sequential(ConvSC(C_in, C_hid, kernel_size, downsampling=s[0], backend=backend),
+                                 *[ConvSC(C_hid, C_hid, kernel_size, downsampling=d, backend=backend)
+                                   for d in s[1:]])
 
     def forward(self, x):
         enc1 = self.enc[0](x)
@@ -74,10 +88,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, C_hid, C_out, N_S, kernel_size):
+    def __init__(self, C_hid, C_out, N_S, kernel_size, backend=None):
         super().__init__()
         s = _sampling_pattern(N_S, reverse=True)
-        self.dec = nn.Sequential(*[ConvSC(C_hid, C_hid, kernel_size, upsampling=u) for u in s])
+        self.dec = nn.Sequential(*[ConvSC(C_hid, C_hid, kernel_size, upsampling=u, backend=backend) for u in s])
         self.readout = nn.Conv2d(C_hid, C_out, 1)
 
     def forward(self, hid, enc1):
@@ -286,7 +300,8 @@ class SimVP(_base.VideoPredictionModel):
       (+ alpha * DDR for TAU).
     backend: for the depthwise convolutions and the attention units (vpfast.nn); "torch" = reference.
       Any other backend also runs the encoder and decoder in channels_last (same arithmetic, faster oneDNN
-      convolutions for their narrow channels).
+      convolutions for their narrow channels) and their GroupNorm + SiLU as one fused op
+      (vpfast.ops.group_norm_silu).
     """
 
     def __init__(self, in_shape=(10, 1, 64, 64), hid_S=16, hid_T=256, N_S=4, N_T=4, model_type="gSTA",
@@ -316,8 +331,8 @@ class SimVP(_base.VideoPredictionModel):
                                alpha=float(alpha)), backend)
         self.model_type = mt
         self.name = {"incepu": "simvp_incepu", "gsta": "simvp_gsta", "tau": "tau"}[mt]
-        self.enc = Encoder(C, hid_S, N_S, spatio_kernel_enc)
-        self.dec = Decoder(hid_S, C, N_S, spatio_kernel_dec)
+        self.enc = Encoder(C, hid_S, N_S, spatio_kernel_enc, backend=self.backend)
+        self.dec = Decoder(hid_S, C, N_S, spatio_kernel_dec, backend=self.backend)
         if mt == "incepu" and (hid_T // 2) % 8 == 0 and (hid_T % 8 or (T * hid_S) % 8):
             raise ValueError(f"the IncepU translator's grouped convolutions (8 groups) need hid_T and "
                              f"T*hid_S divisible by 8, got hid_T={hid_T}, T*hid_S={T * hid_S}")

@@ -8,6 +8,7 @@ from .large_kernel_attention import large_kernel_attention, large_kernel_attenti
 from .deform_warp import deform_warp, deform_warp_reference  # noqa: F401
 from .flow_warp import flow_warp, flow_warp_reference  # noqa: F401
 from .motion_gru import motion_gru, motion_gru_reference  # noqa: F401
+from .group_norm_silu import group_norm_silu, group_norm_silu_reference  # noqa: F401
 
 # settle what is built and installed now, so that dispatch under torch.compile only reads constants
 for _op in REGISTRY.values():

@@ -1,0 +1,61 @@
+"""GroupNorm + SiLU: reference eager, reference under torch.compile, and the fused kernels.
+
+Bytes per call: the forward pass reads x and writes y (2 maps); forward+backward adds the backward pass's
+reads of grad and x and its write of grad_x (5 maps in all). mean/rstd and the parameters are negligible.
+"""
+import pytest
+import torch
+
+from vpfast.ops import group_norm_silu, group_norm_silu_reference
+from vpfast.ops.group_norm_silu import OP
+
+# SimVP/TAU's encoder on Moving MNIST: B*T = 16*10 frames of GroupNorm(2, 16) over 64x64 (and 32x32)
+SHAPES = {
+    "simvp_cl": ((160, 16, 64, 64), 2, torch.channels_last),
+    "simvp_nchw": ((160, 16, 64, 64), 2, torch.contiguous_format),
+    "simvp32_cl": ((160, 16, 32, 32), 2, torch.channels_last),
+}
+_compiled = torch.compile(group_norm_silu_reference)
+
+
+def _providers():
+    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
+    for b in ("cpp", "cuda"):
+        why = OP.static_reasons(b)
+        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
+    return out
+
+
+def _fn(provider):
+    if provider == "eager":
+        return group_norm_silu_reference
+    if provider == "compile":
+        return _compiled
+    return lambda x, g, w, b: group_norm_silu(x, g, w, b, backend=provider)
+
+
+@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_group_norm_silu(record, benchmark, provider, mode, shape):
+    size, groups, fmt = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(size, generator=g).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
+    w = (1 + 0.1 * torch.randn(size[1], generator=g)).requires_grad_(mode != "fwd")
+    b = (0.1 * torch.randn(size[1], generator=g)).requires_grad_(mode != "fwd")
+    gy = torch.randn(size, generator=g).contiguous(memory_format=fmt)
+    fn = _fn(provider)
+    benchmark.group = f"group_norm_silu {shape} {tuple(size)} {mode}"
+    nbytes = x.numel() * x.element_size()
+
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(x, groups, w, b)
+        gbytes = 2 * nbytes / 1e9
+    else:
+        def step():
+            x.grad = w.grad = b.grad = None
+            fn(x, groups, w, b).backward(gy)
+        gbytes = 5 * nbytes / 1e9
+    record(provider, step, gbytes=gbytes)

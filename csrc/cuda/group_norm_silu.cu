@@ -1,0 +1,235 @@
+// GroupNorm + SiLU, CUDA. Forward: one block per (sample, group): a block reduction for the statistics, then
+// an elementwise sweep. Backward: one block per (sample, group): per-channel block reductions of dL/da and
+// dL/da * xhat (written as per-(sample, channel) partials; dL/da parked in grad_x), then the input gradient;
+// a second kernel sums the partials over the batch in order (deterministic, no atomics).
+// Both NCHW-contiguous and 4-D channels_last inputs are read in place. Arithmetic from
+// common/group_norm_silu.h, as on the CPU.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "common/group_norm_silu.h"
+
+namespace vpfast {
+namespace {
+
+constexpr int kThreads = 256;
+
+// deterministic tree sum over the block; every thread gets the result
+__device__ double block_sum(double v, double* smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double out = smem[0];
+  __syncthreads();
+  return out;
+}
+
+struct Geo {
+  int64_t C, HW, G, Cg;
+  bool cl;  // channels_last
+  // memory offset of element (n, c, pixel p)
+  __device__ int64_t at(int64_t n, int64_t c, int64_t p) const { return cl ? (n * HW + p) * C + c : (n * C + c) * HW + p; }
+  // the e-th element of group slice (n, g), in an order that keeps neighbouring threads on neighbouring addresses
+  __device__ void split(int64_t e, int64_t& cl_, int64_t& p) const {
+    if (cl) {
+      cl_ = e % Cg;
+      p = e / Cg;
+    } else {
+      cl_ = e / HW;
+      p = e % HW;
+    }
+  }
+};
+
+template <typename T>
+__global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                               T* __restrict__ y, T* __restrict__ mean, T* __restrict__ rstd, Geo geo, double eps) {
+  __shared__ double smem[kThreads];
+  const int64_t t = blockIdx.x, n = t / geo.G, g = t % geo.G, M = geo.Cg * geo.HW;
+  const double K = static_cast<double>(x[geo.at(n, g * geo.Cg, 0)]);
+  double s1 = 0, s2 = 0;
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    int64_t cl, p;
+    geo.split(e, cl, p);
+    const double d = static_cast<double>(x[geo.at(n, g * geo.Cg + cl, p)]) - K;
+    s1 += d;
+    s2 += d * d;
+  }
+  s1 = block_sum(s1, smem);
+  s2 = block_sum(s2, smem);
+  double m, r;
+  gns::finish_stats(s1, s2, K, static_cast<double>(M), eps, m, r);
+  const T mT = static_cast<T>(m), rT = static_cast<T>(r);
+  if (threadIdx.x == 0) {
+    mean[t] = mT;
+    rstd[t] = rT;
+  }
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    int64_t cl, p;
+    geo.split(e, cl, p);
+    const int64_t c = g * geo.Cg + cl, o = geo.at(n, c, p);
+    const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
+    y[o] = gns::silu<T>(gns::affine<T>(x[o], mT, rT * wc, bc));
+  }
+}
+
+template <typename T>
+__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ w,
+                                const T* __restrict__ b, const T* __restrict__ mean, const T* __restrict__ rstd,
+                                T* __restrict__ gx, double* __restrict__ partA, double* __restrict__ partB, Geo geo,
+                                bool need_x) {
+  __shared__ double smem[kThreads];
+  const int64_t t = blockIdx.x, n = t / geo.G, g = t % geo.G;
+  const T mT = mean[t], rT = rstd[t];
+  double S1 = 0, S2 = 0;
+  for (int64_t cl = 0; cl < geo.Cg; ++cl) {
+    const int64_t c = g * geo.Cg + cl;
+    const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0), rw = rT * wc;
+    double A = 0, B = 0;
+    for (int64_t p = threadIdx.x; p < geo.HW; p += blockDim.x) {
+      const int64_t o = geo.at(n, c, p);
+      const T xc = x[o] - mT;
+      const T dy = gns::silu_backward<T>(grad[o], xc * rw + bc);
+      gx[o] = dy;
+      A += static_cast<double>(dy);
+      B += static_cast<double>(dy) * static_cast<double>(xc);
+    }
+    A = block_sum(A, smem);
+    B = block_sum(B, smem) * static_cast<double>(rT);
+    if (threadIdx.x == 0) {
+      partA[n * geo.C + c] = A;
+      partB[n * geo.C + c] = B;
+    }
+    S1 += static_cast<double>(wc) * A;
+    S2 += static_cast<double>(wc) * B;
+  }
+  if (!need_x) return;
+  __syncthreads();  // grad_x holds dL/da written by other threads
+  const int64_t M = geo.Cg * geo.HW;
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    int64_t cl, p;
+    geo.split(e, cl, p);
+    const int64_t c = g * geo.Cg + cl, o = geo.at(n, c, p);
+    const double wc = w ? static_cast<double>(w[c]) : 1.0;
+    const auto k = gns::input_grad_coef(static_cast<double>(rT), wc, S1, S2, static_cast<double>(M));
+    gx[o] = gns::input_grad<T>(gx[o], x[o], mT, static_cast<T>(k.cdy), static_cast<T>(k.cx), static_cast<T>(k.c0));
+  }
+}
+
+// grad_weight[c] = sum_n partB[n, c], grad_bias[c] = sum_n partA[n, c], in order of n
+template <typename T>
+__global__ void param_grad_kernel(const double* __restrict__ partA, const double* __restrict__ partB, int64_t N,
+                                  int64_t C, T* __restrict__ gw, T* __restrict__ gb) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double sa = 0, sb = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    sa += partA[n * C + c];
+    sb += partB[n * C + c];
+  }
+  if (gw) gw[c] = static_cast<T>(sb);
+  if (gb) gb[c] = static_cast<T>(sa);
+}
+
+Geo geometry(const at::Tensor& x, int64_t groups, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, name, ": x must be [N, C, *]");
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, name, ": C must be divisible by groups");
+  Geo g;
+  g.C = x.size(1);
+  g.HW = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
+  g.G = groups;
+  g.Cg = g.C / groups;
+  TORCH_CHECK(g.HW > 0 || x.size(0) == 0, name, ": empty spatial size");
+  g.cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return g;
+}
+
+at::Tensor dense(const at::Tensor& x, bool channels_last) {
+  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
+}
+
+template <typename T>
+const T* param_ptr(const c10::optional<at::Tensor>& p, at::Tensor& keep) {
+  if (!p.has_value() || !p->defined()) return nullptr;
+  keep = p->contiguous();
+  return keep.data_ptr<T>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cuda(
+    const at::Tensor& x_, int64_t groups, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  const Geo geo = geometry(x_, groups, "vpfast::group_norm_silu_forward");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = dense(x_, geo.cl);
+  const int64_t N = x.size(0);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({N, geo.G}, x.options());
+  auto rstd = at::empty({N, geo.G}, x.options());
+  if (N == 0) return {y, mean, rstd};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_norm_silu_forward_cuda", [&] {
+    at::Tensor wk, bk;
+    const scalar_t* w = param_ptr<scalar_t>(weight, wk);
+    const scalar_t* b = param_ptr<scalar_t>(bias, bk);
+    forward_kernel<scalar_t><<<N * geo.G, kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), w, b, y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+        rstd.data_ptr<scalar_t>(), geo, eps);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x_, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean_, const at::Tensor& rstd_, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  const Geo geo = geometry(x_, groups, "vpfast::group_norm_silu_backward");
+  TORCH_CHECK(grad.sizes() == x_.sizes() && grad.scalar_type() == x_.scalar_type(),
+              "vpfast::group_norm_silu_backward: grad must match x");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = dense(x_, geo.cl), g_ = dense(grad, geo.cl);
+  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const int64_t N = x.size(0), C = geo.C;
+  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
+  const bool need_x = output_mask[0], need_w = output_mask[1] && has_w, need_b = output_mask[2] && has_b;
+  auto gx = at::empty_like(x);
+  auto partA = at::zeros({N, C}, x.options().dtype(at::kDouble));
+  auto partB = at::zeros({N, C}, x.options().dtype(at::kDouble));
+  auto gw = need_w ? at::empty({C}, x.options()) : at::empty({0}, x.options());
+  auto gb = need_b ? at::empty({C}, x.options()) : at::empty({0}, x.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    at::Tensor wk, bk;
+    const scalar_t* w = param_ptr<scalar_t>(weight, wk);
+    const scalar_t* b = param_ptr<scalar_t>(bias, bk);
+    if (N > 0) {
+      backward_kernel<scalar_t><<<N * geo.G, kThreads, 0, stream>>>(
+          g_.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, b, mean.data_ptr<scalar_t>(),
+          rstd.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), partA.data_ptr<double>(), partB.data_ptr<double>(),
+          geo, need_x);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_w || need_b) {
+      param_grad_kernel<scalar_t><<<(C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+          partA.data_ptr<double>(), partB.data_ptr<double>(), N, C, need_w ? gw.data_ptr<scalar_t>() : nullptr,
+          need_b ? gb.data_ptr<scalar_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (!need_x) gx = at::empty({0}, x.options());
+  return {gx, gw, gb};
+}
+
+}  // namespace
+}  // namespace vpfast
+
+TORCH_LIBRARY_IMPL(vpfast, CUDA, m) {
+  m.impl("group_norm_silu_forward", &vpfast::group_norm_silu_forward_cuda);
+  m.impl("group_norm_silu_backward", &vpfast::group_norm_silu_backward_cuda);
+}
