@@ -401,6 +401,21 @@ def test_fast_backend_matches_torch(name):
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-8, atol=1e-10, msg=k)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_simvp_fast_path_keeps_maps_channels_last(channels):
+    """Every encoder/decoder layer's output on the fast path is channels_last (a one-channel input and the
+    pixel shuffle included): a layer that fell back to NCHW would mix layouts and pay conversions."""
+    from vpfast.models.simvp import BasicConv2d
+    m = tiny("tau", backend=None, in_shape=(3, channels, 16, 16))
+    layouts = []
+    for mod in m.modules():
+        if isinstance(mod, BasicConv2d):
+            mod.register_forward_hook(lambda mod, i, o: layouts.append(o.is_contiguous(
+                memory_format=torch.channels_last) and not o.is_contiguous()))
+    m(torch.rand(2, 3, channels, 16, 16, dtype=torch.float64))
+    assert len(layouts) == 4 and all(layouts), layouts
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------------
 def test_load_checkpoint_containers(tmp_path):
     src = tiny("predrnnv2")

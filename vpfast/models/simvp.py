@@ -29,8 +29,9 @@ def _sampling_pattern(N: int, reverse: bool = False) -> list[bool]:
 class BasicConv2d(nn.Module):
     """conv (or conv to 4C + PixelShuffle(2) when upsampling) -> GroupNorm(2) -> SiLU. Keys `conv.*`, `norm.*`.
 
-    backend: "torch" runs nn.GroupNorm then nn.SiLU; any other (None = auto) runs them as one fused
-    vpfast.ops.group_norm_silu with the same parameters.
+    backend: "torch" runs nn.GroupNorm then nn.SiLU; any other (None = auto) runs the convolution in
+    channels_last (`conv_channels_last`) and GroupNorm + SiLU as one fused vpfast.ops.group_norm_silu with
+    the same parameters.
     """
 
     def __init__(self, cin, cout, kernel_size=3, stride=1, padding=0, upsampling=False, act_norm=True,
@@ -50,13 +51,38 @@ class BasicConv2d(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        y = self.conv(x)
+        if self.backend == "torch":
+            y = self.conv(x)
+            return self.act(self.norm(y)) if self.act_norm else y
+        y = self.conv_channels_last(x)
         if not self.act_norm:
             return y
-        if self.backend == "torch":
-            return self.act(self.norm(y))
         n = self.norm
         return group_norm_silu(y, n.num_groups, n.weight, n.bias, n.eps, backend=self.backend)
+
+    def conv_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """self.conv(x) with the result in channels_last whatever x's layout (the fast path's convolution).
+
+        A one-channel input (the first layer's) has NCHW strides that PyTorch reads as NCHW, so it is
+        viewed with channels_last strides (same memory). An upsampling layer's output channels are reordered from (c, i, j) to (i, j, c)
+        in the weight, so that the pixel shuffle moves whole C-channel pixels instead of gathering every
+        fourth channel (F.pixel_shuffle); the result equals conv -> PixelShuffle(2) exactly.
+        """
+        cl = torch.channels_last
+        if x.shape[1] == 1 and x.is_contiguous() and not x.requires_grad:
+            x = x.as_strided(x.shape, (x.shape[2] * x.shape[3], 1, x.shape[3], 1))
+        conv = self.conv[0] if isinstance(self.conv, nn.Sequential) else self.conv
+        w, b = conv.weight, conv.bias
+        if conv is self.conv:
+            return F.conv2d(x, w.contiguous(memory_format=cl), b, conv.stride, conv.padding)
+        C = w.shape[0] // 4
+        w = w.view(C, 4, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+        b = b.view(C, 4).t().reshape(-1)
+        y = F.conv2d(x, w.contiguous(memory_format=cl), b, conv.stride, conv.padding)
+        N, _, H, W = y.shape
+        # [N, H, W, (i, j, c)] -> [N, H, i, W, j, c] = [N, 2H, 2W, C] in memory: channels_last [N, C, 2H, 2W]
+        y = y.permute(0, 2, 3, 1).reshape(N, H, W, 2, 2, C).permute(0, 1, 3, 2, 4, 5)
+        return y.reshape(N, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
 
 
 class ConvSC(nn.Module):
