@@ -6,19 +6,12 @@ backward pass reads them again and writes grad_pred.
 import pytest
 import torch
 
+from vpfast.bench import providers
 from vpfast.ops import ddr_loss, ddr_loss_reference
 from vpfast.ops.ddr_loss import OP
 
 SHAPES = {"mmnist": (16, 10, 1, 64, 64), "large": (16, 10, 3, 128, 128)}
 _compiled = torch.compile(ddr_loss_reference)
-
-
-def _providers():
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
-    for b in ("cpp", "cuda"):
-        why = OP.static_reasons(b)
-        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
-    return out
 
 
 def _fn(provider):
@@ -29,7 +22,7 @@ def _fn(provider):
     return lambda p, y: ddr_loss(p, y, backend=provider)
 
 
-@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("provider", providers(OP))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_ddr_loss(record, benchmark, provider, mode, shape):

@@ -8,6 +8,7 @@ written at least (inputs, outputs, gradients), not the column buffer.
 import pytest
 import torch
 
+from vpfast.bench import providers
 from vpfast.ops import deform_warp, deform_warp_reference
 from vpfast.ops.deform_warp import OP
 
@@ -24,16 +25,13 @@ def _interleave(off, k):
 
 
 def _providers():
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
     try:
         import torchvision  # noqa: F401
-        out.append(pytest.param("torchvision", id="torchvision"))
+        peer = pytest.param("torchvision", id="torchvision")
     except ImportError:
-        out.append(pytest.param("torchvision", id="torchvision", marks=pytest.mark.skip(reason="no torchvision")))
-    for b in ("cpp", "cuda"):
-        why = OP.static_reasons(b)
-        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
-    return out
+        peer = pytest.param("torchvision", id="torchvision", marks=pytest.mark.skip(reason="no torchvision"))
+    out = providers(OP)
+    return out[:2] + [peer] + out[2:]
 
 
 def _fn(provider, k):

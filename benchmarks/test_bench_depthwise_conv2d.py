@@ -9,7 +9,7 @@ With --benchmark-disable (CI's smoke run) every case runs once on a shrunken bat
 import pytest
 import torch
 
-from vpfast.bench import grad_step
+from vpfast.bench import grad_step, providers
 from vpfast.ops import (depthwise_conv2d, depthwise_conv2d_reference, large_kernel_attention,
                         large_kernel_attention_reference)
 from vpfast.ops.depthwise_conv2d import OP as DW_OP
@@ -27,14 +27,6 @@ _dw_compiled = torch.compile(depthwise_conv2d_reference)
 _lka_compiled = torch.compile(large_kernel_attention_reference)
 
 
-def _providers(op):
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
-    for b in ("cpp", "cuda"):
-        why = op.static_reasons(b)
-        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
-    return out
-
-
 def _step(fn, args, mode):
     if mode != "fwd":
         return grad_step(fn, args)
@@ -45,7 +37,7 @@ def _step(fn, args, mode):
     return step
 
 
-@pytest.mark.parametrize("provider", _providers(DW_OP))
+@pytest.mark.parametrize("provider", providers(DW_OP))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(CONV), ids=list(CONV))
 def test_depthwise_conv2d(record, benchmark, provider, mode, shape):
@@ -66,7 +58,7 @@ def test_depthwise_conv2d(record, benchmark, provider, mode, shape):
            gbytes=(2 if mode == "fwd" else 6) * nbytes / 1e9)
 
 
-@pytest.mark.parametrize("provider", _providers(LKA_OP))
+@pytest.mark.parametrize("provider", providers(LKA_OP))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(PAIR), ids=list(PAIR))
 def test_large_kernel_attention_pair(record, benchmark, provider, mode, shape):

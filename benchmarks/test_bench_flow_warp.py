@@ -4,19 +4,12 @@ the output gradient, x and flow again and writes the gradients of x and flow."""
 import pytest
 import torch
 
+from vpfast.bench import providers
 from vpfast.ops import flow_warp, flow_warp_reference
 from vpfast.ops.flow_warp import OP
 
 SHAPES = {"b16c64": (16, 64, 64, 64)}
 _compiled = torch.compile(flow_warp_reference)
-
-
-def _providers():
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
-    for b in ("cpp", "cuda"):
-        why = OP.static_reasons(b)
-        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
-    return out
 
 
 def _fn(provider):
@@ -27,7 +20,7 @@ def _fn(provider):
     return lambda x, f, pm: flow_warp(x, f, pm, backend=provider)
 
 
-@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("provider", providers(OP))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))

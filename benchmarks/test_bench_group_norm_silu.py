@@ -6,6 +6,7 @@ reads of grad and x and its write of grad_x (5 maps in all). mean/rstd and the p
 import pytest
 import torch
 
+from vpfast.bench import providers
 from vpfast.ops import group_norm_silu, group_norm_silu_reference
 from vpfast.ops.group_norm_silu import OP
 
@@ -18,14 +19,6 @@ SHAPES = {
 _compiled = torch.compile(group_norm_silu_reference)
 
 
-def _providers():
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
-    for b in ("cpp", "cuda"):
-        why = OP.static_reasons(b)
-        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
-    return out
-
-
 def _fn(provider):
     if provider == "eager":
         return group_norm_silu_reference
@@ -34,7 +27,7 @@ def _fn(provider):
     return lambda x, g, w, b: group_norm_silu(x, g, w, b, backend=provider)
 
 
-@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("provider", providers(OP))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_group_norm_silu(record, benchmark, provider, mode, shape):

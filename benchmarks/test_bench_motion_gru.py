@@ -4,6 +4,7 @@ Flops: the three convolutions, 2·B·M·(Cin+M)·9·HW each (three times that wi
 import pytest
 import torch
 
+from vpfast.bench import providers
 from vpfast.ops import motion_gru, motion_gru_reference
 from vpfast.ops.motion_gru import OP
 
@@ -11,14 +12,6 @@ from vpfast.ops.motion_gru import OP
 # and thuml's Human3.6M-like setting at a larger map
 SHAPES = {"mmnist": (16, 16, 18, 8, 8), "large": (8, 16, 18, 32, 32)}
 _compiled = torch.compile(motion_gru_reference)
-
-
-def _providers():
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
-    for b in ("cpp", "cuda"):
-        why = OP.static_reasons(b)
-        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
-    return out
 
 
 def _fn(provider):
@@ -29,7 +22,7 @@ def _fn(provider):
     return lambda *a: motion_gru(*a, backend=provider)
 
 
-@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("provider", providers(OP))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
 def test_motion_gru(record, benchmark, provider, mode, shape):

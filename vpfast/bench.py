@@ -33,6 +33,18 @@ def grad_step(fn, args):
     return step
 
 
+def providers(op):
+    """pytest params for a suite's providers: eager and compile (the reference), then cpp and cuda, each
+    skipped with the op's reasons when that backend cannot run here."""
+    import pytest
+
+    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
+    for b in ("cpp", "cuda"):
+        why = op.static_reasons(b)
+        out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason="; ".join(why))] if why else []))
+    return out
+
+
 def suites_dir() -> str:
     from . import benchmarks
 
