@@ -180,3 +180,56 @@ def test_accelerate_sets_backend_on_vpfast_layers_and_validates():
         vpfast.accelerate("not a module")
     with pytest.raises(ValueError):
         vpfast.accelerate(m, backend="fortran")
+
+
+class BasicConv2d(nn.Module):  # OpenSTL's SimVP ConvSC body (conv [-> PixelShuffle] -> GroupNorm -> SiLU)
+    def __init__(self, cin, cout, k=3, stride=1, padding=1, upsampling=False, act_norm=True, groups_norm=2):
+        super().__init__()
+        self.act_norm = act_norm
+        if upsampling:
+            self.conv = nn.Sequential(nn.Conv2d(cin, cout * 4, k, 1, padding), nn.PixelShuffle(2))
+        else:
+            self.conv = nn.Conv2d(cin, cout, k, stride, padding)
+        self.norm = nn.GroupNorm(groups_norm, cout)
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.act(self.norm(y)) if self.act_norm else y
+
+
+class EncDec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = BasicConv2d(1, 8, stride=2)
+        self.mid = BasicConv2d(8, 8, act_norm=False)
+        self.up = BasicConv2d(8, 8, upsampling=True)
+        self.other = BasicConv2d(8, 8, groups_norm=4)  # not the reference's GroupNorm(2): left alone
+
+    def forward(self, x):
+        y = self.other(self.up(self.mid(self.down(x))))
+        return y.view(y.shape[0], -1)  # as OpenSTL does: the swapped layers must keep the NCHW layout
+
+
+def test_accelerate_swaps_simvp_basic_conv2d():
+    torch.manual_seed(0)
+    model = EncDec().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    ref = copy.deepcopy(model)
+    ids = {k: id(p) for k, p in model.named_parameters()}
+    report = vpfast.accelerate(model)
+    assert {path for path, _, _ in report.swapped} == {"down", "mid", "up"}
+    assert [(p, why) for p, _, why in report.left] == [("other", "norm is not GroupNorm(2, C)")]
+    assert {k: id(p) for k, p in model.named_parameters()} == ids
+    assert list(model.state_dict()) == list(ref.state_dict())
+    x = torch.rand(3, 1, 12, 10, dtype=torch.float64)
+    y_ref, y = ref(x), model(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    y_ref.square().sum().backward()
+    y.square().sum().backward()
+    g_ref, g = _grads(ref), _grads(model)
+    assert g.keys() == g_ref.keys() and len(g) == 14  # mid (act_norm=False) leaves its norm unused
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-9, atol=1e-11, msg=k)

@@ -10,7 +10,8 @@ working and checkpoints keep their keys). Recognised:
 - by class name and structure, the reference projects' modules: `SpatioTemporalLSTMCell` (OpenSTL PredRNN;
   thuml's Motion-Highway variant, recognised by its 5-argument forward), `SpatioTemporalLSTMCellv2`
   (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
-  `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU).
+  `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
+  `BasicConv2d` (conv -> GroupNorm(2) -> SiLU, run with the fused `group_norm_silu`; layouts unchanged).
 
 Everything else is left alone; the returned report lists what was swapped and which candidates were left
 alone and why.
@@ -148,6 +149,27 @@ def _attention(m, backend, temporal):
     return cls(p1.in_channels, ks, getattr(m, "attn_shortcut", True), backend=backend)
 
 
+def _basic_conv2d(m, backend):
+    # OpenSTL's SimVP/TAU ConvSC body: conv (or conv to 4C + PixelShuffle(2)) -> GroupNorm -> SiLU
+    seq = getattr(m, "conv", None)
+    up = isinstance(seq, nn.Sequential)
+    if up:
+        _need(len(seq) == 2 and isinstance(seq[1], nn.PixelShuffle) and seq[1].upscale_factor == 2,
+              "conv is not conv -> PixelShuffle(2)")
+    conv = _conv(m, "conv")
+    norm, act = getattr(m, "norm", None), getattr(m, "act", None)
+    _need(isinstance(norm, nn.GroupNorm) and norm.num_groups == 2 and norm.affine, "norm is not GroupNorm(2, C)")
+    _need(isinstance(act, nn.SiLU), "act is not SiLU")
+    _need(conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" and conv.bias is not None
+          and not isinstance(conv.padding, str), "convolution options other than the reference's")
+    _need(conv.kernel_size[0] == conv.kernel_size[1] and conv.padding[0] == conv.padding[1]
+          and conv.stride[0] == conv.stride[1], "non-square convolution")
+    cout = conv.out_channels // 4 if up else conv.out_channels
+    _need(norm.num_channels == cout, "GroupNorm's channels do not match the convolution")
+    return BasicConv2d(conv.in_channels, cout, conv.kernel_size[0], conv.stride[0], conv.padding[0], up,
+                       bool(getattr(m, "act_norm", True)), backend=backend)
+
+
 def _depthwise(m: nn.Conv2d, backend):
     _need(m.padding_mode == "zeros", f"padding_mode {m.padding_mode!r}")
     _need(all(k % 2 == 1 for k in m.kernel_size), f"even kernel {m.kernel_size}")
@@ -167,6 +189,7 @@ _BY_NAME: dict[str, Callable] = {
     "TemporalAttention": lambda m, b: _attention(m, b, True),
     "AttentionModule": lambda m, b: _attention_unit(m, b, False),
     "TemporalAttentionModule": lambda m, b: _attention_unit(m, b, True),
+    "BasicConv2d": _basic_conv2d,
 }
 
 _VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,

@@ -29,16 +29,19 @@ def _sampling_pattern(N: int, reverse: bool = False) -> list[bool]:
 class BasicConv2d(nn.Module):
     """conv (or conv to 4C + PixelShuffle(2) when upsampling) -> GroupNorm(2) -> SiLU. Keys `conv.*`, `norm.*`.
 
-    backend: "torch" runs nn.GroupNorm then nn.SiLU; any other (None = auto) runs the convolution in
-    channels_last (`conv_channels_last`) and GroupNorm + SiLU as one fused vpfast.ops.group_norm_silu with
-    the same parameters.
+    backend: "torch" runs nn.GroupNorm then nn.SiLU; any other (None = auto) runs GroupNorm + SiLU as one
+      fused vpfast.ops.group_norm_silu with the same parameters.
+    channels_last: with a fast backend, run the convolution so that its result is channels_last whatever the
+      input's layout (`conv_channels_last`; SimVP sets it for its encoder and decoder). Off, the output keeps
+      the input's layout (what `vpfast.accelerate` needs inside models that `.view()` the maps).
     """
 
     def __init__(self, cin, cout, kernel_size=3, stride=1, padding=0, upsampling=False, act_norm=True,
-                 backend=None):
+                 backend=None, channels_last=False):
         super().__init__()
         self.act_norm = act_norm
         self.backend = backend
+        self.channels_last = bool(channels_last)
         if upsampling:
             self.conv = nn.Sequential(nn.Conv2d(cin, cout * 4, kernel_size, 1, padding), nn.PixelShuffle(2))
         else:
@@ -54,7 +57,7 @@ class BasicConv2d(nn.Module):
         if self.backend == "torch":
             y = self.conv(x)
             return self.act(self.norm(y)) if self.act_norm else y
-        y = self.conv_channels_last(x)
+        y = self.conv_channels_last(x) if self.channels_last else self.conv(x)
         if not self.act_norm:
             return y
         n = self.norm
@@ -63,10 +66,10 @@ class BasicConv2d(nn.Module):
     def conv_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """self.conv(x) with the result in channels_last whatever x's layout (the fast path's convolution).
 
-        A one-channel input (the first layer's) has NCHW strides that PyTorch reads as NCHW, so it is
-        viewed with channels_last strides (same memory). An upsampling layer's output channels are reordered from (c, i, j) to (i, j, c)
-        in the weight, so that the pixel shuffle moves whole C-channel pixels instead of gathering every
-        fourth channel (F.pixel_shuffle); the result equals conv -> PixelShuffle(2) exactly.
+        A one-channel input (the first layer's) has NCHW strides that PyTorch reads as NCHW, so it is viewed
+        with channels_last strides (same memory). An upsampling layer's output channels are reordered from
+        (c, i, j) to (i, j, c) in the weight, so that the pixel shuffle moves whole C-channel pixels instead of
+        gathering every fourth channel (F.pixel_shuffle); the result equals conv -> PixelShuffle(2) exactly.
         """
         cl = torch.channels_last
         if x.shape[1] == 1 and x.is_contiguous() and not x.requires_grad:
@@ -359,6 +362,9 @@ class SimVP(_base.VideoPredictionModel):
         self.name = {"incepu": "simvp_incepu", "gsta": "simvp_gsta", "tau": "tau"}[mt]
         self.enc = Encoder(C, hid_S, N_S, spatio_kernel_enc, backend=self.backend)
         self.dec = Decoder(hid_S, C, N_S, spatio_kernel_dec, backend=self.backend)
+        for m in (*self.enc.modules(), *self.dec.modules()):
+            if isinstance(m, BasicConv2d):
+                m.channels_last = True  # used by the fast backends only (step() keeps the layouts apart)
         if mt == "incepu" and (hid_T // 2) % 8 == 0 and (hid_T % 8 or (T * hid_S) % 8):
             raise ValueError(f"the IncepU translator's grouped convolutions (8 groups) need hid_T and "
                              f"T*hid_S divisible by 8, got hid_T={hid_T}, T*hid_S={T * hid_S}")
