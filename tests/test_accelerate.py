@@ -131,18 +131,23 @@ class Zoo(nn.Module):
         return y.sum((1,)) + w.mean(1) + Fn.mean(1)
 
 
+def _model_and_copy(cls, std):
+    """A float64 model with N(0, std) parameters (so every path carries signal) and an untouched deep copy."""
+    torch.manual_seed(0)
+    model = cls().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model, copy.deepcopy(model)
+
+
 def _grads(model):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
 def test_accelerate_swaps_and_keeps_parameters():
     pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = Zoo().double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    ref = copy.deepcopy(model)
+    model, ref = _model_and_copy(Zoo, 0.2)
     params_before = {k: id(p) for k, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     report = vpfast.accelerate(model)
@@ -212,12 +217,7 @@ class EncDec(nn.Module):
 
 
 def test_accelerate_swaps_simvp_basic_conv2d():
-    torch.manual_seed(0)
-    model = EncDec().double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.4)
-    ref = copy.deepcopy(model)
+    model, ref = _model_and_copy(EncDec, 0.4)
     ids = {k: id(p) for k, p in model.named_parameters()}
     report = vpfast.accelerate(model)
     assert {path for path, _, _ in report.swapped} == {"down", "mid", "up"}
