@@ -12,6 +12,8 @@
 // Statistics are accumulated as sums of (x - K) and (x - K)^2 with a shift K taken from the data (the
 // group's first element), in double, which keeps var accurate even when |mean| >> std.
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cmath>
 
 #include "common/math.h"
@@ -69,6 +71,49 @@ VPFAST_HD InputGradCoef input_grad_coef(double rstd, double w, double S1, double
 template <typename T>
 VPFAST_HD T input_grad(T dy_a, T x, T mean, T cdy, T cx, T c0) {
   return dy_a * cdy + (x - mean) * cx + c0;
+}
+
+// ---- host side, shared by the CPU and CUDA wrappers --------------------------------------------------------
+struct Geometry {
+  int64_t N, C, HW, G, Cg;
+  bool channels_last;  // 4-D channels_last (read in place); otherwise NCHW-contiguous after dense()
+};
+
+inline Geometry geometry(const at::Tensor& x, int64_t groups, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, name, ": x must be [N, C, *]");
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, name, ": C must be divisible by groups");
+  Geometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.HW = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
+  g.G = groups;
+  g.Cg = g.C / groups;
+  TORCH_CHECK(g.HW > 0 || g.N == 0, name, ": empty spatial size");
+  g.channels_last = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return g;
+}
+
+// x itself when the kernels can read its layout (NCHW-contiguous or 4-D channels_last), else a contiguous copy
+inline at::Tensor dense(const at::Tensor& x, bool channels_last) {
+  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
+}
+
+inline void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& x, int64_t C, const char* what) {
+  if (p.has_value() && p->defined()) {
+    TORCH_CHECK(p->numel() == C && p->scalar_type() == x.scalar_type() && p->device() == x.device(),
+                "vpfast::group_norm_silu: ", what, " must be [C] with x's dtype and device");
+  }
+}
+
+// the backward's operands besides x: grad like x, mean and rstd [N, groups] with x's dtype
+inline void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& rstd, const Geometry& g) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "vpfast::group_norm_silu_backward: grad must match x");
+  TORCH_CHECK(mean.numel() == g.N * g.G && rstd.numel() == g.N * g.G && mean.scalar_type() == x.scalar_type() &&
+                  rstd.scalar_type() == x.scalar_type(),
+              "vpfast::group_norm_silu_backward: mean and rstd must be [N, groups] with x's dtype");
 }
 
 }  // namespace gns

@@ -27,6 +27,12 @@
 namespace vpfast {
 namespace {
 
+using gns::check_backward;
+using gns::check_param;
+using gns::dense;
+using gns::Geometry;
+using gns::geometry;
+
 // Denormals flushed to zero (MXCSR FTZ + DAZ) while a task runs, restored afterwards. GCC if-converts the
 // clamps inside fast_exp and evaluates every branch for every lane; the branch for a clamped argument folds
 // sigmoid to the denormal constant 1 / (1 + exp(88.38)) and multiplies by it, which costs a microcode assist
@@ -156,38 +162,6 @@ VPFAST_CPU_CLONES void input_grad_sweep(const T* __restrict__ x, T* __restrict__
   const int64_t rem = len - i;
 #pragma omp simd
   for (int64_t j = 0; j < rem; ++j) gx[i + j] = gns::input_grad<T>(gx[i + j], x[i + j], mean[j], cdy[j], cx[j], c0[j]);
-}
-
-struct Geometry {
-  int64_t N, C, HW, G, Cg;
-  bool channels_last;
-};
-
-Geometry geometry(const at::Tensor& x, int64_t groups, const char* name) {
-  TORCH_CHECK(x.dim() >= 2, name, ": x must be [N, C, *]");
-  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, name, ": C must be divisible by groups");
-  Geometry g;
-  g.N = x.size(0);
-  g.C = x.size(1);
-  g.HW = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
-  g.G = groups;
-  g.Cg = g.C / groups;
-  TORCH_CHECK(g.HW > 0 || g.N == 0, name, ": empty spatial size");
-  g.channels_last = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return g;
-}
-
-// x itself when the kernels can read its layout (NCHW-contiguous or 4-D channels_last), else a contiguous copy
-at::Tensor dense(const at::Tensor& x, bool channels_last) {
-  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
-}
-
-void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& x, int64_t C, const char* what) {
-  if (p.has_value() && p->defined()) {
-    TORCH_CHECK(p->numel() == C && p->scalar_type() == x.scalar_type(), "vpfast::group_norm_silu: ", what,
-                " must be [C] with x's dtype");
-  }
 }
 
 template <typename T>
@@ -320,11 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   const Geometry geo = geometry(x_, groups, "vpfast::group_norm_silu_backward");
   check_param(weight, x_, geo.C, "weight");
   check_param(bias, x_, geo.C, "bias");
-  TORCH_CHECK(grad.sizes() == x_.sizes() && grad.scalar_type() == x_.scalar_type(),
-              "vpfast::group_norm_silu_backward: grad must match x");
-  TORCH_CHECK(mean_.numel() == geo.N * geo.G && rstd_.numel() == geo.N * geo.G &&
-                  mean_.scalar_type() == x_.scalar_type() && rstd_.scalar_type() == x_.scalar_type(),
-              "vpfast::group_norm_silu_backward: mean and rstd must be [N, groups] with x's dtype");
+  check_backward(grad, x_, mean_, rstd_, geo);
   const at::Tensor x = dense(x_, geo.channels_last);
   const at::Tensor g_ = dense(grad, geo.channels_last);
   const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();

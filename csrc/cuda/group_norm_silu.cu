@@ -14,6 +14,12 @@
 namespace vpfast {
 namespace {
 
+using gns::check_backward;
+using gns::check_param;
+using gns::dense;
+using gns::Geometry;
+using gns::geometry;
+
 constexpr int kThreads = 256;
 
 // deterministic tree sum over the block; every thread gets the result
@@ -136,23 +142,8 @@ __global__ void param_grad_kernel(const double* __restrict__ partA, const double
   if (gb) gb[c] = static_cast<T>(sa);
 }
 
-Geo geometry(const at::Tensor& x, int64_t groups, const char* name) {
-  TORCH_CHECK(x.dim() >= 2, name, ": x must be [N, C, *]");
-  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, name, ": C must be divisible by groups");
-  Geo g;
-  g.C = x.size(1);
-  g.HW = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
-  g.G = groups;
-  g.Cg = g.C / groups;
-  TORCH_CHECK(g.HW > 0 || x.size(0) == 0, name, ": empty spatial size");
-  g.cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return g;
-}
-
-at::Tensor dense(const at::Tensor& x, bool channels_last) {
-  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
-}
+// the kernels' view of a gns::Geometry
+Geo device_geo(const Geometry& g) { return Geo{g.C, g.HW, g.G, g.Cg, g.channels_last}; }
 
 template <typename T>
 const T* param_ptr(const c10::optional<at::Tensor>& p, at::Tensor& keep) {
@@ -164,7 +155,10 @@ const T* param_ptr(const c10::optional<at::Tensor>& p, at::Tensor& keep) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cuda(
     const at::Tensor& x_, int64_t groups, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps) {
-  const Geo geo = geometry(x_, groups, "vpfast::group_norm_silu_forward");
+  const Geometry gm = geometry(x_, groups, "vpfast::group_norm_silu_forward");
+  check_param(weight, x_, gm.C, "weight");
+  check_param(bias, x_, gm.C, "bias");
+  const Geo geo = device_geo(gm);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = dense(x_, geo.cl);
   const int64_t N = x.size(0);
@@ -189,9 +183,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x_, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_, const at::Tensor& rstd_, int64_t groups,
     std::array<bool, 3> output_mask) {
-  const Geo geo = geometry(x_, groups, "vpfast::group_norm_silu_backward");
-  TORCH_CHECK(grad.sizes() == x_.sizes() && grad.scalar_type() == x_.scalar_type(),
-              "vpfast::group_norm_silu_backward: grad must match x");
+  const Geometry gm = geometry(x_, groups, "vpfast::group_norm_silu_backward");
+  check_param(weight, x_, gm.C, "weight");
+  check_param(bias, x_, gm.C, "bias");
+  check_backward(grad, x_, mean_, rstd_, gm);
+  const Geo geo = device_geo(gm);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = dense(x_, geo.cl), g_ = dense(grad, geo.cl);
   const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
