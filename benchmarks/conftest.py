@@ -9,6 +9,10 @@ import os
 import pytest
 import torch
 
+from vpfast.testing import private_compile_cache
+
+private_compile_cache()
+
 
 def peak_extra_mb(fn) -> float:
     """Peak memory allocated by one call of fn on the CPU, over what was live before, in MiB.

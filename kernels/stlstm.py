@@ -50,19 +50,17 @@ def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_pt
     tl.store(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, f * c0 + i * g, mask=mask)
     tl.store(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, f2 * m0 + i2 * g2, mask=mask)
     tl.store(op_ptr + idx, po, mask=mask)
-    tl.store(act_ptr + ((b * 6 + 0) * C + ch) * HW + p, i, mask=mask)
-    tl.store(act_ptr + ((b * 6 + 1) * C + ch) * HW + p, f, mask=mask)
-    tl.store(act_ptr + ((b * 6 + 2) * C + ch) * HW + p, g, mask=mask)
-    tl.store(act_ptr + ((b * 6 + 3) * C + ch) * HW + p, i2, mask=mask)
-    tl.store(act_ptr + ((b * 6 + 4) * C + ch) * HW + p, f2, mask=mask)
-    tl.store(act_ptr + ((b * 6 + 5) * C + ch) * HW + p, g2, mask=mask)
+    tl.store(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, i, mask=mask)
+    tl.store(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, f, mask=mask)
+    tl.store(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, i2, mask=mask)
+    tl.store(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, f2, mask=mask)
     if DELTA:
         tl.store(d_ptr + ((b * 2 + 0) * C + ch) * HW + p, i * g, mask=mask)
         tl.store(d_ptr + ((b * 2 + 1) * C + ch) * HW + p, i2 * g2, mask=mask)
 
 
 @triton.jit
-def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, c_ptr, mp_ptr, gx_ptr, gh_ptr, gm_ptr, gc_ptr, gmp_ptr, N, C, HW,
+def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr, gh_ptr, gm_ptr, gc_ptr, gmp_ptr, N, C, HW,
                HAS_X: tl.constexpr, DELTA: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
@@ -77,19 +75,24 @@ def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, c_ptr, mp_ptr, gx_ptr, gh_ptr,
     if DELTA:
         gig = gcn + tl.load(gd_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
         gig2 = gmn + tl.load(gd_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
-    i = tl.load(act_ptr + ((b * 6 + 0) * C + ch) * HW + p, mask=mask)
-    f = tl.load(act_ptr + ((b * 6 + 1) * C + ch) * HW + p, mask=mask)
-    g = tl.load(act_ptr + ((b * 6 + 2) * C + ch) * HW + p, mask=mask)
-    i2 = tl.load(act_ptr + ((b * 6 + 3) * C + ch) * HW + p, mask=mask)
-    f2 = tl.load(act_ptr + ((b * 6 + 4) * C + ch) * HW + p, mask=mask)
-    g2 = tl.load(act_ptr + ((b * 6 + 5) * C + ch) * HW + p, mask=mask)
+    i = tl.load(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)
+    f = tl.load(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)
+    i2 = tl.load(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)
+    f2 = tl.load(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)
     c0 = tl.load(c_ptr + idx, mask=mask)
     m0 = tl.load(mp_ptr + idx, mask=mask)
+    c1 = tl.load(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
+    m1 = tl.load(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
     go = tl.load(gop_ptr + idx, mask=mask)
-    gpi = gig * g * i * (1.0 - i)
+    # d = i*g recovered from the saved memories, g = d / i clamped to [-1, 1] (csrc/common/stlstm.h says why)
+    d = c1 - f * c0
+    d2 = m1 - f2 * m0
+    g = tl.minimum(tl.maximum(tl.where(i > 0.0, d / tl.where(i > 0.0, i, 1.0), 0.0), -1.0), 1.0)
+    g2 = tl.minimum(tl.maximum(tl.where(i2 > 0.0, d2 / tl.where(i2 > 0.0, i2, 1.0), 0.0), -1.0), 1.0)
+    gpi = gig * d * (1.0 - i)
     gpf = gcn * c0 * f * (1.0 - f)
     gpg = gig * i * (1.0 - g * g)
-    gqi = gig2 * g2 * i2 * (1.0 - i2)
+    gqi = gig2 * d2 * (1.0 - i2)
     gqf = gmn * m0 * f2 * (1.0 - f2)
     gqg = gig2 * i2 * (1.0 - g2 * g2)
     tl.store(gh_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask=mask)
@@ -153,7 +156,7 @@ def gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta):
     x_g = x_g.contiguous() if x_g is not None else None
     cm = c.new_empty((B, 2 * C, H, W))
     o_part = torch.empty_like(c)
-    act = c.new_empty((B, 6 * C, H, W))
+    act = c.new_empty((B, 4 * C, H, W))
     delta = c.new_empty((B, 2 * C, H, W)) if with_delta else c.new_empty((0,))
     if N:
         _gates_fwd[_grid(N)](x_g if x_g is not None else h_g, h_g, m_g, c, m, cm, o_part, act,
@@ -162,17 +165,17 @@ def gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta):
     return cm, o_part, act, delta
 
 
-def gates_backward(g_cm, g_opart, g_delta, act, c, m, has_x):
+def gates_backward(g_cm, g_opart, g_delta, act, cm, c, m, has_x):
     B, C, H, W = c.shape
     HW, N = H * W, c.numel()
-    g_cm, g_opart, act, c, m = (t.contiguous() for t in (g_cm, g_opart, act, c, m))
+    g_cm, g_opart, act, cm, c, m = (t.contiguous() for t in (g_cm, g_opart, act, cm, c, m))
     g_delta = g_delta.contiguous() if g_delta is not None else None
     gx = c.new_empty((B, 7 * C, H, W)) if has_x else c.new_empty((0,))
     gh = c.new_empty((B, 4 * C, H, W))
     gm = c.new_empty((B, 3 * C, H, W))
     gc, gmp = torch.empty_like(c), torch.empty_like(m)
     if N:
-        _gates_bwd[_grid(N)](g_cm, g_opart, g_delta if g_delta is not None else g_cm, act, c, m,
+        _gates_bwd[_grid(N)](g_cm, g_opart, g_delta if g_delta is not None else g_cm, act, cm, c, m,
                              gx if has_x else gh, gh, gm, gc, gmp, N, C, HW, HAS_X=bool(has_x),
                              DELTA=g_delta is not None, BLOCK=BLOCK)
     return gx, gh, gm, gc, gmp

@@ -7,3 +7,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from vpfast.testing import private_compile_cache  # noqa: E402  (after TRITON_INTERPRET)
+
+private_compile_cache()

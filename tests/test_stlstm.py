@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vpfast
-from vpfast.testing import backend_params, tolerances as tol
+from vpfast.testing import assert_close_bounded, backend_params, tolerances as tol
 from vpfast.nn import SpatioTemporalLSTMCell
 
 S = importlib.import_module("vpfast.ops.stlstm")
@@ -60,6 +60,29 @@ def test_pointwise_vs_reference(backend, dtype, has_x, variant, shape):
     out, g = _run(backend, *args, variant == "predrnnv2")
     for a, b in zip(out + g, ref_out + ref_g):
         torch.testing.assert_close(a, b, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["predrnn", "predrnnv2"])
+def test_gate_recovery_with_large_memories_and_closed_input_gates(backend, variant):
+    # Backward recovers g from i*g = c_t - f*c_{t-1} (only i and f are saved). The hard cases: memories of a few
+    # hundred (cancellation in that difference) and input gates that are tiny or exactly 0 (dividing by i).
+    # Checked against float64 by the float32 reference's own error, so a recovery that loses accuracy fails.
+    dev = "cuda" if backend == "cuda" else "cpu"
+    B, C, H, W = 2, 3, 4, 9
+    x_g, h_g, m_g, cm0, _ = _inputs(B, C, H, W, torch.float64, "cpu", False, False, seed=4)
+    cm0 = cm0 * 100
+    closed = torch.linspace(-120.0, -15.0, B * C * H * W, dtype=torch.float64).reshape(B, C, H, W)
+    every_third = (torch.arange(B * C * H * W) % 3 == 0).reshape(B, C, H, W)
+    for t in (h_g, m_g):  # every third input gate's pre-activation from -120 (i = 0 in float32) to -15
+        t[:, :C] = torch.where(every_third, closed, t[:, :C])
+    exact_out, exact_g = _run("torch", None, h_g, m_g, cm0, None, variant == "predrnnv2")
+    f32 = [t.float().to(dev) for t in (h_g, m_g, cm0)]
+    ref_out, ref_g = _run("torch", None, *f32[:2], f32[2], None, variant == "predrnnv2")
+    out, g = _run(backend, None, *f32[:2], f32[2], None, variant == "predrnnv2")
+    for k, (a, r, e) in enumerate(zip(out + g, ref_out + ref_g, exact_out + exact_g)):
+        assert torch.isfinite(a).all()
+        assert_close_bounded(a.cpu(), r.cpu(), e, name=f"result {k}")
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("cpp", "triton")])

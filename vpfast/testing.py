@@ -6,6 +6,21 @@ import torch
 from ._dispatch import REGISTRY
 
 
+def private_compile_cache() -> str:
+    """Point torch.compile's on-disk caches at a fresh directory for this process; returns it.
+
+    Inductor keys its cached graphs by torch's version and the graph, not by the fake (meta) kernels of custom
+    ops, so a graph compiled against another vpfast build would be reused with that build's output shapes.
+    Test and benchmark sessions call this so that they never read such a stale entry.
+    """
+    import os
+    import tempfile
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vpfast-inductor-")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def backend_params(op: str, include_torch: bool = False):
     """pytest parameters for every backend of `op`; those that cannot run here are skipped with the reason."""
     import pytest

@@ -40,6 +40,24 @@ VPFAST_HD void cell_backward(T i, T f, T g, T c_prev, T gc, T gd, T gg, T& gpi, 
   gc_prev = gc * f;
 }
 
+// The ST-LSTM memory update's backward from i and f alone: the fused step saves c_new (it is the next
+// convolutions' input anyway) and not g, and recovers the product d = i g = c_new - f c_prev. Its error is
+// about one rounding of c_new (eps |c_new|) in absolute terms, so every gradient below carries an absolute
+// error of order eps |c_new| |gc|; g = d / i is clamped to tanh's range [-1, 1] because where i is tiny that
+// absolute error, divided by i, would otherwise blow up (the true gradients there are multiplied by i).
+// gd: gradient reaching d directly (PredRNN-v2's delta output; 0 otherwise).
+template <typename T>
+VPFAST_HD void stlstm_cell_backward(T i, T f, T c_prev, T c_new, T gc, T gd, T& gpi, T& gpf, T& gpg, T& gc_prev) {
+  const T d = c_new - f * c_prev;
+  T g = i > T(0) ? d / i : T(0);
+  g = g > T(1) ? T(1) : (g < T(-1) ? T(-1) : g);
+  const T gig = gc + gd;
+  gpi = gig * d * (T(1) - i);
+  gpf = gc * c_prev * f * (T(1) - f);
+  gpg = gig * i * (T(1) - g * g);
+  gc_prev = gc * f;
+}
+
 // ST-LSTM output stage: o = σ(po), tl = tanh(last), h = o tl + (1 - o) hw (hw = 0 without highway).
 template <typename T>
 VPFAST_HD void output_forward(T po, T last, T hw, T& o, T& tl, T& h) {

@@ -24,14 +24,14 @@ int64_t grain_rows(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<in
 
 // ---- stage 1 --------------------------------------------------------------------------------------------
 // in: h_g i f g o | m_g i' f' g' | x_g i f g i' f' g' o (HAS_X) | c_prev m_prev
-// out: c_new m_new o_part | act i f g i' f' g' | delta_c delta_m (DELTA)
+// out: c_new m_new o_part | act i f i' f' | delta_c delta_m (DELTA)
 template <typename T, bool HAS_X, bool DELTA>
 VPFAST_CPU_CLONES void gates_fwd_row(const T* const* in, T* const* out, T fb, int64_t n) {
   const T *hi = in[0], *hf = in[1], *hg = in[2], *ho = in[3], *mi = in[4], *mf = in[5], *mg = in[6];
   const T *xi = in[7], *xf = in[8], *xg = in[9], *xi2 = in[10], *xf2 = in[11], *xg2 = in[12], *xo = in[13];
   const T *cp = in[14], *mp = in[15];
-  T *cn = out[0], *mn = out[1], *op = out[2], *ai = out[3], *af = out[4], *ag = out[5], *ai2 = out[6],
-    *af2 = out[7], *ag2 = out[8], *dc = out[9], *dm = out[10];
+  T *cn = out[0], *mn = out[1], *op = out[2], *ai = out[3], *af = out[4], *ai2 = out[5], *af2 = out[6],
+    *dc = out[7], *dm = out[8];
 #pragma omp simd
   for (int64_t p = 0; p < n; ++p) {
     T pi = hi[p], pf = hf[p], pg = hg[p], po = ho[p], qi = mi[p], qf = mf[p], qg = mg[p];
@@ -52,10 +52,8 @@ VPFAST_CPU_CLONES void gates_fwd_row(const T* const* in, T* const* out, T fb, in
     op[p] = po;
     ai[p] = i;
     af[p] = f;
-    ag[p] = g;
     ai2[p] = i2;
     af2[p] = f2;
-    ag2[p] = g2;
     if constexpr (DELTA) {
       dc[p] = i * g;
       dm[p] = i2 * g2;
@@ -63,13 +61,14 @@ VPFAST_CPU_CLONES void gates_fwd_row(const T* const* in, T* const* out, T fb, in
   }
 }
 
-// in: grad c_new, grad m_new, grad o_part | grad delta_c, delta_m (DELTA) | act (6) | c_prev m_prev
+// in: grad c_new, grad m_new, grad o_part | grad delta_c, delta_m (DELTA) | act i f i' f' | c_prev m_prev |
+//     c_new m_new
 // out: grad h_g (4) | grad m_g (3) | grad c_prev, grad m_prev | grad x_g (7, HAS_X)
 template <typename T, bool HAS_X, bool DELTA>
 VPFAST_CPU_CLONES void gates_bwd_row(const T* const* in, T* const* out, int64_t n) {
   const T *gcn = in[0], *gmn = in[1], *gop = in[2], *gdc = in[3], *gdm = in[4];
-  const T *ai = in[5], *af = in[6], *ag = in[7], *ai2 = in[8], *af2 = in[9], *ag2 = in[10], *cp = in[11],
-          *mp = in[12];
+  const T *ai = in[5], *af = in[6], *ai2 = in[7], *af2 = in[8], *cp = in[9], *mp = in[10], *cn = in[11],
+          *mn = in[12];
   T *hi = out[0], *hf = out[1], *hg = out[2], *ho = out[3], *mi = out[4], *mf = out[5], *mg = out[6],
     *gc = out[7], *gm = out[8];
   T *xi = out[9], *xf = out[10], *xg = out[11], *xi2 = out[12], *xf2 = out[13], *xg2 = out[14], *xo = out[15];
@@ -81,8 +80,8 @@ VPFAST_CPU_CLONES void gates_bwd_row(const T* const* in, T* const* out, int64_t 
       d_m = gdm[p];
     }
     T pi, pf, pg, qi, qf, qg, c_, m_;
-    lstm::cell_backward<T>(ai[p], af[p], ag[p], cp[p], gcn[p], d_c, T(0), pi, pf, pg, c_);
-    lstm::cell_backward<T>(ai2[p], af2[p], ag2[p], mp[p], gmn[p], d_m, T(0), qi, qf, qg, m_);
+    lstm::stlstm_cell_backward<T>(ai[p], af[p], cp[p], cn[p], gcn[p], d_c, pi, pf, pg, c_);
+    lstm::stlstm_cell_backward<T>(ai2[p], af2[p], mp[p], mn[p], gmn[p], d_m, qi, qf, qg, m_);
     const T po = gop[p];
     hi[p] = pi;
     hf[p] = pf;
@@ -133,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
   auto cm = at::empty({B, 2 * C, H, W}, c.options());
   auto o_part = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 6 * C, H, W}, c.options());
+  auto act = at::empty({B, 4 * C, H, W}, c.options());
   auto delta = with_delta ? at::empty({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_forward_cpu", [&] {
     using T = scalar_t;
@@ -152,13 +151,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
           for (int j = 0; j < 7; ++j) in[7 + j] = decltype(HX)::value ? px.at(b, j * C + ch) : nullptr;
           in[14] = pc.at(b, ch);
           in[15] = pmm.at(b, ch);
-          T* out[11];
+          T* out[9];
           out[0] = pcm.at(b, ch);
           out[1] = pcm.at(b, C + ch);
           out[2] = pop.at(b, ch);
-          for (int j = 0; j < 6; ++j) out[3 + j] = pa.at(b, j * C + ch);
-          out[9] = decltype(DL)::value ? pd.at(b, ch) : nullptr;
-          out[10] = decltype(DL)::value ? pd.at(b, C + ch) : nullptr;
+          for (int j = 0; j < 4; ++j) out[3 + j] = pa.at(b, j * C + ch);
+          out[7] = decltype(DL)::value ? pd.at(b, ch) : nullptr;
+          out[8] = decltype(DL)::value ? pd.at(b, C + ch) : nullptr;
           gates_fwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, fb, HW);
         }
       });
@@ -169,16 +168,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_backward_cpu(
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
-    const at::Tensor& act_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
+    const at::Tensor& act_, const at::Tensor& cm_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_backward: c must be [B, C, H, W]");
   const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
   check_operand("vpfast::stlstm", grad_cm_, c_, 2, "grad_cm");
   check_operand("vpfast::stlstm", grad_op_, c_, 1, "grad_o_part");
-  check_operand("vpfast::stlstm", act_, c_, 6, "act");
+  check_operand("vpfast::stlstm", act_, c_, 4, "act");
+  check_operand("vpfast::stlstm", cm_, c_, 2, "cm");
   check_operand("vpfast::stlstm", m_, c_, 1, "m");
   if (with_delta) check_operand("vpfast::stlstm", *grad_delta_, c_, 2, "grad_delta");
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
-  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), c = planar(c_), m = planar(m_);
+  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
+             m = planar(m_);
   const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
   auto gx = has_x ? at::empty({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
   auto gh = at::empty({B, 4 * C, H, W}, c.options());
@@ -187,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
   auto gmm = at::empty({B, C, H, W}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pgcm = planes<T>(gcm), pgop = planes<T>(gop), pa = planes<T>(act), pc = planes<T>(c),
-               pm = planes<T>(m);
+    const auto pgcm = planes<T>(gcm), pgop = planes<T>(gop), pa = planes<T>(act), pcm = planes<T>(cm),
+               pc = planes<T>(c), pm = planes<T>(m);
     const auto pgd = planes_opt<T>(with_delta, gd);
     const auto pgx = planes_opt<T>(has_x, gx);
     const auto pgh = planes<T>(gh), pgm = planes<T>(gm), pgc = planes<T>(gc), pgmm = planes<T>(gmm);
@@ -202,9 +203,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
           in[2] = pgop.at(b, ch);
           in[3] = decltype(DL)::value ? pgd.at(b, ch) : nullptr;
           in[4] = decltype(DL)::value ? pgd.at(b, C + ch) : nullptr;
-          for (int j = 0; j < 6; ++j) in[5 + j] = pa.at(b, j * C + ch);
-          in[11] = pc.at(b, ch);
-          in[12] = pm.at(b, ch);
+          for (int j = 0; j < 4; ++j) in[5 + j] = pa.at(b, j * C + ch);
+          in[9] = pc.at(b, ch);
+          in[10] = pm.at(b, ch);
+          in[11] = pcm.at(b, ch);
+          in[12] = pcm.at(b, C + ch);
           T* out[16];
           for (int j = 0; j < 4; ++j) out[j] = pgh.at(b, j * C + ch);
           for (int j = 0; j < 3; ++j) out[4 + j] = pgm.at(b, j * C + ch);

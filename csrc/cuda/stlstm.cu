@@ -47,10 +47,8 @@ __global__ void gates_fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> mg, Planes
     op.at(b, ch)[p] = po;
     act.at(b, ch)[p] = i;
     act.at(b, C + ch)[p] = f;
-    act.at(b, 2 * C + ch)[p] = g;
-    act.at(b, 3 * C + ch)[p] = i2;
-    act.at(b, 4 * C + ch)[p] = f2;
-    act.at(b, 5 * C + ch)[p] = g2;
+    act.at(b, 2 * C + ch)[p] = i2;
+    act.at(b, 3 * C + ch)[p] = f2;
     if (d.ptr) {
       d.at(b, ch)[p] = i * g;
       d.at(b, C + ch)[p] = i2 * g2;
@@ -59,18 +57,18 @@ __global__ void gates_fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> mg, Planes
 }
 
 template <typename T>
-__global__ void gates_bwd_kernel(Planes<T> gcm, Planes<T> gop, Planes<T> gd, Planes<T> act, Planes<T> c,
-                                 Planes<T> m, Planes<T> gx, Planes<T> gh, Planes<T> gm, Planes<T> gc, Planes<T> gmp,
+__global__ void gates_bwd_kernel(Planes<T> gcm, Planes<T> gop, Planes<T> gd, Planes<T> act, Planes<T> cm,
+                                 Planes<T> c, Planes<T> m, Planes<T> gx, Planes<T> gh, Planes<T> gm, Planes<T> gc, Planes<T> gmp,
                                  int64_t C, int64_t HW, int64_t n) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
     const T dc = gd.ptr ? gd.at(b, ch)[p] : T(0), dm = gd.ptr ? gd.at(b, C + ch)[p] : T(0);
     T pi, pf, pg, qi, qf, qg, c_, m_;
-    lstm::cell_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], act.at(b, 2 * C + ch)[p], c.at(b, ch)[p],
-                           gcm.at(b, ch)[p], dc, T(0), pi, pf, pg, c_);
-    lstm::cell_backward<T>(act.at(b, 3 * C + ch)[p], act.at(b, 4 * C + ch)[p], act.at(b, 5 * C + ch)[p],
-                           m.at(b, ch)[p], gcm.at(b, C + ch)[p], dm, T(0), qi, qf, qg, m_);
+    lstm::stlstm_cell_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], c.at(b, ch)[p], cm.at(b, ch)[p],
+                                  gcm.at(b, ch)[p], dc, pi, pf, pg, c_);
+    lstm::stlstm_cell_backward<T>(act.at(b, 2 * C + ch)[p], act.at(b, 3 * C + ch)[p], m.at(b, ch)[p],
+                                  cm.at(b, C + ch)[p], gcm.at(b, C + ch)[p], dm, qi, qf, qg, m_);
     const T po = gop.at(b, ch)[p];
     gh.at(b, ch)[p] = pi;
     gh.at(b, C + ch)[p] = pf;
@@ -139,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
   auto cm = at::empty({B, 2 * C, H, W}, c.options());
   auto o_part = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 6 * C, H, W}, c.options());
+  auto act = at::empty({B, 4 * C, H, W}, c.options());
   auto delta = with_delta ? at::empty({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
   if (n == 0) return {cm, o_part, act, delta};
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -155,16 +153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_backward_cuda(
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
-    const at::Tensor& act_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
+    const at::Tensor& act_, const at::Tensor& cm_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
   const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
   check_operand("vpfast::stlstm", grad_cm_, c_, 2, "grad_cm");
   check_operand("vpfast::stlstm", grad_op_, c_, 1, "grad_o_part");
-  check_operand("vpfast::stlstm", act_, c_, 6, "act");
+  check_operand("vpfast::stlstm", act_, c_, 4, "act");
+  check_operand("vpfast::stlstm", cm_, c_, 2, "cm");
   check_operand("vpfast::stlstm", m_, c_, 1, "m");
   if (with_delta) check_operand("vpfast::stlstm", *grad_delta_, c_, 2, "grad_delta");
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
-  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), c = planar(c_), m = planar(m_);
+  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
+             m = planar(m_);
   const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
   auto gx = has_x ? at::empty({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
   auto gh = at::empty({B, 4 * C, H, W}, c.options());
@@ -176,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_backward_cuda", [&] {
     using T = scalar_t;
     gates_bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes<T>(gcm), planes<T>(gop), planes_opt<T>(with_delta, gd), planes<T>(act), planes<T>(c), planes<T>(m),
-        planes_opt<T>(has_x, gx), planes<T>(gh), planes<T>(gm), planes<T>(gc), planes<T>(gmp), C, HW, n);
+        planes<T>(gcm), planes<T>(gop), planes_opt<T>(with_delta, gd), planes<T>(act), planes<T>(cm), planes<T>(c),
+        planes<T>(m), planes_opt<T>(has_x, gx), planes<T>(gh), planes<T>(gm), planes<T>(gc), planes<T>(gmp), C, HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, gh, gm, gc, gmp};

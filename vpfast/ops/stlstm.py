@@ -13,10 +13,14 @@ channels i, f, g, i', f', g', o; h_g: conv_h output 4C i, f, g, o; m_g: conv_m o
 when layer_norm is off, from two merged convolutions, over [x, h] (4C: i, f, g, o) and over [x, m]
 (3C: i', f', g'); then `x_g` is None and h_g / m_g already hold the sums.
 
-What backward keeps (the memory choice): stage 1 saves its six activated gates in one [B, 6C, H, W] buffer
-(not the 7C-14C convolution outputs, which are then freed) plus references to c_{t-1} and m_{t-1}; stage 2
-saves o and its own output h (tanh(conv_last) is recovered as h / o; where o underflows to 0 every gradient
-that needs it is multiplied by o anyway) — for the highway variant it saves tanh(conv_last) instead.
+What backward keeps (the memory choice): stage 1 saves the input and forget gates i, f, i', f' in one
+[B, 4C, H, W] buffer (not the 7C-14C convolution outputs, which are then freed) plus references to c_{t-1},
+m_{t-1} and its own output [c_t, m_t] (kept alive anyway as the input of conv_o and conv_last and of the next
+step); g and g' are recovered in backward from i*g = c_t - f*c_{t-1} (an absolute error of about one rounding
+of c_t, see csrc/common/stlstm.h). Stage 2 saves o and its own output h (tanh(conv_last) is recovered as h / o;
+where o underflows to 0 every gradient that needs it is multiplied by o anyway) — for the highway variant it
+saves tanh(conv_last) instead. Per cell step that keeps 8 C-sized maps (i, f, i', f', c_t, m_t, o, h) against
+the reference's 13 (seven gates, tanh(conv_last), h, c_t and m_t, and their concatenation).
 
 Backends: torch (the reference below), cpp / cuda (csrc/*/stlstm.*, compiled ops vpfast::stlstm_*),
 triton (kernels/stlstm.py).
@@ -81,12 +85,12 @@ def _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta):
     B, C, H, W = c.shape
     cm = c.new_empty((B, 2 * C, H, W))
     o_part = c.new_empty((B, C, H, W))
-    act = c.new_empty((B, 6 * C, H, W))
+    act = c.new_empty((B, 4 * C, H, W))
     delta = c.new_empty((B, 2 * C, H, W)) if with_delta else c.new_empty((0,))
     return cm, o_part, act, delta
 
 
-def _gates_bwd_fake_shapes(act, c, m, has_x):
+def _gates_bwd_fake_shapes(act, cm, c, m, has_x):
     B, C, H, W = c.shape
     gx = c.new_empty((B, 7 * C, H, W)) if has_x else c.new_empty((0,))
     return gx, c.new_empty((B, 4 * C, H, W)), c.new_empty((B, 3 * C, H, W)), torch.empty_like(c), \
@@ -113,19 +117,18 @@ def _make_autograd(gates_fwd, gates_bwd, output_fwd, output_bwd):
     def gates_setup(ctx, inputs, output):
         x_g, h_g, m_g, c, m, forget_bias, with_delta = inputs
         cm, o_part, act, delta = output
-        ctx.save_for_backward(act, c, m)
+        ctx.save_for_backward(act, cm, c, m)
         ctx.has_x = x_g is not None
-        ctx.set_materialize_grads(False)  # no zero-filled [B, 6C, H, W] gradient for the saved gates
+        ctx.set_materialize_grads(False)  # no zero-filled [B, 4C, H, W] gradient for the saved gates
         ctx.mark_non_differentiable(act)
 
     def gates_backward(ctx, g_cm, g_opart, _g_act, g_delta):
-        act, c, m = ctx.saved_tensors
-        B, C, H, W = c.shape
-        g_cm = _zeros_if_none(g_cm, act[:, : 2 * C])
+        act, cm, c, m = ctx.saved_tensors
+        g_cm = _zeros_if_none(g_cm, cm)
         g_opart = _zeros_if_none(g_opart, c)
         if g_delta is not None and g_delta.numel() == 0:
             g_delta = None
-        gx, gh, gm, gc, gmm = gates_bwd(g_cm, g_opart, g_delta, act, c, m, ctx.has_x)
+        gx, gh, gm, gc, gmm = gates_bwd(g_cm, g_opart, g_delta, act, cm, c, m, ctx.has_x)
         need = ctx.needs_input_grad
         return (gx if ctx.has_x and need[0] else None, gh if need[1] else None, gm if need[2] else None,
                 gc if need[3] else None, gmm if need[4] else None, None, None)
@@ -162,8 +165,8 @@ if _ext.has_kernel("stlstm_gates_forward", "CPU") or _ext.has_kernel("stlstm_gat
         return _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta)
 
     @torch.library.register_fake("vpfast::stlstm_gates_backward")
-    def _gates_bwd_fake(g_cm, g_opart, g_delta, act, c, m, has_x):
-        return _gates_bwd_fake_shapes(act, c, m, has_x)
+    def _gates_bwd_fake(g_cm, g_opart, g_delta, act, cm, c, m, has_x):
+        return _gates_bwd_fake_shapes(act, cm, c, m, has_x)
 
     @torch.library.register_fake("vpfast::stlstm_output_forward")
     def _output_fwd_fake(o_part, o_m, last, highway):
@@ -204,15 +207,15 @@ def _(x_g, h_g, m_g, c, m, forget_bias, with_delta):
 
 @torch.library.custom_op("vpfast::stlstm_gates_backward_triton", mutates_args=())
 def _gates_triton_bwd(g_cm: torch.Tensor, g_opart: torch.Tensor, g_delta: Optional[torch.Tensor],
-                      act: torch.Tensor, c: torch.Tensor, m: torch.Tensor,
+                      act: torch.Tensor, cm: torch.Tensor, c: torch.Tensor, m: torch.Tensor,
                       has_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import stlstm as k
-    return k.gates_backward(g_cm, g_opart, g_delta, act, c, m, has_x)
+    return k.gates_backward(g_cm, g_opart, g_delta, act, cm, c, m, has_x)
 
 
 @_gates_triton_bwd.register_fake
-def _(g_cm, g_opart, g_delta, act, c, m, has_x):
-    return _gates_bwd_fake_shapes(act, c, m, has_x)
+def _(g_cm, g_opart, g_delta, act, cm, c, m, has_x):
+    return _gates_bwd_fake_shapes(act, cm, c, m, has_x)
 
 
 @torch.library.custom_op("vpfast::stlstm_output_forward_triton", mutates_args=())
