@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..ops.convlstm import OP as _OP
-from ._recurrent import MergedWeightsMixin, cat_conv, check_input, check_state, conv_block, fused_backend, out_size
+from ._recurrent import (MergedWeightsMixin, cat_conv, check_input, check_state, choose_merge, conv_block,
+                         fused_backend, out_size)
 
 
 class ConvLSTMCell(MergedWeightsMixin, nn.Module):
@@ -29,8 +30,9 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
     backend: "torch" runs the reference arithmetic verbatim; "cpp" / "cuda" / "triton" the fused kernel;
       None = $VPFAST_BACKEND or "auto".
     merge_convs: with layer_norm off, one convolution over [x, h] whose weight is assembled from conv_x and
-      conv_h on every use (None = off, as for SpatioTemporalLSTMCell: lower peak memory measured);
-      `with cell.unroll():` assembles it once per time loop.
+      conv_h on every use; `with cell.unroll():` assembles it once per time loop. None = merge when
+      layer_norm is off and the assembled weight is small (at most MERGE_AUTO_MAX_ELEMENTS elements, see
+      vpfast/nn/_recurrent.py for the measurements behind it).
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
@@ -45,10 +47,8 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
         self.layer_norm = bool(layer_norm)
         self.tanh_c = bool(tanh_c)
         self.backend = backend
-        self.merge_convs = bool(merge_convs)  # None: off (see the class docstring)
-        if self.merge_convs and self.layer_norm:
-            raise ValueError("merge_convs=True is not exact with layer_norm=True")
         C, k = num_hidden, filter_size
+        self.merge_convs = choose_merge(merge_convs, self.layer_norm, 4 * C * (in_channel + C) * k * k)
         self.conv_x = conv_block(in_channel, 4 * C, k, stride, layer_norm, height, width)
         self.conv_h = conv_block(C, 4 * C, k, stride, layer_norm, height, width)
         self.conv_o = conv_block(2 * C, C, k, 1, layer_norm, height, width)

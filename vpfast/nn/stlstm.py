@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..ops.stlstm import GATES as _GATES, OUTPUT as _OUTPUT
-from ._recurrent import MergedWeightsMixin, cat_conv, check_input, check_state, conv_block, fused_backend, out_size
+from ._recurrent import (MergedWeightsMixin, cat_conv, check_input, check_state, choose_merge, conv_block,
+                         fused_backend, out_size)
 
 VARIANTS = ("predrnn", "predrnnv2", "highway")
 
@@ -40,10 +41,12 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
       "cpp" / "cuda" / "triton" run the fused pointwise kernels; None = $VPFAST_BACKEND or "auto".
     merge_convs: with layer_norm off, compute the gates with two convolutions, over [x, h] (i, f, g, o)
       and over [x, m] (i', f', g'), whose weights are assembled from conv_x/conv_h/conv_m on every use
-      (exact: the sums i_x + i_h happen inside the convolution). None = off: measured here, a 10-step
-      unrolled training step (B=16, 16x16, k=5) peaked at 0.83x the reference's memory with separate
-      convolutions vs 0.89x merged at C=128 (the assembled weights and their gradients cost more than the
-      merge saves), and the speed difference was within this shared machine's noise.
+      (exact: the sums i_x + i_h happen inside the convolution). None = merge when layer_norm is off and the
+      assembled weights are small (at most MERGE_AUTO_MAX_ELEMENTS elements: the `small` presets' cells merge,
+      PredRNN's Moving-MNIST cells do not). Measured here: a 10-step unrolled training step (B=16, 16x16, k=5) peaked at
+      0.71x the reference's memory with separate convolutions vs 0.77x merged at C=128 (0.67x vs 0.70x at
+      C=64: the assembled weights and their gradients cost more than the merge saves, and the speed
+      difference was within this shared machine's noise); at C=16, k=3 the merge was faster at equal memory.
       Wrap a time loop in `with cell.unroll():` to assemble them once per loop instead of once per step.
     """
 
@@ -62,11 +65,8 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
         self._forget_bias = 1.0
         self.variant = variant
         self.backend = backend
-        self.merge_convs = bool(merge_convs)  # None: off (see the class docstring)
-        if self.merge_convs and self.layer_norm:
-            raise ValueError("merge_convs=True is not exact with layer_norm=True (LayerNorm acts on each "
-                             "convolution's output separately)")
         C, k = num_hidden, filter_size
+        self.merge_convs = choose_merge(merge_convs, self.layer_norm, 7 * C * (in_channel + C) * k * k)
         self.conv_x = conv_block(in_channel, 7 * C, k, stride, layer_norm, height, width)
         self.conv_h = conv_block(C, 4 * C, k, stride, layer_norm, height, width)
         self.conv_m = conv_block(C, 3 * C, k, stride, layer_norm, height, width)
