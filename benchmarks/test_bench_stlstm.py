@@ -108,9 +108,10 @@ def test_pointwise(benchmark, record, request, provider, shape, mode):
     train = mode == "fwdbwd"
     args = _pointwise_inputs(B, C, H, W, train)
     n = B * C * H * W * 4 / 1e9  # GB per [B, C, H, W] float32 tensor
-    # minimum traffic: forward reads 7C+4C+3C+2C, writes 2C+C (+6C saved gates +C saved o for training);
-    # stage 2 reads 3C, writes C; backward reads ~11C and writes ~16C
-    gbytes = n * ((16 + 3 + 3 + 1) + ((6 + 1) + 27 if train else 0))
+    # minimum traffic: forward reads 7C+4C+3C+2C, writes 2C+C (+4C saved gates +C saved o for training);
+    # stage 2 reads 3C, writes C; backward reads ~11C (incoming gradients 3C, gates 4C, c_t, m_t and their
+    # predecessors 4C) and writes ~16C
+    gbytes = n * ((16 + 3 + 3 + 1) + ((4 + 1) + 27 if train else 0))
 
     if train:
         fn = grad_step(fn_, args)

@@ -2,7 +2,7 @@
 
 The step is convolutions (left to PyTorch/oneDNN) around two pointwise stages, each one fused op:
 
-  stlstm_gates   (stage 1) the six gates i, f, g, i', f', g' with the constant forget bias, c_t and m_t
+  stlstm_gates   (stage 1) the gates i, f, g, i', f', g' with the constant forget bias, c_t and m_t
                  written into one [B, 2C, H, W] buffer (so `torch.cat([c, m])` disappears), the partial
                  output-gate sum o_x + o_h, and optionally PredRNN-v2's Δc = i⊙g, Δm = i'⊙g'.
   stlstm_output  (stage 2) o = σ(o_part + conv_o([c, m])), h = o ⊙ tanh(conv_last([c, m])) and, for the
