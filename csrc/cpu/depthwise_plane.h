@@ -426,17 +426,22 @@ VPFAST_AVX512 void correlate_rows(const T* __restrict__ in, const Geo& g, const 
 // Adds this plane's weight gradient of a small filter at vertical stride 1 to vector partial sums
 // acc[(i*kw + j)*V ...] (their horizontal sums are dw[i*kw + j]): a block of R gradient rows stays in registers
 // and each shifted input row is loaded once per tap column and multiplied into the KH tap rows that pair it
-// with a row of the block. gr must read zero in columns [Wo, round_up(Wo, V)).
-template <typename T, int KH, int DH, int R>
+// with a row of the block; S accumulators per tap take the rows in turn (r % S) and are added in a fixed order.
+// gr must read zero in columns [Wo, round_up(Wo, V)).
+template <typename T, int KH, int DH, int R, int S>
 VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, const T* __restrict__ gr, int64_t ldg,
                                     int64_t Ho, int64_t Wo, T* __restrict__ accv) {
   constexpr int V = Vec<T>::N, NT = R + (KH - 1) * DH;
   using vec = vec_t<T>;
   const int64_t ld = g.ld, Wr = round_up(Wo, V);
   for (int j = 0; j < g.kw; ++j) {
-    vec acc[KH];
+    vec acc[S][KH];
 #pragma GCC unroll 8
-    for (int i = 0; i < KH; ++i) acc[i] = loadu<T>(accv + (int64_t)(i * g.kw + j) * V);
+    for (int i = 0; i < KH; ++i) {
+      acc[0][i] = loadu<T>(accv + (int64_t)(i * g.kw + j) * V);
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s) acc[s][i] = splat<T>(T(0));
+    }
     for (int64_t oh0 = 0; oh0 < Ho; oh0 += R) {
       const int64_t nr = std::min<int64_t>(R, Ho - oh0);
       for (int64_t ow0 = 0; ow0 < Wr; ow0 += V) {
@@ -451,13 +456,18 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
 #pragma GCC unroll 8
           for (int i = 0; i < KH; ++i) {
             const int r = t - i * DH;
-            if (r >= 0 && r < R) acc[i] += x * gv[r];
+            if (r >= 0 && r < R) acc[r % S][i] += x * gv[r];
           }
         }
       }
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < KH; ++i) storeu<T>(accv + (int64_t)(i * g.kw + j) * V, acc[i]);
+    for (int i = 0; i < KH; ++i) {
+      vec a = acc[0][i];
+#pragma GCC unroll 4
+      for (int s = 1; s < S; ++s) a += acc[s][i];
+      storeu<T>(accv + (int64_t)(i * g.kw + j) * V, a);
+    }
   }
 }
 
@@ -575,10 +585,14 @@ struct WeightGrad {
   // add one plane (gpad: see weight_grad_general's tap-row reuse path)
   void add(const T* in, const Geo& g, const T* gr, int64_t ldg, int64_t Ho, int64_t Wo, const T* gpad = nullptr) {
     const bool done = with_small_filter(g, [&](auto kh, auto dh) {
+      constexpr int KH = decltype(kh)::value, DH = decltype(dh)::value;
+      // 16-row blocks of 3x3 and 5x5 filters split each tap's sum over even and odd rows: 5 dependent FMA
+      // chains left one thread latency-bound (TAU's 5x5 at 16x16, one thread: 7% faster split; no change
+      // with two threads on this 2-core VM). 7 tap rows would not fit both halves in registers.
       if (Ho <= 8)
-        weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 8>(in, g, gr, ldg, Ho, Wo, vsum.data());
+        weight_grad_rows<T, KH, DH, 8, 1>(in, g, gr, ldg, Ho, Wo, vsum.data());
       else
-        weight_grad_rows<T, decltype(kh)::value, decltype(dh)::value, 16>(in, g, gr, ldg, Ho, Wo, vsum.data());
+        weight_grad_rows<T, KH, DH, 16, (KH <= 5 ? 2 : 1)>(in, g, gr, ldg, Ho, Wo, vsum.data());
     });
     if (done) return;
     if (gpad != nullptr && row_kernels_available()) {
