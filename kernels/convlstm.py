@@ -44,14 +44,13 @@ def _fwd(x_ptr, h_ptr, c_ptr, hout_ptr, cn_ptr, act_ptr, N, C, HW, fb, HAS_X: tl
         h = o * g
     tl.store(hout_ptr + idx, h, mask=mask)
     tl.store(cn_ptr + idx, cn, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, i, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, f, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, g, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, o, mask=mask)
+    tl.store(act_ptr + ((b * 3 + 0) * C + ch) * HW + p, i, mask=mask)
+    tl.store(act_ptr + ((b * 3 + 1) * C + ch) * HW + p, f, mask=mask)
+    tl.store(act_ptr + ((b * 3 + 2) * C + ch) * HW + p, o, mask=mask)
 
 
 @triton.jit
-def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, gx_ptr, ghg_ptr, gcp_ptr, N, C, HW, HAS_GH: tl.constexpr,
+def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, h_ptr, gx_ptr, ghg_ptr, gcp_ptr, N, C, HW, HAS_GH: tl.constexpr,
          HAS_GC: tl.constexpr, HAS_X: tl.constexpr, TANH_C: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
@@ -59,11 +58,18 @@ def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, gx_ptr, ghg_ptr, gcp_ptr, N, C,
     r = idx // HW
     ch = r % C
     b = r // C
-    i = tl.load(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)
-    f = tl.load(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)
-    g = tl.load(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)
-    o = tl.load(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)
+    i = tl.load(act_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask)
+    f = tl.load(act_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask)
+    o = tl.load(act_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask)
     c0 = tl.load(c_ptr + idx, mask=mask)
+    cn = tl.load(cn_ptr + idx, mask=mask)
+    # g recovered from i*g = c_new - f*c_prev, or from h = o*g where o > i (csrc/common/stlstm.h says why)
+    d = cn - f * c0
+    g = tl.where(i > 0.0, d / tl.where(i > 0.0, i, 1.0), 0.0)
+    if not TANH_C:
+        hv = tl.load(h_ptr + idx, mask=mask)
+        g = tl.where(o > i, hv / tl.where(o > i, o, 1.0), g)
+    g = tl.minimum(tl.maximum(g, -1.0), 1.0)
     gh = tl.zeros_like(i)
     gct = tl.zeros_like(i)
     if HAS_GH:
@@ -72,13 +78,13 @@ def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, gx_ptr, ghg_ptr, gcp_ptr, N, C,
         gct = tl.load(gc_ptr + idx, mask=mask)
     gg = tl.zeros_like(i)
     if TANH_C:
-        a = _tanh(tl.load(cn_ptr + idx, mask=mask))
+        a = _tanh(cn)
         gct = gct + gh * o * (1.0 - a * a)
     else:
         a = g
         gg = gh * o
     gpo = gh * a * o * (1.0 - o)
-    gpi = gct * g * i * (1.0 - i)
+    gpi = gct * d * (1.0 - i)
     gpf = gct * c0 * f * (1.0 - f)
     gpg = (gct * i + gg) * (1.0 - g * g)
     tl.store(ghg_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask=mask)
@@ -100,24 +106,24 @@ def forward(x_g, h_g, c, forget_bias, tanh_c):
     h_g, c = h_g.contiguous(), c.contiguous()
     x_g = x_g.contiguous() if x_g is not None else None
     h, cn = torch.empty_like(c), torch.empty_like(c)
-    act = c.new_empty((B, 4 * C, H, W))
+    act = c.new_empty((B, 3 * C, H, W))
     if N:
         _fwd[_grid(N)](x_g if x_g is not None else h_g, h_g, c, h, cn, act, N, C, H * W, float(forget_bias),
                        HAS_X=x_g is not None, TANH_C=bool(tanh_c), BLOCK=BLOCK)
     return h, cn, act
 
 
-def backward(g_h, g_c, act, c, c_new, has_x, tanh_c):
+def backward(g_h, g_c, act, c, c_new, h, has_x, tanh_c):
     B, C, H, W = c.shape
     N = c.numel()
-    act, c, c_new = act.contiguous(), c.contiguous(), c_new.contiguous()
+    act, c, c_new, h = act.contiguous(), c.contiguous(), c_new.contiguous(), h.contiguous()
     g_h = g_h.contiguous() if g_h is not None else None
     g_c = g_c.contiguous() if g_c is not None else None
     gx = c.new_empty((B, 4 * C, H, W)) if has_x else c.new_empty((0,))
     ghg = c.new_empty((B, 4 * C, H, W))
     gcp = torch.empty_like(c)
     if N:
-        _bwd[_grid(N)](g_h if g_h is not None else c, g_c if g_c is not None else c, act, c, c_new,
+        _bwd[_grid(N)](g_h if g_h is not None else c, g_c if g_c is not None else c, act, c, c_new, h,
                        gx if has_x else ghg, ghg, gcp, N, C, H * W, HAS_GH=g_h is not None, HAS_GC=g_c is not None,
                        HAS_X=bool(has_x), TANH_C=bool(tanh_c), BLOCK=BLOCK)
     return gx, ghg, gcp

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vpfast
-from vpfast.testing import backend_params, tolerances as tol
+from vpfast.testing import assert_close_bounded, backend_params, tolerances as tol
 from vpfast.nn import ConvLSTMCell
 
 CL = importlib.import_module("vpfast.ops.convlstm")
@@ -48,6 +48,31 @@ def test_pointwise_vs_reference(backend, dtype, has_x, tanh_c, shape):
         out = _run(backend, *args, tanh_c, use_h, use_c)
         for a, b in zip(out[0] + out[1], ref[0] + ref[1]):
             torch.testing.assert_close(a, b, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tanh_c", [True, False], ids=["tanh_c", "o_g"])
+def test_gate_recovery_with_large_memories_and_closed_gates(backend, tanh_c):
+    # Backward recovers g (only i, f, o are saved) from i*g = c_t - f*c_{t-1} or, for h = o*g, from h / o. The
+    # hard cases: memories of a few hundred, and input and output gates that are tiny or exactly 0, each alone
+    # and both together. Checked against float64 by the float32 reference's own error.
+    dev = "cuda" if backend == "cuda" else "cpu"
+    B, C, H, W = 2, 3, 4, 9
+    _, h_g, c = _inputs(B, C, H, W, torch.float64, "cpu", False, seed=4)
+    c = c * 100
+    n = B * C * H * W
+    closed = torch.linspace(-120.0, -15.0, n, dtype=torch.float64).reshape(B, C, H, W)
+    k = torch.arange(n).reshape(B, C, H, W) % 4
+    h_g = h_g.clone()
+    h_g[:, :C] = torch.where((k == 1) | (k == 3), closed, h_g[:, :C])  # input gate
+    h_g[:, 3 * C:] = torch.where((k == 2) | (k == 3), closed.flip(0), h_g[:, 3 * C:])  # output gate
+    exact = _run("torch", None, h_g, c, tanh_c)
+    f32 = [t.float().to(dev) for t in (h_g, c)]
+    ref = _run("torch", None, *f32, tanh_c)
+    out = _run(backend, None, *f32, tanh_c)
+    for j, (a, r, e) in enumerate(zip(out[0] + out[1], ref[0] + ref[1], exact[0] + exact[1])):
+        assert torch.isfinite(a).all()
+        assert_close_bounded(a.cpu(), r.cpu(), e, name=f"result {j}")
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("cpp", "triton")])

@@ -18,12 +18,12 @@ using lstm::planar;
 using lstm::planes;
 using lstm::planes_opt;
 
-// in: h_g i f g o | x_g i f g o (HAS_X) | c_prev;  out: h, c_new | act i f g o
+// in: h_g i f g o | x_g i f g o (HAS_X) | c_prev;  out: h, c_new | act i f o
 template <typename T, bool HAS_X, bool TANH_C>
 VPFAST_CPU_CLONES void fwd_row(const T* const* in, T* const* out, T fb, int64_t n) {
   const T *hi = in[0], *hf = in[1], *hg = in[2], *ho = in[3], *xi = in[4], *xf = in[5], *xg = in[6],
           *xo = in[7], *cp = in[8];
-  T *h = out[0], *cn = out[1], *ai = out[2], *af = out[3], *ag = out[4], *ao = out[5];
+  T *h = out[0], *cn = out[1], *ai = out[2], *af = out[3], *ao = out[4];
 #pragma omp simd
   for (int64_t p = 0; p < n; ++p) {
     T pi = hi[p], pf = hf[p], pg = hg[p], po = ho[p];
@@ -40,23 +40,22 @@ VPFAST_CPU_CLONES void fwd_row(const T* const* in, T* const* out, T fb, int64_t 
     cn[p] = c;
     ai[p] = i;
     af[p] = f;
-    ag[p] = g;
     ao[p] = o;
   }
 }
 
-// in: grad h, grad c_new (either may be null) | act i f g o | c_prev, c_new;  out: grad h_g (4) | grad c_prev
+// in: grad h, grad c_new (either may be null) | act i f o | c_prev, c_new, h;  out: grad h_g (4) | grad c_prev
 // | grad x_g (4, HAS_X)
 template <typename T, bool HAS_X, bool TANH_C>
 VPFAST_CPU_CLONES void bwd_row(const T* const* in, T* const* out, int64_t n) {
-  const T *gh = in[0], *gc = in[1], *ai = in[2], *af = in[3], *ag = in[4], *ao = in[5], *cp = in[6], *cn = in[7];
+  const T *gh = in[0], *gc = in[1], *ai = in[2], *af = in[3], *ao = in[4], *cp = in[5], *cn = in[6], *hv = in[7];
   T *hi = out[0], *hf = out[1], *hg = out[2], *ho = out[3], *gcp = out[4], *xi = out[5], *xf = out[6],
     *xg = out[7], *xo = out[8];
   const bool has_gh = gh != nullptr, has_gc = gc != nullptr;
 #pragma omp simd
   for (int64_t p = 0; p < n; ++p) {
     T pi, pf, pg, po, c_;
-    lstm::convlstm_backward<T>(ai[p], af[p], ag[p], ao[p], cp[p], cn[p], has_gh ? gh[p] : T(0),
+    lstm::convlstm_backward<T>(ai[p], af[p], ao[p], cp[p], cn[p], hv[p], has_gh ? gh[p] : T(0),
                                has_gc ? gc[p] : T(0), TANH_C, pi, pf, pg, po, c_);
     hi[p] = pi;
     hf[p] = pf;
@@ -95,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
   auto h = at::empty({B, C, H, W}, c.options());
   auto cn = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 4 * C, H, W}, c.options());
+  auto act = at::empty({B, 3 * C, H, W}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cpu", [&] {
     using T = scalar_t;
     const auto ph = planes<T>(h_g), pc = planes<T>(c), poh = planes<T>(h), pcn = planes<T>(cn),
@@ -110,8 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
           for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * C + ch);
           for (int j = 0; j < 4; ++j) in[4 + j] = decltype(HX)::value ? px.at(b, j * C + ch) : nullptr;
           in[8] = pc.at(b, ch);
-          T* out[6] = {poh.at(b, ch), pcn.at(b, ch), pa.at(b, ch), pa.at(b, C + ch), pa.at(b, 2 * C + ch),
-                       pa.at(b, 3 * C + ch)};
+          T* out[5] = {poh.at(b, ch), pcn.at(b, ch), pa.at(b, ch), pa.at(b, C + ch), pa.at(b, 2 * C + ch)};
           fwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, fb, HW);
         }
       });
@@ -123,23 +121,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::optional<at::Tensor>& gh_,
                                                                      const std::optional<at::Tensor>& gc_,
                                                                      const at::Tensor& act_, const at::Tensor& c_,
-                                                                     const at::Tensor& cn_, bool has_x, bool tanh_c) {
+                                                                     const at::Tensor& cn_, const at::Tensor& h_,
+                                                                     bool has_x, bool tanh_c) {
   TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_backward: c must be [B, C, H, W]");
   const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  check_operand("vpfast::convlstm", act_, c_, 4, "act");
+  check_operand("vpfast::convlstm", act_, c_, 3, "act");
   check_operand("vpfast::convlstm", cn_, c_, 1, "c_new");
+  check_operand("vpfast::convlstm", h_, c_, 1, "h");
   if (has_gh) check_operand("vpfast::convlstm", *gh_, c_, 1, "grad_h");
   if (has_gc) check_operand("vpfast::convlstm", *gc_, c_, 1, "grad_c");
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
-  const auto act = planar(act_), c = planar(c_), cn = planar(cn_);
+  const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
   const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
   auto gx = has_x ? at::empty({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
   auto ghg = at::empty({B, 4 * C, H, W}, c.options());
   auto gcp = at::empty({B, C, H, W}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pa = planes<T>(act), pc = planes<T>(c), pcn = planes<T>(cn), pghg = planes<T>(ghg),
-               pgcp = planes<T>(gcp);
+    const auto pa = planes<T>(act), pc = planes<T>(c), pcn = planes<T>(cn), pho = planes<T>(ho),
+               pghg = planes<T>(ghg), pgcp = planes<T>(gcp);
     const auto pgh = planes_opt<T>(has_gh, gh);
     const auto pgc = planes_opt<T>(has_gc, gc);
     const auto pgx = planes_opt<T>(has_x, gx);
@@ -148,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
         for (int64_t r = s; r < e; ++r) {
           const int64_t b = r / C, ch = r % C;
           const T* in[8] = {has_gh ? pgh.at(b, ch) : nullptr, has_gc ? pgc.at(b, ch) : nullptr, pa.at(b, ch),
-                            pa.at(b, C + ch), pa.at(b, 2 * C + ch), pa.at(b, 3 * C + ch), pc.at(b, ch),
-                            pcn.at(b, ch)};
+                            pa.at(b, C + ch), pa.at(b, 2 * C + ch), pc.at(b, ch), pcn.at(b, ch), pho.at(b, ch)};
           T* out[9];
           for (int j = 0; j < 4; ++j) out[j] = pghg.at(b, j * C + ch);
           out[4] = pgcp.at(b, ch);

@@ -38,22 +38,21 @@ __global__ void fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> c, Planes<T> h, 
     cn.at(b, ch)[p] = c_new;
     act.at(b, ch)[p] = i;
     act.at(b, C + ch)[p] = f;
-    act.at(b, 2 * C + ch)[p] = g;
-    act.at(b, 3 * C + ch)[p] = o;
+    act.at(b, 2 * C + ch)[p] = o;
   }
 }
 
 template <typename T>
-__global__ void bwd_kernel(Planes<T> gh, Planes<T> gc, Planes<T> act, Planes<T> c, Planes<T> cn, Planes<T> gx,
-                           Planes<T> ghg, Planes<T> gcp, int64_t C, int64_t HW, int64_t n, bool tanh_c) {
+__global__ void bwd_kernel(Planes<T> gh, Planes<T> gc, Planes<T> act, Planes<T> c, Planes<T> cn, Planes<T> ho,
+                           Planes<T> gx, Planes<T> ghg, Planes<T> gcp, int64_t C, int64_t HW, int64_t n,
+                           bool tanh_c) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
     T pi, pf, pg, po, c_;
-    lstm::convlstm_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], act.at(b, 2 * C + ch)[p],
-                               act.at(b, 3 * C + ch)[p], c.at(b, ch)[p], cn.at(b, ch)[p],
-                               gh.ptr ? gh.at(b, ch)[p] : T(0), gc.ptr ? gc.at(b, ch)[p] : T(0), tanh_c, pi, pf, pg,
-                               po, c_);
+    lstm::convlstm_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], act.at(b, 2 * C + ch)[p], c.at(b, ch)[p],
+                               cn.at(b, ch)[p], ho.at(b, ch)[p], gh.ptr ? gh.at(b, ch)[p] : T(0),
+                               gc.ptr ? gc.at(b, ch)[p] : T(0), tanh_c, pi, pf, pg, po, c_);
     ghg.at(b, ch)[p] = pi;
     ghg.at(b, C + ch)[p] = pf;
     ghg.at(b, 2 * C + ch)[p] = pg;
@@ -83,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
   auto h = at::empty({B, C, H, W}, c.options());
   auto cn = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 4 * C, H, W}, c.options());
+  auto act = at::empty({B, 3 * C, H, W}, c.options());
   if (n == 0) return {h, cn, act};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cuda", [&] {
@@ -100,15 +99,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std::optional<at::Tensor>& gh_,
                                                                       const std::optional<at::Tensor>& gc_,
                                                                       const at::Tensor& act_, const at::Tensor& c_,
-                                                                      const at::Tensor& cn_, bool has_x, bool tanh_c) {
+                                                                      const at::Tensor& cn_, const at::Tensor& h_,
+                                                                      bool has_x, bool tanh_c) {
   const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  check_operand("vpfast::convlstm", act_, c_, 4, "act");
+  check_operand("vpfast::convlstm", act_, c_, 3, "act");
   check_operand("vpfast::convlstm", cn_, c_, 1, "c_new");
+  check_operand("vpfast::convlstm", h_, c_, 1, "h");
   if (has_gh) check_operand("vpfast::convlstm", *gh_, c_, 1, "grad_h");
   if (has_gc) check_operand("vpfast::convlstm", *gc_, c_, 1, "grad_c");
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
-  const auto act = planar(act_), c = planar(c_), cn = planar(cn_);
+  const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
   const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
   auto gx = has_x ? at::empty({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
   auto ghg = at::empty({B, 4 * C, H, W}, c.options());
@@ -119,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
     using T = scalar_t;
     bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
         planes_opt<T>(has_gh, gh), planes_opt<T>(has_gc, gc), planes_opt<T>(true, act), planes_opt<T>(true, c), planes_opt<T>(true, cn),
-        planes_opt<T>(has_x, gx), planes_opt<T>(true, ghg), planes_opt<T>(true, gcp), C, HW, n, tanh_c);
+        planes_opt<T>(true, ho), planes_opt<T>(has_x, gx), planes_opt<T>(true, ghg), planes_opt<T>(true, gcp), C, HW, n, tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, ghg, gcp};

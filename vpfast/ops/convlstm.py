@@ -9,8 +9,9 @@ Gate pre-activations come from the reference's two convolutions (x_g = conv_x(x)
 [B, 4C, H, W] in the order i, f, g, o) or, when layer_norm is off, from one merged convolution over [x, h];
 then x_g is None and h_g holds the sums.
 
-What backward keeps: the four activated gates in one [B, 4C, H, W] buffer (the 4C-8C convolution outputs
-are freed), c_{t-1} and the output c_t (tanh(c_t) is recomputed).
+What backward keeps: the gates i, f, o in one [B, 3C, H, W] buffer (the 4C-8C convolution outputs are
+freed), c_{t-1} and the outputs c_t and h (both alive anyway as the next step's inputs); tanh(c_t) is
+recomputed and g recovered from i*g = c_t - f*c_{t-1} (or from h = o*g, see csrc/common/stlstm.h).
 
 Backends: torch (reference below), cpp / cuda (csrc/*/convlstm.*), triton (kernels/convlstm.py).
 """
@@ -49,7 +50,7 @@ def convlstm_reference(x_g: Optional[torch.Tensor], h_g: torch.Tensor, c: torch.
 # ---- cpp / cuda --------------------------------------------------------------------------------------
 def _fwd_fake_shapes(c):
     B, C, H, W = c.shape
-    return torch.empty_like(c), torch.empty_like(c), c.new_empty((B, 4 * C, H, W))
+    return torch.empty_like(c), torch.empty_like(c), c.new_empty((B, 3 * C, H, W))
 
 
 def _bwd_fake_shapes(c, has_x):
@@ -62,14 +63,14 @@ def _make_autograd(bwd):
     def setup(ctx, inputs, output):
         x_g, h_g, c, forget_bias, tanh_c = inputs
         h, c_new, act = output
-        ctx.save_for_backward(act, c, c_new)
+        ctx.save_for_backward(act, c, c_new, h)
         ctx.has_x, ctx.tanh_c = x_g is not None, tanh_c
         ctx.set_materialize_grads(False)  # absent gradients stay None (the kernel treats them as 0)
         ctx.mark_non_differentiable(act)
 
     def backward(ctx, g_h, g_c, _g_act):
-        act, c, c_new = ctx.saved_tensors
-        gx, gh, gc = bwd(g_h, g_c, act, c, c_new, ctx.has_x, ctx.tanh_c)
+        act, c, c_new, h = ctx.saved_tensors
+        gx, gh, gc = bwd(g_h, g_c, act, c, c_new, h, ctx.has_x, ctx.tanh_c)
         need = ctx.needs_input_grad
         return (gx if ctx.has_x and need[0] else None, gh if need[1] else None, gc if need[2] else None,
                 None, None)
@@ -84,7 +85,7 @@ if _ext.has_kernel("convlstm_forward", "CPU") or _ext.has_kernel("convlstm_forwa
         return _fwd_fake_shapes(c)
 
     @torch.library.register_fake("vpfast::convlstm_backward")
-    def _bwd_fake(g_h, g_c, act, c, c_new, has_x, tanh_c):
+    def _bwd_fake(g_h, g_c, act, c, c_new, h, has_x, tanh_c):
         return _bwd_fake_shapes(c, has_x)
 
     _s, _b = _make_autograd(lambda *a: torch.ops.vpfast.convlstm_backward(*a))
@@ -111,14 +112,14 @@ def _(x_g, h_g, c, forget_bias, tanh_c):
 
 @torch.library.custom_op("vpfast::convlstm_backward_triton", mutates_args=())
 def _triton_bwd(g_h: Optional[torch.Tensor], g_c: Optional[torch.Tensor], act: torch.Tensor, c: torch.Tensor,
-                c_new: torch.Tensor, has_x: bool,
+                c_new: torch.Tensor, h: torch.Tensor, has_x: bool,
                 tanh_c: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import convlstm as k
-    return k.backward(g_h, g_c, act, c, c_new, has_x, tanh_c)
+    return k.backward(g_h, g_c, act, c, c_new, h, has_x, tanh_c)
 
 
 @_triton_bwd.register_fake
-def _(g_h, g_c, act, c, c_new, has_x, tanh_c):
+def _(g_h, g_c, act, c, c_new, h, has_x, tanh_c):
     return _bwd_fake_shapes(c, has_x)
 
 
