@@ -11,13 +11,18 @@ def private_compile_cache() -> str:
 
     Inductor keys its cached graphs by torch's version and the graph, not by the fake (meta) kernels of custom
     ops, so a graph compiled against another vpfast build would be reused with that build's output shapes.
-    Test and benchmark sessions call this so that they never read such a stale entry.
+    Test and benchmark sessions call this so that they never read such a stale entry. A directory set in
+    $TORCHINDUCTOR_CACHE_DIR is kept as it is; one made here is removed when the process exits.
     """
+    import atexit
     import os
+    import shutil
     import tempfile
 
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vpfast-inductor-")
+        path = tempfile.mkdtemp(prefix="vpfast-inductor-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
