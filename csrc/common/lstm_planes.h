@@ -36,5 +36,54 @@ inline void check_operand(const char* op, const at::Tensor& t, const at::Tensor&
               " must match c's dtype and device");
 }
 
+// The operand checks of each fused op's entry points, shared by the CPU and CUDA wrappers. Absent optional
+// operands are passed as nullptr.
+inline void check_stlstm_gates_forward(const at::Tensor& c, const at::Tensor& h_g, const at::Tensor& m_g,
+                                       const at::Tensor& m, const at::Tensor* x_g) {
+  TORCH_CHECK(c.dim() == 4, "vpfast::stlstm_gates_forward: c must be [B, C, H, W]");
+  check_operand("vpfast::stlstm", h_g, c, 4, "h_g");
+  check_operand("vpfast::stlstm", m_g, c, 3, "m_g");
+  check_operand("vpfast::stlstm", m, c, 1, "m");
+  if (x_g) check_operand("vpfast::stlstm", *x_g, c, 7, "x_g");
+}
+
+inline void check_stlstm_gates_backward(const at::Tensor& c, const at::Tensor& grad_cm, const at::Tensor& grad_op,
+                                        const at::Tensor& act, const at::Tensor& cm, const at::Tensor& m,
+                                        const at::Tensor* grad_delta) {
+  TORCH_CHECK(c.dim() == 4, "vpfast::stlstm_gates_backward: c must be [B, C, H, W]");
+  check_operand("vpfast::stlstm", grad_cm, c, 2, "grad_cm");
+  check_operand("vpfast::stlstm", grad_op, c, 1, "grad_o_part");
+  check_operand("vpfast::stlstm", act, c, 4, "act");
+  check_operand("vpfast::stlstm", cm, c, 2, "cm");
+  check_operand("vpfast::stlstm", m, c, 1, "m");
+  if (grad_delta) check_operand("vpfast::stlstm", *grad_delta, c, 2, "grad_delta");
+}
+
+// stage 2, forward (ref = o_part; a, b = o_m, last) and backward (ref = o; a, b = grad_h, h_or_tl)
+inline void check_stlstm_output(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& a,
+                                const char* a_name, const at::Tensor& b, const char* b_name,
+                                const at::Tensor* highway) {
+  TORCH_CHECK(ref.dim() == 4, op, ": ", ref_name, " must be [B, C, H, W]");
+  check_operand("vpfast::stlstm", a, ref, 1, a_name);
+  check_operand("vpfast::stlstm", b, ref, 1, b_name);
+  if (highway) check_operand("vpfast::stlstm", *highway, ref, 1, "highway");
+}
+
+inline void check_convlstm_forward(const at::Tensor& c, const at::Tensor& h_g, const at::Tensor* x_g) {
+  TORCH_CHECK(c.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
+  check_operand("vpfast::convlstm", h_g, c, 4, "h_g");
+  if (x_g) check_operand("vpfast::convlstm", *x_g, c, 4, "x_g");
+}
+
+inline void check_convlstm_backward(const at::Tensor& c, const at::Tensor& act, const at::Tensor& c_new,
+                                    const at::Tensor& h, const at::Tensor* grad_h, const at::Tensor* grad_c) {
+  TORCH_CHECK(c.dim() == 4, "vpfast::convlstm_backward: c must be [B, C, H, W]");
+  check_operand("vpfast::convlstm", act, c, 3, "act");
+  check_operand("vpfast::convlstm", c_new, c, 1, "c_new");
+  check_operand("vpfast::convlstm", h, c, 1, "h");
+  if (grad_h) check_operand("vpfast::convlstm", *grad_h, c, 1, "grad_h");
+  if (grad_c) check_operand("vpfast::convlstm", *grad_c, c, 1, "grad_c");
+}
+
 }  // namespace lstm
 }  // namespace vpfast

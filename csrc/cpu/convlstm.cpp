@@ -13,7 +13,6 @@ namespace vpfast {
 namespace {
 
 using lstm::Planes;
-using lstm::check_operand;
 using lstm::planar;
 using lstm::planes;
 using lstm::planes_opt;
@@ -85,10 +84,8 @@ void with_flags(bool a, bool b, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::optional<at::Tensor>& x_g_,
                                                                     const at::Tensor& h_g_, const at::Tensor& c_,
                                                                     double forget_bias, bool tanh_c) {
-  TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_operand("vpfast::convlstm", h_g_, c_, 4, "h_g");
-  if (has_x) check_operand("vpfast::convlstm", *x_g_, c_, 4, "x_g");
+  lstm::check_convlstm_forward(c_, h_g_, has_x ? &*x_g_ : nullptr);
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto h_g = planar(h_g_), c = planar(c_);
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
@@ -123,13 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
                                                                      const at::Tensor& act_, const at::Tensor& c_,
                                                                      const at::Tensor& cn_, const at::Tensor& h_,
                                                                      bool has_x, bool tanh_c) {
-  TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_backward: c must be [B, C, H, W]");
   const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  check_operand("vpfast::convlstm", act_, c_, 3, "act");
-  check_operand("vpfast::convlstm", cn_, c_, 1, "c_new");
-  check_operand("vpfast::convlstm", h_, c_, 1, "h");
-  if (has_gh) check_operand("vpfast::convlstm", *gh_, c_, 1, "grad_h");
-  if (has_gc) check_operand("vpfast::convlstm", *gc_, c_, 1, "grad_c");
+  lstm::check_convlstm_backward(c_, act_, cn_, h_, has_gh ? &*gh_ : nullptr, has_gc ? &*gc_ : nullptr);
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
   const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();

@@ -15,7 +15,6 @@ namespace vpfast {
 namespace {
 
 using lstm::Planes;
-using lstm::check_operand;
 using lstm::planar;
 using lstm::planes;
 using lstm::planes_opt;
@@ -121,12 +120,8 @@ void with_flags(bool a, bool b, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cpu(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
     const at::Tensor& m_, double forget_bias, bool with_delta) {
-  TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_operand("vpfast::stlstm", h_g_, c_, 4, "h_g");
-  check_operand("vpfast::stlstm", m_g_, c_, 3, "m_g");
-  check_operand("vpfast::stlstm", m_, c_, 1, "m");
-  if (has_x) check_operand("vpfast::stlstm", *x_g_, c_, 7, "x_g");
+  lstm::check_stlstm_gates_forward(c_, h_g_, m_g_, m_, has_x ? &*x_g_ : nullptr);
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
@@ -169,14 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_backward_cpu(
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
     const at::Tensor& act_, const at::Tensor& cm_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
-  TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_backward: c must be [B, C, H, W]");
   const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
-  check_operand("vpfast::stlstm", grad_cm_, c_, 2, "grad_cm");
-  check_operand("vpfast::stlstm", grad_op_, c_, 1, "grad_o_part");
-  check_operand("vpfast::stlstm", act_, c_, 4, "act");
-  check_operand("vpfast::stlstm", cm_, c_, 2, "cm");
-  check_operand("vpfast::stlstm", m_, c_, 1, "m");
-  if (with_delta) check_operand("vpfast::stlstm", *grad_delta_, c_, 2, "grad_delta");
+  lstm::check_stlstm_gates_backward(c_, grad_cm_, grad_op_, act_, cm_, m_, with_delta ? &*grad_delta_ : nullptr);
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
              m = planar(m_);
@@ -257,11 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cpu(const a
                                                                          const at::Tensor& o_m_,
                                                                          const at::Tensor& last_,
                                                                          const std::optional<at::Tensor>& hw_) {
-  TORCH_CHECK(o_part_.dim() == 4, "vpfast::stlstm_output_forward: o_part must be [B, C, H, W]");
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_operand("vpfast::stlstm", o_m_, o_part_, 1, "o_m");
-  check_operand("vpfast::stlstm", last_, o_part_, 1, "last");
-  if (has_hw) check_operand("vpfast::stlstm", *hw_, o_part_, 1, "highway");
+  lstm::check_stlstm_output("vpfast::stlstm_output_forward", o_part_, "o_part", o_m_, "o_m", last_, "last",
+                            has_hw ? &*hw_ : nullptr);
   const int64_t B = o_part_.size(0), C = o_part_.size(1), H = o_part_.size(2), W = o_part_.size(3), HW = H * W;
   const auto op = planar(o_part_), om = planar(o_m_), last = planar(last_);
   const auto hw = has_hw ? planar(*hw_) : at::Tensor();
@@ -293,11 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cpu(const 
                                                                           const at::Tensor& o_,
                                                                           const at::Tensor& h_or_tl_,
                                                                           const std::optional<at::Tensor>& hw_) {
-  TORCH_CHECK(o_.dim() == 4, "vpfast::stlstm_output_backward: o must be [B, C, H, W]");
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_operand("vpfast::stlstm", gh_, o_, 1, "grad_h");
-  check_operand("vpfast::stlstm", h_or_tl_, o_, 1, "h_or_tl");
-  if (has_hw) check_operand("vpfast::stlstm", *hw_, o_, 1, "highway");
+  lstm::check_stlstm_output("vpfast::stlstm_output_backward", o_, "o", gh_, "grad_h", h_or_tl_, "h_or_tl",
+                            has_hw ? &*hw_ : nullptr);
   const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W;
   const auto gh = planar(gh_), o = planar(o_), ht = planar(h_or_tl_);
   const auto hw = has_hw ? planar(*hw_) : at::Tensor();

@@ -13,8 +13,8 @@ namespace vpfast {
 namespace {
 
 using lstm::Planes;
-using lstm::check_operand;
 using lstm::planar;
+using lstm::planes;
 using lstm::planes_opt;
 constexpr int kThreads = 256;
 
@@ -72,10 +72,8 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::optional<at::Tensor>& x_g_,
                                                                      const at::Tensor& h_g_, const at::Tensor& c_,
                                                                      double forget_bias, bool tanh_c) {
-  TORCH_CHECK(c_.dim() == 4, "vpfast::convlstm_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_operand("vpfast::convlstm", h_g_, c_, 4, "h_g");
-  if (has_x) check_operand("vpfast::convlstm", *x_g_, c_, 4, "x_g");
+  lstm::check_convlstm_forward(c_, h_g_, has_x ? &*x_g_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto h_g = planar(h_g_), c = planar(c_);
@@ -87,9 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cuda", [&] {
     using T = scalar_t;
-    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes_opt<T>(has_x, x_g), planes_opt<T>(true, h_g),
-                                                           planes_opt<T>(true, c), planes_opt<T>(true, h), planes_opt<T>(true, cn),
-                                                           planes_opt<T>(true, act), C, HW, n,
+    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes_opt<T>(has_x, x_g), planes<T>(h_g), planes<T>(c),
+                                                           planes<T>(h), planes<T>(cn), planes<T>(act), C, HW, n,
                                                            static_cast<T>(forget_bias), tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -102,11 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
                                                                       const at::Tensor& cn_, const at::Tensor& h_,
                                                                       bool has_x, bool tanh_c) {
   const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  check_operand("vpfast::convlstm", act_, c_, 3, "act");
-  check_operand("vpfast::convlstm", cn_, c_, 1, "c_new");
-  check_operand("vpfast::convlstm", h_, c_, 1, "h");
-  if (has_gh) check_operand("vpfast::convlstm", *gh_, c_, 1, "grad_h");
-  if (has_gc) check_operand("vpfast::convlstm", *gc_, c_, 1, "grad_c");
+  lstm::check_convlstm_backward(c_, act_, cn_, h_, has_gh ? &*gh_ : nullptr, has_gc ? &*gc_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
@@ -119,8 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cuda", [&] {
     using T = scalar_t;
     bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes_opt<T>(has_gh, gh), planes_opt<T>(has_gc, gc), planes_opt<T>(true, act), planes_opt<T>(true, c), planes_opt<T>(true, cn),
-        planes_opt<T>(true, ho), planes_opt<T>(has_x, gx), planes_opt<T>(true, ghg), planes_opt<T>(true, gcp), C, HW, n, tanh_c);
+        planes_opt<T>(has_gh, gh), planes_opt<T>(has_gc, gc), planes<T>(act), planes<T>(c), planes<T>(cn),
+        planes<T>(ho), planes_opt<T>(has_x, gx), planes<T>(ghg), planes<T>(gcp), C, HW, n, tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {gx, ghg, gcp};

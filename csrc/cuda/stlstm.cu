@@ -13,7 +13,6 @@ namespace vpfast {
 namespace {
 
 using lstm::Planes;
-using lstm::check_operand;
 using lstm::planar;
 using lstm::planes;
 using lstm::planes_opt;
@@ -58,8 +57,8 @@ __global__ void gates_fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> mg, Planes
 
 template <typename T>
 __global__ void gates_bwd_kernel(Planes<T> gcm, Planes<T> gop, Planes<T> gd, Planes<T> act, Planes<T> cm,
-                                 Planes<T> c, Planes<T> m, Planes<T> gx, Planes<T> gh, Planes<T> gm, Planes<T> gc, Planes<T> gmp,
-                                 int64_t C, int64_t HW, int64_t n) {
+                                 Planes<T> c, Planes<T> m, Planes<T> gx, Planes<T> gh, Planes<T> gm, Planes<T> gc,
+                                 Planes<T> gmp, int64_t C, int64_t HW, int64_t n) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
@@ -125,12 +124,8 @@ __global__ void output_bwd_kernel(Planes<T> gh, Planes<T> o, Planes<T> ht, Plane
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cuda(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
     const at::Tensor& m_, double forget_bias, bool with_delta) {
-  TORCH_CHECK(c_.dim() == 4, "vpfast::stlstm_gates_forward: c must be [B, C, H, W]");
   const bool has_x = x_g_.has_value() && x_g_->defined();
-  check_operand("vpfast::stlstm", h_g_, c_, 4, "h_g");
-  check_operand("vpfast::stlstm", m_g_, c_, 3, "m_g");
-  check_operand("vpfast::stlstm", m_, c_, 1, "m");
-  if (has_x) check_operand("vpfast::stlstm", *x_g_, c_, 7, "x_g");
+  lstm::check_stlstm_gates_forward(c_, h_g_, m_g_, m_, has_x ? &*x_g_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
@@ -155,12 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
     const at::Tensor& act_, const at::Tensor& cm_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
   const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
-  check_operand("vpfast::stlstm", grad_cm_, c_, 2, "grad_cm");
-  check_operand("vpfast::stlstm", grad_op_, c_, 1, "grad_o_part");
-  check_operand("vpfast::stlstm", act_, c_, 4, "act");
-  check_operand("vpfast::stlstm", cm_, c_, 2, "cm");
-  check_operand("vpfast::stlstm", m_, c_, 1, "m");
-  if (with_delta) check_operand("vpfast::stlstm", *grad_delta_, c_, 2, "grad_delta");
+  lstm::check_stlstm_gates_backward(c_, grad_cm_, grad_op_, act_, cm_, m_, with_delta ? &*grad_delta_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
   const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
@@ -187,11 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cuda(const 
                                                                           const at::Tensor& om_,
                                                                           const at::Tensor& last_,
                                                                           const std::optional<at::Tensor>& hw_) {
-  TORCH_CHECK(op_.dim() == 4, "vpfast::stlstm_output_forward: o_part must be [B, C, H, W]");
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_operand("vpfast::stlstm", om_, op_, 1, "o_m");
-  check_operand("vpfast::stlstm", last_, op_, 1, "last");
-  if (has_hw) check_operand("vpfast::stlstm", *hw_, op_, 1, "highway");
+  lstm::check_stlstm_output("vpfast::stlstm_output_forward", op_, "o_part", om_, "o_m", last_, "last",
+                            has_hw ? &*hw_ : nullptr);
   const c10::cuda::CUDAGuard guard(op_.device());
   const int64_t B = op_.size(0), C = op_.size(1), H = op_.size(2), W = op_.size(3), HW = H * W, n = B * C * HW;
   const auto op = planar(op_), om = planar(om_), last = planar(last_);
@@ -216,9 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cuda(const
                                                                            const at::Tensor& ht_,
                                                                            const std::optional<at::Tensor>& hw_) {
   const bool has_hw = hw_.has_value() && hw_->defined();
-  check_operand("vpfast::stlstm", gh_, o_, 1, "grad_h");
-  check_operand("vpfast::stlstm", ht_, o_, 1, "h_or_tl");
-  if (has_hw) check_operand("vpfast::stlstm", *hw_, o_, 1, "highway");
+  lstm::check_stlstm_output("vpfast::stlstm_output_backward", o_, "o", gh_, "grad_h", ht_, "h_or_tl",
+                            has_hw ? &*hw_ : nullptr);
   const c10::cuda::CUDAGuard guard(o_.device());
   const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W, n = B * C * HW;
   const auto gh = planar(gh_), o = planar(o_), ht = planar(ht_);
