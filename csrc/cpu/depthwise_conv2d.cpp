@@ -2,7 +2,7 @@
 // copies its plane into a zero-padded scratch buffer that stays in cache and runs the register-blocked,
 // W-vectorised loops of cpu/depthwise_plane.h.
 //
-// Backward, one task per (channel, chunk of samples): grad_x of each plane is the correlation of the
+// Backward, one task per (block of channels, chunk of samples): grad_x of each plane is the correlation of the
 // zero-upsampled output gradient with the flipped filter; the weight and bias gradients are summed over the
 // chunk's planes in order, then over the chunks in order (no atomics, identical bits on every run and for
 // every thread count; see dwcpu::batch_chunks).
@@ -165,45 +165,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const int64_t NB = dwcpu::batch_chunks(a.B, a.C), Bc = (a.B + NB - 1) / NB;
     std::vector<T> part_w(mask[1] ? NB * a.C * K : 0), part_b(mask[2] ? NB * a.C : 0);
     T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
-    at::parallel_for(0, a.C * NB, 1, [&](int64_t t0, int64_t t1) {
+    // Tasks are (block of CB channels, chunk of samples). Inside a task the planes are visited sample by
+    // sample, the block's channels in memory order, so each operand streams through runs of CB adjacent planes
+    // rather than one plane per page (a channel's samples are C planes apart): TAU's 5x5 backward at 16x16
+    // ran 7-25% faster (runs of this VM differ) with 16-plane runs than one channel at a time. Small planes only (large ones stream
+    // well on their own), with the block's vector partial sums kept within L1. A channel's sums still add its
+    // samples in order, so the bits do not depend on CB.
+    const int64_t plane_bytes = a.H * a.W * (int64_t)sizeof(T), wg_bytes = K * V * (int64_t)sizeof(T);
+    const int64_t CB = std::max<int64_t>(1, std::min<int64_t>({dwcpu::kMaxChanBlock, 16384 / plane_bytes,
+                                                               32768 / wg_bytes,
+                                                               a.C / (4 * at::get_num_threads())}));
+    const int64_t NCB = (a.C + CB - 1) / CB;
+    at::parallel_for(0, NCB * NB, 1, [&](int64_t t0, int64_t t1) {
       std::vector<T> xbuf(mask[1] ? gf.size() : 0, T(0));
       std::vector<T> ibuf(mask[0] ? gi.size() : 0, T(0));
       // grad plane with zero tail columns and kTapRows-1 zero rows above and below (weight_grad_general)
       constexpr int64_t pad = dwcpu::kTapRows - 1;
       std::vector<T> gpadded(mask[1] && !direct ? (a.Ho + 2 * pad) * ldg : 0, T(0));
       T* gcomp = mask[1] && !direct ? gpadded.data() + pad * ldg : nullptr;
-      dwcpu::WeightGrad<T> wg(mask[1] ? K : 0);
+      std::vector<dwcpu::WeightGrad<T>> wg(CB, dwcpu::WeightGrad<T>(mask[1] ? K : 0));
+      std::array<T, dwcpu::kMaxChanBlock> bsum{};
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c = t / NB, chunk = t % NB;
+        const int64_t cb = t / NB, chunk = t % NB;
+        const int64_t c0 = cb * CB, c1 = std::min(a.C, c0 + CB);
         const int64_t b0 = chunk * Bc, b1 = std::min(a.B, b0 + Bc);
-        wg.reset();
-        T bsum = 0;
+        for (auto& w : wg) w.reset();
+        bsum.fill(T(0));
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t p = b * a.C + c;
-          if (b + 1 < b1) {
-            const int64_t pn = p + a.C;
-            dwcpu::prefetch_plane(gp + pn * a.Ho * a.Wo, a.Ho * a.Wo * sizeof(T));
-            if (mask[1]) dwcpu::prefetch_plane(xp + pn * a.H * a.W, a.H * a.W * sizeof(T));
-            if (mask[0]) dwcpu::prefetch_plane_w(gxp + pn * a.H * a.W, a.H * a.W * sizeof(T));
-          }
-          const T* gplane = gp + p * a.Ho * a.Wo;
-          if (mask[2]) bsum += dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
-          if (mask[1]) {
-            dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
-            if (direct) {
-              wg.add(xbuf.data(), gf, gplane, a.Wo, a.Ho, a.Wo);
-            } else {
-              for (int64_t oh = 0; oh < a.Ho; ++oh) dwcpu::copy_row<T>(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo);
-              wg.add(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, reuse ? gcomp : nullptr);
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t p = b * a.C + c;
+            // the next plane of this task
+            const int64_t pn = c + 1 < c1 ? p + 1 : (b + 1 < b1 ? (b + 1) * a.C + c0 : -1);
+            if (pn >= 0) {
+              dwcpu::prefetch_plane(gp + pn * a.Ho * a.Wo, a.Ho * a.Wo * sizeof(T));
+              if (mask[1]) dwcpu::prefetch_plane(xp + pn * a.H * a.W, a.H * a.W * sizeof(T));
+              if (mask[0]) dwcpu::prefetch_plane_w(gxp + pn * a.H * a.W, a.H * a.W * sizeof(T));
+            }
+            const T* gplane = gp + p * a.Ho * a.Wo;
+            if (mask[2]) bsum[c - c0] += dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
+            if (mask[1]) {
+              dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
+              if (direct) {
+                wg[c - c0].add(xbuf.data(), gf, gplane, a.Wo, a.Ho, a.Wo);
+              } else {
+                for (int64_t oh = 0; oh < a.Ho; ++oh) dwcpu::copy_row<T>(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo);
+                wg[c - c0].add(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, reuse ? gcomp : nullptr);
+              }
+            }
+            if (mask[0]) {
+              fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
+              dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gxp + p * a.H * a.W, a.W, a.H, a.W);
             }
           }
-          if (mask[0]) {
-            fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
-            dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gxp + p * a.H * a.W, a.W, a.H, a.W);
-          }
         }
-        if (mask[1]) wg.result(&part_w[(chunk * a.C + c) * K]);
-        if (mask[2]) part_b[chunk * a.C + c] = bsum;
+        for (int64_t c = c0; c < c1; ++c) {
+          if (mask[1]) wg[c - c0].result(&part_w[(chunk * a.C + c) * K]);
+          if (mask[2]) part_b[chunk * a.C + c] = bsum[c - c0];
+        }
       }
     });
     if (mask[1]) dwcpu::reduce_batch<T>(part_w.data(), NB, a.C, K, gw.data_ptr<T>());
