@@ -167,10 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
     // Tasks are (block of CB channels, chunk of samples). Inside a task the planes are visited sample by
     // sample, the block's channels in memory order, so each operand streams through runs of CB adjacent planes
-    // rather than one plane per page (a channel's samples are C planes apart): TAU's 5x5 backward at 16x16
-    // ran 7-25% faster (runs of this VM differ) with 16-plane runs than one channel at a time. Small planes only (large ones stream
-    // well on their own), with the block's vector partial sums kept within L1. A channel's sums still add its
-    // samples in order, so the bits do not depend on CB.
+    // rather than one plane per page (a channel's samples are C planes apart): TAU's 5x5 backward at 16x16 ran
+    // 7-25% faster (runs of this VM differ) with 16-plane runs than one channel at a time. Small planes only
+    // (large ones stream well on their own), with the block's vector partial sums kept within L1. A channel's
+    // sums still add its samples in order, so the bits do not depend on CB.
     const int64_t plane_bytes = a.H * a.W * (int64_t)sizeof(T), wg_bytes = K * V * (int64_t)sizeof(T);
     const int64_t CB = std::max<int64_t>(1, std::min<int64_t>({dwcpu::kMaxChanBlock, 16384 / plane_bytes,
                                                                32768 / wg_bytes,
@@ -202,16 +202,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
               if (mask[0]) dwcpu::prefetch_plane_w(gxp + pn * a.H * a.W, a.H * a.W * sizeof(T));
             }
             const T* gplane = gp + p * a.Ho * a.Wo;
-            if (mask[2]) bsum[c - c0] += dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
+            bool bias_done = false;
             if (mask[1]) {
               dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
               if (direct) {
-                wg[c - c0].add(xbuf.data(), gf, gplane, a.Wo, a.Ho, a.Wo);
+                bias_done = wg[c - c0].add(xbuf.data(), gf, gplane, a.Wo, a.Ho, a.Wo, nullptr, mask[2]);
               } else {
                 for (int64_t oh = 0; oh < a.Ho; ++oh) dwcpu::copy_row<T>(gcomp + oh * ldg, gplane + oh * a.Wo, a.Wo);
-                wg[c - c0].add(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, reuse ? gcomp : nullptr);
+                bias_done = wg[c - c0].add(xbuf.data(), gf, gcomp, ldg, a.Ho, a.Wo, reuse ? gcomp : nullptr, mask[2]);
               }
             }
+            if (mask[2] && !bias_done) bsum[c - c0] += dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
             if (mask[0]) {
               fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
               dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gxp + p * a.H * a.W, a.W, a.H, a.W);
@@ -220,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
         }
         for (int64_t c = c0; c < c1; ++c) {
           if (mask[1]) wg[c - c0].result(&part_w[(chunk * a.C + c) * K]);
-          if (mask[2]) part_b[chunk * a.C + c] = bsum[c - c0];
+          if (mask[2]) part_b[chunk * a.C + c] = bsum[c - c0] + (mask[1] ? wg[c - c0].bias_result() : T(0));
         }
       }
     });

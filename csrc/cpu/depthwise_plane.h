@@ -437,13 +437,15 @@ VPFAST_AVX512 void correlate_rows(const T* __restrict__ in, const Geo& g, const 
 // acc[(i*kw + j)*V ...] (their horizontal sums are dw[i*kw + j]): a block of R gradient rows stays in registers
 // and each shifted input row is loaded once per tap column and multiplied into the KH tap rows that pair it
 // with a row of the block; S accumulators per tap take the rows in turn (r % S) and are added in a fixed order.
-// gr must read zero in columns [Wo, round_up(Wo, V)).
+// gr must read zero in columns [Wo, round_up(Wo, V)). If bacc is given, the gradient rows loaded for the first
+// tap column are also added to the vector partial sum bacc[0 .. V) of the bias gradient (the plane's sum).
 template <typename T, int KH, int DH, int R, int S>
 VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, const T* __restrict__ gr, int64_t ldg,
-                                    int64_t Ho, int64_t Wo, T* __restrict__ accv) {
+                                    int64_t Ho, int64_t Wo, T* __restrict__ accv, T* __restrict__ bacc) {
   constexpr int V = Vec<T>::N, NT = R + (KH - 1) * DH;
   using vec = vec_t<T>;
   const int64_t ld = g.ld, Wr = round_up(Wo, V);
+  vec bs = splat<T>(T(0));
   for (int j = 0; j < g.kw; ++j) {
     vec acc[S][KH];
 #pragma GCC unroll 8
@@ -461,6 +463,10 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
         for (int r = 0; r < R; ++r, gp += ldg) {
           pin_ptr(gp);
           gv[r] = r < nr ? loadu<T>(gp) : splat<T>(T(0));
+        }
+        if (bacc != nullptr && j == 0) {
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) bs += gv[r];
         }
         const T* xp = in + oh0 * ld + ow0 + g.coff[j];
 #pragma GCC unroll 64
@@ -484,6 +490,7 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
       storeu<T>(accv + (int64_t)(i * g.kw + j) * V, a);
     }
   }
+  if (bacc != nullptr) storeu<T>(bacc, loadu<T>(bacc) + bs);
 }
 
 // The tap-row reuse path of weight_grad_general (tall filters, stride and dilation 1; gpad as described there)
@@ -590,36 +597,43 @@ void correlate_plane(const T* in, const Geo& g, const Taps<T>& taps, int64_t c, 
 template <typename T>
 struct WeightGrad {
   int64_t K = 0;
-  std::vector<T> vsum, ssum, tmp;  // [K, V], [K], [K]
+  std::vector<T> vsum, ssum, tmp, vbias;  // [K, V], [K], [K], [V]
 
-  explicit WeightGrad(int64_t taps) : K(taps), vsum(taps * Vec<T>::N), ssum(taps), tmp(taps) {}
+  explicit WeightGrad(int64_t taps) : K(taps), vsum(taps * Vec<T>::N), ssum(taps), tmp(taps), vbias(Vec<T>::N) {}
   void reset() {
     std::fill(vsum.begin(), vsum.end(), T(0));
     std::fill(ssum.begin(), ssum.end(), T(0));
+    std::fill(vbias.begin(), vbias.end(), T(0));
   }
-  // add one plane (gpad: see weight_grad_general's tap-row reuse path)
-  void add(const T* in, const Geo& g, const T* gr, int64_t ldg, int64_t Ho, int64_t Wo, const T* gpad = nullptr) {
+  // Add one plane (gpad: see weight_grad_general's tap-row reuse path). With bias, the row kernels also sum the
+  // gradient plane into the bias partial (bias_result()) while its rows are in registers; returns whether
+  // they did (the same for every plane of one geometry), else the caller sums the plane itself.
+  bool add(const T* in, const Geo& g, const T* gr, int64_t ldg, int64_t Ho, int64_t Wo, const T* gpad = nullptr,
+           bool bias = false) {
+    T* bacc = bias ? vbias.data() : nullptr;
     const bool done = with_small_filter(g, [&](auto kh, auto dh) {
       constexpr int KH = decltype(kh)::value, DH = decltype(dh)::value;
       // 16-row blocks of 3x3 and 5x5 filters split each tap's sum over even and odd rows: 5 dependent FMA
       // chains left one thread latency-bound (TAU's 5x5 at 16x16, one thread: 7% faster split; no change
       // with two threads on this 2-core VM). 7 tap rows would not fit both halves in registers.
       if (Ho <= 8)
-        weight_grad_rows<T, KH, DH, 8, 1>(in, g, gr, ldg, Ho, Wo, vsum.data());
+        weight_grad_rows<T, KH, DH, 8, 1>(in, g, gr, ldg, Ho, Wo, vsum.data(), bacc);
       else
-        weight_grad_rows<T, KH, DH, 16, (KH <= 5 ? 2 : 1)>(in, g, gr, ldg, Ho, Wo, vsum.data());
+        weight_grad_rows<T, KH, DH, 16, (KH <= 5 ? 2 : 1)>(in, g, gr, ldg, Ho, Wo, vsum.data(), bacc);
     });
-    if (done) return;
+    if (done) return bias;
     if (gpad != nullptr && row_kernels_available()) {
       weight_grad_tall<T>(in, g, gpad, ldg, Ho, Wo, vsum.data());
-      return;
+      return false;
     }
     weight_grad_general<T>(in, g, gr, ldg, Ho, Wo, tmp.data(), gpad);
     for (int64_t k = 0; k < K; ++k) ssum[k] += tmp[k];
+    return false;
   }
   void result(T* dw) const {
     for (int64_t k = 0; k < K; ++k) dw[k] = ssum[k] + hsum<T>(loadu<T>(&vsum[k * Vec<T>::N]));
   }
+  T bias_result() const { return hsum<T>(loadu<T>(vbias.data())); }
 };
 
 // Batch chunks of the backward passes: tasks are (channel, chunk of samples), each summing its weight and
