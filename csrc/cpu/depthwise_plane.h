@@ -420,14 +420,20 @@ VPFAST_AVX512 void correlate_rows(const T* __restrict__ in, const Geo& g, const 
           }
         }
       }
-      if (nc == V) {
-        for (int r = 0; r < nr; ++r) storeu<T>(out + (oh0 + r) * ldo + ow0, acc[r]);
-      } else {
-        for (int r = 0; r < nr; ++r) {
-          T tmp[V];
-          storeu<T>(tmp, acc[r]);
-          for (int64_t e = 0; e < nc; ++e) out[(oh0 + r) * ldo + ow0 + e] = tmp[e];
+      if (nc == V && nr == R) {
+        // whole block: stores straight from the registers (a run-time row count makes GCC spill the block)
+        T* op = out + oh0 * ldo + ow0;
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r, op += ldo) {
+          pin_ptr(op);
+          storeu<T>(op, acc[r]);
         }
+      } else {
+        T tmp[R][V];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) storeu<T>(tmp[r], acc[r]);
+        for (int r = 0; r < nr; ++r)
+          for (int64_t e = 0; e < nc; ++e) out[(oh0 + r) * ldo + ow0 + e] = tmp[r][e];
       }
     }
   }
@@ -445,7 +451,6 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
   constexpr int V = Vec<T>::N, NT = R + (KH - 1) * DH;
   using vec = vec_t<T>;
   const int64_t ld = g.ld, Wr = round_up(Wo, V);
-  vec bs = splat<T>(T(0));
   for (int j = 0; j < g.kw; ++j) {
     vec acc[S][KH];
 #pragma GCC unroll 8
@@ -465,8 +470,11 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
           gv[r] = r < nr ? loadu<T>(gp) : splat<T>(T(0));
         }
         if (bacc != nullptr && j == 0) {
+          // summed into memory per block: a sum register kept across the kernel cost more than it saved
+          vec bs = gv[0];
 #pragma GCC unroll 16
-          for (int r = 0; r < R; ++r) bs += gv[r];
+          for (int r = 1; r < R; ++r) bs += gv[r];
+          storeu<T>(bacc, loadu<T>(bacc) + bs);
         }
         const T* xp = in + oh0 * ld + ow0 + g.coff[j];
 #pragma GCC unroll 64
@@ -490,7 +498,6 @@ VPFAST_AVX512 void weight_grad_rows(const T* __restrict__ in, const Geo& g, cons
       storeu<T>(accv + (int64_t)(i * g.kw + j) * V, a);
     }
   }
-  if (bacc != nullptr) storeu<T>(bacc, loadu<T>(bacc) + bs);
 }
 
 // The tap-row reuse path of weight_grad_general (tall filters, stride and dilation 1; gpad as described there)
