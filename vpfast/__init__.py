@@ -7,4 +7,5 @@ _ext.warn_once()
 
 from . import ops, nn, models  # noqa: E402,F401
 from ._dispatch import BackendUnavailable  # noqa: E402,F401
+from ._ext import empty_output_cache, output_cache_info, set_output_cache_limit  # noqa: E402,F401
 from .accelerate import AccelerateReport, accelerate  # noqa: E402,F401

@@ -74,3 +74,27 @@ def warn_once() -> None:
     if missing and os.environ.get("VPFAST_QUIET", "0") != "1":
         warnings.warn("vpfast: " + "; ".join(missing) + ". The torch reference implementations serve instead "
                       "(see `python -m vpfast.info`).", RuntimeWarning, stacklevel=3)
+
+
+def output_cache_info() -> dict:
+    """The CPU output cache (csrc/cpu/output_cache.h): limit_bytes, cached_bytes, cached_blocks, hits, misses.
+
+    Compiled CPU kernels take their large outputs (>= 1 MiB) from blocks that earlier outputs of the same size
+    freed, so a training loop does not page-fault every output in afresh each step. {} without the extension.
+    """
+    return dict(_C.output_cache_stats()) if _C is not None else {}
+
+
+def set_output_cache_limit(mb: int) -> None:
+    """Keep at most `mb` MiB of freed output blocks (0 turns the cache off); the start value is
+    $VPFAST_CPU_OUTPUT_CACHE_MB or 256."""
+    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+        raise ValueError(f"mb must be an int >= 0, got {mb!r}")
+    if _C is not None:
+        _C.output_cache_set_limit(mb << 20)
+
+
+def empty_output_cache() -> None:
+    """Free every cached output block (tensors still alive are untouched)."""
+    if _C is not None:
+        _C.output_cache_clear()

@@ -8,6 +8,7 @@
 
 #include "common/stlstm.h"
 #include "common/lstm_planes.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -89,9 +90,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto h_g = planar(h_g_), c = planar(c_);
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
-  auto h = at::empty({B, C, H, W}, c.options());
-  auto cn = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 3 * C, H, W}, c.options());
+  auto h = cpu::empty_output({B, C, H, W}, c.options());
+  auto cn = cpu::empty_output({B, C, H, W}, c.options());
+  auto act = cpu::empty_output({B, 3 * C, H, W}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cpu", [&] {
     using T = scalar_t;
     const auto ph = planes<T>(h_g), pc = planes<T>(c), poh = planes<T>(h), pcn = planes<T>(cn),
@@ -125,9 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
   const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
-  auto gx = has_x ? at::empty({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  auto ghg = at::empty({B, 4 * C, H, W}, c.options());
-  auto gcp = at::empty({B, C, H, W}, c.options());
+  auto gx = has_x ? cpu::empty_output({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  auto ghg = cpu::empty_output({B, 4 * C, H, W}, c.options());
+  auto gcp = cpu::empty_output({B, C, H, W}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cpu", [&] {
     using T = scalar_t;
     const auto pa = planes<T>(act), pc = planes<T>(c), pcn = planes<T>(cn), pho = planes<T>(ho),

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/deform_warp.h"
+#include "cpu/output_cache.h"
 #include "cpu/warp_gather.h"
 
 namespace vpfast {
@@ -171,12 +172,12 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
   const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
   const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
-  auto out = at::empty({B, O, H, W}, X.options());
+  auto out = cpu::empty_output({B, O, H, W}, X.options());
   if (out.numel() == 0) return out;
   if (K == 0) return out.zero_();
   const auto Wm = weight.contiguous().view({O, K});
   const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1, kColBytes);
-  auto col = at::empty({bc, K, HW}, X.options());
+  auto col = cpu::empty_output({bc, K, HW}, X.options());
   const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_forward_cpu", [&] {
     const scalar_t* xp = X.data_ptr<scalar_t>();
@@ -227,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
   const auto G = grad.to(X.scalar_type()).contiguous();
   const auto Wm = weight.contiguous().view({O, K});
   // every entry of gx (if needed), goff and gm is written below, unless the early return zeroes them
-  auto gx = at::empty_like(X);
-  auto goff = at::empty_like(OFF);
-  auto gm = at::empty_like(M);
+  auto gx = cpu::empty_output(X.sizes(), X.options());
+  auto goff = cpu::empty_output(OFF.sizes(), OFF.options());
+  auto gm = cpu::empty_output(M.sizes(), M.options());
   auto gw = at::zeros({O, K}, X.options());
   auto empty = at::empty({0}, X.options());
   auto result = [&]() {
@@ -246,10 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
   }
   const bool want_col = needs[3];
   const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), want_col ? 2 : 1, kColBytes);
-  auto gcol = at::empty({bc, K, HW}, X.options());
-  auto col = want_col ? at::empty({bc, K, HW}, X.options()) : empty;
-  auto idx = at::empty({bc, N, 4, HW}, X.options().dtype(at::kInt));
-  auto wt = at::empty({bc, N, 4, HW}, X.options());
+  auto gcol = cpu::empty_output({bc, K, HW}, X.options());
+  auto col = want_col ? cpu::empty_output({bc, K, HW}, X.options()) : empty;
+  auto idx = cpu::empty_output({bc, N, 4, HW}, X.options().dtype(at::kInt));
+  auto wt = cpu::empty_output({bc, N, 4, HW}, X.options());
   const auto Wt = Wm.t();
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "deform_warp_backward_cpu", [&] {
     const scalar_t* xp = X.data_ptr<scalar_t>();

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/depthwise_plane.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -101,7 +102,7 @@ at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& w
                 "vpfast::depthwise_conv2d_forward: bias must be [C] with x's dtype");
     Bt = bias->contiguous();
   }
-  auto out = at::empty({a.B, a.C, a.Ho, a.Wo}, X.options());
+  auto out = cpu::empty_output({a.B, a.C, a.Ho, a.Wo}, X.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "depthwise_conv2d_forward_cpu", [&] {
     const scalar_t* xp = X.data_ptr<scalar_t>();
@@ -138,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
               "vpfast::depthwise_conv2d_backward: grad must be [B, C, Ho, Wo] with x's dtype");
   const auto G = grad.contiguous(), X = x.contiguous(), Wt = weight.contiguous();
   const int64_t K = (int64_t)a.kh * a.kw, P = a.B * a.C;
-  auto gx = mask[0] ? at::empty({a.B, a.C, a.H, a.W}, X.options()) : at::empty({0}, X.options());
+  auto gx = mask[0] ? cpu::empty_output({a.B, a.C, a.H, a.W}, X.options()) : at::empty({0}, X.options());
   auto gw = mask[1] ? at::empty({a.C, 1, a.kh, a.kw}, X.options()) : at::empty({0}, X.options());
   auto gb = mask[2] ? at::empty({a.C}, X.options()) : at::empty({0}, X.options());
   if (!(mask[0] || mask[1] || mask[2])) return {gx, gw, gb};

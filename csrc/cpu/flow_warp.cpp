@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/flow_warp.h"
+#include "cpu/output_cache.h"
 #include "cpu/warp_gather.h"
 
 namespace vpfast {
@@ -135,7 +136,7 @@ at::Tensor flow_warp_forward_cpu(const at::Tensor& x, const at::Tensor& flow, bo
   warp::check_flow_inputs("vpfast::flow_warp_forward", x, flow);
   const auto X = x.contiguous(), FL = flow.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3), HW = H * W;
-  auto out = at::empty_like(X);
+  auto out = cpu::empty_output(X.sizes(), X.options());
   if (out.numel() == 0) return out;
   const int threads = at::get_num_threads();
   const int64_t ncb = std::min<int64_t>(C, std::max<int64_t>(1, (4 * threads + B - 1) / B));
@@ -170,16 +171,16 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.sizes() == x.sizes(), "vpfast::flow_warp_backward: grad must have the shape of x");
   const auto X = x.contiguous(), FL = flow.contiguous(), G = grad.to(x.scalar_type()).contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3), HW = H * W;
-  auto gx = need_x ? at::empty_like(X) : at::empty({0}, X.options());
-  auto gf = need_flow ? at::empty_like(FL) : at::empty({0}, X.options());
+  auto gx = need_x ? cpu::empty_output(X.sizes(), X.options()) : at::empty({0}, X.options());
+  auto gf = need_flow ? cpu::empty_output(FL.sizes(), FL.options()) : at::empty({0}, X.options());
   if (B == 0 || HW == 0 || C == 0 || !(need_x || need_flow)) {
     if (need_x) gx.zero_();
     if (need_flow) gf.zero_();
     return {gx, gf};
   }
-  auto idx = at::empty({B, 4, HW}, X.options().dtype(at::kInt));
-  auto wt = at::empty({B, 4, HW}, X.options());
-  auto scratch = need_flow ? at::empty({B, 8, HW}, X.options()) : at::empty({0}, X.options());
+  auto idx = cpu::empty_output({B, 4, HW}, X.options().dtype(at::kInt));
+  auto wt = cpu::empty_output({B, 4, HW}, X.options());
+  auto scratch = need_flow ? cpu::empty_output({B, 8, HW}, X.options()) : at::empty({0}, X.options());
   const int threads = at::get_num_threads();
   const int64_t nhb = std::min<int64_t>(H, std::max<int64_t>(1, (4 * threads + B - 1) / B));
   const int64_t hper = (H + nhb - 1) / nhb;

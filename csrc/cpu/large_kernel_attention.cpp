@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/depthwise_plane.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -71,7 +72,7 @@ at::Tensor lka_forward_cpu(const at::Tensor& x, const at::Tensor& w0, const std:
   const auto X = x.contiguous(), W0 = w0.contiguous(), W1 = w1.contiguous();
   const auto B0 = optional_contig(b0, a.C, x.scalar_type(), "b0");
   const auto B1 = optional_contig(b1, a.C, x.scalar_type(), "b1");
-  auto out = at::empty({a.B, a.C, a.H, a.W}, X.options());
+  auto out = cpu::empty_output({a.B, a.C, a.H, a.W}, X.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "large_kernel_attention_forward_cpu", [&] {
     using T = scalar_t;
@@ -114,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lka_backw
   const auto B0 = optional_contig(b0, a.C, x.scalar_type(), "b0");
   const int64_t K0 = (int64_t)a.k0h * a.k0w, K1 = (int64_t)a.k1h * a.k1w, HW = a.H * a.W, P = a.B * a.C;
   const auto opts = X.options();
-  auto gx = mask[0] ? at::empty({a.B, a.C, a.H, a.W}, opts) : at::empty({0}, opts);
+  auto gx = mask[0] ? cpu::empty_output({a.B, a.C, a.H, a.W}, opts) : at::empty({0}, opts);
   auto gw0 = mask[1] ? at::empty({a.C, 1, a.k0h, a.k0w}, opts) : at::empty({0}, opts);
   auto gb0 = mask[2] ? at::empty({a.C}, opts) : at::empty({0}, opts);
   auto gw1 = mask[3] ? at::empty({a.C, 1, a.k1h, a.k1w}, opts) : at::empty({0}, opts);

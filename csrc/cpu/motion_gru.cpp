@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "common/motion_gru.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -71,7 +72,7 @@ at::Tensor motion_gru_reset_cpu(const at::Tensor& gates, const at::Tensor& f_pre
   mgru::check_pair("vpfast::motion_gru_reset", gates, f_prev);
   const auto Gt = gates.contiguous(), Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
-  auto out = at::empty_like(Fp);
+  auto out = cpu::empty_output(Fp.sizes(), Fp.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_reset_cpu", [&] {
     const scalar_t* g = Gt.data_ptr<scalar_t>();
@@ -90,8 +91,8 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cpu(const at::Tenso
   mgru::check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
   const auto G = grad.contiguous(), Gt = gates.contiguous(), Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
-  auto d_gates = at::empty_like(Gt);
-  auto d_f = at::empty_like(Fp);
+  auto d_gates = cpu::empty_output(Gt.sizes(), Gt.options());
+  auto d_f = cpu::empty_output(Fp.sizes(), Fp.options());
   if (Fp.numel() == 0) return {d_gates, d_f};
   AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_reset_backward_cpu", [&] {
     const scalar_t* g = G.data_ptr<scalar_t>();
@@ -114,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_update_cpu(const at::Tensor& gates
   mgru::check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
   const auto Gt = gates.contiguous(), O = o.contiguous(), Fp = f_prev.contiguous(), Dp = d_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
-  auto f_out = at::empty_like(Fp);
-  auto d_out = at::empty_like(Fp);
+  auto f_out = cpu::empty_output(Fp.sizes(), Fp.options());
+  auto d_out = cpu::empty_output(Fp.sizes(), Fp.options());
   if (Fp.numel() == 0) return {f_out, d_out};
   AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_update_cpu", [&] {
     const scalar_t* gt = Gt.data_ptr<scalar_t>();
@@ -143,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_bac
   const auto GF = grad_f.contiguous(), GD = grad_d.contiguous(), Gt = gates.contiguous(), O = o.contiguous(),
              Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
-  auto d_gates = at::empty_like(Gt);
-  auto d_o = at::empty_like(Fp);
-  auto d_f = at::empty_like(Fp);
-  auto d_d = at::empty_like(Fp);
+  auto d_gates = cpu::empty_output(Gt.sizes(), Gt.options());
+  auto d_o = cpu::empty_output(Fp.sizes(), Fp.options());
+  auto d_f = cpu::empty_output(Fp.sizes(), Fp.options());
+  auto d_d = cpu::empty_output(Fp.sizes(), Fp.options());
   if (Fp.numel() == 0) return {d_gates, d_o, d_f, d_d};
   AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_update_backward_cpu", [&] {
     const scalar_t* gf = GF.data_ptr<scalar_t>();

@@ -10,6 +10,7 @@
 
 #include "common/stlstm.h"
 #include "common/lstm_planes.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -125,10 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
   const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
   const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
   const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
-  auto cm = at::empty({B, 2 * C, H, W}, c.options());
-  auto o_part = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 4 * C, H, W}, c.options());
-  auto delta = with_delta ? at::empty({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  auto cm = cpu::empty_output({B, 2 * C, H, W}, c.options());
+  auto o_part = cpu::empty_output({B, C, H, W}, c.options());
+  auto act = cpu::empty_output({B, 4 * C, H, W}, c.options());
+  auto delta = with_delta ? cpu::empty_output({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_forward_cpu", [&] {
     using T = scalar_t;
     const auto ph = planes<T>(h_g), pm = planes<T>(m_g), pc = planes<T>(c), pmm = planes<T>(m);
@@ -170,11 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
   const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
              m = planar(m_);
   const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
-  auto gx = has_x ? at::empty({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  auto gh = at::empty({B, 4 * C, H, W}, c.options());
-  auto gm = at::empty({B, 3 * C, H, W}, c.options());
-  auto gc = at::empty({B, C, H, W}, c.options());
-  auto gmm = at::empty({B, C, H, W}, c.options());
+  auto gx = has_x ? cpu::empty_output({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
+  auto gh = cpu::empty_output({B, 4 * C, H, W}, c.options());
+  auto gm = cpu::empty_output({B, 3 * C, H, W}, c.options());
+  auto gc = cpu::empty_output({B, C, H, W}, c.options());
+  auto gmm = cpu::empty_output({B, C, H, W}, c.options());
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_backward_cpu", [&] {
     using T = scalar_t;
     const auto pgcm = planes<T>(gcm), pgop = planes<T>(gop), pa = planes<T>(act), pcm = planes<T>(cm),
@@ -252,9 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cpu(const a
   const int64_t B = o_part_.size(0), C = o_part_.size(1), H = o_part_.size(2), W = o_part_.size(3), HW = H * W;
   const auto op = planar(o_part_), om = planar(o_m_), last = planar(last_);
   const auto hw = has_hw ? planar(*hw_) : at::Tensor();
-  auto h = at::empty({B, C, H, W}, op.options());
-  auto o = at::empty({B, C, H, W}, op.options());
-  auto tl = has_hw ? at::empty({B, C, H, W}, op.options()) : at::empty({0}, op.options());
+  auto h = cpu::empty_output({B, C, H, W}, op.options());
+  auto o = cpu::empty_output({B, C, H, W}, op.options());
+  auto tl = has_hw ? cpu::empty_output({B, C, H, W}, op.options()) : at::empty({0}, op.options());
   AT_DISPATCH_FLOATING_TYPES(op.scalar_type(), "stlstm_output_forward_cpu", [&] {
     using T = scalar_t;
     const auto pop = planes<T>(op), pom = planes<T>(om), pl = planes<T>(last), ph = planes<T>(h),
@@ -286,9 +287,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cpu(const 
   const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W;
   const auto gh = planar(gh_), o = planar(o_), ht = planar(h_or_tl_);
   const auto hw = has_hw ? planar(*hw_) : at::Tensor();
-  auto gpre = at::empty({B, C, H, W}, o.options());
-  auto glast = at::empty({B, C, H, W}, o.options());
-  auto ghw = has_hw ? at::empty({B, C, H, W}, o.options()) : at::empty({0}, o.options());
+  auto gpre = cpu::empty_output({B, C, H, W}, o.options());
+  auto glast = cpu::empty_output({B, C, H, W}, o.options());
+  auto ghw = has_hw ? cpu::empty_output({B, C, H, W}, o.options()) : at::empty({0}, o.options());
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "stlstm_output_backward_cpu", [&] {
     using T = scalar_t;
     const auto pgh = planes<T>(gh), po = planes<T>(o), pht = planes<T>(ht), pgp = planes<T>(gpre),
