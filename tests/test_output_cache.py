@@ -80,6 +80,14 @@ CASES = {
                   lambda: [m * f for m, f in zip(_maps((B, C, H, W), (B, 2, H, W)), (1, 6))]),
     "deform_warp": (lambda *a: ops.deform_warp(*a, backend="cpp"), ops.deform_warp_reference,
                     lambda: _maps((B, C, H, W), (B, 18, H, W), (B, 9, H, W), (C, C, 3, 3))),
+    "group_norm_silu": (lambda *a: ops.group_norm_silu(*a, backend="cpp"), ops.group_norm_silu_reference,
+                        lambda: [_maps((B, C, H, W))[0], 4, *_maps((C,), (C,), seed=1)]),
+    "group_norm_silu_channels_last": (
+        lambda *a: ops.group_norm_silu(*a, backend="cpp"), ops.group_norm_silu_reference,
+        lambda: [_maps((B, C, H, W))[0].detach().to(memory_format=torch.channels_last).requires_grad_(), 4,
+                 *_maps((C,), (C,), seed=1)]),
+    "ddr_loss": (lambda *a: ops.ddr_loss(*a, backend="cpp"), ops.ddr_loss_reference,
+                 lambda: _maps((2, 10, 1, 64, 128), (2, 10, 1, 64, 128))),
 }
 
 

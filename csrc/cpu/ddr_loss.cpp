@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "common/ddr_loss.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -126,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor> ddr_loss_backward_cpu(const at::Tensor& grad,
   const auto P = pred.contiguous(), Y = target.contiguous(), S = stats.contiguous();
   const int64_t B = P.size(0), T_ = P.size(1), D = P.numel() / std::max<int64_t>(1, B * T_);
   TORCH_CHECK(S.numel() == B * (T_ - 1) * ddr::kStats, "vpfast::ddr_loss_backward: stats has the wrong size");
-  auto gp = at::empty_like(P);
-  auto gy = need_target ? at::empty_like(Y) : at::empty({0}, P.options());
+  auto gp = cpu::empty_output(P.sizes(), P.options());
+  auto gy = need_target ? cpu::empty_output(Y.sizes(), Y.options()) : at::empty({0}, P.options());
   const double g = grad.item<double>();
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "ddr_loss_backward_cpu", [&] {
     const scalar_t* p = P.data_ptr<scalar_t>();

@@ -23,6 +23,7 @@
 #endif
 
 #include "common/group_norm_silu.h"
+#include "cpu/output_cache.h"
 
 namespace vpfast {
 namespace {
@@ -195,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
   check_param(weight, x_, geo.C, "weight");
   check_param(bias, x_, geo.C, "bias");
   const at::Tensor x = dense(x_, geo.channels_last);
-  auto y = at::empty_like(x);
+  auto y = cpu::empty_output_like(x);
   auto mean = at::empty({geo.N, geo.G}, x.options());
   auto rstd = at::empty({geo.N, geo.G}, x.options());
   const int64_t N = geo.N, C = geo.C, HW = geo.HW, G = geo.G, Cg = geo.Cg;
@@ -301,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   const int64_t N = geo.N, C = geo.C, HW = geo.HW, G = geo.G, Cg = geo.Cg;
   const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
   const bool need_x = output_mask[0], need_w = output_mask[1] && has_w, need_b = output_mask[2] && has_b;
-  auto gx = at::empty_like(x);
+  auto gx = cpu::empty_output_like(x);
   auto partA = at::empty({N, C}, x.options().dtype(at::kDouble));  // sum dy      per (n, c)
   auto partB = at::empty({N, C}, x.options().dtype(at::kDouble));  // sum dy xhat per (n, c)
   at::Tensor gw = at::empty({0}, x.options()), gb = at::empty({0}, x.options());

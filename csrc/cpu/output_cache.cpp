@@ -123,11 +123,12 @@ CachingAllocator& allocator() {
 
 }  // namespace
 
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        std::optional<at::MemoryFormat> memory_format) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu());
-  if (pool().limit.load() == 0) return at::empty(sizes, options);
+  if (pool().limit.load() == 0) return at::empty(sizes, options, memory_format);
   return at::Tensor(at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                              c10::typeMetaToScalarType(options.dtype()), std::nullopt));
+                                              c10::typeMetaToScalarType(options.dtype()), memory_format));
 }
 
 OutputCacheStats output_cache_stats() {

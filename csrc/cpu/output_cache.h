@@ -14,10 +14,17 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace vpfast::cpu {
 
 // at::empty(sizes, options) for a CPU tensor, served from the cache when the block is large.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        std::optional<at::MemoryFormat> memory_format = std::nullopt);
+// the same for a dense tensor shaped and laid out like t (contiguous or channels_last)
+inline at::Tensor empty_output_like(const at::Tensor& t) {
+  return empty_output(t.sizes(), t.options(), t.suggest_memory_format());
+}
 
 struct OutputCacheStats {
   int64_t limit_bytes, cached_bytes, cached_blocks, hits, misses;
