@@ -6,6 +6,7 @@ fails here.
 """
 import gc
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -181,8 +182,10 @@ def test_bad_limits():
         vpfast.set_output_cache_limit(-1)
     with pytest.raises(ValueError, match="mb must be an int >= 0"):
         vpfast.set_output_cache_limit(1.5)
-    code = ("import torch, vpfast; x = torch.randn(2, 16, 64, 64, dtype=torch.float64); "
+    code = ("import torch, vpfast, vpfast.info; print(vpfast.info.report()); "
+            "x = torch.randn(2, 16, 64, 64, dtype=torch.float64); "
             "vpfast.ops.depthwise_conv2d(x, torch.randn(16, 1, 3, 3, dtype=torch.float64), backend='cpp')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**__import__("os").environ, "VPFAST_CPU_OUTPUT_CACHE_MB": "lots"})
+                       env={**os.environ, "VPFAST_CPU_OUTPUT_CACHE_MB": "lots"})
+    assert "output cache    ERROR: VPFAST_CPU_OUTPUT_CACHE_MB must be a whole number" in r.stdout
     assert r.returncode != 0 and "VPFAST_CPU_OUTPUT_CACHE_MB must be a whole number" in r.stderr

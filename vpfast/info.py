@@ -45,9 +45,12 @@ def report() -> str:
         for key in ("version", "torch", "torch_cuda", "with_cuda", "cuda_home", "cuda_arch_list", "debug"):
             lines.append(f"  {key:15s} {info.get(key)}")
         lines.append(f"  {'cxx_flags':15s} {' '.join(info.get('cxx_flags') or [])}")
-        cache = _ext.output_cache_info()
-        lines.append(f"  {'output cache':15s} limit {cache['limit_bytes'] >> 20} MiB "
-                     f"(VPFAST_CPU_OUTPUT_CACHE_MB), {cache['cached_bytes'] >> 20} MiB cached")
+        try:
+            cache = _ext.output_cache_info()
+            lines.append(f"  {'output cache':15s} limit {cache['limit_bytes'] >> 20} MiB "
+                         f"(VPFAST_CPU_OUTPUT_CACHE_MB), {cache['cached_bytes'] >> 20} MiB cached")
+        except RuntimeError as e:  # a malformed VPFAST_CPU_OUTPUT_CACHE_MB
+            lines.append(f"  {'output cache':15s} ERROR: {str(e).splitlines()[0]}")
         if info.get("torch") != torch.__version__:
             lines.append(f"  WARNING: built for torch {info.get('torch')}, running {torch.__version__}")
     else:
