@@ -1,4 +1,4 @@
-// Large CPU outputs from a small cache of freed blocks.
+// Large CPU outputs (and per-call scratch such as the warps' column buffers) from a small cache of freed blocks.
 //
 // A training loop asks for the same output sizes every step. glibc serves multi-megabyte blocks from mmap or
 // from the top of the heap and hands them back to the kernel when they are freed (trim), so in many process
