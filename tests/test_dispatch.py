@@ -1,7 +1,9 @@
 """Backend selection, the missing-extension fallback, `vpfast info` and the CLI."""
+import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -129,3 +131,57 @@ def test_bench_table_ratios():
     ]
     text = table(rows)
     assert "4.00x" in text and "8.0" in text and "1.5" in text
+
+
+def test_bench_paired_rounds_ratio():
+    from vpfast.bench import paired_rounds
+
+    out = paired_rounds({"eager": lambda: time.sleep(0.004), "cpp": lambda: time.sleep(0.001)}, rounds=3,
+                        min_time=0.0)
+    ratio, seconds = out["cpp"]
+    assert 2.0 < ratio < 4.5 and 0.0009 < seconds < 0.003
+    assert out["eager"][0] == 1.0
+    assert math.isnan(paired_rounds({"cpp": lambda: None}, rounds=1)["cpp"][0])
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        paired_rounds({"eager": lambda: None}, rounds=0)
+
+
+def test_bench_paired_rounds_in_a_suite(tmp_path):
+    """The benchmarks' conftest times each group's providers again in alternating rounds after its last test
+    and records the paired ratio on every provider's result (and not with --benchmark-disable)."""
+    import json
+    import shutil
+
+    from vpfast.bench import suites_dir, table
+
+    shutil.copy(os.path.join(suites_dir(), "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_bench_fake.py").write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.mark.parametrize('provider', ['eager', 'cpp', 'skipped'])\n"
+        "@pytest.mark.parametrize('shape', ['a', 'b'])\n"
+        "def test_fake(record, benchmark, provider, shape):\n"
+        "    if provider == 'skipped':\n"
+        "        pytest.skip('a provider that cannot run here')\n"
+        "    benchmark.group = 'fake ' + shape\n"
+        "    def fn():\n"
+        "        if provider == 'eager':\n"
+        "            with open('eager_calls.txt', 'a') as f:\n"
+        "                f.write('.')\n"
+        "        time.sleep(0.003 if provider == 'eager' else 0.001)\n"
+        "    record(provider, fn, memory=False)\n")
+    out = tmp_path / "b.json"
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={tmp_path}",
+            str(tmp_path / "test_bench_fake.py"), "--benchmark-min-rounds=2", "--benchmark-max-time=0.01"]
+    res = subprocess.run(base + [f"--benchmark-json={out}", "--paired-rounds=3"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = json.loads(out.read_text())["benchmarks"]
+    cpp = [r["extra_info"] for r in rows if r["extra_info"]["provider"] == "cpp"]
+    assert len(cpp) == 2 and all(1.5 < i["paired_vs_eager"] < 4.5 and i["paired_rounds"] == 3 for i in cpp)
+    assert "paired" in table(rows)
+    # CI's smoke run: no timing and no pairing, each eager fn runs twice (warm-up and the one disabled call)
+    (tmp_path / "eager_calls.txt").unlink()
+    res = subprocess.run(base + ["--benchmark-disable"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 passed, 2 skipped" in res.stdout
+    assert (tmp_path / "eager_calls.txt").read_text() == "...."

@@ -1,15 +1,19 @@
 """`vpfast bench [OP ...]`: run the pytest-benchmark suites and print one comparison table.
 
 For every benchmark group (op, shape, mode) it lists each provider's median time, the ratio against the
-eager torch reference measured in the same run, achieved GB/s or GFLOP/s, and peak extra memory.
+eager torch reference measured in the same run, the paired ratio (median over rounds that alternate the
+providers, see benchmarks/conftest.py; robust to the machine's drift between the separate timings),
+achieved GB/s or GFLOP/s, and peak extra memory.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -31,6 +35,38 @@ def grad_step(fn, args):
     def step():
         return torch.autograd.grad(fn(*args), leaves, grads)
     return step
+
+
+def _timed(fn, repeats: int) -> float:
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def paired_rounds(entries: dict, rounds: int, min_time: float = 0.02) -> dict:
+    """Time every fn of {provider: fn} once per round, alternating providers (order reversed every other
+    round), for `rounds` rounds.
+
+    Returns {provider: (median over rounds of t_eager / t_provider, median seconds per call)}; the ratio is
+    nan when there is no "eager" entry. Each timing repeats fn until it spans about min_time seconds, so that
+    calls of microseconds are not timer noise. Ratios taken within a round cancel the machine's slow drift,
+    which two medians measured minutes apart do not.
+    """
+    if rounds < 1:
+        raise ValueError(f"paired_rounds: rounds must be >= 1, got {rounds}")
+    names = list(entries)
+    reps = {n: max(1, int(min_time / max(_timed(entries[n], 1), 1e-6))) for n in names}
+    times: dict = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(_timed(entries[n], reps[n]))
+    base = times.get("eager")
+    out = {}
+    for n in names:
+        ratio = statistics.median(b / t for b, t in zip(base, times[n])) if base else float("nan")
+        out[n] = (ratio, statistics.median(times[n]))
+    return out
 
 
 def providers(op):
@@ -84,7 +120,8 @@ def table(benchmarks: list[dict]) -> str:
     for b in benchmarks:
         groups.setdefault(b.get("group") or b["name"], []).append(b)
     lines = []
-    header = f"  {'provider':14s} {'median':>10s} {'vs eager':>9s} {'GB/s':>8s} {'GFLOP/s':>8s} {'peak MiB':>9s}"
+    header = (f"  {'provider':14s} {'median':>10s} {'vs eager':>9s} {'paired':>8s} {'GB/s':>8s} {'GFLOP/s':>8s} "
+              f"{'peak MiB':>9s}")
     for group in sorted(groups):
         rows = groups[group]
         base = next((r["stats"]["median"] for r in rows if r["extra_info"].get("provider") == "eager"), None)
@@ -93,9 +130,12 @@ def table(benchmarks: list[dict]) -> str:
             t = r["stats"]["median"]
             info = r["extra_info"]
             ratio = f"{base / t:8.2f}x" if base else "        -"
+            paired = info.get("paired_vs_eager", 1.0 if info.get("provider") == "eager" and
+                              "paired_rounds" in info else None)
+            paired = f"{paired:7.2f}x" if paired is not None else "       -"
             gbs = f"{info['gbytes'] / t:8.1f}" if "gbytes" in info else "       -"
             gfl = f"{info['gflops'] / t:8.1f}" if "gflops" in info else "       -"
             mem = f"{info['peak_mb']:9.1f}" if "peak_mb" in info else "        -"
             name = info.get("provider", r["name"])
-            lines.append(f"  {name:14s} {t * 1e3:8.3f}ms {ratio} {gbs} {gfl} {mem}")
+            lines.append(f"  {name:14s} {t * 1e3:8.3f}ms {ratio} {paired} {gbs} {gfl} {mem}")
     return "\n".join(lines)
