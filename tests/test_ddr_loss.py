@@ -12,6 +12,7 @@ SHAPES = [
     (1, 10, 1, 64, 64),  # Moving-MNIST frame, batch 1
     (3, 4, 3, 5, 7),  # C > 1, non-square, D = 105 not a multiple of the vector width
     (2, 5, 2, 17, 3),
+    (2, 4, 3, 23, 29),  # D = 2001: the CPU backward's chunks of 1024 elements, the last one partial
 ]
 
 

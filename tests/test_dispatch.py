@@ -121,6 +121,13 @@ def test_cli_bench_rejects_unknown_suite():
     assert "unknown suite" in res.stderr
 
 
+def test_cli_bench_rejects_negative_paired_rounds():
+    res = subprocess.run([sys.executable, "-m", "vpfast", "bench", "ddr_loss", "--paired-rounds", "-1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "--paired-rounds must be >= 0" in res.stderr
+
+
 def test_bench_table_ratios():
     from vpfast.bench import table
 

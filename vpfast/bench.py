@@ -87,7 +87,8 @@ def suites_dir() -> str:
     return os.path.dirname(benchmarks.__file__)
 
 
-def run(ops: list[str], quick: bool = False, extra: list[str] | None = None) -> int:
+def run(ops: list[str], quick: bool = False, extra: list[str] | None = None,
+        paired_rounds: int | None = None) -> int:
     root = suites_dir()
     available = sorted(f[len("test_bench_"):-3] for f in os.listdir(root)
                        if f.startswith("test_bench_") and f.endswith(".py"))
@@ -102,6 +103,13 @@ def run(ops: list[str], quick: bool = False, extra: list[str] | None = None) -> 
                f"--benchmark-json={out}", "--benchmark-sort=name"]
         if quick:
             cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.2"]
+        if paired_rounds is None and quick:
+            paired_rounds = 3
+        if paired_rounds is not None:
+            if paired_rounds < 0:
+                print(f"vpfast bench: --paired-rounds must be >= 0, got {paired_rounds}", file=sys.stderr)
+                return 2
+            cmd.append(f"--paired-rounds={paired_rounds}")
         cmd += [os.path.join(root, f"test_bench_{o}.py") for o in ops] + list(extra or [])
         print("running:", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, stdout=subprocess.DEVNULL if not os.environ.get("VPFAST_BENCH_VERBOSE")

@@ -14,7 +14,7 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from .bench import run
 
-    return run(args.ops, quick=args.quick)
+    return run(args.ops, quick=args.quick, paired_rounds=args.paired_rounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark suites and print one comparison table")
     p.add_argument("ops", nargs="*", help="suites to run (default: all), e.g. ddr_loss")
     p.add_argument("--quick", action="store_true", help="fewer rounds: a rough table in less time")
+    p.add_argument("--paired-rounds", type=int, default=None, metavar="N",
+                   help="alternating rounds per group for the paired ratio (default 5, 3 with --quick; 0: off)")
     p.set_defaults(func=_bench)
     for register in _extra_commands():
         register(sub)

@@ -15,18 +15,23 @@ namespace ddr {
 
 constexpr int kStats = 6;  // ma, ia, mb, ib, sp, sq
 
-// One element's loss term p*log(p/(q+eps)+eps) and its contributions to sp and sq.
+// One element's loss term p*log(p/(q+eps)+eps) and its contributions to sp and sq, given p and q.
+// (Two divisions: p*r/(re*qe) = r*r/re with r = p/qe.)
 template <typename T>
-VPFAST_HD void forward_elem(T a, T b, const T* stats, T eps, T& loss, T& sp, T& sq) {
-  const T p = fast_exp<T>(a - stats[0]) * stats[1];
-  const T q = fast_exp<T>(b - stats[2]) * stats[3];
-  const T qe = q + eps;
-  const T r = p / qe;
+VPFAST_HD void forward_terms(T p, T q, T eps, T& loss, T& sp, T& sq) {
+  const T r = p / (q + eps);
   const T re = r + eps;
+  const T inv_re = T(1) / re;
   const T log_re = fast_log<T>(re);
   loss = p * log_re;
-  sp = p * (log_re + r / re);  // p * dl/dp
-  sq = -q * p * r / (re * qe);  // q * dl/dq
+  sp = p * (log_re + r * inv_re);  // p * dl/dp
+  sq = -q * (r * r * inv_re);      // q * dl/dq
+}
+
+// forward_terms from the logits a, b and the row's statistics
+template <typename T>
+VPFAST_HD void forward_elem(T a, T b, const T* stats, T eps, T& loss, T& sp, T& sq) {
+  forward_terms<T>(fast_exp<T>(a - stats[0]) * stats[1], fast_exp<T>(b - stats[2]) * stats[3], eps, loss, sp, sq);
 }
 
 // Gradient of one row's summed loss with respect to its logits a and b (before the 1/tau and the mean).
@@ -34,11 +39,11 @@ template <typename T>
 VPFAST_HD void grad_logits(T a, T b, const T* stats, T eps, T& ga, T& gb) {
   const T p = fast_exp<T>(a - stats[0]) * stats[1];
   const T q = fast_exp<T>(b - stats[2]) * stats[3];
-  const T qe = q + eps;
-  const T r = p / qe;
+  const T r = p / (q + eps);
   const T re = r + eps;
-  ga = p * (fast_log<T>(re) + r / re - stats[4]);
-  gb = q * (-p * r / (re * qe) - stats[5]);
+  const T inv_re = T(1) / re;
+  ga = p * (fast_log<T>(re) + r * inv_re - stats[4]);
+  gb = q * (-(r * r * inv_re) - stats[5]);
 }
 
 }  // namespace ddr
