@@ -73,7 +73,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   const T scale = scale_no_grad * grad[0];
   const int64_t n = B * T_ * D;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t d = i % D, f = i / D, b = f / T_, t = f % T_;
+    const int64_t f = i / D, b = f / T_, t = f % T_;
     const T* st = stats + b * (T_ - 1) * ddr::kStats;
     T ga = 0, gb = 0, a_, b_;
     if (t > 0) {
