@@ -118,6 +118,22 @@ def test_opcheck_compiled():
                               (g, pred.detach(), target.detach(), stats, 0.1, 1e-12, need))
 
 
+def test_compiled_backward_rejects_short_sequences_and_bad_stats():
+    """Called directly, the compiled backward refuses what the forward refuses (T < 3, where the reference's
+    loss is 0; T = 1 would have no rows at all) and statistics of the wrong size, instead of reading past them."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    g = torch.tensor(1.0, dtype=torch.float64)
+    pred, target = _inputs((2, 2, 1, 3, 4), torch.float64)
+    with pytest.raises(RuntimeError, match="T >= 3"):
+        torch.ops.vpfast.ddr_loss_backward(g, pred.detach(), target.detach(), pred.new_zeros((2, 1, 6)), 0.1,
+                                           1e-12, False)
+    pred, target = _inputs((2, 4, 1, 3, 4), torch.float64)
+    with pytest.raises(RuntimeError, match="stats has the wrong size"):
+        torch.ops.vpfast.ddr_loss_backward(g, pred.detach(), target.detach(), pred.new_zeros((2, 2, 6)), 0.1,
+                                           1e-12, False)
+
+
 @pytest.mark.triton
 def test_opcheck_triton():
     if OP.static_reasons("triton"):
