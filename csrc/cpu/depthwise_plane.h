@@ -137,19 +137,28 @@ inline void prefetch_plane_w(void* p, int64_t bytes) {
 }
 
 // Copy an Hd x Wd plane (row stride ldx) into the data region of a scratch plane (whose padding is zero).
+// The fields of g are read into locals first: GCC otherwise assumes the stores may change them and reloads
+// them for every row, which made this copy 2.5x slower than the plain loop on TAU's 16x16 planes (and it runs
+// once per plane and pass).
 template <typename T>
-VPFAST_CPU_CLONES void fill_plane(const Geo& g, const T* x, int64_t ldx, T* buf) {
-  const int64_t Hd = g.rhi - g.rlo, Wd = g.chi - g.clo;
-  if (g.sw == 1) {
-    for (int64_t h = 0; h < Hd; ++h) copy_row<T>(buf + (g.rlo + h) * g.ld + g.clo, x + h * ldx, Wd);
+VPFAST_CPU_CLONES void fill_plane(const Geo& g, const T* __restrict__ x, int64_t ldx, T* __restrict__ buf) {
+  constexpr int V = Vec<T>::N;
+  const int64_t Hd = g.rhi - g.rlo, Wd = g.chi - g.clo, ld = g.ld, sw = g.sw, PL = g.PL, clo = g.clo;
+  T* const dst = buf + g.rlo * ld;
+  if (sw == 1) {
+    if (Wd == V) {
+      for (int64_t h = 0; h < Hd; ++h) storeu<T>(dst + h * ld + clo, loadu<T>(x + h * ldx));
+      return;
+    }
+    for (int64_t h = 0; h < Hd; ++h) copy_row<T>(dst + h * ld + clo, x + h * ldx, Wd);
     return;
   }
   for (int64_t h = 0; h < Hd; ++h) {
-    T* row = buf + (g.rlo + h) * g.ld;
+    T* row = dst + h * ld;
     const T* src = x + h * ldx;
     for (int64_t w = 0; w < Wd; ++w) {
-      const int64_t c = g.clo + w;
-      row[(c % g.sw) * g.PL + c / g.sw] = src[w];
+      const int64_t c = clo + w;
+      row[(c % sw) * PL + c / sw] = src[w];
     }
   }
 }
