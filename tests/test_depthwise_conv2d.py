@@ -80,14 +80,15 @@ def test_matches_reference(backend, dtype, case):
 # The CPU backend has register-blocked kernels for 3/5/7 tap rows with row dilation 1-3 at vertical stride 1
 # (blocks of 8 or 16 output rows, see csrc/cpu/depthwise_plane.h). Cover every combination with heights
 # that give one short block, one full block and several blocks plus a tail, widths below, at and above a
-# vector, rectangular filters, unequal dilations, horizontal stride 2 and non-"same" padding.
+# vector, rectangular filters, unequal dilations, horizontal stride 2 and non-"same" padding (the last case pads
+# beyond the filter's reach, so the input gradient's stride-1 copy takes its clipping path).
 ROW_KERNEL_CASES = [  # (H, W, (kh, kw), (dh, dw), (sh, sw), padding)
     (5, 7, (3, 3), (1, 1), (1, 1), None), (16, 16, (3, 5), (2, 1), (1, 1), None),
     (37, 41, (3, 3), (3, 2), (1, 1), (1, 0)), (8, 16, (5, 5), (1, 1), (1, 1), None),
     (16, 16, (5, 5), (1, 1), (1, 1), None), (23, 19, (5, 7), (2, 3), (1, 1), (0, 4)),
     (37, 17, (5, 3), (3, 1), (1, 2), None), (9, 33, (7, 7), (1, 1), (1, 1), None),
     (16, 16, (7, 7), (3, 3), (1, 1), None), (35, 18, (7, 5), (2, 2), (1, 1), (3, 6)),
-    (6, 5, (7, 3), (3, 1), (1, 1), None),
+    (6, 5, (7, 3), (3, 1), (1, 1), None), (12, 20, (3, 5), (1, 1), (1, 1), (3, 5)),
 ]
 
 
