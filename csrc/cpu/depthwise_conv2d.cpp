@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <vector>
@@ -165,9 +166,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const auto flipped = mask[0] ? dwcpu::make_taps<T>(wp, a.C, a.kh, a.kw, true) : dwcpu::Taps<T>();
     const int64_t ldg = dwcpu::round_up(a.Wo, V);
     const bool reuse = dwcpu::wgrad_reuse(gf, a.Ho);
+    // The weight gradient is a correlation either way round: dw[i, j] = sum gy[oh, ow] * xpad[oh*sh + i*dh, ...]
+    // = sum x[h, w] * gpad[h + (kh-1-i)*dh, w + (kw-1-j)*dw], where gpad is the zero-padded (and, at stride 2,
+    // zero-upsampled) output-gradient plane that the input gradient reads anyway; every row and column of it
+    // that the sum reaches lies inside that scratch plane, clipped or not. When x's rows are whole vectors, the
+    // row kernels take x in place against gpad (taps in reversed order), so x needs no padded copy: one plane
+    // copy per plane instead of two (TAU's 5x5 backward at 16x16: 2-6% faster, alternating A/B).
+    const bool swapped = mask[0] && mask[1] && a.W % V == 0 && dwcpu::row_kernels_cover(gi);
     // the weight gradient reads the output gradient in place when its rows are whole vectors (and no padded
     // copy is needed for the tap-row reuse path)
-    const bool direct = a.Wo % V == 0 && !reuse;
+    const bool direct = swapped || (a.Wo % V == 0 && !reuse);
     const int64_t NB = dwcpu::batch_chunks(a.B, a.C), Bc = (a.B + NB - 1) / NB;
     std::vector<T> part_w(mask[1] ? NB * a.C * K : 0), part_b(mask[2] ? NB * a.C : 0);
     T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
@@ -183,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
                                                                a.C / (4 * at::get_num_threads())}));
     const int64_t NCB = (a.C + CB - 1) / CB;
     at::parallel_for(0, NCB * NB, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> xbuf(mask[1] ? gf.size() : 0, T(0));
+      std::vector<T> xbuf(mask[1] && !swapped ? gf.size() : 0, T(0));
       std::vector<T> ibuf(mask[0] ? gi.size() : 0, T(0));
       // grad plane with zero tail columns and kTapRows-1 zero rows above and below (weight_grad_general)
       constexpr int64_t pad = dwcpu::kTapRows - 1;
@@ -213,7 +221,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
             }
             const T* gplane = gp + p * a.Ho * a.Wo;
             bool bias_done = false;
-            if (mask[1]) {
+            if (swapped) {
+              fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
+              wg[c - c0].add(ibuf.data(), gi, xp + p * a.H * a.W, a.W, a.H, a.W);
+            } else if (mask[1]) {
               dwcpu::fill_plane<T>(gf, xp + p * a.H * a.W, a.W, xbuf.data());
               if (direct) {
                 bias_done = wg[c - c0].add(xbuf.data(), gf, gplane, a.Wo, a.Ho, a.Wo, nullptr, mask[2]);
@@ -225,13 +236,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
             if (mask[2] && !bias_done) bsum[c - c0] += dwcpu::plane_sum<T>(gplane, a.Wo, a.Ho, a.Wo);
             if (mask[0] && pn >= 0) dwcpu::prefetch_plane_w(gxp + pn * a.H * a.W, a.H * a.W * sizeof(T));
             if (mask[0]) {
-              fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
+              if (!swapped) fill_upsampled<T>(gi, a, offh, offw, gplane, ibuf.data());
               dwcpu::correlate_plane<T>(ibuf.data(), gi, flipped, c, T(0), gxp + p * a.H * a.W, a.W, a.H, a.W);
             }
           }
         }
         for (int64_t c = c0; c < c1; ++c) {
-          if (mask[1]) wg[c - c0].result(&part_w[(chunk * a.C + c) * K]);
+          if (mask[1]) {
+            T* dw = &part_w[(chunk * a.C + c) * K];
+            wg[c - c0].result(dw);
+            if (swapped) std::reverse(dw, dw + K);  // tap (i, j) was accumulated at (kh-1-i, kw-1-j)
+          }
           if (mask[2]) part_b[chunk * a.C + c] = bsum[c - c0] + (mask[1] ? wg[c - c0].bias_result() : T(0));
         }
       }
