@@ -193,8 +193,9 @@ def test_gradcheck(backend):
     _skip_unless(backend)
     if backend == "triton":
         pytest.skip("too many calls for the Triton interpreter; its gradients are compared with the reference")
-    # the row kernels (3x3; 7x7 dilation 3), a strided case, and the tall-filter weight gradient (32+ rows)
-    for (H, W, k, d, s) in [(6, 5, 3, 1, 1), (7, 6, 5, 2, 2), (9, 7, 7, 3, 1), (33, 4, 9, 1, 1)]:
+    # the row kernels (3x3; 7x7 dilation 3), a strided case, the tall-filter weight gradient (32+ rows), and
+    # whole-vector rows (W = 8 in float64), whose weight gradient reads x in place
+    for (H, W, k, d, s) in [(6, 5, 3, 1, 1), (7, 6, 5, 2, 2), (9, 7, 7, 3, 1), (33, 4, 9, 1, 1), (5, 8, 3, 1, 1)]:
         x, w, b = _inputs(1, 2, H, W, k, k)
         assert torch.autograd.gradcheck(
             lambda *a: depthwise_conv2d(*a, stride=s, dilation=d, backend=backend), (x, w, b))
@@ -209,6 +210,11 @@ def test_opcheck_compiled(backend):
     g = torch.randn_like(torch.ops.vpfast.depthwise_conv2d_forward(x, w, b, [1, 2], [2, 1], [1, 2]))
     torch.library.opcheck(torch.ops.vpfast.depthwise_conv2d_backward,
                           (g, x.detach(), w.detach(), [1, 2], [2, 1], [1, 2], [True, True, True]))
+    # rows of whole vectors (16 float32): the weight gradient reads x in place
+    x, w = (t.detach().to(dev) for t in _inputs(1, 2, 6, 16, 3, 5, torch.float32)[:2])
+    g = torch.randn(1, 2, 6, 16, device=dev)
+    torch.library.opcheck(torch.ops.vpfast.depthwise_conv2d_backward,
+                          (g, x, w, [1, 1], [1, 2], [1, 1], [True, True, True]))
 
 
 def test_opcheck_triton():
