@@ -319,7 +319,7 @@ VPFAST_AVX512 void correlate_general_scalar_taps(const T* __restrict__ in, const
 }
 
 constexpr int kTapsPerPass = 6;  // weight-gradient taps accumulated per sweep over the plane
-constexpr int kTapRows = 8;      // weight-gradient tap rows per sweep in the stride-1 path
+constexpr int kTapRows = 8;      // weight-gradient tap rows per sweep in the stride-1 path (at most; see tall_sweep_rows)
 
 // dw[i*kw + j] = sum_{oh < Ho, ow < Wo} gr[oh*ldg + ow] * plane(oh*sh + i*dh, ow*sw + j*dw).
 // gr must read zero in columns [Wo, round_up(Wo, V)) of each row. If gpad is given (stride 1, dilation 1,
