@@ -2,8 +2,13 @@
 
 Each op owns an `Op` with one implementation per backend. A backend states why it cannot run (extension not
 built, wrong device, unsupported dtype or shape ...). `backend=None` means $VPFAST_BACKEND or "auto"; auto
-takes the first backend in `AUTO_ORDER` that can run; a backend asked for by name that cannot run raises
-`BackendUnavailable` with every reason.
+takes the first backend in the op's preference for the inputs' device (`Op.prefer`, default `AUTO_ORDER`)
+that can run; a backend asked for by name that cannot run raises `BackendUnavailable` with every reason.
+
+Preferences are per op and per device because the torch path is a different program on each: on the CPU
+eager PyTorch is often slow (generic loops), on a GPU it is cuDNN and fused ATen kernels, so a fused kernel
+that wins on the CPU can lose on the GPU. Each op declares its preference where it is defined, next to the
+measurements that justify it; `python -m vpfast.info` prints them.
 """
 from __future__ import annotations
 
@@ -17,6 +22,19 @@ from . import _ext
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = ("cuda", "cpp", "triton", "torch")
 DEFAULT_DTYPES = (torch.float32, torch.float64)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+ALL_FLOAT = DEFAULT_DTYPES + LOW_PRECISION
+# what a compiled or Triton kernel takes unless its op says otherwise: the GPU backends accumulate in float32
+# and take the half types; the CPU kernels are float32/float64 (bf16 on the CPU goes to torch's own path)
+DEFAULT_BACKEND_DTYPES = {"cpp": DEFAULT_DTYPES, "cuda": ALL_FLOAT, "triton": ALL_FLOAT}
+# auto's order by the inputs' device, unless the op declares its own (Op(prefer=...))
+DEFAULT_PREFER = {"cpu": ("cpp", "triton", "torch"), "cuda": ("cuda", "triton", "torch")}
+# autocast policies (Op(autocast=...)), applied by `autocast_inputs` before the argument checks:
+#   "lower":   floating inputs cast to autocast's dtype, as autocast does for F.conv2d / matmul
+#   "float32": floating inputs cast to float32, as autocast does for group_norm / softmax / grid_sample
+#   "promote": floating inputs cast to their widest dtype, as PyTorch's type promotion does for pointwise ops
+#              (applies with autocast off too: a bf16 convolution output added to a float32 state is float32)
+AUTOCAST_POLICIES = ("lower", "float32", "promote")
 
 
 class BackendUnavailable(RuntimeError):
@@ -51,11 +69,20 @@ class Op:
     """
 
     def __init__(self, name: str, kernel: str | None = None, check: Callable | None = None,
-                 dtypes=DEFAULT_DTYPES):
+                 dtypes: dict | tuple | None = None, prefer: dict | None = None, autocast: str = "promote"):
         self.name = name
         self.kernel = kernel
         self.check = check
-        self.dtypes = tuple(dtypes)
+        if dtypes is None:
+            dtypes = DEFAULT_BACKEND_DTYPES
+        if not isinstance(dtypes, dict):
+            dtypes = {b: tuple(dtypes) for b in ("cpp", "cuda", "triton")}
+        self.dtypes = {b: tuple(dtypes.get(b, DEFAULT_BACKEND_DTYPES[b])) for b in ("cpp", "cuda", "triton")}
+        self.prefer = {**DEFAULT_PREFER, **(prefer or {})}
+        for dev, order in self.prefer.items():
+            assert set(order) <= set(BACKENDS) and "torch" in order, (name, dev, order)
+        assert autocast in AUTOCAST_POLICIES, autocast
+        self.autocast = autocast
         self.impls: dict[str, Callable] = {}
         self._static: dict[str, list[str]] = {}
         REGISTRY[name] = self
@@ -110,9 +137,10 @@ class Op:
                 why.append("auto never picks the Triton interpreter (it is for testing)")
         if want and devices - {want}:
             why.append(f"{backend} needs {want} tensors, got {sorted(devices)}")
-        bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in self.dtypes})
+        ok = self.dtypes.get(backend, ALL_FLOAT)
+        bad = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in ok})
         if bad:
-            why.append(f"{backend} supports {[str(d) for d in self.dtypes]}, got {bad}")
+            why.append(f"{backend} supports {[str(d) for d in ok]}, got {bad}")
         if self.check is not None:
             why.extend(self.check(backend, *args, **kwargs))
         return why
@@ -124,13 +152,63 @@ class Op:
             if why:
                 raise BackendUnavailable(f"vpfast.{self.name}: backend {name!r} cannot run: " + "; ".join(why))
             return name, self.impls[name]
-        for cand in AUTO_ORDER:
+        for cand in self.auto_order(args, kwargs):
             if cand in self.impls and not self.reasons(cand, args, kwargs, auto=True):
                 return cand, self.impls[cand]
         return "torch", self.impls["torch"]
 
+    def auto_order(self, args: tuple = (), kwargs: dict | None = None, device: str | None = None) -> tuple:
+        """auto's candidates, best first, for inputs on `device` (default: the inputs' device type)."""
+        if device is None:
+            devs = {t.device.type for t in _tensors(list(args) + list((kwargs or {}).values()))}
+            device = devs.pop() if len(devs) == 1 else "cpu"
+        return self.prefer.get(device, AUTO_ORDER)
+
     def __call__(self, *args, backend: str | None = None, **kwargs):
-        return self.select(backend, *args, **kwargs)[1](*args, **kwargs)
+        name, fn = self.select(backend, *args, **kwargs)
+        if name == "torch":
+            return fn(*args, **kwargs)
+        # A fused kernel does its own dtype handling (the public function cast its inputs by the op's autocast
+        # policy already); autocast must not rewrite the torch ops that wrap a kernel (views, reductions of
+        # partial sums), so it is off inside.
+        dev = _device_type(args, kwargs)
+        if dev is not None and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def cast_inputs(self, *tensors):
+        """The op's autocast policy applied to its floating-point tensor arguments (None passes through).
+
+        Public functions call this before checking their arguments, so that every backend, the torch
+        reference included, sees what autocast would hand PyTorch's own layers.
+        """
+        return autocast_inputs(self.autocast, *tensors)
+
+
+def _device_type(args, kwargs) -> str | None:
+    for t in _tensors(list(args) + list(kwargs.values())):
+        return t.device.type
+    return None
+
+
+def autocast_inputs(policy: str, *tensors):
+    """Cast the floating-point tensors by an autocast policy (see AUTOCAST_POLICIES); others pass through."""
+    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return tensors
+    dev = floats[0].device.type
+    target = None
+    if policy != "promote" and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        target = torch.get_autocast_dtype(dev) if policy == "lower" else torch.float32
+    elif len({t.dtype for t in floats}) > 1:
+        target = floats[0].dtype
+        for t in floats[1:]:
+            target = torch.promote_types(target, t.dtype)
+    if target is None:
+        return tensors
+    return tuple(t.to(target) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != target
+                 else t for t in tensors)
 
 
 REGISTRY: dict[str, Op] = {}

@@ -42,6 +42,38 @@ def backend_params(op: str, include_torch: bool = False):
     return out
 
 
+def device_for(backend: str) -> str:
+    """The device whose tensors `backend` takes in this process: "cuda" for the cuda backend, and for triton
+    when a GPU runs it (TRITON_INTERPRET unset); "cpu" otherwise (cpp, torch, Triton's interpreter)."""
+    from . import _ext
+
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton" and torch.cuda.is_available() and not _ext.triton_interpret():
+        return "cuda"
+    return "cpu"
+
+
+def low_precision_params(op: str, backends=("cuda", "triton")):
+    """pytest parameters (backend, dtype) for the half types each GPU backend of `op` declares; skipped with the
+    reason where the backend cannot run here or runs only under the interpreter (which has no bf16 math)."""
+    import pytest
+
+    out = []
+    for name in backends:
+        why = REGISTRY[op].static_reasons(name)
+        if name == "triton" and not why and device_for("triton") != "cuda":
+            why = ["Triton's half-precision kernels are checked on a GPU (the interpreter runs them on numpy)"]
+        for dt in (torch.bfloat16, torch.float16):
+            if dt not in REGISTRY[op].dtypes.get(name, ()):
+                continue
+            marks = [pytest.mark.skip(reason="; ".join(why))] if why else []
+            if name == "triton":
+                marks.append(pytest.mark.triton)
+            out.append(pytest.param(name, dt, id=f"{name}-{str(dt).split('.')[-1]}", marks=marks))
+    return out
+
+
 def tolerances(dtype: torch.dtype) -> dict:
     """rtol/atol for comparing a fused kernel with the reference at this dtype."""
     return {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-6)}[dtype]
