@@ -34,6 +34,9 @@ DEFAULT_PREFER = {"cpu": ("cpp", "triton", "torch"), "cuda": ("cuda", "triton", 
 #   "float32": floating inputs cast to float32, as autocast does for group_norm / softmax / grid_sample
 #   "promote": floating inputs cast to their widest dtype, as PyTorch's type promotion does for pointwise ops
 #              (applies with autocast off too: a bf16 convolution output added to a float32 state is float32)
+# A policy may differ by device, because autocast's own op lists do: group_norm and softmax run in float32
+# under CUDA autocast but keep bf16 under CPU autocast; grid_sample is float32 on the CPU and promotes on CUDA.
+# Give a dict {"cpu": ..., "cuda": ...} then.
 AUTOCAST_POLICIES = ("lower", "float32", "promote")
 
 
@@ -69,7 +72,7 @@ class Op:
     """
 
     def __init__(self, name: str, kernel: str | None = None, check: Callable | None = None,
-                 dtypes: dict | tuple | None = None, prefer: dict | None = None, autocast: str = "promote"):
+                 dtypes: dict | tuple | None = None, prefer: dict | None = None, autocast: str | dict = "promote"):
         self.name = name
         self.kernel = kernel
         self.check = check
@@ -81,8 +84,9 @@ class Op:
         self.prefer = {**DEFAULT_PREFER, **(prefer or {})}
         for dev, order in self.prefer.items():
             assert set(order) <= set(BACKENDS) and "torch" in order, (name, dev, order)
-        assert autocast in AUTOCAST_POLICIES, autocast
-        self.autocast = autocast
+        pol = autocast if isinstance(autocast, dict) else {"cpu": autocast, "cuda": autocast}
+        assert set(pol.values()) <= set(AUTOCAST_POLICIES), autocast
+        self.autocast = pol
         self.impls: dict[str, Callable] = {}
         self._static: dict[str, list[str]] = {}
         REGISTRY[name] = self
@@ -192,12 +196,15 @@ def _device_type(args, kwargs) -> str | None:
     return None
 
 
-def autocast_inputs(policy: str, *tensors):
-    """Cast the floating-point tensors by an autocast policy (see AUTOCAST_POLICIES); others pass through."""
+def autocast_inputs(policy: str | dict, *tensors):
+    """Cast the floating-point tensors by an autocast policy (see AUTOCAST_POLICIES, or a dict of them by device
+    type); other arguments pass through. Returns the arguments as a tuple."""
     floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not floats:
         return tensors
     dev = floats[0].device.type
+    if isinstance(policy, dict):
+        policy = policy.get(dev, "promote")
     target = None
     if policy != "promote" and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         target = torch.get_autocast_dtype(dev) if policy == "lower" else torch.float32

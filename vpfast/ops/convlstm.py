@@ -163,5 +163,6 @@ def convlstm(x_g: Optional[torch.Tensor], h_g: torch.Tensor, c: torch.Tensor, fo
     tanh_c: True gives h = o ⊙ tanh(c_new) (OpenSTL today), False h = o ⊙ g (OpenSTL <= v0.3.0).
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x_g, h_g, c = OP.cast_inputs(x_g, h_g, c)
     check_args(x_g, h_g, c)
     return OP(x_g, h_g, c, float(forget_bias), bool(tanh_c), backend=backend)

@@ -107,7 +107,8 @@ def _ddr_triton(pred, target, tau, eps):
 
 
 # ---- dispatch and the public function -----------------------------------------------------------------
-OP = Op("ddr_loss", kernel="ddr_loss_forward")
+# autocast: softmax-based, so float32 under CUDA autocast and bf16 kept under CPU autocast, as for softmax
+OP = Op("ddr_loss", kernel="ddr_loss_forward", autocast={"cuda": "float32", "cpu": "promote"})
 OP.register("torch", ddr_loss_reference)
 OP.register("cpp", _ddr_compiled)
 OP.register("cuda", _ddr_compiled)
@@ -125,6 +126,7 @@ def ddr_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1, eps: fl
     Differentiable in pred, and in target when it requires grad.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    pred, target = OP.cast_inputs(pred, target)
     _checks.tensor("pred", pred, 5, "[B, T, C, H, W]")
     _checks.tensor("target", target, 5, "[B, T, C, H, W]")
     _checks.same(("pred", "target"), pred, target)

@@ -157,7 +157,8 @@ def _dw_triton_bwd(ctx, grad):
 _dw_triton_forward.register_autograd(_dw_triton_bwd, setup_context=_dw_triton_setup)
 
 # ---- dispatch and the public function -----------------------------------------------------------------
-OP = Op("deform_warp", kernel="deform_warp_forward")
+# autocast: a contraction with a weight, so autocast's dtype as for a convolution
+OP = Op("deform_warp", kernel="deform_warp_forward", autocast="lower")
 OP.register("torch", deform_warp_reference)
 OP.register("cpp", _dw_compiled)
 OP.register("cuda", _dw_compiled)
@@ -179,5 +180,6 @@ def deform_warp(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weigh
     inputs; the compiled backward is deterministic.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x, offset, mask, weight = OP.cast_inputs(x, offset, mask, weight)
     _check(x, offset, mask, weight)
     return OP(x, offset, mask, weight, backend=backend)

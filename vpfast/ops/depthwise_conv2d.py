@@ -192,7 +192,7 @@ def _dw_torch(x, weight, bias, stride, padding, dilation):
 
 
 # ---- dispatch and the public function -----------------------------------------------------------------
-OP = Op("depthwise_conv2d", kernel="depthwise_conv2d_forward")
+OP = Op("depthwise_conv2d", kernel="depthwise_conv2d_forward", autocast="lower")
 OP.register("torch", _dw_torch)
 OP.register("cpp", _dw_compiled)
 OP.register("cuda", _dw_compiled)
@@ -211,5 +211,6 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     `F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`; differentiable in x, weight and bias.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x, weight, bias = OP.cast_inputs(x, weight, bias)
     stride, padding, dilation = normalize_args(x, weight, bias, stride, padding, dilation)
     return OP(x, weight, bias, stride, padding, dilation, backend=backend)

@@ -124,7 +124,8 @@ def _fw_triton(x, flow, padding_mode, align_corners):
 
 
 # ---- dispatch and the public function -----------------------------------------------------------------
-OP = Op("flow_warp", kernel="flow_warp_forward")
+# autocast: as grid_sample, float32 under CPU autocast, the widest input dtype under CUDA autocast
+OP = Op("flow_warp", kernel="flow_warp_forward", autocast={"cpu": "float32", "cuda": "promote"})
 OP.register("torch", flow_warp_reference)
 OP.register("cpp", _fw_compiled)
 OP.register("cuda", _fw_compiled)
@@ -147,5 +148,6 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros", 
     backward is deterministic.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x, flow = OP.cast_inputs(x, flow)
     _check(x, flow, padding_mode, align_corners)
     return OP(x, flow, padding_mode, align_corners, backend=backend)

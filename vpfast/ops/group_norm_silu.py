@@ -113,7 +113,9 @@ def _check(backend, x, num_groups, weight, bias, eps):
     return ["empty input (the reference handles it)"] if x.numel() == 0 else []
 
 
-OP = Op("group_norm_silu", kernel="group_norm_silu_forward", check=_check)
+# autocast: as group_norm, float32 under CUDA autocast, the input's dtype kept under CPU autocast
+OP = Op("group_norm_silu", kernel="group_norm_silu_forward", check=_check,
+        autocast={"cuda": "float32", "cpu": "promote"})
 OP.register("torch", group_norm_silu_reference)
 OP.register("cpp", _compiled)
 OP.register("cuda", _compiled)
@@ -145,6 +147,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     (bitwise reproducible).
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x, weight, bias = OP.cast_inputs(x, weight, bias)
     _checks.tensor("x", x, None, "[N, C, *]")
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions [N, C, *], got shape {tuple(x.shape)}")

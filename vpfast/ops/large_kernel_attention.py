@@ -135,7 +135,7 @@ def _lka_triton(x, w0, b0, w1, b1, d0, d1):
 
 
 # ---- dispatch and the public function -----------------------------------------------------------------
-OP = Op("large_kernel_attention", kernel="large_kernel_attention_forward")
+OP = Op("large_kernel_attention", kernel="large_kernel_attention_forward", autocast="lower")
 OP.register("torch", _pair_reference)
 OP.register("cpp", _lka_compiled)
 OP.register("cuda", _lka_compiled)
@@ -157,6 +157,7 @@ def large_kernel_attention(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor |
     conv1.weight, conv1.bias)` followed by its gating.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x, w0, b0, w1, b1 = OP.cast_inputs(x, w0, b0, w1, b1)
     _checks.tensor("x", x, 4, "[B, C, H, W]")
     C = x.shape[1]
     _check_weight("w0", w0, C, x)

@@ -240,6 +240,9 @@ def motion_gru(x: torch.Tensor, f_prev: torch.Tensor, d_prev: torch.Tensor,
     F' = F_prev (1 − u) + tanh(output([x, r F_prev])) u, D = D_prev + 0.5 (F_prev − D_prev), F = F' + D.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    (x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias, output_weight,
+     output_bias) = OP.cast_inputs(x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias,
+                                   output_weight, output_bias)
     _check(x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias, output_weight, output_bias)
     return OP(x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias, output_weight,
               output_bias, backend=backend)

@@ -304,6 +304,7 @@ def stlstm_gates(x_g: Optional[torch.Tensor], h_g: torch.Tensor, m_g: torch.Tens
         delta: Tensor[B, 2C, H, W] = [i⊙g, i'⊙g'] if with_delta else None)
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    x_g, h_g, m_g, c, m = GATES.cast_inputs(x_g, h_g, m_g, c, m)
     check_gates_args(x_g, h_g, m_g, c, m)
     return GATES(x_g, h_g, m_g, c, m, float(forget_bias), bool(with_delta), backend=backend)
 
@@ -315,6 +316,7 @@ def stlstm_output(o_part: torch.Tensor, o_m: torch.Tensor, last: torch.Tensor,
     o_part, o_m, last, highway: Tensor[B, C, H, W] -> h: Tensor[B, C, H, W]
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    o_part, o_m, last, highway = OUTPUT.cast_inputs(o_part, o_m, last, highway)
     names = ("o_part", "o_m", "last") + (("highway",) if highway is not None else ())
     ts = (o_part, o_m, last) + ((highway,) if highway is not None else ())
     for n, t in zip(names, ts):
