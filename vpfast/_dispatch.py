@@ -33,7 +33,8 @@ DEFAULT_PREFER = {"cpu": ("cpp", "triton", "torch"), "cuda": ("cuda", "triton", 
 #   "lower":   floating inputs cast to autocast's dtype, as autocast does for F.conv2d / matmul
 #   "float32": floating inputs cast to float32, as autocast does for group_norm / softmax / grid_sample
 #   "promote": floating inputs cast to their widest dtype, as PyTorch's type promotion does for pointwise ops
-#              (applies with autocast off too: a bf16 convolution output added to a float32 state is float32)
+#              (a bf16 convolution output added to a float32 state is float32)
+# Outside autocast nothing is cast: inputs of different dtypes are refused by the argument checks.
 # A policy may differ by device, because autocast's own op lists do: group_norm and softmax run in float32
 # under CUDA autocast but keep bf16 under CPU autocast; grid_sample is float32 on the CPU and promotes on CUDA.
 # Give a dict {"cpu": ..., "cuda": ...} then.
@@ -205,8 +206,10 @@ def autocast_inputs(policy: str | dict, *tensors):
     dev = floats[0].device.type
     if isinstance(policy, dict):
         policy = policy.get(dev, "promote")
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors  # outside autocast, mixed dtypes stay an error of the argument checks, as for F.conv2d
     target = None
-    if policy != "promote" and dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+    if policy != "promote":
         target = torch.get_autocast_dtype(dev) if policy == "lower" else torch.float32
     elif len({t.dtype for t in floats}) > 1:
         target = floats[0].dtype
