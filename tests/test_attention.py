@@ -70,15 +70,19 @@ def _set_backend(m, backend):
 
 
 @pytest.mark.parametrize("cls", [SpatialAttention, TemporalAttention])
-@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
 def test_backend_matches_torch(cls, backend):
     from vpfast.ops.large_kernel_attention import OP
+    from vpfast.testing import device_for
     why = OP.static_reasons(backend)
     if why:
         pytest.skip("; ".join(why))
+    dev = device_for(backend)
+    if backend != "cpp" and dev != "cuda":
+        pytest.skip(f"{backend} without a GPU: the op's own tests cover it at small shapes")
     torch.manual_seed(0)
-    m = cls(32, backend=backend).double()
-    x = torch.randn(2, 32, 13, 10, dtype=torch.float64, requires_grad=True)
+    m = cls(32, backend=backend).double().to(dev)
+    x = torch.randn(2, 32, 13, 10, dtype=torch.float64).to(dev).requires_grad_()
     out = m(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
     _set_backend(m, "torch")
