@@ -26,6 +26,11 @@ def _tol(dtype):
     return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
+def _interpreted(backend):
+    """The Triton interpreter runs taps one by one: its tests keep to a few small shapes."""
+    return backend == "triton" and device_for("triton") != "cuda"
+
+
 def _gpu_only(backend):
     _skip_unless(backend)
     if device_for(backend) != "cuda":
@@ -100,7 +105,7 @@ TRITON_CASES = [(1, 2, 9, 11, 7, 3, 2), (1, 2, 4, 5, 7, 3, 1)]  # the interprete
 def test_matches_reference(backend, dtype, case):
     _skip_unless(backend)
     B, C, H, W, k, d, s = case
-    if backend == "triton" and (case not in TRITON_CASES or dtype == torch.float32):
+    if _interpreted(backend) and (case not in TRITON_CASES or dtype == torch.float32):
         pytest.skip("the Triton interpreter is slow; a few small float64 shapes only")
     _compare(backend, *_inputs(B, C, H, W, k, k, dtype, dev=device_for(backend)), stride=s, dilation=d)
 
@@ -199,7 +204,7 @@ def test_weight_grad_batch_chunks(shape):
 def test_non_contiguous_and_channels_last(backend):
     _skip_unless(backend)
     dev = device_for(backend)
-    x, w, b = _inputs(1, 1, 5, 6, 3, 3, dev=dev) if backend == "triton" else _inputs(2, 3, 9, 12, 5, 5, dev=dev)
+    x, w, b = _inputs(1, 1, 5, 6, 3, 3, dev=dev) if _interpreted(backend) else _inputs(2, 3, 9, 12, 5, 5, dev=dev)
     xt = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # strided view
     assert not xt.is_contiguous()
     _compare(backend, xt, w, b, dilation=2)
@@ -207,7 +212,7 @@ def test_non_contiguous_and_channels_last(backend):
     _compare(backend, xc, w, b, stride=2)
     wn = w.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
     _compare(backend, x, wn, None)
-    if backend != "triton":
+    if not _interpreted(backend):
         # rows of whole vectors (16 float64 = 2 vectors): the CPU weight gradient reads x in place
         x, w, b = _inputs(2, 3, 7, 16, 5, 5, dev=dev)
         xt = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
@@ -226,7 +231,7 @@ def test_no_bias_and_explicit_padding(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend):
     _skip_unless(backend)
-    if backend == "triton":
+    if _interpreted(backend):
         pytest.skip("too many calls for the Triton interpreter; its gradients are compared with the reference")
     # the row kernels (3x3; 7x7 dilation 3), a strided case, the tall-filter weight gradient (32+ rows), and
     # whole-vector rows (W = 8 in float64), whose weight gradient reads x in place
