@@ -70,15 +70,19 @@ def _set_backend(m, backend):
 
 
 @pytest.mark.parametrize("cls", [SpatialAttention, TemporalAttention])
-@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("backend", ["cpp", "cuda", "triton"])
 def test_backend_matches_torch(cls, backend):
     from vpfast.ops.large_kernel_attention import OP
+    from vpfast.testing import device_for
     why = OP.static_reasons(backend)
     if why:
         pytest.skip("; ".join(why))
+    dev = device_for(backend)
+    if backend != "cpp" and dev != "cuda":
+        pytest.skip(f"{backend} without a GPU: the op's own tests cover it at small shapes")
     torch.manual_seed(0)
-    m = cls(32, backend=backend).double()
-    x = torch.randn(2, 32, 13, 10, dtype=torch.float64, requires_grad=True)
+    m = cls(32, backend=backend).double().to(dev)
+    x = torch.randn(2, 32, 13, 10, dtype=torch.float64).to(dev).requires_grad_()
     out = m(x)
     grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
     _set_backend(m, "torch")
@@ -87,3 +91,46 @@ def test_backend_matches_torch(cls, backend):
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("block", ["gsta", "tau"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_block_at_mmnist_shape(block, backend):
+    """One translator block of simvp_gsta / tau at the Moving-MNIST preset's shape (B=16, hid_T=512, 16x16,
+    mlp_ratio 8: the MixMlp's depthwise 3x3 runs on 16 x 4096 = 65536 planes, which crashed the CUDA launch
+    once), forward and backward: float32 against backend="torch" (TF32 off), and under bf16 autocast bounded
+    against the float64 reference by the torch backend's own autocast error."""
+    from vpfast.models.simvp import MetaBlock
+    from vpfast.ops.large_kernel_attention import OP
+    from vpfast.testing import assert_close_bounded, device_for
+    why = OP.static_reasons(backend)
+    if why or device_for(backend) != "cuda":
+        pytest.skip("; ".join(why) or f"{backend} runs on CPU tensors here (no GPU)")
+    torch.manual_seed(0)
+    m = MetaBlock(512, 512, model_type=block, mlp_ratio=8.0, backend=backend).cuda()
+    x = torch.randn(16, 512, 16, 16, device="cuda", requires_grad=True)
+
+    def step(model, inp, autocast=False):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(inp)
+        return (out, *torch.autograd.grad(out.float().square().mean(), [inp, *model.parameters()]))
+
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        got = step(m, x)
+        _set_backend(m, "torch")
+        ref = step(m, x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    for a, r in zip(got, ref):
+        s = max(1e-3, r.abs().max().item())
+        torch.testing.assert_close(a / s, r / s, rtol=1e-4, atol=1e-4)
+
+    _set_backend(m, backend)
+    got = step(m, x, autocast=True)
+    _set_backend(m, "torch")
+    same = step(m, x, autocast=True)
+    ref = step(m.double(), x.detach().double().requires_grad_())
+    for name, a, r_same, r in zip(("out", "grad_x"), got, same, ref):
+        assert_close_bounded(a, r_same, r, factor=8, name=name)
