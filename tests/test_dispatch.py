@@ -179,8 +179,11 @@ def test_bench_paired_rounds_in_a_suite(tmp_path):
     out = tmp_path / "b.json"
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={tmp_path}",
             str(tmp_path / "test_bench_fake.py"), "--benchmark-min-rounds=2", "--benchmark-max-time=0.01"]
+    # the child imports the vpfast this process runs (a checkout's, not whichever an editable install names)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(vpfast.__file__))] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     res = subprocess.run(base + [f"--benchmark-json={out}", "--paired-rounds=3"], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+                         timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = json.loads(out.read_text())["benchmarks"]
     cpp = [r["extra_info"] for r in rows if r["extra_info"]["provider"] == "cpp"]
@@ -188,7 +191,8 @@ def test_bench_paired_rounds_in_a_suite(tmp_path):
     assert "paired" in table(rows)
     # CI's smoke run: no timing and no pairing, each eager fn runs twice (warm-up and the one disabled call)
     (tmp_path / "eager_calls.txt").unlink()
-    res = subprocess.run(base + ["--benchmark-disable"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run(base + ["--benchmark-disable"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "4 passed, 2 skipped" in res.stdout
     assert (tmp_path / "eager_calls.txt").read_text() == "...."
