@@ -65,7 +65,8 @@ def device_name(device: str) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{model}, {n} thread{'' if n == 1 else 's'}"
 
 
 def backend_of(provider: str) -> str:

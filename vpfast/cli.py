@@ -18,7 +18,7 @@ def _bench(args) -> int:
     return run(args.ops, quick=args.quick, paired_rounds=args.paired_rounds, device=args.device, dtype=args.dtype)
 
 
-def _check(args) -> int:
+def _check(args) -> int:  # reached only through build_parser() users; main() forwards `check` itself
     from .check import main
 
     return main(args.check_args)
@@ -62,6 +62,11 @@ def _extra_commands():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # its options are vpfast.check's own (argparse would not pass them through)
+        from .check import main as check_main
+
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
