@@ -10,7 +10,10 @@ and casts floating tensors to the dtype (model suites move the model and run und
 instead: mixed precision is how models train). Providers tied to the other device are deselected: on the CPU
 the cpp backend is timed, on CUDA the cuda and triton backends. On CUDA the clock is CUDA events
 (`vpfast.bench.cuda_event_timer`, set as pytest-benchmark's timer: each timing waits for the queued work),
-every provider gets warm-up calls first, and peak memory comes from torch.cuda.max_memory_allocated.
+every provider gets warm-up calls first, each timed round spans at least CUDA_MIN_ROUND_S (several calls
+queued back to back, as in a training loop), and peak memory comes from torch.cuda.max_memory_allocated.
+Steps must not build tensors on the CPU per call on a GPU run (a host allocation and copy per call timed
+~15 ms on the H200 machine): build incoming gradients once or on the device.
 
 Paired rounds (`--paired-rounds=N`, default 5, 0 turns them off): pytest-benchmark times one provider after
 another, and on a shared VM whose speed drifts by 2x within minutes the ratio of two medians taken a minute
@@ -32,6 +35,10 @@ from vpfast.testing import private_compile_cache
 private_compile_cache()
 
 CUDA_WARMUP = 3  # calls before timing on a GPU (compilation, autotuning, allocator caches, clocks)
+# least span of one timed round on a GPU: a round of a single call between two synchronisations exposes the
+# CPU's launch latency of its first kernels (a Triton fwd+bwd of 0.8 ms pipelined read 1.3 ms alone on an
+# H200), which a training loop hides by queueing ahead; rounds of several calls time what the loop sees
+CUDA_MIN_ROUND_S = 0.005
 
 
 class Recorder:
@@ -140,6 +147,8 @@ def pytest_configure(config):
     if device == "cuda":
         # kernels are queued asynchronously: a CPU clock would time the launches, not the work
         config.option.benchmark_timer = "vpfast.bench.cuda_event_timer"
+        current = float(config.getoption("benchmark_min_time", default="0") or 0)
+        config.option.benchmark_min_time = str(max(current, CUDA_MIN_ROUND_S))
     # one compiled graph per provider and shape; the default cache is too small for a whole suite
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     os.environ.setdefault("VPFAST_QUIET", "1")

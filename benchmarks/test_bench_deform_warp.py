@@ -74,6 +74,6 @@ def test_deform_warp(record, benchmark, provider, mode, shape):
         def step():
             for t in (x, off, mask, w):
                 t.grad = None
-            fn(x, off, mask, w).backward(record.to(torch.ones(B, O, H, W)))
+            fn(x, off, mask, w).backward(torch.ones(B, O, H, W, device=x.device, dtype=x.dtype))
         gflops, gbytes = (3 * gemm + 38 * col) / 1e9, 2 * io / 1e9
     record(provider, step, gbytes=gbytes, gflops=gflops)

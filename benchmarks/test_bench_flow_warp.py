@@ -42,6 +42,6 @@ def test_flow_warp(record, benchmark, provider, mode, padding, shape):
     else:
         def step():
             x.grad = flow.grad = None
-            fn(x, flow, padding).backward(record.to(torch.ones(B, C, H, W)))
+            fn(x, flow, padding).backward(torch.ones(B, C, H, W, device=x.device, dtype=x.dtype))
         gbytes = (5 * nx + 3 * nf) / 1e9
     record(provider, step, gbytes=gbytes)

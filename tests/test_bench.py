@@ -138,6 +138,7 @@ def test_suite_device_and_dtype_options(tmp_path):
     assert "2 passed, 2 deselected" in res.stdout
     data = json.loads(out.read_text())
     assert sorted(r["extra_info"]["provider"] for r in data["benchmarks"]) == ["cpp", "eager"]
+    assert not any(r["options"]["timer"].endswith("cuda_event_timer") for r in data["benchmarks"])
     assert all(r["extra_info"]["dtype"] == "bfloat16" and r["extra_info"]["device"] == "cpu"
                for r in data["benchmarks"])
     assert data["machine_info"]["vpfast"]["device"] == "cpu"
@@ -150,6 +151,7 @@ def test_suite_device_and_dtype_options(tmp_path):
         assert sorted(r["extra_info"]["provider"] for r in data["benchmarks"]) == ["cuda", "eager", "triton_sep"]
         assert data["machine_info"]["vpfast"]["device_name"] == torch.cuda.get_device_name()
         assert all(r["options"]["timer"].endswith("cuda_event_timer") for r in data["benchmarks"])
+        assert all(float(r["options"]["min_time"]) >= 0.005 for r in data["benchmarks"])
     else:
         res = subprocess.run(base + ["--device=cuda"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                              env=dict(env, EXPECT_DTYPE="float32"))
