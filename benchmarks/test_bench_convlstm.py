@@ -9,20 +9,17 @@ import importlib
 import pytest
 import torch
 
-from vpfast.bench import grad_step
+from vpfast.bench import backend_of, grad_step, providers
 from vpfast.nn import ConvLSTMCell
 
 CL = importlib.import_module("vpfast.ops.convlstm")
 SHAPES = {"C64": (16, 64, 16, 16, 5), "C128": (16, 128, 16, 16, 5)}
 TINY = (2, 8, 6, 6, 3)
-WHY = CL.OP.static_reasons("cpp")
 
 
 def _providers(with_sep=True):
-    skip = [pytest.mark.skip(reason="; ".join(WHY))] if WHY else []
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile"),
-           pytest.param("cpp", id="cpp", marks=skip)]
-    return out + ([pytest.param("cpp_sep", id="cpp_sep", marks=skip)] if with_sep else [])
+    # eager, compile, then each fused backend (and its separate-convolutions variant "<backend>_sep")
+    return providers(CL.OP, sep=with_sep)
 
 
 def _shape(request, name):
@@ -39,11 +36,12 @@ def test_cell_step_fwdbwd(benchmark, record, request, provider, shape):
     B, C, H, W, k = _shape(request, shape)
     benchmark.group = f"convlstm cell step {shape} B{B} C{C} {H}x{W} k{k} fwdbwd"
     torch.manual_seed(0)
-    backend = "torch" if provider in ("eager", "compile") else "cpp"
-    cell = ConvLSTMCell(C, C, H, W, k, 1, False, backend=backend, merge_convs=provider == "cpp")
+    backend = backend_of(provider)
+    cell = ConvLSTMCell(C, C, H, W, k, 1, False, backend=backend,
+                        merge_convs=backend != "torch" and not provider.endswith("_sep")).to(record.device, record.dtype)
     step = torch.compile(cell._forward_reference) if provider == "compile" else cell
     g = torch.Generator().manual_seed(1)
-    x, h, c = [(torch.randn(B, C, H, W, generator=g) * 0.5).requires_grad_() for _ in range(3)]
+    x, h, c = [record.to(torch.randn(B, C, H, W, generator=g) * 0.5, True) for _ in range(3)]
 
     def fn():
         hn, cn = step(x, h, c)
@@ -65,9 +63,10 @@ def test_pointwise_fwdbwd(benchmark, record, request, provider, shape):
     B, C, H, W, _ = _shape(request, shape)
     benchmark.group = f"convlstm pointwise {shape} B{B} C{C} {H}x{W} fwdbwd"
     g = torch.Generator().manual_seed(2)
-    args = [torch.randn(B, n * C, H, W, generator=g).requires_grad_() for n in (4, 4, 1)]
-    f = {"eager": _ref, "compile": _compiled, "cpp": CL._compiled}[provider]
+    args = [record.to(torch.randn(B, n * C, H, W, generator=g), True) for n in (4, 4, 1)]
+    f = {"eager": _ref, "compile": _compiled, "cpp": CL._compiled}.get(
+        provider, lambda *a: CL.convlstm(*a, backend=provider))
 
     fn = grad_step(f, args)
     # forward reads 9C writes 2C (+4C saved gates); backward reads 8C, writes 9C
-    record(provider, fn, gbytes=B * C * H * W * 4 * (9 + 2 + 4 + 8 + 9) / 1e9)
+    record(provider, fn, gbytes=B * C * H * W * args[0].element_size() * (9 + 2 + 4 + 8 + 9) / 1e9)

@@ -28,8 +28,8 @@ def _fn(provider):
 def test_ddr_loss(record, benchmark, provider, mode, shape):
     size = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
-    pred = torch.rand(size, generator=g).requires_grad_(mode != "fwd")
-    target = torch.rand(size, generator=g)
+    pred = record.to(torch.rand(size, generator=g), mode != "fwd")
+    target = record.to(torch.rand(size, generator=g))
     fn = _fn(provider)
     benchmark.group = f"ddr_loss {shape} {tuple(size)} {mode}"
     nbytes = pred.numel() * pred.element_size()

@@ -55,15 +55,15 @@ def test_deform_warp(record, benchmark, provider, mode, shape):
     N, O = k * k, C
     g = torch.Generator().manual_seed(0)
     grad = mode != "fwd"
-    x = torch.randn(B, C, H, W, generator=g).requires_grad_(grad)
-    off = (torch.randn(B, 2 * N, H, W, generator=g) * 1.5).requires_grad_(grad)
-    mask = torch.rand(B, N, H, W, generator=g).requires_grad_(grad)
-    w = (torch.randn(O, C, k, k, generator=g) / (C * k)).requires_grad_(grad)
+    x = record.to(torch.randn(B, C, H, W, generator=g), grad)
+    off = record.to(torch.randn(B, 2 * N, H, W, generator=g) * 1.5, grad)
+    mask = record.to(torch.rand(B, N, H, W, generator=g), grad)
+    w = record.to(torch.randn(O, C, k, k, generator=g) / (C * k), grad)
     fn = _fn(provider, k)
     benchmark.group = f"deform_warp {shape} {(B, C, H, W)} k={k} {mode}"
     gemm = 2 * B * O * C * N * H * W
     col = B * C * N * H * W
-    io = (x.numel() + off.numel() + mask.numel() + w.numel() + B * O * H * W) * 4
+    io = (x.numel() + off.numel() + mask.numel() + w.numel() + B * O * H * W) * x.element_size()
 
     if mode == "fwd":
         def step():
@@ -74,6 +74,6 @@ def test_deform_warp(record, benchmark, provider, mode, shape):
         def step():
             for t in (x, off, mask, w):
                 t.grad = None
-            fn(x, off, mask, w).backward(torch.ones(B, O, H, W))
+            fn(x, off, mask, w).backward(torch.ones(B, O, H, W, device=x.device, dtype=x.dtype))
         gflops, gbytes = (3 * gemm + 38 * col) / 1e9, 2 * io / 1e9
     record(provider, step, gbytes=gbytes, gflops=gflops)

@@ -45,9 +45,9 @@ def test_depthwise_conv2d(record, benchmark, provider, mode, shape):
     if benchmark.disabled:
         B, C = 1, 4
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, C, H, W, generator=g).requires_grad_(mode != "fwd")
-    w = torch.randn(C, 1, k, k, generator=g).requires_grad_(mode != "fwd")
-    b = torch.randn(C, generator=g).requires_grad_(mode != "fwd")
+    x = record.to(torch.randn(B, C, H, W, generator=g), mode != "fwd")
+    w = record.to(torch.randn(C, 1, k, k, generator=g), mode != "fwd")
+    b = record.to(torch.randn(C, generator=g), mode != "fwd")
     fn = {"eager": lambda *a: depthwise_conv2d_reference(*a, dilation=d),
           "compile": lambda *a: _dw_compiled(*a, dilation=d)}.get(
         provider, lambda *a: depthwise_conv2d(*a, dilation=d, backend=provider))
@@ -66,13 +66,13 @@ def test_large_kernel_attention_pair(record, benchmark, provider, mode, shape):
     if benchmark.disabled:
         B, C = 1, 4
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g).requires_grad_(mode != "fwd")  # noqa: E731
+    mk = lambda *s: record.to(torch.randn(*s, generator=g), mode != "fwd")  # noqa: E731
     args = (mk(B, C, H, W), mk(C, 1, k0, k0), mk(C), mk(C, 1, k1, k1), mk(C))
     fn = {"eager": lambda *a: large_kernel_attention_reference(*a, dilation=d),
           "compile": lambda *a: _lka_compiled(*a, dilation=d)}.get(
         provider, lambda *a: large_kernel_attention(*a, dilation=d, backend=provider))
     benchmark.group = f"large_kernel_attention {shape} {(B, C, H, W)} {mode}"
     flops = 2 * B * C * H * W * (k0 * k0 + k1 * k1) * (1 if mode == "fwd" else 3)
-    nbytes = B * C * H * W * 4
+    nbytes = B * C * H * W * args[0].element_size()
     record(provider, _step(fn, args, mode), gflops=flops / 1e9,
            gbytes=(2 if mode == "fwd" else 6) * nbytes / 1e9)

@@ -28,11 +28,11 @@ def test_flow_warp(record, benchmark, provider, mode, padding, shape):
     B, C, H, W = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     grad = mode != "fwd"
-    x = torch.randn(B, C, H, W, generator=g).requires_grad_(grad)
-    flow = (torch.randn(B, 2, H, W, generator=g) * 3).requires_grad_(grad)
+    x = record.to(torch.randn(B, C, H, W, generator=g), grad)
+    flow = record.to(torch.randn(B, 2, H, W, generator=g) * 3, grad)
     fn = _fn(provider)
     benchmark.group = f"flow_warp {shape} {(B, C, H, W)} {padding} {mode}"
-    nx, nf = x.numel() * 4, flow.numel() * 4
+    nx, nf = x.numel() * x.element_size(), flow.numel() * flow.element_size()
 
     if mode == "fwd":
         def step():
@@ -42,6 +42,6 @@ def test_flow_warp(record, benchmark, provider, mode, padding, shape):
     else:
         def step():
             x.grad = flow.grad = None
-            fn(x, flow, padding).backward(torch.ones(B, C, H, W))
+            fn(x, flow, padding).backward(torch.ones(B, C, H, W, device=x.device, dtype=x.dtype))
         gbytes = (5 * nx + 3 * nf) / 1e9
     record(provider, step, gbytes=gbytes)

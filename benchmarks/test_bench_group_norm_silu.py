@@ -33,10 +33,10 @@ def _fn(provider):
 def test_group_norm_silu(record, benchmark, provider, mode, shape):
     size, groups, fmt = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(size, generator=g).contiguous(memory_format=fmt).requires_grad_(mode != "fwd")
-    w = (1 + 0.1 * torch.randn(size[1], generator=g)).requires_grad_(mode != "fwd")
-    b = (0.1 * torch.randn(size[1], generator=g)).requires_grad_(mode != "fwd")
-    gy = torch.randn(size, generator=g).contiguous(memory_format=fmt)
+    x = record.to(torch.randn(size, generator=g).contiguous(memory_format=fmt), mode != "fwd")
+    w = record.to(1 + 0.1 * torch.randn(size[1], generator=g), mode != "fwd")
+    b = record.to(0.1 * torch.randn(size[1], generator=g), mode != "fwd")
+    gy = record.to(torch.randn(size, generator=g).contiguous(memory_format=fmt))
     fn = _fn(provider)
     benchmark.group = f"group_norm_silu {shape} {tuple(size)} {mode}"
     nbytes = x.numel() * x.element_size()

@@ -3,7 +3,8 @@
 Providers: `eager` = the model with backend="torch" (the reference arithmetic, PyTorch eager), `compile` =
 torch.compile of that model (SimVP/TAU; the recurrent models unroll 19 steps x 4 layers, which takes minutes
 to compile here, so they are not compiled at model level), `vpfast` = the model with its fused layers
-(backend auto: cpp kernels on this CPU).
+(backend auto: cpp kernels on this CPU; with --device cuda, what auto picks on the GPU).
+With --dtype bfloat16/float16 the models keep float32 weights and run under torch.autocast at that dtype.
 Shapes: each model's `small` preset at batch 16 and its Moving-MNIST preset at batch 4 (64x64, 10 -> 10).
 With --benchmark-disable (CI smoke run) only the small presets run, at batch 2.
 """
@@ -43,24 +44,24 @@ def _gflops(name, preset, batch, mode):
     return 3 * fwd if mode == "train" else fwd
 
 
-def _setup(name, preset, batch, provider):
+def _setup(name, preset, batch, provider, device="cpu"):
     torch.manual_seed(0)
     backend = "torch" if provider in ("eager", "compile") else None
-    model = M.create(name, preset=preset, backend=backend)
+    model = M.create(name, preset=preset, backend=backend).to(device)
     T = model.pre_seq_length + model.aft_seq_length
     _, C, H, W = model.config["in_shape"]
-    frames = torch.rand(batch, T, C, H, W, generator=torch.Generator().manual_seed(0))
+    frames = torch.rand(batch, T, C, H, W, generator=torch.Generator().manual_seed(0)).to(device)
     return model, frames
 
 
-def _step(model, frames, mode, name, provider):
+def _step(model, frames, mode, name, provider, autocast):
     pre = model.pre_seq_length
     if mode == "infer":
         model.eval()
         fwd = torch.compile(model) if provider == "compile" else model
 
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 return fwd(frames[:, :pre])
         return infer
     model.train()
@@ -78,7 +79,9 @@ def _step(model, frames, mode, name, provider):
     def train():
         for p in model.parameters():
             p.grad = None
-        loss_fn().backward()
+        with autocast():
+            loss = loss_fn()
+        loss.backward()
     return train
 
 
@@ -95,8 +98,8 @@ def test_model(record, benchmark, name, shape, mode, provider):
         if shape != "small-b16":
             pytest.skip("timing disabled: the Moving-MNIST-size cases only run when timing")
         batch = 2
-    model, frames = _setup(name, preset, batch, provider)
+    model, frames = _setup(name, preset, batch, provider, record.device)
     benchmark.group = f"{name} {shape} {mode}"
     benchmark.extra_info["params"] = sum(p.numel() for p in model.parameters())
     gflops = None if benchmark.disabled else _gflops(name, preset, batch, mode)
-    record(provider, _step(model, frames, mode, name, provider), gflops=gflops)
+    record(provider, _step(model, frames, mode, name, provider, record.autocast), gflops=gflops)

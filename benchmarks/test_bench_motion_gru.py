@@ -29,7 +29,7 @@ def test_motion_gru(record, benchmark, provider, mode, shape):
     B, Cin, M, H, W = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     grad = mode != "fwd"
-    r = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).requires_grad_(grad)
+    r = lambda *s, sc=1.0: record.to(torch.randn(*s, generator=g) * sc, grad)
     ins = [r(B, Cin, H, W), r(B, M, H, W), r(B, M, H, W)]
     for _ in range(3):
         ins += [r(M, Cin + M, 3, 3, sc=0.05), r(M, sc=0.1)]

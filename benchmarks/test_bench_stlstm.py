@@ -11,22 +11,17 @@ import importlib
 import pytest
 import torch
 
-from vpfast.bench import grad_step
+from vpfast.bench import backend_of, grad_step, providers
 from vpfast.nn import SpatioTemporalLSTMCell
 
 S = importlib.import_module("vpfast.ops.stlstm")
 SHAPES = {"C64": (16, 64, 16, 16, 5), "C128": (16, 128, 16, 16, 5)}  # B, C, H, W, k (Cin = C)
 TINY = (2, 8, 6, 6, 3)
-CPP_WHY = S.GATES.static_reasons("cpp")
 
 
 def _providers(with_sep=True):
-    out = [pytest.param("eager", id="eager"), pytest.param("compile", id="compile")]
-    skip = [pytest.mark.skip(reason="; ".join(CPP_WHY))] if CPP_WHY else []
-    out.append(pytest.param("cpp", id="cpp", marks=skip))
-    if with_sep:
-        out.append(pytest.param("cpp_sep", id="cpp_sep", marks=skip))
-    return out
+    # eager, compile, then each fused backend (and its separate-convolutions variant "<backend>_sep")
+    return providers(S.GATES, sep=with_sep)
 
 
 def _shape(request, name):
@@ -42,19 +37,21 @@ def _cell_gflop(B, C, H, W, k, train):
     return 2 * macs * (3 if train else 1) / 1e9
 
 
-def _cell(provider, B, C, H, W, k):
+def _cell(provider, B, C, H, W, k, record):
     torch.manual_seed(0)
-    backend = "torch" if provider in ("eager", "compile") else "cpp"
-    cell = SpatioTemporalLSTMCell(C, C, H, W, k, 1, False, backend=backend, merge_convs=provider == "cpp")
+    backend = backend_of(provider)
+    cell = SpatioTemporalLSTMCell(C, C, H, W, k, 1, False, backend=backend,
+                                  merge_convs=backend != "torch" and not provider.endswith("_sep"))
+    cell = cell.to(record.device, record.dtype)
     if provider == "compile":
         return cell, torch.compile(cell._forward_reference)
     return cell, lambda x, h, c, m, hw: cell(x, h, c, m)
 
 
-def _states(B, C, H, W, grad):
+def _states(B, C, H, W, grad, record):
     g = torch.Generator().manual_seed(1)
     ts = [torch.randn(B, C, H, W, generator=g) * 0.5 for _ in range(4)]
-    return [t.requires_grad_(grad) for t in ts]
+    return [record.to(t, grad) for t in ts]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
@@ -63,9 +60,9 @@ def _states(B, C, H, W, grad):
 def test_cell_step(benchmark, record, request, provider, shape, mode):
     B, C, H, W, k = _shape(request, shape)
     benchmark.group = f"stlstm cell step {shape} B{B} C{C} {H}x{W} k{k} {mode}"
-    cell, step = _cell(provider, B, C, H, W, k)
+    cell, step = _cell(provider, B, C, H, W, k, record)
     train = mode == "fwdbwd"
-    x, h, c, m = _states(B, C, H, W, train)
+    x, h, c, m = _states(B, C, H, W, train, record)
 
     def fn():
         if not train:
@@ -77,9 +74,9 @@ def test_cell_step(benchmark, record, request, provider, shape, mode):
     record(provider, fn, gflops=_cell_gflop(B, C, H, W, k, train))
 
 
-def _pointwise_inputs(B, C, H, W, grad):
+def _pointwise_inputs(B, C, H, W, grad, record):
     g = torch.Generator().manual_seed(2)
-    r = lambda *s: torch.randn(*s, generator=g).requires_grad_(grad)  # noqa: E731
+    r = lambda *s: record.to(torch.randn(*s, generator=g), grad)  # noqa: E731
     return r(B, 7 * C, H, W), r(B, 4 * C, H, W), r(B, 3 * C, H, W), r(B, C, H, W), r(B, C, H, W), \
         r(B, C, H, W), r(B, C, H, W)
 
@@ -97,6 +94,11 @@ def _pointwise_cpp(x_g, h_g, m_g, c, m, o_m, last):
     return cm, S._output_compiled(o_part, o_m, last)
 
 
+def _pointwise_backend(x_g, h_g, m_g, c, m, o_m, last, backend):
+    cm, o_part, _ = S.stlstm_gates(x_g, h_g, m_g, c, m, 1.0, False, backend=backend)
+    return cm, S.stlstm_output(o_part, o_m, last, backend=backend)
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("provider", _providers(with_sep=False))
@@ -104,10 +106,11 @@ def test_pointwise(benchmark, record, request, provider, shape, mode):
     """Both fused stages on the separate-convolution layout (conv_x, conv_h, conv_m outputs given)."""
     B, C, H, W, _ = _shape(request, shape)
     benchmark.group = f"stlstm pointwise {shape} B{B} C{C} {H}x{W} {mode}"
-    fn_ = {"eager": _pointwise_ref, "compile": _pointwise_compiled, "cpp": _pointwise_cpp}[provider]
+    fn_ = {"eager": _pointwise_ref, "compile": _pointwise_compiled, "cpp": _pointwise_cpp}.get(
+        provider, lambda *a: _pointwise_backend(*a, backend=provider))
     train = mode == "fwdbwd"
-    args = _pointwise_inputs(B, C, H, W, train)
-    n = B * C * H * W * 4 / 1e9  # GB per [B, C, H, W] float32 tensor
+    args = _pointwise_inputs(B, C, H, W, train, record)
+    n = B * C * H * W * args[0].element_size() / 1e9  # GB per [B, C, H, W] tensor
     # minimum traffic: forward reads 7C+4C+3C+2C, writes 2C+C (+4C saved gates +C saved o for training);
     # stage 2 reads 3C, writes C; backward reads ~11C (incoming gradients 3C, gates 4C, c_t, m_t and their
     # predecessors 4C) and writes ~16C
@@ -128,8 +131,8 @@ def test_unroll10_train(benchmark, record, request, provider, shape):
     """A 10-step unrolled training step of one cell (its peak_mb is the memory target)."""
     B, C, H, W, k = _shape(request, shape)
     benchmark.group = f"stlstm 10-step unroll {shape} B{B} C{C} {H}x{W} k{k} fwdbwd"
-    cell, step = _cell(provider, B, C, H, W, k)
-    xs = torch.randn(10, B, C, H, W, generator=torch.Generator().manual_seed(3))
+    cell, step = _cell(provider, B, C, H, W, k, record)
+    xs = record.to(torch.randn(10, B, C, H, W, generator=torch.Generator().manual_seed(3)))
 
     def fn():
         h = c = m = xs.new_zeros(B, C, H, W)

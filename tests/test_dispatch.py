@@ -37,8 +37,49 @@ def test_environment_backend_is_used(monkeypatch):
 
 def test_auto_prefers_compiled_kernel_on_cpu():
     x = torch.rand(1, 3, 1, 4, 4)
-    expected = "torch" if OP.static_reasons("cpp") else "cpp"
+    # the first of the op's CPU order that runs here (auto never picks Triton's interpreter)
+    expected = next(b for b in OP.auto_order(device="cpu")
+                    if b == "torch" or (b == "cpp" and not OP.static_reasons("cpp")))
     assert OP.select("auto", x, x, 0.1, 1e-12)[0] == expected
+
+
+def test_auto_order_is_per_device():
+    x = torch.rand(1, 3, 1, 4, 4)
+    assert OP.auto_order((x, x)) == OP.prefer["cpu"] == OP.auto_order(device="cpu")
+    assert OP.auto_order(device="cuda") == OP.prefer["cuda"]
+    assert OP.auto_order() == OP.prefer["cpu"]  # no tensors: the CPU's order
+    meta = torch.empty(2, device="meta")
+    assert OP.auto_order((meta,)) == _dispatch.AUTO_ORDER  # a device without its own order
+    assert OP.auto_order((meta, x)) == OP.prefer["cpu"]  # mixed devices: the CPU's order (the checks refuse them)
+
+
+def _fake_op(prefer):
+    op = _dispatch.Op("_test_fake_op", prefer=prefer)
+    for b in _dispatch.BACKENDS:
+        op.register(b, lambda x, b=b: b)
+    return op
+
+
+def test_per_device_preference_decides_auto():
+    """An op that prefers torch on one device and its kernels on the other is dispatched accordingly, and
+    `vpfast info`'s per-device table says the same as dispatch does."""
+    import vpfast.info
+
+    op = _fake_op({"cpu": ("triton", "torch"), "cuda": ("torch",)})
+    try:
+        x = torch.rand(3)
+        assert op.select("auto", x)[0] == "torch"  # triton is never auto's pick for CPU tensors
+        rows = {r["op"]: r for r in vpfast.info.auto_table("cpu")}
+        row = rows["_test_fake_op"]
+        assert row["order"] == ("triton", "torch") and row["pick"] == "torch"
+        assert list(row["passed_over"]) == ["triton"] and row["passed_over"]["triton"]
+        row = {r["op"]: r for r in vpfast.info.auto_table("cuda")}["_test_fake_op"]
+        assert row["order"] == ("torch",) and row["pick"] == "torch" and row["passed_over"] == {}
+        with pytest.raises(AssertionError):
+            _dispatch.Op("_test_fake_op_bad", prefer={"cuda": ("cuda",)})  # an order must end in torch's reach
+    finally:
+        _dispatch.REGISTRY.pop("_test_fake_op", None)
+        _dispatch.REGISTRY.pop("_test_fake_op_bad", None)
 
 
 def test_auto_falls_back_for_unsupported_dtype():
@@ -50,14 +91,15 @@ def test_auto_falls_back_for_unsupported_dtype():
 
 
 def test_every_reason_is_listed():
-    x = torch.rand(1, 3, 1, 4, 4, dtype=torch.bfloat16)
+    # bfloat16 on the meta device: the CPU kernels take neither (the GPU backends take bfloat16, so cpp is the
+    # backend with two input reasons on every machine, with or without a GPU or the extension)
+    x = torch.empty(1, 3, 1, 4, 4, dtype=torch.bfloat16, device="meta")
     with pytest.raises(vpfast.BackendUnavailable) as info:
-        OP.select("cuda", x, x, 0.1, 1e-12)
+        OP.select("cpp", x, x, 0.1, 1e-12)
     msg = str(info.value)
-    # the static reason (no CUDA) and the input reasons (device, dtype) are all there
-    assert "cuda needs cuda tensors" in msg or "CUDA" in msg
-    assert "bfloat16" in msg
-    assert msg.count(";") >= 1
+    assert "cpp needs cpu tensors, got ['meta']" in msg
+    assert "cpp supports" in msg and "bfloat16" in msg
+    assert msg.count(";") >= 1 + len(OP.static_reasons("cpp"))
 
 
 def test_import_without_extension_warns_once_and_falls_back():
@@ -105,6 +147,46 @@ def test_info_report_lists_ops_and_build():
     assert "ddr_loss" in text and "torch" in text and "CPU capability" in text and "threads" in text
     if vpfast._ext.LOAD_ERROR is None:
         assert "extension vpfast._C: loaded" in text and "with_cuda" in text
+
+
+def test_info_auto_table_matches_dispatch():
+    """info's per-device pick is what Op.select picks for inputs every backend takes (CPU float32 here; CUDA
+    tensors on a GPU), for every registered op's order."""
+    import vpfast.info
+    from vpfast._dispatch import REGISTRY
+
+    x = torch.rand(1, 3, 1, 4, 4)
+    for device in vpfast.info.DEVICES:
+        rows = {r["op"]: r for r in vpfast.info.auto_table(device)}
+        assert set(rows) == set(REGISTRY)
+        for name, row in rows.items():
+            assert row["order"] == tuple(REGISTRY[name].prefer[device])
+            assert row["pick"] in row["order"] or row["pick"] == "torch"
+            before = row["order"][:row["order"].index(row["pick"])] if row["pick"] in row["order"] else row["order"]
+            assert set(row["passed_over"]) == set(before)
+        if device == "cpu" or torch.cuda.is_available():
+            t = x.to(device)
+            assert rows["ddr_loss"]["pick"] == OP.select("auto", t, t, 0.1, 1e-12)[0]
+    if not torch.cuda.is_available():
+        rows = vpfast.info.auto_table("cuda")
+        assert all(r["pick"] == "torch" for r in rows)
+        assert all(any("no CUDA device" in w for w in why) for r in rows for b, why in r["passed_over"].items()
+                   if b != "torch" and why)
+
+
+def test_info_report_per_device_sections():
+    import vpfast.info
+
+    text = vpfast.info.report()
+    assert "auto on cpu (inputs on the CPU):" in text
+    assert ("auto on cuda (inputs on a GPU):" if torch.cuda.is_available() else
+            "auto on cuda: unavailable here (no CUDA device)") in text
+    assert "order (Op.prefer)" in text and " > ".join(OP.prefer["cuda"]) in text
+    # the dtypes each backend declares
+    dtypes = text[text.index("dtypes each fused backend takes"):].splitlines()
+    ddr = next(line for line in dtypes if line.strip().startswith("ddr_loss"))
+    expect = " ".join(vpfast.info._short(d) for d in OP.dtypes["cuda"])
+    assert expect in ddr and "bf16" in expect
 
 
 def test_cli_info_and_module_entry_points():
@@ -179,8 +261,11 @@ def test_bench_paired_rounds_in_a_suite(tmp_path):
     out = tmp_path / "b.json"
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={tmp_path}",
             str(tmp_path / "test_bench_fake.py"), "--benchmark-min-rounds=2", "--benchmark-max-time=0.01"]
+    # the child imports the vpfast this process runs (a checkout's, not whichever an editable install names)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(vpfast.__file__))] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     res = subprocess.run(base + [f"--benchmark-json={out}", "--paired-rounds=3"], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+                         timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = json.loads(out.read_text())["benchmarks"]
     cpp = [r["extra_info"] for r in rows if r["extra_info"]["provider"] == "cpp"]
@@ -188,7 +273,8 @@ def test_bench_paired_rounds_in_a_suite(tmp_path):
     assert "paired" in table(rows)
     # CI's smoke run: no timing and no pairing, each eager fn runs twice (warm-up and the one disabled call)
     (tmp_path / "eager_calls.txt").unlink()
-    res = subprocess.run(base + ["--benchmark-disable"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run(base + ["--benchmark-disable"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "4 passed, 2 skipped" in res.stdout
     assert (tmp_path / "eager_calls.txt").read_text() == "...."

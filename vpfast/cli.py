@@ -1,4 +1,5 @@
-"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]` (and the training commands)."""
+"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]`, `vpfast check` (and the training
+commands)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,13 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from .bench import run
 
-    return run(args.ops, quick=args.quick, paired_rounds=args.paired_rounds)
+    return run(args.ops, quick=args.quick, paired_rounds=args.paired_rounds, device=args.device, dtype=args.dtype)
+
+
+def _check(args) -> int:  # reached only through build_parser() users; main() forwards `check` itself
+    from .check import main
+
+    return main(args.check_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer rounds: a rough table in less time")
     p.add_argument("--paired-rounds", type=int, default=None, metavar="N",
                    help="alternating rounds per group for the paired ratio (default 5, 3 with --quick; 0: off)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where inputs live and what is timed: cpu (cpp backend) or cuda (cuda and triton backends, "
+                        "CUDA-event timing)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("check", help="GPU (or CPU) self-check: the device's tests and a short benchmark table "
+                                     "(python -m vpfast.check --help)", add_help=False)
+    p.add_argument("check_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_check)
     for register in _extra_commands():
         register(sub)
     return parser
@@ -47,6 +62,11 @@ def _extra_commands():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # its options are vpfast.check's own (argparse would not pass them through)
+        from .check import main as check_main
+
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
