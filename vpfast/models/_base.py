@@ -46,6 +46,10 @@ def positive_int(name: str, v) -> int:
     return v
 
 
+def _autocast_on(t: torch.Tensor) -> bool:
+    return t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)
+
+
 class VideoPredictionModel(nn.Module):
     """Base of the vpfast models.
 
@@ -65,7 +69,8 @@ class VideoPredictionModel(nn.Module):
         return next(self.parameters())
 
     def check_frames(self, x, T: int, what: str = "x") -> torch.Tensor:
-        """x must be Tensor[B, T, C, H, W] with this model's C, on its device and dtype, H/W divisible."""
+        """x must be Tensor[B, T, C, H, W] with this model's C, on its device, H/W divisible, and (outside
+        autocast) of the parameters' dtype."""
         C = self.config["in_shape"][1]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor [B, {T}, {C}, H, W], got {type(x).__name__}")
@@ -82,7 +87,7 @@ class VideoPredictionModel(nn.Module):
         p = self._param_like()
         if x.device != p.device:
             raise ValueError(f"{what} is on {x.device} but the model's parameters are on {p.device}")
-        if x.dtype != p.dtype:
+        if x.dtype != p.dtype and not _autocast_on(x):  # under autocast any float dtype, as for nn.Conv2d
             raise TypeError(f"{what} has dtype {x.dtype} but the model's parameters have {p.dtype}")
         div, why = self._spatial_divisor()
         H, W = x.shape[-2:]
