@@ -355,6 +355,9 @@ def test_real_model_bf16_mixed_on_cpu(tmp_path):
     assert tr.main(["--out", part, "--resume", "--no-progress"]) == 0
     a, _ = _same_weights(ref, part)
     assert a["global_step"] == 2 and all(v.dtype == torch.float32 for v in a["state_dict"].values())
+    # the ops' backends as auto chose them, recorded (and printed) for the run
+    assert {"stlstm_gates", "stlstm_output", "motion_gru", "deform_warp"} <= set(a["op_backends"])
+    assert json.load(open(os.path.join(ref, "summary.json")))["op_backends"] == a["op_backends"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

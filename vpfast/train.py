@@ -408,7 +408,7 @@ def _train(args, ddp):
     pre, aft = model_seq_lengths(model, run["pre"], run["aft"])
     train_ds, test_ds = _datasets(run, args, pre, aft, getattr(model, "config", None))
     try:  # one sequence through the model: shape problems become a clear message, not a traceback mid-run
-        with torch.no_grad(), prec.autocast():
+        with torch.no_grad(), prec.autocast(), recording_backends() as backends_used:
             model.eval()
             model(test_ds[0][None, :pre].to(device, dtype))
     except (ValueError, TypeError, RuntimeError) as e:
@@ -462,6 +462,9 @@ def _train(args, ddp):
               f"{f' over {ddp.world} processes' if ddp.enabled else ''}, {total_steps} steps, lr {run['lr']:g}, "
               f"device {device}, {run['dtype']}, precision {run['precision']}, out {out}"
               + (f" (resumed at epoch {start_epoch + 1}, step {global_step})" if ckpt else ""), flush=True)
+        if backends_used:  # what auto (or --backend) actually ran: a silent fallback shows here
+            print("op backends: " + ", ".join(f"{op} {'/'.join(sorted(b))}" for op, b in sorted(backends_used.items())),
+                  flush=True)
 
     def save(epoch, batch_in_epoch, reason):
         rngs = ddp.gather_object(rng_state(device))
@@ -475,6 +478,7 @@ def _train(args, ddp):
             "scheduler": scheduler.state_dict(), "scaler": prec.scaler.state_dict(), "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
             "global_step": global_step, "total_steps": total_steps, "train_args": run, "history": history,
+            "op_backends": {op: sorted(b) for op, b in backends_used.items()},
             "rng_per_rank": rngs, "world_size": ddp.world, "torch": str(torch.__version__),
         }
         save_atomic(state, ckpt_path)
@@ -587,7 +591,7 @@ def _train(args, ddp):
             signal.signal(s, h)
 
     summary = {"out": out, "global_step": global_step, "epoch": epoch, "interrupted": interrupted,
-               "signal": stop["signal"],
+               "signal": stop["signal"], "op_backends": {op: sorted(b) for op, b in backends_used.items()},
                "checkpoint": ckpt_path, "final": history["epochs"][-1] if history["epochs"] else None}
     if ddp.enabled:
         summary["ddp_max_param_diff"] = _ddp_param_divergence(model, ddp)
@@ -597,6 +601,25 @@ def _train(args, ddp):
                   file=sys.stderr, flush=True)
         write_text_atomic(json.dumps(summary, indent=1), os.path.join(out, "summary.json"))
     return summary
+
+
+@contextlib.contextmanager
+def recording_backends():
+    """Within the block, records which backend each vpfast op ran with: yields {op name: set of backends}."""
+    from . import _dispatch
+    seen = {}
+    ops = list(_dispatch.REGISTRY.values())
+    for op in ops:
+        def select(backend, *args, _select=op.select, _name=op.name, **kwargs):
+            name, fn = _select(backend, *args, **kwargs)
+            seen.setdefault(_name, set()).add(name)
+            return name, fn
+        op.select = select  # an instance attribute over the class's method, removed below
+    try:
+        yield seen
+    finally:
+        for op in ops:
+            op.__dict__.pop("select", None)
 
 
 def _is_main_thread():

@@ -169,8 +169,12 @@ def reverse_sampling_probs(itr: int, step_1: int = 25000, step_2: int = 50000,
 
 def bernoulli_mask(B: int, n: int, prob: float, like: torch.Tensor,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Tensor[B, n, 1, 1, 1] of 0/1, each entry 1 with probability `prob` (broadcasts over the frame)."""
-    u = torch.rand((B, n), generator=generator, device="cpu" if generator is not None else like.device)
+    """Tensor[B, n, 1, 1, 1] of 0/1, each entry 1 with probability `prob` (broadcasts over the frame).
+
+    Drawn from `generator` on its own device (a CPU generator for masks that must not depend on the device), or
+    from the global generator of like's device; the mask ends on like's device in like's dtype.
+    """
+    u = torch.rand((B, n), generator=generator, device=generator.device if generator is not None else like.device)
     return (u < prob).to(device=like.device, dtype=like.dtype).view(B, n, 1, 1, 1)
 
 
