@@ -86,6 +86,8 @@ def _device_from_args(args):
     precision = getattr(args, "precision", None) or "32"
     check_precision(precision, device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device, precision
 

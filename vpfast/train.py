@@ -56,12 +56,13 @@ CPU_FLOAT16_REFUSED = True
 
 
 def resolve_device(text=None):
-    """torch.device for --device: "cpu", "cuda" (the current GPU), "cuda:N"; None = $VPFAST_DEVICE if set, else
-    cuda if available, else cpu."""
+    """torch.device for --device: "cpu", "cuda" (the current GPU; returned without an index), "cuda:N"; None =
+    $VPFAST_DEVICE if set, else cuda if available, else cpu. Creates no CUDA context (under torchrun each
+    process must select its own GPU before touching one)."""
     if text is None:
         text = os.environ.get("VPFAST_DEVICE") or None
     if text is None or str(text).strip().lower() == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(str(text).strip().lower())
     except (RuntimeError, ValueError):
@@ -73,11 +74,10 @@ def resolve_device(text=None):
     if not torch.cuda.is_available():
         raise UsageError(f"--device {text}: no CUDA device is available here (torch.cuda.is_available() is False); "
                          "use --device cpu")
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                          f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return torch.device("cuda", index)
+    return dev
 
 
 def check_precision(precision, device, dtype=torch.float32):
@@ -173,7 +173,7 @@ class Dist:
         if self.enabled:
             use_cuda = self.device.type == "cuda"
             if use_cuda:
-                if device is not None and torch.device(str(device).strip().lower()).index is not None:
+                if self.device.index is not None:
                     raise UsageError(f"--device {device}: under torchrun every process uses the GPU of its local "
                                      "rank; pass --device cuda")
                 if self.local_rank >= torch.cuda.device_count():
@@ -189,6 +189,8 @@ class Dist:
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         elif self.device.type == "cuda":
             # custom kernels launch on the current device's stream: make it the training device
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
 
     @classmethod
