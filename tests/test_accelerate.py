@@ -233,3 +233,132 @@ def test_accelerate_swaps_simvp_basic_conv2d():
     assert g.keys() == g_ref.keys() and len(g) == 14  # mid (act_norm=False) leaves its norm unused
     for k in g:
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
+# ---- mixed precision ------------------------------------------------------------------------------------
+def _amp_params():
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return [pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+            pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=cuda),
+            pytest.param("cuda", torch.float16, id="cuda-fp16", marks=cuda)]
+
+
+def _backends(device):
+    """backend="torch", the default, and on a GPU the cuda / triton backends where built / installed."""
+    from vpfast import _ext
+    out = ["torch", None]
+    if device == "cuda":
+        if _ext.built_with_cuda() and not _ext.LOAD_ERROR:
+            out.append("cuda")
+        if _ext.TRITON_INSTALLED and not _ext.triton_interpret():
+            out.append("triton")
+    return out
+
+
+def _randomise(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (0.6 / fan_in ** 0.5) + (1.0 if p.dim() == 3 else 0.0))
+    return m
+
+
+def _layer_case(kind):
+    """(module, inputs) of one vpfast.nn layer, float32 on the CPU."""
+    from vpfast.models.simvp import BasicConv2d as VBasicConv2d
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.rand(*s, generator=g) * 2 - 1  # noqa: E731
+    vnn = vpfast.nn
+    if kind == "depthwise":
+        return vnn.DepthwiseConv2d(8, 8, 5, padding=2), (r(2, 8, 9, 11),)
+    if kind in ("spatial_attention", "temporal_attention"):
+        cls = vnn.SpatialAttention if kind == "spatial_attention" else vnn.TemporalAttention
+        return cls(16), (r(2, 16, 9, 11),)
+    if kind == "warp":
+        return vnn.Warp(4, 4, 3), (r(2, 4, 8, 8), r(2, 18, 8, 8))
+    if kind == "motion_gru":
+        return vnn.MotionGRU(4, 18, 3), (r(2, 4, 8, 8), r(2, 18, 8, 8), r(2, 18, 8, 8))
+    if kind == "ddr_loss":
+        return vnn.DDRLoss(), (torch.rand(2, 3, 1, 8, 8, generator=g), torch.rand(2, 3, 1, 8, 8, generator=g))
+    if kind.startswith("stlstm"):
+        variant, ln = kind.split("-")[1], kind.endswith("-ln")
+        cell = vnn.SpatioTemporalLSTMCell(4, 8, 8, 8, 3, 1, ln, variant=variant)
+        return cell, (r(2, 4, 8, 8),) + tuple(r(2, 8, 8, 8) for _ in range(4 if variant == "highway" else 3))
+    if kind == "convlstm":
+        return vnn.ConvLSTMCell(4, 8, 8, 8, 3, 1, False), (r(2, 4, 8, 8), r(2, 8, 8, 8), r(2, 8, 8, 8))
+    if kind in ("basic_conv2d", "basic_conv2d-up"):
+        m = VBasicConv2d(4, 8, 3, 1, 1, upsampling=kind.endswith("-up"))
+        m.channels_last = True  # as SimVP's encoder and decoder run it
+        return m, (r(2, 4, 8, 6),)
+    raise ValueError(kind)
+
+
+LAYERS = ["depthwise", "spatial_attention", "temporal_attention", "warp", "motion_gru", "ddr_loss",
+          "stlstm-predrnn", "stlstm-predrnnv2", "stlstm-highway", "stlstm-predrnn-ln", "convlstm", "basic_conv2d",
+          "basic_conv2d-up"]
+
+
+def _layer_step(m, inputs, backend, amp_dtype):
+    """Outputs and gradients (parameters, then inputs) of sum(out^2) for m with `backend` set everywhere."""
+    for mod in m.modules():
+        if hasattr(mod, "backend"):
+            mod.backend = backend
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    dev = xs[0].device.type
+    with torch.autocast(dev, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out = m(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum(o.float().square().sum() for o in outs)
+    params = [p for p in m.parameters()]
+    grads = torch.autograd.grad(loss, params + xs, allow_unused=True)
+    return outs, list(zip([f"param {k}" for k, _ in m.named_parameters()] + [f"input {i}" for i in range(len(xs))],
+                          grads)), [p.dtype for p in params]
+
+
+@pytest.mark.parametrize("device,amp_dtype", _amp_params())
+@pytest.mark.parametrize("kind", LAYERS)
+def test_every_layer_under_autocast(kind, device, amp_dtype):
+    """Every vpfast.nn layer (and SimVP's BasicConv2d) runs under torch.autocast with every backend: finite
+    outputs, float32 gradients for float32 parameters and inputs, and results within 8x the torch backend's
+    own error at that precision (+1%), measured against the layer in float64."""
+    from test_models import _assert_bounded
+    m, inputs = _layer_case(kind)
+    _randomise(m)
+    m = m.to(device)
+    inputs = [x.to(device) for x in inputs]
+    out64, g64, _ = _layer_step(copy.deepcopy(m).double(), [x.double() for x in inputs], "torch", None)
+    ref, gref, _ = _layer_step(m, inputs, "torch", amp_dtype)
+    for backend in _backends(device):
+        out, grads, _ = _layer_step(m, inputs, backend, amp_dtype)
+        assert len(out) == len(out64)
+        for i, (o, o_ref, o64) in enumerate(zip(out, ref, out64)):
+            assert torch.isfinite(o).all(), (backend, i)
+            _assert_bounded(o, o_ref, o64, 8, 1e-2, f"{backend} output {i}")
+        for (k, gv), (_, gr), (_, g6) in zip(grads, gref, g64):
+            if g6 is None:
+                assert gv is None, (backend, k)
+                continue
+            assert gv.dtype == torch.float32, (backend, k, gv.dtype)
+            _assert_bounded(gv, gr, g6, 8, 1e-2, f"{backend} grad {k}")
+
+
+@pytest.mark.parametrize("device,amp_dtype", _amp_params())
+def test_accelerated_model_under_autocast(device, amp_dtype):
+    """A model of reference-style modules, accelerated, trains under autocast with backend="torch" and the
+    default; its gradients are float32 and within 8x the torch backend's own error (+1%) of float64."""
+    from test_models import _assert_bounded
+    model, _ = _model_and_copy(Zoo, 0.2)
+    vpfast.accelerate(model, backend="torch")
+    model = model.float().to(device)
+    x = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)).to(device)
+    out64, g64, _ = _layer_step(copy.deepcopy(model).double(), [x.double()], "torch", None)
+    ref, gref, _ = _layer_step(model, [x], "torch", amp_dtype)
+    for backend in _backends(device):
+        out, grads, _ = _layer_step(model, [x], backend, amp_dtype)
+        assert torch.isfinite(out[0]).all()
+        _assert_bounded(out[0], ref[0], out64[0], 8, 1e-2, f"{backend} output")
+        for (k, gv), (_, gr), (_, g6) in zip(grads, gref, g64):
+            if g6 is not None:
+                assert gv.dtype == torch.float32, (backend, k, gv.dtype)
+                _assert_bounded(gv, gr, g6, 8, 1e-2, f"{backend} grad {k}")

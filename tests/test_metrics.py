@@ -95,3 +95,31 @@ def test_baselines_and_errors():
         ssim(torch.rand(1, 1, 5, 9), torch.rand(1, 1, 5, 9))
     with pytest.raises(TypeError):
         ssim(np.zeros((1, 8, 8)), torch.rand(1, 8, 8))
+
+
+def test_accumulator_takes_low_precision_predictions():
+    # a model evaluated under autocast may return bf16 frames; metrics are computed in float64 all the same
+    g = torch.Generator().manual_seed(2)
+    true = torch.rand(2, 3, 1, 12, 12, generator=g)
+    pred = torch.rand(2, 3, 1, 12, 12, generator=g).bfloat16()
+    acc = MetricAccumulator()
+    acc.update(pred, true)
+    want = compute_metrics(pred.double(), true.double())
+    assert acc.count == 6
+    for k, v in acc.compute().items():
+        assert v == pytest.approx(want[k], rel=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_accumulator_on_cuda_matches_cpu():
+    # the training loop evaluates CUDA predictions; the sums are kept on the CPU (what DDP all-reduces)
+    g = torch.Generator().manual_seed(3)
+    true = torch.rand(4, 3, 1, 16, 16, generator=g)
+    pred = torch.rand(4, 3, 1, 16, 16, generator=g)
+    acc = MetricAccumulator()
+    acc.update(pred[:2].cuda(), true[:2].cuda())
+    acc.update(pred[2:].cuda(), true[2:].cuda())
+    assert acc.state().device.type == "cpu" and acc.count == 12
+    want = compute_metrics(pred, true)
+    for k, v in acc.compute().items():
+        assert v == pytest.approx(want[k], rel=1e-9)

@@ -504,3 +504,146 @@ def test_compile_simvp_and_cell():
     args = [torch.rand(1, 8, 8, 8) for _ in range(4)]
     for a, b in zip(torch.compile(cell)(*args), cell(*args)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- mixed precision ------------------------------------------------------------------------------------
+def _step_grads(model, frames, name, amp_dtype=None):
+    """One training step (loss + backward) with fixed random draws; amp_dtype runs it under torch.autocast.
+    Returns (loss as float64, {parameter: grad as float64}, {parameter: grad dtype})."""
+    dev = frames.device.type
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(7)  # same DropPath draws
+    g = torch.Generator().manual_seed(3)  # same sampling masks
+    with torch.autocast(dev, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        loss, _ = model.training_loss(frames, 10, generator=g) if name in RNNS else model.training_loss(frames, 10)
+    loss.backward()
+    grads = {k: p.grad.double() for k, p in model.named_parameters() if p.grad is not None}
+    dtypes = {k: p.grad.dtype for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().double(), grads, dtypes
+
+
+def _assert_bounded(out, ref_same, ref64, factor, floor, what):
+    """|out - ref64| <= factor * |ref_same - ref64| + floor * |ref64| in the Frobenius norm: out may round
+    differently from the torch reference at the same precision, but not much worse (a norm rather than the
+    maximum, because one step of a recurrent model spreads rounding over every element of a gradient)."""
+    ref = ref64.double()
+    err = (out.double() - ref).norm()
+    base = (ref_same.double() - ref).norm()
+    bound = factor * base + floor * ref.norm()
+    assert err <= bound, (f"{what}: error {err.item():.3e} vs the float64 reference exceeds {factor} x the torch "
+                          f"reference's own error {base.item():.3e} + {floor} x norm {ref.norm().item():.3e}")
+
+
+_F64_STEPS: dict = {}
+
+
+def _mixed_precision_case(name, backends, device, preset, batch, amp_dtype, factor, floor, **over):
+    """Every backend's training step against backend="torch" at the same precision, both bounded by their
+    distance to a float64 step of the torch reference."""
+    import copy
+
+    torch.manual_seed(0)
+    src = M.create(name, preset=preset, backend="torch", **over).train()
+    _, C, H, W = src.config["in_shape"]
+    T = src.pre_seq_length + src.aft_seq_length
+    frames = torch.rand(batch, T, C, H, W, generator=torch.Generator().manual_seed(1)).to(device)
+    key = (name, device, preset, batch, tuple(sorted(over.items())))
+    if key not in _F64_STEPS:  # the same float64 step serves every precision of a case
+        _F64_STEPS.clear()
+        _F64_STEPS[key] = _step_grads(copy.deepcopy(src).to(device, torch.float64), frames.double(), name)
+    l64, g64, _ = _F64_STEPS[key]
+    lt, gt, dt = _step_grads(copy.deepcopy(src).to(device), frames, name, amp_dtype)
+    assert torch.isfinite(lt)
+    assert set(gt) == set(g64) and set(dt.values()) == {torch.float32}, dt
+    for backend in backends:
+        model = M.create(name, preset=preset, backend=backend, **over).train().to(device)
+        model.load_state_dict(src.state_dict())
+        lb, gb, db = _step_grads(model, frames, name, amp_dtype)
+        assert torch.isfinite(lb), backend
+        assert set(gb) == set(g64), (backend, set(g64) ^ set(gb))
+        assert set(db.values()) == {torch.float32}, (backend, db)  # parameters keep float32 gradients
+        _assert_bounded(lb, lt, l64, factor, floor, f"{backend} loss")
+        for k in g64:
+            _assert_bounded(gb[k], gt[k], g64[k], factor, floor, f"{backend} grad {k}")
+
+
+@pytest.mark.parametrize("name", M.NAMES)
+def test_cpu_bf16_autocast_training_step(name):
+    """Every model trains under CPU bf16 autocast with backend="torch" and the default backend: finite loss,
+    float32 parameter gradients, and the default backend within 8x the torch path's own bf16 error (+1%)."""
+    over = dict(in_shape=(3, 1, 16, 16), pre_seq_length=3, aft_seq_length=2)
+    if name in RNNS:
+        over["patch_size"] = 2
+    _mixed_precision_case(name, [None], "cpu", "small", 2, torch.bfloat16, 8, 1e-2, **over)
+
+
+def test_cells_take_autocast_dtypes():
+    """Under autocast a cell takes a bf16 input next to float32 states (as nn.Conv2d takes a bf16 input with
+    float32 weights); outside autocast mixed dtypes stay an error, as for F.conv2d."""
+    from vpfast.nn import ConvLSTMCell, SpatioTemporalLSTMCell
+    x = torch.rand(2, 4, 8, 8).bfloat16()
+    s = torch.zeros(2, 8, 8, 8)
+    for backend in ("torch", None):
+        st = SpatioTemporalLSTMCell(4, 8, 8, 8, 3, 1, False, variant="highway", backend=backend)
+        cl = ConvLSTMCell(4, 8, 8, 8, 3, 1, False, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, c, m, hw = st(x, s, s, s, s.bfloat16())
+            h2, c2 = cl(x, s, s)
+        assert all(t.is_floating_point() and t.shape == s.shape for t in (h, c, m, hw, h2, c2))
+        assert c.dtype == m.dtype == c2.dtype == torch.float32  # a float32 state stays float32
+        with pytest.raises(TypeError, match="dtype"):
+            st(x, s, s, s, s)
+        with pytest.raises(TypeError, match="dtype"):
+            cl(x.float(), s, s.double())
+
+
+# ---- GPU (skipped without CUDA) -------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_backends():
+    """torch, cuda, triton (when built / installed) and the default (None = auto)."""
+    from vpfast import _ext
+    out = ["torch"]
+    if _ext.built_with_cuda() and not _ext.LOAD_ERROR:
+        out.append("cuda")
+    if _ext.TRITON_INSTALLED and not _ext.triton_interpret():
+        out.append("triton")
+    return out + [None]
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 convolutions and matmuls in float32 (PyTorch's CUDA default is TF32), so that the float32
+    comparison is tight; restored afterwards."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+@pytest.mark.parametrize("name", M.NAMES)
+def test_gpu_mmnist_training_step_every_backend(name, precision, no_tf32):
+    """The published Moving-MNIST configuration at batch 16 on the GPU: one training step with every available
+    backend (torch, cuda, triton, default) against backend="torch" at the same precision (float32, or bf16
+    autocast), both measured against a float64 step of the torch reference."""
+    amp = torch.bfloat16 if precision == "bf16-mixed" else None
+    factor, floor = (8, 1e-2) if amp is not None else (8, 1e-5)
+    _mixed_precision_case(name, _gpu_backends(), "cuda", "mmnist", 16, amp, factor, floor)
+
+
+@pytest.mark.parametrize("name", M.NAMES)
+def test_layer_decisions_do_not_depend_on_the_fast_backend_name(name):
+    """Whether cells merge their convolutions and whether SimVP's encoder/decoder run channels_last is decided
+    by the configuration alone, never by a fast backend's name (nor by device): backend=None (auto) and
+    backend="cuda" build the same layers, so auto on a GPU runs what backend="cuda" runs wherever the ops pick
+    cuda. Only "torch" (the reference arithmetic, verbatim) differs."""
+    def decisions(backend):
+        with torch.device("meta"):
+            m = M.create(name, preset="mmnist", backend=backend)
+        return [(k, getattr(mod, "merge_convs", None), getattr(mod, "channels_last", None), type(mod).__name__)
+                for k, mod in m.named_modules()]
+    assert decisions("cuda") == decisions(None)

@@ -1,6 +1,7 @@
 """Training loop, checkpoints, resume, CLI and multi-process training, on a tiny stand-in model (tests/standin.py)
 so the machinery is tested independently of the real models' speed."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +25,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_by_default(monkeypatch):
+    # the runs here compare bit for bit (resume, DDP with gloo): on the CPU also where a GPU is present; the GPU
+    # tests pass --device cuda, which overrides this default
+    monkeypatch.setenv("VPFAST_DEVICE", "cpu")
 
 
 TINY = ["--train-size", "16", "--batch-size", "8", "--test-size", "8", "--no-progress"]
@@ -253,3 +261,127 @@ def test_real_models_train_resume_and_eval(tmp_path, name, config):
     assert (meta["pre"], meta["aft"]) == (4, 4)
     x = torch.from_numpy(arr[:2, :4]).double()
     assert net(x).shape == (2, 4, 1, 16, 16)
+
+
+# ---- --device and --precision ---------------------------------------------------------------------------
+def _same_weights(a_dir, b_dir):
+    a, b = _state(os.path.join(a_dir, "last.pt")), _state(os.path.join(b_dir, "last.pt"))
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    return a, b
+
+
+def test_bf16_mixed_on_cpu_trains_saves_resumes_and_evaluates(tmp_path, capsys):
+    """--device cpu --precision bf16-mixed: a run, its checkpoint, an exact resume from the middle of an epoch,
+    and eval under the same autocast."""
+    base = ["--model", "standin:create", "--epochs", "1", "--device", "cpu", "--config", '{"noise": 0.05}', *TINY]
+    common = base + ["--precision", "bf16-mixed"]
+    ref = str(tmp_path / "ref")
+    assert tr.main(common + ["--out", ref]) == 0
+    assert "precision bf16-mixed" in capsys.readouterr().out
+    f32 = str(tmp_path / "f32")
+    assert tr.main(base + ["--precision", "32", "--out", f32]) == 0
+    w16, w32 = (_state(os.path.join(d, "last.pt"))["state_dict"] for d in (ref, f32))
+    assert any(not torch.equal(w16[k], w32[k]) for k in w16)  # autocast was on: bf16 rounding shows
+    part = str(tmp_path / "part")
+    assert tr.main(common + ["--out", part, "--stop-after", "1"]) == 0
+    assert _state(os.path.join(part, "last.pt"))["global_step"] == 1
+    # a resumed run keeps the checkpoint's precision: another one is refused
+    assert tr.main(["--out", part, "--resume", "--precision", "32", "--no-progress"]) == 2
+    assert "precision='bf16-mixed'" in capsys.readouterr().err
+    assert tr.main(["--out", part, "--resume", "--device", "cpu", "--no-progress", "--test-size", "8"]) == 0
+    a, _ = _same_weights(ref, part)
+    assert a["train_args"]["precision"] == "bf16-mixed" and a["scaler"] == {}  # no loss scaling in bf16
+    for name in ("log.csv", "predictions.png", "predictions.gif", "loss.png"):
+        assert os.path.getsize(os.path.join(ref, name)) > 0
+    js = str(tmp_path / "m.json")
+    assert tr.cli(["eval", os.path.join(ref, "last.pt"), "--device", "cpu", "--precision", "bf16-mixed",
+                   "--test-size", "8", "--no-progress", "--json", js]) == 0
+    res = json.load(open(js))
+    assert res["device"] == "cpu" and res["precision"] == "bf16-mixed" and res["metrics"]["model"]["mse"] > 0
+
+
+def test_16_mixed_grad_scaler_state_is_saved_and_resumed(tmp_path, monkeypatch):
+    """The GradScaler code path (16-mixed), run on the CPU through the test switch: the scaler's state (loss
+    scale, growth counter) is checkpointed and restored, so a resumed run ends where an uninterrupted one does."""
+    monkeypatch.setattr(tr, "CPU_FLOAT16_REFUSED", False)
+    common = ["--model", "standin:create", "--epochs", "1", "--device", "cpu", "--precision", "16-mixed",
+              "--config", '{"noise": 0.05}', *TINY]
+    ref = str(tmp_path / "ref")
+    assert tr.main(common + ["--out", ref]) == 0
+    part = str(tmp_path / "part")
+    assert tr.main(common + ["--out", part, "--stop-after", "1"]) == 0
+    saved = _state(os.path.join(part, "last.pt"))["scaler"]
+    assert saved["_growth_tracker"] + (saved["scale"] < 65536.0) >= 1  # it counted steps (or backed off)
+    assert tr.main(["--out", part, "--resume", "--no-progress", "--test-size", "8"]) == 0
+    a, b = _same_weights(ref, part)
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+
+
+def test_device_and_precision_errors(tmp_path, capsys, monkeypatch):
+    base = ["--model", "standin:create", *TINY]
+    assert tr.main(base + ["--device", "cpu", "--precision", "16-mixed", "--out", str(tmp_path / "a")]) == 2
+    assert "bf16-mixed" in capsys.readouterr().err  # points to what works on the CPU
+    assert tr.main(base + ["--device", "cpu", "--precision", "bf16-mixed", "--dtype", "float64",
+                           "--out", str(tmp_path / "b")]) == 2
+    assert "float64" in capsys.readouterr().err
+    assert tr.main(base + ["--device", "tpu", "--out", str(tmp_path / "c")]) == 2
+    assert "cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert tr.main(base + ["--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+        assert tr.cli(["eval", "whatever.pt", "--device", "cuda:0"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert tr.resolve_device(None).type == "cpu"  # $VPFAST_DEVICE (set by the fixture above)
+    monkeypatch.delenv("VPFAST_DEVICE")
+    assert tr.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_real_model_bf16_mixed_on_cpu(tmp_path):
+    """A recurrent model (MotionRNN: ST-LSTM highway cells, MotionGRU, warp) trains under CPU bf16 autocast
+    through the CLI and resumes exactly."""
+    arr = np.random.default_rng(0).random((14, 8, 1, 16, 16)).astype(np.float32)
+    f = str(tmp_path / "seqs.npy")
+    np.save(f, arr)
+    cfg = json.dumps({"num_hidden": "8,8", "patch_size": 2, "filter_size": 3, "in_shape": [4, 1, 16, 16],
+                      "pre_seq_length": 4, "aft_seq_length": 4})
+    common = ["--model", "motionrnn", "--preset", "small", "--config", cfg, "--data", f, "--epochs", "1",
+              "--batch-size", "6", "--device", "cpu", "--precision", "bf16-mixed", "--no-progress"]
+    ref = str(tmp_path / "ref")
+    assert tr.main(common + ["--out", ref]) == 0
+    part = str(tmp_path / "part")
+    assert tr.main(common + ["--out", part, "--stop-after", "1"]) == 0
+    assert tr.main(["--out", part, "--resume", "--no-progress"]) == 0
+    a, _ = _same_weights(ref, part)
+    assert a["global_step"] == 2 and all(v.dtype == torch.float32 for v in a["state_dict"].values())
+    # the ops' backends as auto chose them, recorded (and printed) for the run
+    assert {"stlstm_gates", "stlstm_output", "motion_gru", "deform_warp"} <= set(a["op_backends"])
+    assert json.load(open(os.path.join(ref, "summary.json")))["op_backends"] == a["op_backends"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+def test_cli_on_gpu(tmp_path, precision):
+    """The whole CLI on the GPU with a real model: training, evaluation, pictures, checkpoint, resume (with the
+    GradScaler's state for 16-mixed), and eval of the checkpoint on the GPU."""
+    cfg = json.dumps({"num_hidden": "16,16", "in_shape": [10, 1, 64, 64]})
+    common = ["--model", "predrnn", "--preset", "small", "--config", cfg, "--epochs", "2", "--train-size", "16",
+              "--batch-size", "8", "--test-size", "16", "--device", "cuda", "--precision", precision,
+              "--no-progress"]
+    ref = str(tmp_path / "ref")
+    assert tr.main(common + ["--out", ref]) == 0
+    for name in ("last.pt", "log.csv", "log.json", "predictions.png", "predictions.gif", "loss.png", "summary.json"):
+        assert os.path.getsize(os.path.join(ref, name)) > 0, name
+    part = str(tmp_path / "part")
+    assert tr.main(common + ["--out", part, "--stop-after", "3"]) == 0
+    assert tr.main(["--out", part, "--resume", "--no-progress", "--test-size", "16"]) == 0
+    a, b = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
+    assert a["global_step"] == b["global_step"] == 4 and a["train_args"]["precision"] == precision
+    assert set(a["scaler"]) == set(b["scaler"]) and (precision != "16-mixed" or b["scaler"]["scale"] > 0)
+    for k, v in a["state_dict"].items():  # cuDNN picks algorithms per run: close, not bitwise
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=5e-2, atol=1e-3, msg=k)
+    log = json.load(open(os.path.join(ref, "log.json")))
+    assert all(math.isfinite(e["mse"]) for e in log["epochs"])
+    assert tr.cli(["eval", os.path.join(ref, "last.pt"), "--device", "cuda", "--precision", precision,
+                   "--test-size", "16", "--no-progress"]) == 0

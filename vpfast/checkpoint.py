@@ -46,8 +46,13 @@ def write_text_atomic(text, path):
     os.replace(tmp, path)
 
 
-def rng_state():
-    """RNG states of torch (CPU and CUDA), numpy's global RNG and Python's `random`, as plain containers."""
+def rng_state(device=None):
+    """RNG states of torch's CPU generator, numpy's global RNG, Python's `random` and, when `device` is a CUDA
+    device, that device's generator (the one training draws from), as plain containers.
+
+    Only the training device's CUDA generator is saved: reading every GPU's (get_rng_state_all) would create a
+    CUDA context on each of them in every process of a multi-GPU run, and a CPU run draws from none.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -55,20 +60,30 @@ def rng_state():
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
+    """Restore what `rng_state` saved. The CUDA generator state goes to `device` when that is a CUDA device (a
+    list from older checkpoints, one state per GPU, gives the entry of the device's index, else its first)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or torch.device(device).type != "cuda":
+        return
+    device = torch.device(device)
+    if isinstance(cuda, (list, tuple)):
+        if not cuda:
+            return
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        cuda = cuda[idx] if idx < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def load_checkpoint_file(path):

@@ -17,8 +17,8 @@ import torch
 
 from .checkpoint import FORMAT, CheckpointError, load_checkpoint_file, load_model_state, write_text_atomic
 from .data import make_dataset
-from .train import (UsageError, build_model, evaluate, format_metrics_table, model_seq_lengths, predict_batch,
-                    run_command)
+from .train import (UsageError, add_device_arguments, build_model, check_precision, evaluate,
+                    format_metrics_table, model_seq_lengths, predict_batch, resolve_device, run_command)
 
 
 def _unwrap_state_dict(obj):
@@ -36,9 +36,10 @@ def _unwrap_state_dict(obj):
     return obj
 
 
-def load_model(path, model=None, preset=None, backend=None, config=None, dtype=torch.float32):
-    """A model ready for evaluation from a vpfast training checkpoint (rebuilt from its name and config) or
-    from plain weights in any common container (then `model` names the architecture)."""
+def load_model(path, model=None, preset=None, backend=None, config=None, dtype=torch.float32, device="cpu"):
+    """A model ready for evaluation, on `device`, from a vpfast training checkpoint (rebuilt from its name and
+    config) or from plain weights in any common container (then `model` names the architecture). The file is
+    read onto the CPU whatever device saved it."""
     ck = load_checkpoint_file(path)
     if isinstance(ck, dict) and ck.get("format") == FORMAT:
         if model and model != ck["model_name"]:
@@ -64,7 +65,7 @@ def load_model(path, model=None, preset=None, backend=None, config=None, dtype=t
         else:
             load_model_state(net, _unwrap_state_dict(ck), path)
         meta = {"model": model, "pre": 10, "aft": 10}
-    net = net.to(dtype).eval()
+    net = net.to(device, dtype).eval()
     meta["pre"], meta["aft"] = model_seq_lengths(net, meta["pre"], meta["aft"])
     return net, meta
 
@@ -76,11 +77,25 @@ def _add_model_args(p):
     p.add_argument("--config", help="JSON object of config overrides for --model")
     p.add_argument("--backend", help="op backend (default auto)")
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch (default 32)")
+    add_device_arguments(p, "inference")
 
 
-def _load_from_args(args):
+def _device_from_args(args):
+    """(device, precision) of --device / --precision, checked."""
+    device = resolve_device(getattr(args, "device", None))
+    precision = getattr(args, "precision", None) or "32"
+    check_precision(precision, device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device, precision
+
+
+def _load_from_args(args, device="cpu"):
     from .train import _parse_config
-    return load_model(args.checkpoint, args.model, args.preset, args.backend, _parse_config(args.config))
+    return load_model(args.checkpoint, args.model, args.preset, args.backend, _parse_config(args.config),
+                      device=device)
 
 
 def _test_set(data, size, seed):
@@ -92,24 +107,27 @@ def _test_set(data, size, seed):
 
 
 def cmd_eval(args):
-    net, meta = _load_from_args(args)
+    device, precision = _device_from_args(args)
+    net, meta = _load_from_args(args, device)
     ds = _test_set(args.data, args.test_size, args.seed)
     t0 = time.perf_counter()
-    res = evaluate(net, ds, meta["pre"], meta["aft"], args.batch_size, baselines=not args.no_baselines,
-                   progress=not args.no_progress)
+    res = evaluate(net, ds, meta["pre"], meta["aft"], args.batch_size, device=device, baselines=not args.no_baselines,
+                   progress=not args.no_progress, precision=precision)
     dt = time.perf_counter() - t0
     print(f"{meta['model']} on {len(ds)} test sequences ({args.data or 'generated Moving MNIST test set'}), "
-          f"{dt:.1f} s; MSE/MAE are per-frame sums, SSIM/PSNR per-frame means")
+          f"{dt:.1f} s on {device}, precision {precision}; MSE/MAE are per-frame sums, SSIM/PSNR per-frame means")
     print(format_metrics_table(res))
     if args.json:
         write_text_atomic(json.dumps({"checkpoint": args.checkpoint, **meta, "test_sequences": len(ds),
-                                      "metrics": res}, indent=1), args.json)
+                                      "device": str(device), "precision": precision, "metrics": res}, indent=1),
+                          args.json)
     return 0
 
 
 def cmd_predict(args):
     from .visualize import save_gif, save_grid
-    net, meta = _load_from_args(args)
+    device, precision = _device_from_args(args)
+    net, meta = _load_from_args(args, device)
     pre, aft = meta["pre"], meta["aft"]
     if args.input:
         ds = _test_set(args.input, None, 0)
@@ -121,7 +139,7 @@ def cmd_predict(args):
         raise UsageError(f"input sequences have {seqs.shape[1]} frames; the model needs {pre} observed frames")
     preds = []
     for i in range(0, n, args.batch_size):
-        x, y, p = predict_batch(net, seqs[i:i + args.batch_size], pre, aft)
+        x, y, p = predict_batch(net, seqs[i:i + args.batch_size], pre, aft, device, precision=precision)
         preds.append(p)
     pred = torch.cat(preds)
     os.makedirs(args.out, exist_ok=True)
@@ -142,22 +160,27 @@ DEMO_MIN_STEPS = 300
 DEMO_BATCH, DEMO_LR = 8, 2e-3
 
 
-def _calibrate(args, batch):
-    """Seconds per training step of the demo model at `batch` (2 timed steps after a warm-up step)."""
+def _calibrate(args, batch, device, precision):
+    """Seconds per training step of the demo model at `batch` on `device` (2 timed steps after a warm-up)."""
     from .data import MovingMNIST
-    from .train import _parse_config
+    from .train import Precision, _parse_config
     torch.manual_seed(0)
-    net = build_model(args.model, args.preset, args.backend, _parse_config(args.config))
+    net = build_model(args.model, args.preset, args.backend, _parse_config(args.config)).to(device)
+    prec = Precision(precision, device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     ds = MovingMNIST(batch)
-    frames = torch.stack([ds[i] for i in range(batch)])
+    frames = torch.stack([ds[i] for i in range(batch)]).to(device)
     times = []
     for i in range(3):
         t0 = time.perf_counter()
-        loss, _ = net.training_loss(frames, i)
+        with prec.autocast():
+            loss, _ = net.training_loss(frames, i)
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        prec.scaler.scale(loss).backward()
+        prec.scaler.step(opt)
+        prec.scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 
@@ -165,11 +188,12 @@ def _calibrate(args, batch):
 def cmd_demo(args):
     from .train import train
     batch = args.batch_size
+    device, precision = _device_from_args(args)
     if args.steps:
         steps = args.steps
         plan = f"{steps} steps (--steps)"
     else:
-        sec = _calibrate(args, batch)
+        sec = _calibrate(args, batch, device, precision)
         # ~80% of the budget for training; the rest goes to evaluation and pictures
         steps = int(args.minutes * 60 * 0.8 / sec)
         plan = f"{sec:.2f} s per step of {batch} sequences here -> {max(steps, args.min_steps)} steps"
@@ -185,6 +209,7 @@ def cmd_demo(args):
         model=args.model, preset=args.preset, config=args.config, backend=args.backend, epochs=epochs,
         batch_size=batch, lr=args.lr, train_size=per_epoch * batch, max_steps=steps, seed=args.seed,
         data="mmnist", test_data=None, test_size=min(200, args.test_size), pre=None, aft=None, dtype=None,
+        device=str(device), precision=precision,
         weight_decay=None, final_div_factor=None, clip_grad=None, eval_batch_size=32, workers=0, out=args.out,
         resume=None, overwrite=True, find_unused_parameters=False, no_progress=args.no_progress)
     t0 = time.perf_counter()
@@ -192,9 +217,10 @@ def cmd_demo(args):
     train_time = time.perf_counter() - t0
     if summary["interrupted"]:
         return 130
-    net, meta = load_model(os.path.join(args.out, "last.pt"), backend=args.backend)
+    net, meta = load_model(os.path.join(args.out, "last.pt"), backend=args.backend, device=device)
     ds = _test_set("mmnist", args.test_size, args.seed)
-    res = evaluate(net, ds, meta["pre"], meta["aft"], 32, baselines=True, progress=not args.no_progress)
+    res = evaluate(net, ds, meta["pre"], meta["aft"], 32, device=device, baselines=True,
+                   progress=not args.no_progress, precision=precision)
     table = format_metrics_table(res)
     ratio = {k: res[k]["mse"] / res["model"]["mse"] for k in ("zeros", "last")}
     text = (f"{args.model} ({args.preset}) trained {summary['global_step']} steps x {batch} sequences in "
@@ -242,6 +268,7 @@ def add_subcommands(subparsers):
     p.add_argument("--config", help="JSON object of model config overrides")
     p.add_argument("--backend", help="op backend (default auto: the fastest available)")
     p.add_argument("--batch-size", type=int, default=DEMO_BATCH, help=f"default {DEMO_BATCH}")
+    add_device_arguments(p, "training")
     p.add_argument("--lr", type=float, default=DEMO_LR, help=f"peak learning rate (default {DEMO_LR:g})")
     p.add_argument("--epochs", type=int, default=5, help="evaluations during training (default 5)")
     p.add_argument("--test-size", type=int, default=1000, help="final test sequences (default 1000)")

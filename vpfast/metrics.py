@@ -91,9 +91,13 @@ class MetricAccumulator:
         self.sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
 
     def update(self, pred, true):
+        """Add a batch: pred, true: Tensor[B, T, C, H, W] on any device (the sums stay on the CPU)."""
         m = frame_metrics(pred, true)
         n = m["mse"].numel()
-        self.sums += torch.stack([m[k].sum() for k in METRICS] + [torch.tensor(float(n), dtype=torch.float64)]).cpu()
+        # the per-batch sums are reduced where the frames are (one transfer of 4 numbers per batch), then
+        # joined with the count on the CPU
+        sums = torch.stack([m[k].sum() for k in METRICS]).cpu()
+        self.sums += torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64)])
 
     def state(self):
         return self.sums

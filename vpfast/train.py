@@ -5,8 +5,11 @@ The recipe is the reference's: Adam, a OneCycle learning-rate schedule stepped e
 sampling for the RNNs, MSE + 0.1 DDR for TAU, ...). Every epoch the model is evaluated on a fixed test set
 (MSE, MAE, SSIM, PSNR as in vpfast.metrics), a CSV/JSON log, a prediction grid (PNG + GIF), a loss curve
 and a checkpoint are written to --out. `--resume` continues exactly where a checkpoint left off; Ctrl-C
-saves a checkpoint and exits. Under `torchrun --nproc_per_node=N` the run is data-parallel
-(DistributedDataParallel; gloo on CPU, NCCL on GPU), and rank 0 alone writes files.
+saves a checkpoint and exits. `--device` picks the device (default: cuda if available, else cpu) and
+`--precision` the arithmetic: 32 (float32), bf16-mixed (torch.autocast to bfloat16, on CPU or GPU) or
+16-mixed (autocast to float16 with a GradScaler, GPU only). Under `torchrun --nproc_per_node=N` the run is
+data-parallel (DistributedDataParallel; gloo on CPU, NCCL on GPU, one GPU per local rank), and rank 0 alone
+writes files.
 """
 import argparse
 import contextlib
@@ -32,16 +35,86 @@ from .metrics import METRICS, MetricAccumulator
 
 # training arguments that define the run; on --resume they come from the checkpoint and may not change
 RUN_KEYS = ("model", "preset", "config", "epochs", "batch_size", "lr", "train_size", "max_steps", "seed",
-            "data", "pre", "aft", "dtype", "final_div_factor", "weight_decay", "clip_grad")
+            "data", "pre", "aft", "dtype", "precision", "final_div_factor", "weight_decay", "clip_grad")
 RUN_DEFAULTS = {"preset": None, "config": None, "epochs": 10, "batch_size": 16, "lr": None, "train_size": 10000,
                 "max_steps": None, "seed": 0, "data": "mmnist", "pre": 10, "aft": 10, "dtype": "float32",
-                "final_div_factor": 1e4, "weight_decay": 0.0, "clip_grad": None}
+                "precision": "32", "final_div_factor": 1e4, "weight_decay": 0.0, "clip_grad": None}
 # reference learning rates (MODELS.md section 8)
 DEFAULT_LR = {"convlstm": 5e-4, "predrnn": 5e-4, "predrnnv2": 5e-4, "motionrnn": 3e-4}
 
 
 class UsageError(ValueError):
     """Bad command-line input: printed without a traceback, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------- device, precision
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_AMP_DTYPES = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# float16 autocast on the CPU has few fast kernels and is not what anyone trains with; refused with a pointer to
+# bf16-mixed (tests switch this off to run the GradScaler code on the CPU)
+CPU_FLOAT16_REFUSED = True
+
+
+def resolve_device(text=None):
+    """torch.device for --device: "cpu", "cuda" (the current GPU; returned without an index), "cuda:N"; None =
+    $VPFAST_DEVICE if set, else cuda if available, else cpu. Creates no CUDA context (under torchrun each
+    process must select its own GPU before touching one)."""
+    if text is None:
+        text = os.environ.get("VPFAST_DEVICE") or None
+    if text is None or str(text).strip().lower() == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(str(text).strip().lower())
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+def check_precision(precision, device, dtype=torch.float32):
+    """UsageError unless `precision` (one of PRECISIONS) can run on `device` with parameters of `dtype`."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "32":
+        return
+    if dtype != torch.float32:
+        raise UsageError(f"--precision {precision} runs float32 parameters under autocast; it cannot be combined "
+                         f"with --dtype {str(dtype).replace('torch.', '')}")
+    if precision == "16-mixed" and device.type == "cpu" and CPU_FLOAT16_REFUSED:
+        raise UsageError("--precision 16-mixed needs a CUDA device (float16 autocast with a GradScaler); on the CPU "
+                         "use --precision bf16-mixed")
+    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--precision bf16-mixed: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         "use --precision 16-mixed")
+
+
+class Precision:
+    """What --precision does: autocast around the forward pass and loss (not the backward), and for 16-mixed a
+    torch.amp.GradScaler (a disabled one otherwise, whose scale/step/update are the plain calls)."""
+
+    def __init__(self, name, device):
+        self.name = name
+        self.device = device
+        self.amp_dtype = _AMP_DTYPES[name]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "16-mixed")
+
+    def autocast(self):
+        return autocast_for(self.name, self.device)
+
+
+def autocast_for(precision, device):
+    """The autocast context of `precision` on `device` (a no-op context for "32")."""
+    dt = _AMP_DTYPES[precision or "32"]
+    return contextlib.nullcontext() if dt is None else torch.autocast(torch.device(device).type, dtype=dt)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -85,25 +158,40 @@ class _LossModule(nn.Module):
 
 # ------------------------------------------------------------------------------------------ distributed
 class Dist:
-    def __init__(self):
+    """The process group (under torchrun) and this process's device.
+
+    device: --device (None = cuda if available, else cpu). Under torchrun each process takes the GPU of its
+    local rank (so "cuda:N" is refused there) and the group uses NCCL; on the CPU it uses gloo.
+    """
+
+    def __init__(self, device=None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        self.device = torch.device("cpu")
+        self.device = resolve_device(device)
         if self.enabled:
-            use_cuda = torch.cuda.is_available()
+            use_cuda = self.device.type == "cuda"
             if use_cuda:
-                torch.cuda.set_device(self.local_rank)
+                if self.device.index is not None:
+                    raise UsageError(f"--device {device}: under torchrun every process uses the GPU of its local "
+                                     "rank; pass --device cuda")
+                if self.local_rank >= torch.cuda.device_count():
+                    raise UsageError(f"local rank {self.local_rank} has no GPU: this node has "
+                                     f"{torch.cuda.device_count()}; start at most that many processes per node")
                 self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if use_cuda else "gloo")
             if not use_cuda:
                 # share the cores between the processes on this node
                 local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda")
+        elif self.device.type == "cuda":
+            # custom kernels launch on the current device's stream: make it the training device
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
 
     @classmethod
     def single(cls):
@@ -140,9 +228,11 @@ class Dist:
 # -------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, dataset, pre, aft, batch_size=32, device="cpu", dtype=torch.float32, ddp=None,
-             baselines=False, progress=False):
+             baselines=False, progress=False, precision="32"):
     """Metrics of `model` on `dataset` (sequences [T, C, H, W], T >= pre + aft); with baselines=True also of
     predicting zeros and repeating the last observed frame. Returns {"model": {...}, "zeros": ..., "last": ...}.
+    The model (already on `device`) predicts under the autocast of `precision` (one of PRECISIONS); the
+    metrics are computed in float64 whatever its output dtype.
     """
     from .metrics import baseline_prediction
 
@@ -150,15 +240,19 @@ def evaluate(model, dataset, pre, aft, batch_size=32, device="cpu", dtype=torch.
     was_training = model.training
     model.eval()
     sampler = ShardedBatchSampler(len(dataset), batch_size * ddp.world, ddp.rank, ddp.world, drop_last=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator())
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator(),
+                                         pin_memory=device.type == "cuda")
     kinds = ["model"] + (["zeros", "last"] if baselines else [])
     accs = {k: MetricAccumulator() for k in kinds}
     bar = _progress(total=len(sampler), desc="eval", disable=not progress)
     for seqs in loader:
-        seqs = seqs.to(device, dtype)
+        seqs = seqs.to(device, dtype, non_blocking=True)
         _check_frames(seqs, pre, aft)
         x, y = seqs[:, :pre], seqs[:, pre:pre + aft]
-        accs["model"].update(model(x), y)
+        with autocast_for(precision, device):
+            pred = model(x)
+        accs["model"].update(pred, y)
         if baselines:
             accs["zeros"].update(baseline_prediction(x, aft, "zeros"), y)
             accs["last"].update(baseline_prediction(x, aft, "last"), y)
@@ -282,7 +376,7 @@ def check_sequence_shape(shape, model_config, pre, aft, name="input"):
 
 def train(args):
     """Run (or resume) a training run described by an argparse namespace; returns a summary dict."""
-    ddp = Dist()
+    ddp = Dist(getattr(args, "device", None))
     try:
         return _train(args, ddp)
     finally:
@@ -302,6 +396,8 @@ def _train(args, ddp):
     run = _resolve_run_args(args, ckpt)
     dtype = getattr(torch, run["dtype"])
     device = ddp.device
+    check_precision(run["precision"], device, dtype)
+    prec = Precision(run["precision"], device)
 
     torch.manual_seed(run["seed"])
     np.random.seed(run["seed"])
@@ -314,7 +410,7 @@ def _train(args, ddp):
     pre, aft = model_seq_lengths(model, run["pre"], run["aft"])
     train_ds, test_ds = _datasets(run, args, pre, aft, getattr(model, "config", None))
     try:  # one sequence through the model: shape problems become a clear message, not a traceback mid-run
-        with torch.no_grad():
+        with torch.no_grad(), prec.autocast(), recording_backends() as backends_used:
             model.eval()
             model(test_ds[0][None, :pre].to(device, dtype))
     except (ValueError, TypeError, RuntimeError) as e:
@@ -339,15 +435,17 @@ def _train(args, ddp):
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):  # 16-mixed: the loss scale and its growth counter
+                prec.scaler.load_state_dict(ckpt["scaler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"the checkpoint's optimizer/scheduler state does not fit this run: {e}") from None
         start_epoch, start_batch, global_step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]
         history = ckpt.get("history", history)
         rngs = ckpt.get("rng_per_rank") or []
         if len(rngs) == ddp.world:
-            set_rng_state(rngs[ddp.rank])
+            set_rng_state(rngs[ddp.rank], device)
         elif rngs:
-            set_rng_state(rngs[0])
+            set_rng_state(rngs[0], device)
             if ddp.main:
                 print(f"note: checkpoint saved by {len(rngs)} processes, resuming with {ddp.world}; random "
                       "streams differ from an uninterrupted run", file=sys.stderr)
@@ -364,11 +462,14 @@ def _train(args, ddp):
         print(f"vpfast train: {ckpt['model_name'] if ckpt else run['model']} ({n_params / 1e6:.2f} M parameters), "
               f"{len(train_ds)} training / {len(test_ds)} test sequences, batch {run['batch_size']}"
               f"{f' over {ddp.world} processes' if ddp.enabled else ''}, {total_steps} steps, lr {run['lr']:g}, "
-              f"device {device}, {run['dtype']}, out {out}"
+              f"device {device}, {run['dtype']}, precision {run['precision']}, out {out}"
               + (f" (resumed at epoch {start_epoch + 1}, step {global_step})" if ckpt else ""), flush=True)
+        if backends_used:  # what auto (or --backend) actually ran: a silent fallback shows here
+            print("op backends: " + ", ".join(f"{op} {'/'.join(sorted(b))}" for op, b in sorted(backends_used.items())),
+                  flush=True)
 
     def save(epoch, batch_in_epoch, reason):
-        rngs = ddp.gather_object(rng_state())
+        rngs = ddp.gather_object(rng_state(device))
         if not ddp.main:
             return
         state = {
@@ -376,8 +477,10 @@ def _train(args, ddp):
             "model_name": ckpt["model_name"] if ckpt else run["model"],
             "model_config": dict(getattr(model, "config", {}) or {}),
             "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "scheduler": scheduler.state_dict(), "scaler": prec.scaler.state_dict(), "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
             "global_step": global_step, "total_steps": total_steps, "train_args": run, "history": history,
+            "op_backends": {op: sorted(b) for op, b in backends_used.items()},
             "rng_per_rank": rngs, "world_size": ddp.world, "torch": str(torch.__version__),
         }
         save_atomic(state, ckpt_path)
@@ -411,7 +514,8 @@ def _train(args, ddp):
             # a private generator: creating a DataLoader iterator draws a seed from the given generator, and
             # drawing it from the global RNG would shift the model's random streams after a mid-epoch resume
             loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, generator=torch.Generator(),
-                                                 num_workers=getattr(args, "workers", 0))
+                                                 num_workers=getattr(args, "workers", 0),
+                                                 pin_memory=device.type == "cuda")
             n_batches = min(len(sampler), total_steps - global_step)
             bar = _progress(total=n_batches, desc=f"epoch {epoch + 1}/{run['epochs']}", disable=not progress)
             model.train()
@@ -424,14 +528,17 @@ def _train(args, ddp):
                 break
             for seqs in loader:
                 frames = seqs[:, :pre + aft].to(device, dtype, non_blocking=True)
-                loss, logs = step_module(frames, global_step)
+                with prec.autocast():  # the forward pass and the loss; backward runs outside, as AMP prescribes
+                    loss, logs = step_module(frames, global_step)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss.item()} at step {global_step}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                prec.scaler.scale(loss).backward()
                 if run["clip_grad"]:
+                    prec.scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), run["clip_grad"])
-                optimizer.step()
+                prec.scaler.step(optimizer)  # 16-mixed: skipped when the scaled gradients overflowed
+                prec.scaler.update()
                 scheduler.step()
                 global_step += 1
                 session_steps += 1
@@ -460,7 +567,8 @@ def _train(args, ddp):
             finished_epoch = b >= steps_per_epoch
             train_loss = float(ddp.all_reduce(torch.tensor([loss_sum, loss_n], dtype=torch.float64)).div(
                 ddp.world).tolist()[0] / max(loss_n, 1)) if loss_n else math.nan
-            results = evaluate(model, test_ds, pre, aft, eval_bs, device, dtype, ddp)["model"]
+            results = evaluate(model, test_ds, pre, aft, eval_bs, device, dtype, ddp,
+                               precision=run["precision"])["model"]
             record = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
                       "lr": scheduler.get_last_lr()[0], **results, "epoch_time_s": epoch_time,
                       "train_seq_per_s": seen / max(epoch_time, 1e-9)}
@@ -472,7 +580,8 @@ def _train(args, ddp):
                 # the loss curve (matplotlib, ~1 s) at most once a minute and after the last epoch
                 last = epoch + 1 >= run["epochs"] or global_step >= total_steps
                 plot = last or time.perf_counter() - last_plot > 60
-                _write_pictures(out, model, test_ds, pre, aft, device, dtype, history, loss_curve=plot)
+                _write_pictures(out, model, test_ds, pre, aft, device, dtype, history, loss_curve=plot,
+                                precision=run["precision"])
                 if plot:
                     last_plot = time.perf_counter()
                 print(f"epoch {epoch + 1}/{run['epochs']} step {global_step}: loss {train_loss:.5g} | test "
@@ -484,7 +593,7 @@ def _train(args, ddp):
             signal.signal(s, h)
 
     summary = {"out": out, "global_step": global_step, "epoch": epoch, "interrupted": interrupted,
-               "signal": stop["signal"],
+               "signal": stop["signal"], "op_backends": {op: sorted(b) for op, b in backends_used.items()},
                "checkpoint": ckpt_path, "final": history["epochs"][-1] if history["epochs"] else None}
     if ddp.enabled:
         summary["ddp_max_param_diff"] = _ddp_param_divergence(model, ddp)
@@ -494,6 +603,25 @@ def _train(args, ddp):
                   file=sys.stderr, flush=True)
         write_text_atomic(json.dumps(summary, indent=1), os.path.join(out, "summary.json"))
     return summary
+
+
+@contextlib.contextmanager
+def recording_backends():
+    """Within the block, records which backend each vpfast op ran with: yields {op name: set of backends}."""
+    from . import _dispatch
+    seen = {}
+    ops = list(_dispatch.REGISTRY.values())
+    for op in ops:
+        def select(backend, *args, _select=op.select, _name=op.name, **kwargs):
+            name, fn = _select(backend, *args, **kwargs)
+            seen.setdefault(_name, set()).add(name)
+            return name, fn
+        op.select = select  # an instance attribute over the class's method, removed below
+    try:
+        yield seen
+    finally:
+        for op in ops:
+            op.__dict__.pop("select", None)
 
 
 def _is_main_thread():
@@ -526,20 +654,22 @@ def _write_logs(out, history, run, model, ddp):
 
 
 @torch.no_grad()
-def predict_batch(model, seqs, pre, aft, device="cpu", dtype=torch.float32):
+def predict_batch(model, seqs, pre, aft, device="cpu", dtype=torch.float32, precision="32"):
+    """(inputs, truth or None, predictions as float32), all on the CPU, for sequences Tensor[N, T, C, H, W]."""
     was = model.training
     model.eval()
     x = seqs[:, :pre].to(device, dtype)
     y = seqs[:, pre:pre + aft] if seqs.shape[1] >= pre + aft else None
-    p = model(x)
+    with autocast_for(precision, device):
+        p = model(x)
     model.train(was)
     return x.cpu(), (None if y is None else y.cpu()), p.float().cpu()
 
 
-def _write_pictures(out, model, test_ds, pre, aft, device, dtype, history, loss_curve=True):
+def _write_pictures(out, model, test_ds, pre, aft, device, dtype, history, loss_curve=True, precision="32"):
     from .visualize import save_gif, save_grid, save_loss_curve
     seqs = torch.stack([test_ds[i] for i in range(min(2, len(test_ds)))])
-    x, y, p = predict_batch(model, seqs, pre, aft, device, dtype)
+    x, y, p = predict_batch(model, seqs, pre, aft, device, dtype, precision)
     save_grid(os.path.join(out, "predictions.png"), x, y, p)
     save_gif(os.path.join(out, "predictions.gif"), x, y, p)
     if not loss_curve:
@@ -571,7 +701,8 @@ def add_train_arguments(p):
     p.add_argument("--test-size", type=int, help="test sequences to evaluate (default 1000)")
     p.add_argument("--pre", type=int, help="observed frames (default 10, or the model's)")
     p.add_argument("--aft", type=int, help="predicted frames (default 10, or the model's)")
-    p.add_argument("--dtype", choices=["float32", "float64"], help="training precision (default float32)")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="parameter dtype (default float32)")
+    add_device_arguments(p, "training")
     p.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
     p.add_argument("--final-div-factor", type=float, help="OneCycle final_div_factor (default 1e4)")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default off)")
@@ -585,6 +716,16 @@ def add_train_arguments(p):
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with "
                                                                           "parameters unused in some steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def add_device_arguments(p, what):
+    """--device and --precision, shared by train, eval, predict and demo."""
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: $VPFAST_DEVICE, else cuda if available, "
+                                    "else cpu)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"{what} arithmetic: 32 (float32, default), bf16-mixed (autocast to bfloat16, CPU or GPU) or "
+                        "16-mixed (autocast to float16 with gradient scaling, GPU only)")
     return p
 
 

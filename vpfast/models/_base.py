@@ -46,6 +46,10 @@ def positive_int(name: str, v) -> int:
     return v
 
 
+def _autocast_on(t: torch.Tensor) -> bool:
+    return t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type)
+
+
 class VideoPredictionModel(nn.Module):
     """Base of the vpfast models.
 
@@ -65,7 +69,8 @@ class VideoPredictionModel(nn.Module):
         return next(self.parameters())
 
     def check_frames(self, x, T: int, what: str = "x") -> torch.Tensor:
-        """x must be Tensor[B, T, C, H, W] with this model's C, on its device and dtype, H/W divisible."""
+        """x must be Tensor[B, T, C, H, W] with this model's C, on its device, H/W divisible, and (outside
+        autocast) of the parameters' dtype."""
         C = self.config["in_shape"][1]
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor [B, {T}, {C}, H, W], got {type(x).__name__}")
@@ -82,7 +87,7 @@ class VideoPredictionModel(nn.Module):
         p = self._param_like()
         if x.device != p.device:
             raise ValueError(f"{what} is on {x.device} but the model's parameters are on {p.device}")
-        if x.dtype != p.dtype:
+        if x.dtype != p.dtype and not _autocast_on(x):  # under autocast any float dtype, as for nn.Conv2d
             raise TypeError(f"{what} has dtype {x.dtype} but the model's parameters have {p.dtype}")
         div, why = self._spatial_divisor()
         H, W = x.shape[-2:]
@@ -164,8 +169,12 @@ def reverse_sampling_probs(itr: int, step_1: int = 25000, step_2: int = 50000,
 
 def bernoulli_mask(B: int, n: int, prob: float, like: torch.Tensor,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Tensor[B, n, 1, 1, 1] of 0/1, each entry 1 with probability `prob` (broadcasts over the frame)."""
-    u = torch.rand((B, n), generator=generator, device="cpu" if generator is not None else like.device)
+    """Tensor[B, n, 1, 1, 1] of 0/1, each entry 1 with probability `prob` (broadcasts over the frame).
+
+    Drawn from `generator` on its own device (a CPU generator for masks that must not depend on the device), or
+    from the global generator of like's device; the mask ends on like's device in like's dtype.
+    """
+    u = torch.rand((B, n), generator=generator, device=generator.device if generator is not None else like.device)
     return (u < prob).to(device=like.device, dtype=like.dtype).view(B, n, 1, 1, 1)
 
 

@@ -18,20 +18,35 @@ def conv_block(cin: int, cout: int, k: int, stride: int, layer_norm: bool, heigh
     return nn.Sequential(*layers)
 
 
+def autocast_dtype(t: torch.Tensor):
+    """The dtype torch.autocast gives convolutions of tensors on t's device, or None outside autocast."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def check_state(name: str, t, ref_name: str, ref: torch.Tensor, shape: tuple) -> None:
+    """A state (h, c, m, highway) for a step with input `ref`: a floating-point tensor of `shape` on ref's device;
+    outside autocast also of ref's dtype. Under autocast the states may be of any floating dtype, as PyTorch's
+    own layers take them there (a bf16 convolution output next to a float32 cell state)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must have 4 dimensions [B, C, H, W], got shape {tuple(t.shape)}")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
-    if t.dtype != ref.dtype:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.dtype != ref.dtype and autocast_dtype(ref) is None:
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def check_input(x, in_channel: int, weight: torch.Tensor) -> None:
+    """x for a cell whose first convolution has `weight`: outside autocast x's dtype must be the weight's (as
+    F.conv2d requires); under autocast any floating dtype (autocast casts both, as for nn.Conv2d)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor [B, {in_channel}, H, W], got {type(x).__name__}")
     if x.dim() != 4:
@@ -42,7 +57,7 @@ def check_input(x, in_channel: int, weight: torch.Tensor) -> None:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the cell's parameters are on {weight.device}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and autocast_dtype(x) is None:
         raise TypeError(f"x has dtype {x.dtype} but the cell's parameters have {weight.dtype}")
 
 
@@ -91,20 +106,67 @@ class MergedWeightsMixin:
                 self._merged_cache = None
 
     def merged_weights(self):
+        """The merged weights; under autocast already in autocast's dtype (cast once per unrolled loop, not once
+        per step: autocast's own weight cache only covers leaf parameters, and these are derived tensors)."""
+        ref = next(self.parameters())
+        dt = autocast_dtype(ref)
         if self._unroll_depth > 0:
-            key = (torch.is_grad_enabled(),) + tuple(p._version for p in self.parameters())
+            key = (torch.is_grad_enabled(), dt) + tuple(p._version for p in self.parameters())
             if self._merged_cache is not None and self._merged_cache[0] == key:
                 return self._merged_cache[1]
-            w = self._derive_merged_weights()
+            w = self._cast_merged(self._derive_merged_weights(), dt)
             self._merged_cache = (key, w)
             return w
-        return self._derive_merged_weights()
+        return self._cast_merged(self._derive_merged_weights(), dt)
+
+    @staticmethod
+    def _cast_merged(w, dt):
+        if dt is None:
+            return w
+        return tuple(t.to(dt) for t in w) if isinstance(w, tuple) else w.to(dt)
 
 
-def fused_backend(op, backend, *tensors) -> str:
-    """The backend a cell's fused path would use; "torch" means: run the reference arithmetic verbatim."""
+def _policy_dtype(op, device: str, dtypes) -> torch.dtype:
+    """The dtype `op`'s autocast policy casts floating inputs of these dtypes to (under autocast on device)."""
+    policy = op.autocast.get(device, "promote")
+    if policy == "lower":
+        return torch.get_autocast_dtype(device)
+    if policy == "float32":
+        return torch.float32
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def fused_backend(op, backend, ref: torch.Tensor, conv_shapes, states) -> str:
+    """The backend `op` would run a cell's pointwise step with; "torch" means: run the reference arithmetic
+    verbatim.
+
+    ref: the step's input x; conv_shapes: shapes of the gate convolutions' outputs the op takes; states: the
+    state tensors it takes. The op is asked about what it will be handed: the convolutions' outputs are in x's
+    dtype, or in autocast's dtype under autocast, and then the op's own autocast policy casts everything (its
+    public function does so before dispatching). Stand-ins (one element, expanded) carry those shapes, dtypes and
+    the device, so the choice is auto's own for the real call, without computing anything.
+    """
     name = resolve(backend)
-    return op.select(name, *tensors)[0]
+    if name == "torch":
+        return name
+    dev = ref.device.type
+    conv_dt = autocast_dtype(ref)
+    if conv_dt is None:
+        dts = [ref.dtype] * len(conv_shapes) + [s.dtype for s in states]
+    else:
+        target = _policy_dtype(op, dev, [conv_dt] + [s.dtype for s in states])
+        dts = [target] * (len(conv_shapes) + len(states))
+    shapes = list(conv_shapes) + [tuple(s.shape) for s in states]
+    one = {}
+    stand_ins = []
+    for shape, dt in zip(shapes, dts):
+        if dt not in one:
+            one[dt] = torch.empty((), dtype=dt, device=ref.device)
+        stand_ins.append(one[dt].expand(shape))
+    return op.select(name, *stand_ins)[0]
 
 
 class _CatConv(torch.autograd.Function):
@@ -112,21 +174,24 @@ class _CatConv(torch.autograd.Function):
 
     Autograd would save the [B, Ca + Cb, H, W] concatenation of every step; a and b (the input and a state)
     are alive anyway, so backward rebuilds the concatenation instead (one copy, no extra saved memory).
+    a, b and weight have one dtype (`cat_conv` casts them under autocast).
     """
 
     @staticmethod
     def forward(ctx, a, b, weight, stride, padding):
         ctx.save_for_backward(a, b, weight)
         ctx.stride, ctx.padding = stride, padding
-        return F.conv2d(torch.cat((a, b), 1), weight, None, stride, padding)
+        with torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") \
+                else contextlib.nullcontext():
+            return F.conv2d(torch.cat((a, b), 1), weight, None, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
         a, b, weight = ctx.saved_tensors
         need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         gi, gw, _ = torch.ops.aten.convolution_backward(
-            grad, torch.cat((a, b), 1), weight, None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1,
-            [need_in, ctx.needs_input_grad[2], False])
+            grad.to(weight.dtype), torch.cat((a, b), 1), weight, None, [ctx.stride] * 2, [ctx.padding] * 2,
+            [1, 1], False, [0, 0], 1, [need_in, ctx.needs_input_grad[2], False])
         ga = gb = None
         if need_in:
             ga, gb = gi.split((a.shape[1], b.shape[1]), 1)
@@ -134,5 +199,13 @@ class _CatConv(torch.autograd.Function):
 
 
 def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """conv2d over the channel concatenation [a, b] (no bias), saving a and b rather than the concatenation."""
+    """conv2d over the channel concatenation [a, b] (no bias), saving a and b rather than the concatenation.
+
+    a: Tensor[B, Ca, H, W], b: Tensor[B, Cb, H, W], weight: Tensor[Cout, Ca + Cb, k, k] -> Tensor[B, Cout, Ho, Wo].
+    Under autocast, as F.conv2d: a, b and weight are cast to autocast's dtype (the casts are differentiable, so
+    gradients reach float32 parameters and states in float32), and so is the result.
+    """
+    dt = autocast_dtype(a)
+    if dt is not None:
+        a, b, weight = a.to(dt), b.to(dt), weight.to(dt)
     return _CatConv.apply(a, b, weight, stride, padding)

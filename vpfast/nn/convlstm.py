@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.convlstm import OP as _OP
+from ..ops.convlstm import OP as _OP, convlstm
 from ._recurrent import (MergedWeightsMixin, cat_conv, check_input, check_state, choose_merge, conv_block,
                          fused_backend, out_size)
 
@@ -83,7 +83,7 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
         shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
         check_state("h", h, "x", x, shape)
         check_state("c", c, "x", x, shape)
-        backend = fused_backend(_OP, self.backend, x, h, c)
+        backend = fused_backend(_OP, self.backend, x, [(B, 4 * self.num_hidden) + shape[2:]], (c,))
         if backend == "torch":
             return self._forward_reference(x, h, c)
         if self.merge_convs:
@@ -91,4 +91,4 @@ class ConvLSTMCell(MergedWeightsMixin, nn.Module):
             x_g = None
         else:
             x_g, h_g = self.conv_x(x), self.conv_h(h)
-        return _OP.impls[backend](x_g, h_g, c, 0.0, self.tanh_c)
+        return convlstm(x_g, h_g, c, 0.0, self.tanh_c, backend=self.backend)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.stlstm import GATES as _GATES, OUTPUT as _OUTPUT
+from ..ops.stlstm import GATES as _GATES, stlstm_gates, stlstm_output
 from ._recurrent import (MergedWeightsMixin, cat_conv, check_input, check_state, choose_merge, conv_block,
                          fused_backend, out_size)
 
@@ -124,10 +124,14 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
         else:
             x_g, h_g, m_g = self.conv_x(x), self.conv_h(h), self.conv_m(m)
         with_delta = self.variant == "predrnnv2"
-        cm, o_part, delta = _GATES.impls[backend](x_g, h_g, m_g, c, m, self._forget_bias, with_delta)
+        # the public ops, not their kernels: they cast by their autocast policy, run the kernel with autocast
+        # off, and auto picks by what they are actually handed (fused_backend predicted that choice)
+        cm, o_part, delta = stlstm_gates(x_g, h_g, m_g, c, m, self._forget_bias, with_delta,
+                                        backend=self.backend)
         o_m = self.conv_o(cm)
         last = self.conv_last(cm)
-        h_new = _OUTPUT.impls[backend](o_part, o_m, last, highway if self.variant == "highway" else None)
+        h_new = stlstm_output(o_part, o_m, last, highway if self.variant == "highway" else None,
+                              backend=self.backend)
         c_new, m_new = cm[:, :C], cm[:, C:]
         if self.variant == "highway":
             return h_new, c_new, m_new, h_new
@@ -152,7 +156,9 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
             check_state("highway", highway, "x", x, shape)
         elif highway is not None:
             raise TypeError(f"highway is only accepted by variant='highway', this cell is {self.variant!r}")
-        backend = fused_backend(_GATES, self.backend, x, h, c, m)
+        C = self.num_hidden
+        gate_shapes = [(B, 4 * C) + shape[2:], (B, 3 * C) + shape[2:]]
+        backend = fused_backend(_GATES, self.backend, x, gate_shapes, (c, m))
         if backend == "torch":
             return self._forward_reference(x, h, c, m, highway)
         return self._forward_fused(backend, x, h, c, m, highway)
