@@ -218,6 +218,17 @@ def test_low_precision(backend, dtype, k):
     _compare(backend, _inputs(2, 16, 16, 64, 16, k, 1.5, dtype, device="cuda"), dtype)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_interpreter_half(dtype):
+    # where no GPU runs Triton, the interpreter still runs the half-precision kernels on CPU tensors (small
+    # shapes): widening every load is what keeps them within the bound (computed in fp16 they are not; the
+    # interpreter has no bf16 arithmetic at all, so a bf16 run also shows none is done in bf16)
+    if OP.static_reasons("triton") or device_for("triton") != "cpu":
+        pytest.skip("Triton's interpreter is not in use here (the GPU runs test_low_precision)")
+    _compare("triton", _inputs(1, 3, 5, 40, 4, 3, 1.5, dtype), dtype)
+
+
 def test_torch_half_samples_at_float32_positions():
     # the torch backend (auto's choice for bf16 on the CPU) with k = 1 and a unit weight and mask returns the
     # bilinear samples rounded once to bf16; a bf16 position on a 64-wide map is up to a quarter pixel off

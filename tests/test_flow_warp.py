@@ -164,6 +164,17 @@ def test_low_precision(backend, dtype, mode):
     _compare(backend, _inputs(2, 8, 48, 64, 3.0, dtype, device="cuda"), mode, dtype)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_interpreter_half(dtype):
+    # where no GPU runs Triton, the interpreter still runs the half-precision kernels on CPU tensors (small
+    # shapes): widening every load is what keeps them within the bound (computed in fp16 they are not; the
+    # interpreter has no bf16 arithmetic at all, so a bf16 run also shows none is done in bf16)
+    if OP.static_reasons("triton") or device_for("triton") != "cpu":
+        pytest.skip("Triton's interpreter is not in use here (the GPU runs test_low_precision)")
+    _compare("triton", _inputs(1, 2, 5, 40, 3.0, dtype), ("zeros", True), dtype)
+
+
 def test_torch_half_samples_at_float32_positions():
     # the torch backend (auto's choice for bf16 on the CPU) in bf16 vs float64 on the same bf16 inputs: the
     # error is the output's rounding (|x| < 5: bf16 ulp <= 2^-5), while a bf16 position on a 64-wide map is
