@@ -1,11 +1,18 @@
 """Flow warp in Triton (vpfast.ops.flow_warp's triton backend): programs over (image, pixel block) that loop
 over channels; the geometry is kernels/deform_warp.py's _corners, as csrc/common/flow_warp.h. The input
-gradient is scattered with atomic adds (order-dependent on a GPU)."""
+gradient is scattered with atomic adds (order-dependent on a GPU).
+
+Arithmetic in ACC (float32, float64 for float64 inputs): loads are widened before use, so positions and
+corner weights of a bf16/fp16 flow are never rounded to 16 bits, channel sums accumulate in ACC, and the
+input gradient is scattered into an ACC buffer (16-bit atomics would round every partial sum) that is cast
+to the input dtype once. The grid is one axis of B * cdiv(H*W, BLOCK) programs (a second axis would be
+limited to 65535); plane offsets are 64-bit, offsets within a plane 32-bit (H*W < 2^31 is checked).
+"""
 import torch
 import triton
 import triton.language as tl
 
-from .deform_warp import _corners
+from .deform_warp import _corners, acc_dtype
 
 BLOCK = 128
 
@@ -26,44 +33,56 @@ def _coord(base, f, size, BORDER: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _geometry(flow, b, p, ok, H, W, BORDER: tl.constexpr, ALIGN: tl.constexpr):
+def _program(HW, BLOCK: tl.constexpr):
+    # (image, pixels) of this program: one grid axis, images outer
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(HW, BLOCK)
+    b = pid // nblk
+    p = (pid - b * nblk) * BLOCK + tl.arange(0, BLOCK)
+    return b, p, p < HW
+
+
+@triton.jit
+def _geometry(flow, b, p, ok, H, W, BORDER: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
     HW = H * W
     h = p // W
     w = p - h * W
-    fx = tl.load(flow + b * 2 * HW + p, mask=ok, other=0.0)
-    fy = tl.load(flow + b * 2 * HW + HW + p, mask=ok, other=0.0)
-    py, dfy = _coord(h.to(fy.dtype), fy, H, BORDER, ALIGN)
-    px, dfx = _coord(w.to(fx.dtype), fx, W, BORDER, ALIGN)
+    fb = flow + b.to(tl.int64) * 2 * HW
+    fx = tl.load(fb + p, mask=ok, other=0.0).to(ACC)
+    fy = tl.load(fb + HW + p, mask=ok, other=0.0).to(ACC)
+    py, dfy = _coord(h.to(ACC), fy, H, BORDER, ALIGN)
+    px, dfx = _coord(w.to(ACC), fx, W, BORDER, ALIGN)
     r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx = _corners(py, px, H, W, False)
     return r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx, dfy, dfx
 
 
 @triton.jit
-def _forward_kernel(x, flow, out, C, H, W, BORDER: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+def _forward_kernel(x, flow, out, C, H, W, BORDER: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
     HW = H * W
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = p < HW
-    r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx, dfy, dfx = _geometry(flow, b, p, ok, H, W, BORDER, ALIGN)
+    b, p, ok = _program(HW, BLOCK)
+    r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx, dfy, dfx = _geometry(flow, b, p, ok, H, W, BORDER, ALIGN, ACC)
     a0 = (1 - ly) * vy0
     a1 = ly * vy1
     b0 = (1 - lx) * vx0
     b1 = lx * vx1
     for c in range(C):
-        xc = x + (b * C + c) * HW
-        v = (a0 * b0 * tl.load(xc + r0 + c0, mask=ok, other=0.0) + a0 * b1 * tl.load(xc + r0 + c1, mask=ok, other=0.0)
-             + a1 * b0 * tl.load(xc + r1 + c0, mask=ok, other=0.0) + a1 * b1 * tl.load(xc + r1 + c1, mask=ok, other=0.0))
-        tl.store(out + (b * C + c) * HW + p, v, mask=ok)
+        plane = (b * C + c).to(tl.int64) * HW
+        xc = x + plane
+        v = (a0 * b0 * tl.load(xc + r0 + c0, mask=ok, other=0.0).to(ACC)
+             + a0 * b1 * tl.load(xc + r0 + c1, mask=ok, other=0.0).to(ACC)
+             + a1 * b0 * tl.load(xc + r1 + c0, mask=ok, other=0.0).to(ACC)
+             + a1 * b1 * tl.load(xc + r1 + c1, mask=ok, other=0.0).to(ACC))
+        tl.store(out + plane + p, v.to(out.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _backward_kernel(x, flow, g, gx, gflow, C, H, W, BORDER: tl.constexpr, ALIGN: tl.constexpr,
+def _backward_kernel(x, flow, g, gx, gflow, C, H, W, BORDER: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+    # gx: the ACC accumulation buffer of the input gradient
     HW = H * W
-    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = p < HW
-    r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx, dfy, dfx = _geometry(flow, b, p, ok, H, W, BORDER, ALIGN)
+    b, p, ok = _program(HW, BLOCK)
+    r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx, dfy, dfx = _geometry(flow, b, p, ok, H, W, BORDER, ALIGN, ACC)
     hy = 1 - ly
     hx = 1 - lx
     m00 = vy0 * vx0
@@ -73,36 +92,39 @@ def _backward_kernel(x, flow, g, gx, gflow, C, H, W, BORDER: tl.constexpr, ALIGN
     ay = tl.zeros_like(ly)
     ax = tl.zeros_like(ly)
     for c in range(C):
-        xc = x + (b * C + c) * HW
-        u00 = m00 * tl.load(xc + r0 + c0, mask=ok, other=0.0)
-        u01 = m01 * tl.load(xc + r0 + c1, mask=ok, other=0.0)
-        u10 = m10 * tl.load(xc + r1 + c0, mask=ok, other=0.0)
-        u11 = m11 * tl.load(xc + r1 + c1, mask=ok, other=0.0)
-        gv = tl.load(g + (b * C + c) * HW + p, mask=ok, other=0.0)
+        plane = (b * C + c).to(tl.int64) * HW
+        xc = x + plane
+        u00 = m00 * tl.load(xc + r0 + c0, mask=ok, other=0.0).to(ACC)
+        u01 = m01 * tl.load(xc + r0 + c1, mask=ok, other=0.0).to(ACC)
+        u10 = m10 * tl.load(xc + r1 + c0, mask=ok, other=0.0).to(ACC)
+        u11 = m11 * tl.load(xc + r1 + c1, mask=ok, other=0.0).to(ACC)
+        gv = tl.load(g + plane + p, mask=ok, other=0.0).to(ACC)
         ay += gv * ((hx * u10 + lx * u11) - (hx * u00 + lx * u01))
         ax += gv * (hy * (u01 - u00) + ly * (u11 - u10))
-        gxc = gx + (b * C + c) * HW
+        gxc = gx + plane
         tl.atomic_add(gxc + r0 + c0, gv * hy * hx * m00, mask=ok)
         tl.atomic_add(gxc + r0 + c1, gv * hy * lx * m01, mask=ok)
         tl.atomic_add(gxc + r1 + c0, gv * ly * hx * m10, mask=ok)
         tl.atomic_add(gxc + r1 + c1, gv * ly * lx * m11, mask=ok)
-    tl.store(gflow + b * 2 * HW + p, dfx * ax, mask=ok)
-    tl.store(gflow + b * 2 * HW + HW + p, dfy * ay, mask=ok)
+    fb = gflow + b.to(tl.int64) * 2 * HW
+    tl.store(fb + p, (dfx * ax).to(gflow.dtype.element_ty), mask=ok)
+    tl.store(fb + HW + p, (dfy * ay).to(gflow.dtype.element_ty), mask=ok)
 
 
 def forward(x, flow, border, align_corners):
     B, C, H, W = x.shape
     out = torch.empty_like(x)
     if out.numel():
-        _forward_kernel[(B, triton.cdiv(H * W, BLOCK))](x, flow, out, C, H, W, BORDER=border, ALIGN=align_corners,
-                                                        BLOCK=BLOCK)
+        _forward_kernel[(B * triton.cdiv(H * W, BLOCK),)](x, flow, out, C, H, W, BORDER=border, ALIGN=align_corners,
+                                                           ACC=acc_dtype(x.dtype), BLOCK=BLOCK)
     return out
 
 
 def backward(grad, x, flow, border, align_corners):
     B, C, H, W = x.shape
-    gx, gflow = torch.zeros_like(x), torch.zeros_like(flow)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx, gflow = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros_like(flow)
     if x.numel():
-        _backward_kernel[(B, triton.cdiv(H * W, BLOCK))](x, flow, grad, gx, gflow, C, H, W, BORDER=border,
-                                                         ALIGN=align_corners, BLOCK=BLOCK)
-    return gx, gflow
+        _backward_kernel[(B * triton.cdiv(H * W, BLOCK),)](x, flow, grad, gx, gflow, C, H, W, BORDER=border,
+                                                            ALIGN=align_corners, ACC=acc_dtype(x.dtype), BLOCK=BLOCK)
+    return gx.to(x.dtype), gflow
