@@ -1,20 +1,24 @@
 // GroupNorm + SiLU, CUDA. Forward: one block per (sample, group): a block reduction for the statistics, then
 // an elementwise sweep. Backward: one block per (sample, group): per-channel block reductions of dL/da and
-// dL/da * xhat (written as per-(sample, channel) partials; dL/da parked in grad_x), then the input gradient;
+// dL/da * xhat (written as per-(sample, channel) partials), then the input gradient, recomputing dL/da from
+// grad and x (rather than parking it in grad_x: one full-size write less, and never rounded to a half type);
 // a second kernel sums the partials over the batch in order (deterministic, no atomics).
 // Both NCHW-contiguous and 4-D channels_last inputs are read in place. Arithmetic from
-// common/group_norm_silu.h, as on the CPU.
+// common/group_norm_silu.h, as on the CPU, in at::opmath_type<scalar_t> (float for float/half/bfloat16,
+// double for double; statistics and partial sums in double); mean/rstd are kept in that type.
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+
+#include <limits>
 
 #include "common/group_norm_silu.h"
 
 namespace vpfast {
 namespace {
 
-using gns::check_backward;
 using gns::check_param;
 using gns::dense;
 using gns::Geometry;
@@ -52,9 +56,9 @@ struct Geo {
   }
 };
 
-template <typename T>
-__global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                               T* __restrict__ y, T* __restrict__ mean, T* __restrict__ rstd, Geo geo, double eps) {
+template <typename S, typename T = at::opmath_type<S>>
+__global__ void forward_kernel(const S* __restrict__ x, const S* __restrict__ w, const S* __restrict__ b,
+                               S* __restrict__ y, T* __restrict__ mean, T* __restrict__ rstd, Geo geo, double eps) {
   __shared__ double smem[kThreads];
   const int64_t t = blockIdx.x, n = t / geo.G, g = t % geo.G, M = geo.Cg * geo.HW;
   const double K = static_cast<double>(x[geo.at(n, g * geo.Cg, 0)]);
@@ -79,15 +83,15 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
     int64_t cl, p;
     geo.split(e, cl, p);
     const int64_t c = g * geo.Cg + cl, o = geo.at(n, c, p);
-    const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
-    y[o] = gns::silu<T>(gns::affine<T>(x[o], mT, rT * wc, bc));
+    const T wc = w ? static_cast<T>(w[c]) : T(1), bc = b ? static_cast<T>(b[c]) : T(0);
+    y[o] = static_cast<S>(gns::silu<T>(gns::affine<T>(static_cast<T>(x[o]), mT, rT * wc, bc)));
   }
 }
 
-template <typename T>
-__global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ w,
-                                const T* __restrict__ b, const T* __restrict__ mean, const T* __restrict__ rstd,
-                                T* __restrict__ gx, double* __restrict__ partA, double* __restrict__ partB, Geo geo,
+template <typename S, typename T = at::opmath_type<S>>
+__global__ void backward_kernel(const S* __restrict__ grad, const S* __restrict__ x, const S* __restrict__ w,
+                                const S* __restrict__ b, const T* __restrict__ mean, const T* __restrict__ rstd,
+                                S* __restrict__ gx, double* __restrict__ partA, double* __restrict__ partB, Geo geo,
                                 bool need_x) {
   __shared__ double smem[kThreads];
   const int64_t t = blockIdx.x, n = t / geo.G, g = t % geo.G;
@@ -95,13 +99,12 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
   double S1 = 0, S2 = 0;
   for (int64_t cl = 0; cl < geo.Cg; ++cl) {
     const int64_t c = g * geo.Cg + cl;
-    const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0), rw = rT * wc;
+    const T wc = w ? static_cast<T>(w[c]) : T(1), bc = b ? static_cast<T>(b[c]) : T(0), rw = rT * wc;
     double A = 0, B = 0;
     for (int64_t p = threadIdx.x; p < geo.HW; p += blockDim.x) {
       const int64_t o = geo.at(n, c, p);
-      const T xc = x[o] - mT;
-      const T dy = gns::silu_backward<T>(grad[o], xc * rw + bc);
-      gx[o] = dy;
+      const T xc = static_cast<T>(x[o]) - mT;
+      const T dy = gns::silu_backward<T>(static_cast<T>(grad[o]), xc * rw + bc);
       A += static_cast<double>(dy);
       B += static_cast<double>(dy) * static_cast<double>(xc);
     }
@@ -115,22 +118,25 @@ __global__ void backward_kernel(const T* __restrict__ grad, const T* __restrict_
     S2 += static_cast<double>(wc) * B;
   }
   if (!need_x) return;
-  __syncthreads();  // grad_x holds dL/da written by other threads
   const int64_t M = geo.Cg * geo.HW;
   for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
     int64_t cl, p;
     geo.split(e, cl, p);
     const int64_t c = g * geo.Cg + cl, o = geo.at(n, c, p);
-    const double wc = w ? static_cast<double>(w[c]) : 1.0;
-    const auto k = gns::input_grad_coef(static_cast<double>(rT), wc, S1, S2, static_cast<double>(M));
-    gx[o] = gns::input_grad<T>(gx[o], x[o], mT, static_cast<T>(k.cdy), static_cast<T>(k.cx), static_cast<T>(k.c0));
+    const T wc = w ? static_cast<T>(w[c]) : T(1), bc = b ? static_cast<T>(b[c]) : T(0), rw = rT * wc;
+    const T xv = static_cast<T>(x[o]);
+    const T dy = gns::silu_backward<T>(static_cast<T>(grad[o]), (xv - mT) * rw + bc);
+    const auto k = gns::input_grad_coef(static_cast<double>(rT), static_cast<double>(wc), S1, S2,
+                                        static_cast<double>(M));
+    gx[o] = static_cast<S>(
+        gns::input_grad<T>(dy, xv, mT, static_cast<T>(k.cdy), static_cast<T>(k.cx), static_cast<T>(k.c0)));
   }
 }
 
 // grad_weight[c] = sum_n partB[n, c], grad_bias[c] = sum_n partA[n, c], in order of n
-template <typename T>
+template <typename S>
 __global__ void param_grad_kernel(const double* __restrict__ partA, const double* __restrict__ partB, int64_t N,
-                                  int64_t C, T* __restrict__ gw, T* __restrict__ gb) {
+                                  int64_t C, S* __restrict__ gw, S* __restrict__ gb) {
   const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (c >= C) return;
   double sa = 0, sb = 0;
@@ -138,8 +144,20 @@ __global__ void param_grad_kernel(const double* __restrict__ partA, const double
     sa += partA[n * C + c];
     sb += partB[n * C + c];
   }
-  if (gw) gw[c] = static_cast<T>(sb);
-  if (gb) gb[c] = static_cast<T>(sa);
+  if (gw) gw[c] = static_cast<S>(sb);
+  if (gb) gb[c] = static_cast<S>(sa);
+}
+
+// the backward's operands besides x: grad like x, mean and rstd [N, groups] in x's arithmetic type (what the
+// forward returned; gns::check_backward, used on the CPU, asks for x's dtype, which is the same there)
+void check_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                         const Geometry& g) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "vpfast::group_norm_silu_backward: grad must match x");
+  TORCH_CHECK(mean.numel() == g.N * g.G && rstd.numel() == g.N * g.G && mean.scalar_type() == acc &&
+                  rstd.scalar_type() == acc,
+              "vpfast::group_norm_silu_backward: mean and rstd must be [N, groups] in x's arithmetic type");
 }
 
 // the kernels' view of a gns::Geometry
@@ -163,17 +181,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cuda(
   const at::Tensor x = dense(x_, geo.cl);
   const int64_t N = x.size(0);
   auto y = at::empty_like(x);
-  auto mean = at::empty({N, geo.G}, x.options());
-  auto rstd = at::empty({N, geo.G}, x.options());
+  const auto stat_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  auto mean = at::empty({N, geo.G}, stat_opts);
+  auto rstd = at::empty({N, geo.G}, stat_opts);
   if (N == 0) return {y, mean, rstd};
+  TORCH_CHECK(N * geo.G <= std::numeric_limits<int32_t>::max(), "vpfast::group_norm_silu_forward: N * groups "
+              "exceeds the grid");
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_norm_silu_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
+                                  "group_norm_silu_forward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
     at::Tensor wk, bk;
     const scalar_t* w = param_ptr<scalar_t>(weight, wk);
     const scalar_t* b = param_ptr<scalar_t>(bias, bk);
-    forward_kernel<scalar_t><<<N * geo.G, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), w, b, y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-        rstd.data_ptr<scalar_t>(), geo, eps);
+    forward_kernel<scalar_t><<<static_cast<unsigned>(N * geo.G), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), w, b, y.data_ptr<scalar_t>(), mean.data_ptr<T>(), rstd.data_ptr<T>(), geo, eps);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, mean, rstd};
@@ -186,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
   const Geometry gm = geometry(x_, groups, "vpfast::group_norm_silu_backward");
   check_param(weight, x_, gm.C, "weight");
   check_param(bias, x_, gm.C, "bias");
-  check_backward(grad, x_, mean_, rstd_, gm);
+  check_backward_cuda(grad, x_, mean_, rstd_, gm);
   const Geo geo = device_geo(gm);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = dense(x_, geo.cl), g_ = dense(grad, geo.cl);
@@ -194,21 +216,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
   const int64_t N = x.size(0), C = geo.C;
   const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
   const bool need_x = output_mask[0], need_w = output_mask[1] && has_w, need_b = output_mask[2] && has_b;
-  auto gx = at::empty_like(x);
+  TORCH_CHECK(N * geo.G <= std::numeric_limits<int32_t>::max(), "vpfast::group_norm_silu_backward: N * groups "
+              "exceeds the grid");
+  auto gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
   auto partA = at::zeros({N, C}, x.options().dtype(at::kDouble));
   auto partB = at::zeros({N, C}, x.options().dtype(at::kDouble));
   auto gw = need_w ? at::empty({C}, x.options()) : at::empty({0}, x.options());
   auto gb = need_b ? at::empty({C}, x.options()) : at::empty({0}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(),
+                                  "group_norm_silu_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
     at::Tensor wk, bk;
     const scalar_t* w = param_ptr<scalar_t>(weight, wk);
     const scalar_t* b = param_ptr<scalar_t>(bias, bk);
     if (N > 0) {
-      backward_kernel<scalar_t><<<N * geo.G, kThreads, 0, stream>>>(
-          g_.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, b, mean.data_ptr<scalar_t>(),
-          rstd.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), partA.data_ptr<double>(), partB.data_ptr<double>(),
-          geo, need_x);
+      backward_kernel<scalar_t><<<static_cast<unsigned>(N * geo.G), kThreads, 0, stream>>>(
+          g_.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w, b, mean.data_ptr<T>(), rstd.data_ptr<T>(),
+          need_x ? gx.data_ptr<scalar_t>() : nullptr, partA.data_ptr<double>(), partB.data_ptr<double>(), geo,
+          need_x);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (need_w || need_b) {
@@ -218,7 +244,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (!need_x) gx = at::empty({0}, x.options());
   return {gx, gw, gb};
 }
 
