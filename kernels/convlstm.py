@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import BLOCK, grid as _grid, tanh as _tanh
+from ._pointwise import BLOCK, grid as _grid, put as _put, tanh as _tanh, wide as _wide
 
 
 
@@ -23,16 +23,16 @@ def _fwd(x_ptr, h_ptr, c_ptr, hout_ptr, cn_ptr, act_ptr, N, C, HW, fb, HAS_X: tl
     r = idx // HW
     ch = r % C
     b = r // C
-    pi = tl.load(h_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)
-    pf = tl.load(h_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)
-    pg = tl.load(h_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)
-    po = tl.load(h_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)
+    pi = _wide(tl.load(h_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask))
+    pf = _wide(tl.load(h_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask))
+    pg = _wide(tl.load(h_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask))
+    po = _wide(tl.load(h_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask))
     if HAS_X:
-        pi = tl.load(x_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask) + pi
-        pf = tl.load(x_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask) + pf
-        pg = tl.load(x_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask) + pg
-        po = tl.load(x_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask) + po
-    c0 = tl.load(c_ptr + idx, mask=mask)
+        pi = _wide(tl.load(x_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)) + pi
+        pf = _wide(tl.load(x_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)) + pf
+        pg = _wide(tl.load(x_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)) + pg
+        po = _wide(tl.load(x_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)) + po
+    c0 = _wide(tl.load(c_ptr + idx, mask=mask))
     i = tl.sigmoid(pi)
     f = tl.sigmoid(pf + fb)
     g = _tanh(pg)
@@ -42,11 +42,11 @@ def _fwd(x_ptr, h_ptr, c_ptr, hout_ptr, cn_ptr, act_ptr, N, C, HW, fb, HAS_X: tl
         h = o * _tanh(cn)
     else:
         h = o * g
-    tl.store(hout_ptr + idx, h, mask=mask)
-    tl.store(cn_ptr + idx, cn, mask=mask)
-    tl.store(act_ptr + ((b * 3 + 0) * C + ch) * HW + p, i, mask=mask)
-    tl.store(act_ptr + ((b * 3 + 1) * C + ch) * HW + p, f, mask=mask)
-    tl.store(act_ptr + ((b * 3 + 2) * C + ch) * HW + p, o, mask=mask)
+    _put(hout_ptr + idx, h, mask)
+    _put(cn_ptr + idx, cn, mask)
+    _put(act_ptr + ((b * 3 + 0) * C + ch) * HW + p, i, mask)
+    _put(act_ptr + ((b * 3 + 1) * C + ch) * HW + p, f, mask)
+    _put(act_ptr + ((b * 3 + 2) * C + ch) * HW + p, o, mask)
 
 
 @triton.jit
@@ -58,24 +58,24 @@ def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, h_ptr, gx_ptr, ghg_ptr, gcp_ptr
     r = idx // HW
     ch = r % C
     b = r // C
-    i = tl.load(act_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask)
-    f = tl.load(act_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask)
-    o = tl.load(act_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask)
-    c0 = tl.load(c_ptr + idx, mask=mask)
-    cn = tl.load(cn_ptr + idx, mask=mask)
+    i = _wide(tl.load(act_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask))
+    f = _wide(tl.load(act_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask))
+    o = _wide(tl.load(act_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask))
+    c0 = _wide(tl.load(c_ptr + idx, mask=mask))
+    cn = _wide(tl.load(cn_ptr + idx, mask=mask))
     # g recovered from i*g = c_new - f*c_prev, or from h = o*g where o > i (csrc/common/stlstm.h says why)
     d = cn - f * c0
     g = tl.where(i > 0.0, d / tl.where(i > 0.0, i, 1.0), 0.0)
     if not TANH_C:
-        hv = tl.load(h_ptr + idx, mask=mask)
+        hv = _wide(tl.load(h_ptr + idx, mask=mask))
         g = tl.where(o > i, hv / tl.where(o > i, o, 1.0), g)
     g = tl.minimum(tl.maximum(g, -1.0), 1.0)
     gh = tl.zeros_like(i)
     gct = tl.zeros_like(i)
     if HAS_GH:
-        gh = tl.load(gh_ptr + idx, mask=mask)
+        gh = _wide(tl.load(gh_ptr + idx, mask=mask))
     if HAS_GC:
-        gct = tl.load(gc_ptr + idx, mask=mask)
+        gct = _wide(tl.load(gc_ptr + idx, mask=mask))
     gg = tl.zeros_like(i)
     if TANH_C:
         a = _tanh(cn)
@@ -87,16 +87,16 @@ def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, h_ptr, gx_ptr, ghg_ptr, gcp_ptr
     gpi = gct * d * (1.0 - i)
     gpf = gct * c0 * f * (1.0 - f)
     gpg = (gct * i + gg) * (1.0 - g * g)
-    tl.store(ghg_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask=mask)
-    tl.store(ghg_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask=mask)
-    tl.store(ghg_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask=mask)
-    tl.store(ghg_ptr + ((b * 4 + 3) * C + ch) * HW + p, gpo, mask=mask)
-    tl.store(gcp_ptr + idx, gct * f, mask=mask)
+    _put(ghg_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask)
+    _put(ghg_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask)
+    _put(ghg_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask)
+    _put(ghg_ptr + ((b * 4 + 3) * C + ch) * HW + p, gpo, mask)
+    _put(gcp_ptr + idx, gct * f, mask)
     if HAS_X:
-        tl.store(gx_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask=mask)
-        tl.store(gx_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask=mask)
-        tl.store(gx_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask=mask)
-        tl.store(gx_ptr + ((b * 4 + 3) * C + ch) * HW + p, gpo, mask=mask)
+        _put(gx_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask)
+        _put(gx_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask)
+        _put(gx_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask)
+        _put(gx_ptr + ((b * 4 + 3) * C + ch) * HW + p, gpo, mask)
 
 
 

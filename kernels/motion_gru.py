@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import BLOCK, grid as _grid, tanh as _tanh
+from ._pointwise import BLOCK, grid as _grid, put as _put, tanh as _tanh, wide as _wide
 
 
 @triton.jit
@@ -17,9 +17,9 @@ def _reset_kernel(gates, f, out, n, L, BLOCK: tl.constexpr):
     ok = i < n
     b = i // L
     j = i - b * L
-    gr = tl.load(gates + b * 2 * L + L + j, mask=ok, other=0.0)
-    fv = tl.load(f + i, mask=ok, other=0.0)
-    tl.store(out + i, tl.sigmoid(gr) * fv, mask=ok)
+    gr = _wide(tl.load(gates + b * 2 * L + L + j, mask=ok, other=0.0))
+    fv = _wide(tl.load(f + i, mask=ok, other=0.0))
+    _put(out + i, tl.sigmoid(gr) * fv, ok)
 
 
 @triton.jit
@@ -28,13 +28,13 @@ def _reset_bwd_kernel(g, gates, f, d_gates, d_f, n, L, BLOCK: tl.constexpr):
     ok = i < n
     b = i // L
     j = i - b * L
-    gv = tl.load(g + i, mask=ok, other=0.0)
-    gr = tl.load(gates + b * 2 * L + L + j, mask=ok, other=0.0)
-    fv = tl.load(f + i, mask=ok, other=0.0)
+    gv = _wide(tl.load(g + i, mask=ok, other=0.0))
+    gr = _wide(tl.load(gates + b * 2 * L + L + j, mask=ok, other=0.0))
+    fv = _wide(tl.load(f + i, mask=ok, other=0.0))
     r = tl.sigmoid(gr)
-    tl.store(d_gates + b * 2 * L + j, gv * 0, mask=ok)
-    tl.store(d_gates + b * 2 * L + L + j, gv * fv * r * (1 - r), mask=ok)
-    tl.store(d_f + i, gv * r, mask=ok)
+    _put(d_gates + b * 2 * L + j, gv * 0, ok)
+    _put(d_gates + b * 2 * L + L + j, gv * fv * r * (1 - r), ok)
+    _put(d_f + i, gv * r, ok)
 
 
 @triton.jit
@@ -43,13 +43,13 @@ def _update_kernel(gates, o, f, d, f_out, d_out, n, L, BLOCK: tl.constexpr):
     ok = i < n
     b = i // L
     j = i - b * L
-    u = tl.sigmoid(tl.load(gates + b * 2 * L + j, mask=ok, other=0.0))
-    t = _tanh(tl.load(o + i, mask=ok, other=0.0))
-    fv = tl.load(f + i, mask=ok, other=0.0)
-    dv = tl.load(d + i, mask=ok, other=0.0)
+    u = tl.sigmoid(_wide(tl.load(gates + b * 2 * L + j, mask=ok, other=0.0)))
+    t = _tanh(_wide(tl.load(o + i, mask=ok, other=0.0)))
+    fv = _wide(tl.load(f + i, mask=ok, other=0.0))
+    dv = _wide(tl.load(d + i, mask=ok, other=0.0))
     dn = dv + 0.5 * (fv - dv)
-    tl.store(f_out + i, fv * (1 - u) + t * u + dn, mask=ok)
-    tl.store(d_out + i, dn, mask=ok)
+    _put(f_out + i, fv * (1 - u) + t * u + dn, ok)
+    _put(d_out + i, dn, ok)
 
 
 @triton.jit
@@ -58,17 +58,17 @@ def _update_bwd_kernel(g_f, g_d, gates, o, f, d_gates, d_o, d_f, d_d, n, L, BLOC
     ok = i < n
     b = i // L
     j = i - b * L
-    gf = tl.load(g_f + i, mask=ok, other=0.0)
-    gd = tl.load(g_d + i, mask=ok, other=0.0)
-    u = tl.sigmoid(tl.load(gates + b * 2 * L + j, mask=ok, other=0.0))
-    t = _tanh(tl.load(o + i, mask=ok, other=0.0))
-    fv = tl.load(f + i, mask=ok, other=0.0)
+    gf = _wide(tl.load(g_f + i, mask=ok, other=0.0))
+    gd = _wide(tl.load(g_d + i, mask=ok, other=0.0))
+    u = tl.sigmoid(_wide(tl.load(gates + b * 2 * L + j, mask=ok, other=0.0)))
+    t = _tanh(_wide(tl.load(o + i, mask=ok, other=0.0)))
+    fv = _wide(tl.load(f + i, mask=ok, other=0.0))
     gdn = gd + gf
-    tl.store(d_gates + b * 2 * L + j, gf * (t - fv) * u * (1 - u), mask=ok)
-    tl.store(d_gates + b * 2 * L + L + j, gf * 0, mask=ok)
-    tl.store(d_o + i, gf * u * (1 - t * t), mask=ok)
-    tl.store(d_f + i, gf * (1 - u) + 0.5 * gdn, mask=ok)
-    tl.store(d_d + i, 0.5 * gdn, mask=ok)
+    _put(d_gates + b * 2 * L + j, gf * (t - fv) * u * (1 - u), ok)
+    _put(d_gates + b * 2 * L + L + j, gf * 0, ok)
+    _put(d_o + i, gf * u * (1 - t * t), ok)
+    _put(d_f + i, gf * (1 - u) + 0.5 * gdn, ok)
+    _put(d_d + i, 0.5 * gdn, ok)
 
 
 def _L(f):

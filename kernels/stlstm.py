@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import BLOCK, grid as _grid, tanh as _tanh
+from ._pointwise import BLOCK, grid as _grid, put as _put, tanh as _tanh, wide as _wide
 
 
 
@@ -24,39 +24,39 @@ def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_pt
     r = idx // HW
     ch = r % C
     b = r // C
-    pi = tl.load(h_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)
-    pf = tl.load(h_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)
-    pg = tl.load(h_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)
-    po = tl.load(h_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)
-    qi = tl.load(m_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask)
-    qf = tl.load(m_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask)
-    qg = tl.load(m_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask)
+    pi = _wide(tl.load(h_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask))
+    pf = _wide(tl.load(h_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask))
+    pg = _wide(tl.load(h_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask))
+    po = _wide(tl.load(h_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask))
+    qi = _wide(tl.load(m_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask))
+    qf = _wide(tl.load(m_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask))
+    qg = _wide(tl.load(m_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask))
     if HAS_X:
-        pi = tl.load(x_ptr + ((b * 7 + 0) * C + ch) * HW + p, mask=mask) + pi
-        pf = tl.load(x_ptr + ((b * 7 + 1) * C + ch) * HW + p, mask=mask) + pf
-        pg = tl.load(x_ptr + ((b * 7 + 2) * C + ch) * HW + p, mask=mask) + pg
-        qi = tl.load(x_ptr + ((b * 7 + 3) * C + ch) * HW + p, mask=mask) + qi
-        qf = tl.load(x_ptr + ((b * 7 + 4) * C + ch) * HW + p, mask=mask) + qf
-        qg = tl.load(x_ptr + ((b * 7 + 5) * C + ch) * HW + p, mask=mask) + qg
-        po = tl.load(x_ptr + ((b * 7 + 6) * C + ch) * HW + p, mask=mask) + po
-    c0 = tl.load(c_ptr + idx, mask=mask)
-    m0 = tl.load(mp_ptr + idx, mask=mask)
+        pi = _wide(tl.load(x_ptr + ((b * 7 + 0) * C + ch) * HW + p, mask=mask)) + pi
+        pf = _wide(tl.load(x_ptr + ((b * 7 + 1) * C + ch) * HW + p, mask=mask)) + pf
+        pg = _wide(tl.load(x_ptr + ((b * 7 + 2) * C + ch) * HW + p, mask=mask)) + pg
+        qi = _wide(tl.load(x_ptr + ((b * 7 + 3) * C + ch) * HW + p, mask=mask)) + qi
+        qf = _wide(tl.load(x_ptr + ((b * 7 + 4) * C + ch) * HW + p, mask=mask)) + qf
+        qg = _wide(tl.load(x_ptr + ((b * 7 + 5) * C + ch) * HW + p, mask=mask)) + qg
+        po = _wide(tl.load(x_ptr + ((b * 7 + 6) * C + ch) * HW + p, mask=mask)) + po
+    c0 = _wide(tl.load(c_ptr + idx, mask=mask))
+    m0 = _wide(tl.load(mp_ptr + idx, mask=mask))
     i = tl.sigmoid(pi)
     f = tl.sigmoid(pf + fb)
     g = _tanh(pg)
     i2 = tl.sigmoid(qi)
     f2 = tl.sigmoid(qf + fb)
     g2 = _tanh(qg)
-    tl.store(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, f * c0 + i * g, mask=mask)
-    tl.store(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, f2 * m0 + i2 * g2, mask=mask)
-    tl.store(op_ptr + idx, po, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, i, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, f, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, i2, mask=mask)
-    tl.store(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, f2, mask=mask)
+    _put(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, f * c0 + i * g, mask)
+    _put(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, f2 * m0 + i2 * g2, mask)
+    _put(op_ptr + idx, po, mask)
+    _put(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, i, mask)
+    _put(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, f, mask)
+    _put(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, i2, mask)
+    _put(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, f2, mask)
     if DELTA:
-        tl.store(d_ptr + ((b * 2 + 0) * C + ch) * HW + p, i * g, mask=mask)
-        tl.store(d_ptr + ((b * 2 + 1) * C + ch) * HW + p, i2 * g2, mask=mask)
+        _put(d_ptr + ((b * 2 + 0) * C + ch) * HW + p, i * g, mask)
+        _put(d_ptr + ((b * 2 + 1) * C + ch) * HW + p, i2 * g2, mask)
 
 
 @triton.jit
@@ -68,22 +68,22 @@ def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr,
     r = idx // HW
     ch = r % C
     b = r // C
-    gcn = tl.load(gcm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
-    gmn = tl.load(gcm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
+    gcn = _wide(tl.load(gcm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask))
+    gmn = _wide(tl.load(gcm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask))
     gig = gcn
     gig2 = gmn
     if DELTA:
-        gig = gcn + tl.load(gd_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
-        gig2 = gmn + tl.load(gd_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
-    i = tl.load(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask)
-    f = tl.load(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask)
-    i2 = tl.load(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask)
-    f2 = tl.load(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask)
-    c0 = tl.load(c_ptr + idx, mask=mask)
-    m0 = tl.load(mp_ptr + idx, mask=mask)
-    c1 = tl.load(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask)
-    m1 = tl.load(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask)
-    go = tl.load(gop_ptr + idx, mask=mask)
+        gig = gcn + _wide(tl.load(gd_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask))
+        gig2 = gmn + _wide(tl.load(gd_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask))
+    i = _wide(tl.load(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask))
+    f = _wide(tl.load(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask))
+    i2 = _wide(tl.load(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask))
+    f2 = _wide(tl.load(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask))
+    c0 = _wide(tl.load(c_ptr + idx, mask=mask))
+    m0 = _wide(tl.load(mp_ptr + idx, mask=mask))
+    c1 = _wide(tl.load(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask))
+    m1 = _wide(tl.load(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask))
+    go = _wide(tl.load(gop_ptr + idx, mask=mask))
     # d = i*g recovered from the saved memories, g = d / i clamped to [-1, 1] (csrc/common/stlstm.h says why)
     d = c1 - f * c0
     d2 = m1 - f2 * m0
@@ -95,23 +95,23 @@ def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr,
     gqi = gig2 * d2 * (1.0 - i2)
     gqf = gmn * m0 * f2 * (1.0 - f2)
     gqg = gig2 * i2 * (1.0 - g2 * g2)
-    tl.store(gh_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask=mask)
-    tl.store(gh_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask=mask)
-    tl.store(gh_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask=mask)
-    tl.store(gh_ptr + ((b * 4 + 3) * C + ch) * HW + p, go, mask=mask)
-    tl.store(gm_ptr + ((b * 3 + 0) * C + ch) * HW + p, gqi, mask=mask)
-    tl.store(gm_ptr + ((b * 3 + 1) * C + ch) * HW + p, gqf, mask=mask)
-    tl.store(gm_ptr + ((b * 3 + 2) * C + ch) * HW + p, gqg, mask=mask)
-    tl.store(gc_ptr + idx, gcn * f, mask=mask)
-    tl.store(gmp_ptr + idx, gmn * f2, mask=mask)
+    _put(gh_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask)
+    _put(gh_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask)
+    _put(gh_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask)
+    _put(gh_ptr + ((b * 4 + 3) * C + ch) * HW + p, go, mask)
+    _put(gm_ptr + ((b * 3 + 0) * C + ch) * HW + p, gqi, mask)
+    _put(gm_ptr + ((b * 3 + 1) * C + ch) * HW + p, gqf, mask)
+    _put(gm_ptr + ((b * 3 + 2) * C + ch) * HW + p, gqg, mask)
+    _put(gc_ptr + idx, gcn * f, mask)
+    _put(gmp_ptr + idx, gmn * f2, mask)
     if HAS_X:
-        tl.store(gx_ptr + ((b * 7 + 0) * C + ch) * HW + p, gpi, mask=mask)
-        tl.store(gx_ptr + ((b * 7 + 1) * C + ch) * HW + p, gpf, mask=mask)
-        tl.store(gx_ptr + ((b * 7 + 2) * C + ch) * HW + p, gpg, mask=mask)
-        tl.store(gx_ptr + ((b * 7 + 3) * C + ch) * HW + p, gqi, mask=mask)
-        tl.store(gx_ptr + ((b * 7 + 4) * C + ch) * HW + p, gqf, mask=mask)
-        tl.store(gx_ptr + ((b * 7 + 5) * C + ch) * HW + p, gqg, mask=mask)
-        tl.store(gx_ptr + ((b * 7 + 6) * C + ch) * HW + p, go, mask=mask)
+        _put(gx_ptr + ((b * 7 + 0) * C + ch) * HW + p, gpi, mask)
+        _put(gx_ptr + ((b * 7 + 1) * C + ch) * HW + p, gpf, mask)
+        _put(gx_ptr + ((b * 7 + 2) * C + ch) * HW + p, gpg, mask)
+        _put(gx_ptr + ((b * 7 + 3) * C + ch) * HW + p, gqi, mask)
+        _put(gx_ptr + ((b * 7 + 4) * C + ch) * HW + p, gqf, mask)
+        _put(gx_ptr + ((b * 7 + 5) * C + ch) * HW + p, gqg, mask)
+        _put(gx_ptr + ((b * 7 + 6) * C + ch) * HW + p, go, mask)
 
 
 @triton.jit
@@ -119,14 +119,14 @@ def _output_fwd(op_ptr, om_ptr, last_ptr, hw_ptr, h_ptr, o_ptr, tl_ptr, N, HAS_H
                 BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
-    o = tl.sigmoid(tl.load(op_ptr + idx, mask=mask) + tl.load(om_ptr + idx, mask=mask))
-    t = _tanh(tl.load(last_ptr + idx, mask=mask))
+    o = tl.sigmoid(_wide(tl.load(op_ptr + idx, mask=mask)) + _wide(tl.load(om_ptr + idx, mask=mask)))
+    t = _tanh(_wide(tl.load(last_ptr + idx, mask=mask)))
     h = o * t
     if HAS_HW:
-        h = h + (1.0 - o) * tl.load(hw_ptr + idx, mask=mask)
-        tl.store(tl_ptr + idx, t, mask=mask)
-    tl.store(h_ptr + idx, h, mask=mask)
-    tl.store(o_ptr + idx, o, mask=mask)
+        h = h + (1.0 - o) * _wide(tl.load(hw_ptr + idx, mask=mask))
+        _put(tl_ptr + idx, t, mask)
+    _put(h_ptr + idx, h, mask)
+    _put(o_ptr + idx, o, mask)
 
 
 @triton.jit
@@ -134,18 +134,18 @@ def _output_bwd(gh_ptr, o_ptr, ht_ptr, hw_ptr, gpre_ptr, glast_ptr, ghw_ptr, N, 
                 BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
-    gh = tl.load(gh_ptr + idx, mask=mask)
-    o = tl.load(o_ptr + idx, mask=mask, other=1.0)
-    ht = tl.load(ht_ptr + idx, mask=mask)
+    gh = _wide(tl.load(gh_ptr + idx, mask=mask))
+    o = _wide(tl.load(o_ptr + idx, mask=mask, other=1.0))
+    ht = _wide(tl.load(ht_ptr + idx, mask=mask))
     if HAS_HW:
         t = ht
-        hw = tl.load(hw_ptr + idx, mask=mask)
-        tl.store(ghw_ptr + idx, gh * (1.0 - o), mask=mask)
+        hw = _wide(tl.load(hw_ptr + idx, mask=mask))
+        _put(ghw_ptr + idx, gh * (1.0 - o), mask)
     else:
         t = tl.where(o > 0.0, ht / tl.where(o > 0.0, o, 1.0), 0.0)
         hw = 0.0
-    tl.store(gpre_ptr + idx, gh * (t - hw) * o * (1.0 - o), mask=mask)
-    tl.store(glast_ptr + idx, gh * o * (1.0 - t * t), mask=mask)
+    _put(gpre_ptr + idx, gh * (t - hw) * o * (1.0 - o), mask)
+    _put(glast_ptr + idx, gh * o * (1.0 - t * t), mask)
 
 
 

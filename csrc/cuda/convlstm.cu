@@ -1,5 +1,7 @@
 // Fused ConvLSTM pointwise step, CUDA: one thread per element (grid-stride loop), strided planes as on the
-// CPU. Arithmetic: common/stlstm.h.
+// CPU. Arithmetic: common/stlstm.h, run in A = at::opmath_type<T> (float for Half/BFloat16 storage: widen on
+// load, round once on store). Launch: a 1-D grid of at most 65535 blocks, grid-stride loop, 64-bit indices.
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -18,54 +20,73 @@ using lstm::planes;
 using lstm::planes_opt;
 constexpr int kThreads = 256;
 
+template <typename A, typename T>
+__device__ __forceinline__ A ld(const Planes<T>& t, int64_t b, int64_t ch, int64_t p) {
+  return static_cast<A>(t.at(b, ch)[p]);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void st(const Planes<T>& t, int64_t b, int64_t ch, int64_t p, A v) {
+  t.at(b, ch)[p] = static_cast<T>(v);
+}
+
 template <typename T>
 __global__ void fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> c, Planes<T> h, Planes<T> cn, Planes<T> act,
-                           int64_t C, int64_t HW, int64_t n, T fb, bool tanh_c) {
+                           int64_t C, int64_t HW, int64_t n, at::opmath_type<T> fb, bool tanh_c) {
+  using A = at::opmath_type<T>;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
-    T pi = hg.at(b, ch)[p], pf = hg.at(b, C + ch)[p], pg = hg.at(b, 2 * C + ch)[p], po = hg.at(b, 3 * C + ch)[p];
+    A pi = ld<A>(hg, b, ch, p), pf = ld<A>(hg, b, C + ch, p), pg = ld<A>(hg, b, 2 * C + ch, p),
+      po = ld<A>(hg, b, 3 * C + ch, p);
     if (x.ptr) {
-      pi = x.at(b, ch)[p] + pi;
-      pf = x.at(b, C + ch)[p] + pf;
-      pg = x.at(b, 2 * C + ch)[p] + pg;
-      po = x.at(b, 3 * C + ch)[p] + po;
+      pi = ld<A>(x, b, ch, p) + pi;
+      pf = ld<A>(x, b, C + ch, p) + pf;
+      pg = ld<A>(x, b, 2 * C + ch, p) + pg;
+      po = ld<A>(x, b, 3 * C + ch, p) + po;
     }
-    T i, f, g, c_new;
-    lstm::cell_forward<T>(pi, pf, pg, c.at(b, ch)[p], fb, i, f, g, c_new);
-    const T o = fast_sigmoid<T>(po);
-    h.at(b, ch)[p] = o * (tanh_c ? fast_tanh<T>(c_new) : g);
-    cn.at(b, ch)[p] = c_new;
-    act.at(b, ch)[p] = i;
-    act.at(b, C + ch)[p] = f;
-    act.at(b, 2 * C + ch)[p] = o;
+    A i, f, g, c_new;
+    lstm::cell_forward<A>(pi, pf, pg, ld<A>(c, b, ch, p), fb, i, f, g, c_new);
+    const A o = fast_sigmoid<A>(po);
+    st(h, b, ch, p, o * (tanh_c ? fast_tanh<A>(c_new) : g));
+    st(cn, b, ch, p, c_new);
+    st(act, b, ch, p, i);
+    st(act, b, C + ch, p, f);
+    st(act, b, 2 * C + ch, p, o);
   }
 }
 
+// reads the saved gates, c_t and h as stored (in T); g's recovery is as in float32 (csrc/common/stlstm.h)
 template <typename T>
 __global__ void bwd_kernel(Planes<T> gh, Planes<T> gc, Planes<T> act, Planes<T> c, Planes<T> cn, Planes<T> ho,
                            Planes<T> gx, Planes<T> ghg, Planes<T> gcp, int64_t C, int64_t HW, int64_t n,
                            bool tanh_c) {
+  using A = at::opmath_type<T>;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
-    T pi, pf, pg, po, c_;
-    lstm::convlstm_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], act.at(b, 2 * C + ch)[p], c.at(b, ch)[p],
-                               cn.at(b, ch)[p], ho.at(b, ch)[p], gh.ptr ? gh.at(b, ch)[p] : T(0),
-                               gc.ptr ? gc.at(b, ch)[p] : T(0), tanh_c, pi, pf, pg, po, c_);
-    ghg.at(b, ch)[p] = pi;
-    ghg.at(b, C + ch)[p] = pf;
-    ghg.at(b, 2 * C + ch)[p] = pg;
-    ghg.at(b, 3 * C + ch)[p] = po;
-    gcp.at(b, ch)[p] = c_;
+    A pi, pf, pg, po, c_;
+    lstm::convlstm_backward<A>(ld<A>(act, b, ch, p), ld<A>(act, b, C + ch, p), ld<A>(act, b, 2 * C + ch, p),
+                               ld<A>(c, b, ch, p), ld<A>(cn, b, ch, p), ld<A>(ho, b, ch, p),
+                               gh.ptr ? ld<A>(gh, b, ch, p) : A(0), gc.ptr ? ld<A>(gc, b, ch, p) : A(0), tanh_c, pi,
+                               pf, pg, po, c_);
+    st(ghg, b, ch, p, pi);
+    st(ghg, b, C + ch, p, pf);
+    st(ghg, b, 2 * C + ch, p, pg);
+    st(ghg, b, 3 * C + ch, p, po);
+    st(gcp, b, ch, p, c_);
     if (gx.ptr) {
-      gx.at(b, ch)[p] = pi;
-      gx.at(b, C + ch)[p] = pf;
-      gx.at(b, 2 * C + ch)[p] = pg;
-      gx.at(b, 3 * C + ch)[p] = po;
+      st(gx, b, ch, p, pi);
+      st(gx, b, C + ch, p, pf);
+      st(gx, b, 2 * C + ch, p, pg);
+      st(gx, b, 3 * C + ch, p, po);
     }
   }
 }
+
+// float, double, and the half types (computed in float)
+#define VPFAST_DISPATCH_LSTM(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
@@ -83,11 +104,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::
   auto act = at::empty({B, 3 * C, H, W}, c.options());
   if (n == 0) return {h, cn, act};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(c.scalar_type(), "convlstm_forward_cuda", [&] {
     using T = scalar_t;
     fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes_opt<T>(has_x, x_g), planes<T>(h_g), planes<T>(c),
                                                            planes<T>(h), planes<T>(cn), planes<T>(act), C, HW, n,
-                                                           static_cast<T>(forget_bias), tanh_c);
+                                                           static_cast<at::opmath_type<T>>(forget_bias), tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {h, cn, act};
@@ -109,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
   auto gcp = at::empty({B, C, H, W}, c.options());
   if (n == 0) return {gx, ghg, gcp};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(c.scalar_type(), "convlstm_backward_cuda", [&] {
     using T = scalar_t;
     bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
         planes_opt<T>(has_gh, gh), planes_opt<T>(has_gc, gc), planes<T>(act), planes<T>(c), planes<T>(cn),

@@ -1,4 +1,8 @@
-// MotionGRU pointwise steps, CUDA: one thread per element, arithmetic from common/motion_gru.h.
+// MotionGRU pointwise steps, CUDA: one thread per element, arithmetic from common/motion_gru.h run in
+// A = at::opmath_type<T> (float for Half/BFloat16 storage: widen on load, round once on store).
+// Launch: a 1-D grid of at most 2^20 blocks of 256 threads (gridDim.x allows 2^31 - 1), grid-stride loop,
+// 64-bit indices, so any element count fits.
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -20,22 +24,24 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 template <typename T>
 __global__ void reset_kernel(const T* __restrict__ gates, const T* __restrict__ f, int64_t n, int64_t L,
                              T* __restrict__ out) {
+  using A = at::opmath_type<T>;
   VPFAST_GRID_LOOP(i, n) {
     const int64_t b = i / L, j = i % L;
-    out[i] = mgru::reset_fwd<T>(gates[b * 2 * L + L + j], f[i]);
+    out[i] = static_cast<T>(mgru::reset_fwd<A>(static_cast<A>(gates[b * 2 * L + L + j]), static_cast<A>(f[i])));
   }
 }
 
 template <typename T>
 __global__ void reset_bwd_kernel(const T* __restrict__ g, const T* __restrict__ gates, const T* __restrict__ f,
                                  int64_t n, int64_t L, T* __restrict__ d_gates, T* __restrict__ d_f) {
+  using A = at::opmath_type<T>;
   VPFAST_GRID_LOOP(i, n) {
     const int64_t b = i / L, j = i % L;
-    T a, c;
-    mgru::reset_bwd<T>(g[i], gates[b * 2 * L + L + j], f[i], a, c);
-    d_gates[b * 2 * L + j] = T(0);
-    d_gates[b * 2 * L + L + j] = a;
-    d_f[i] = c;
+    A a, c;
+    mgru::reset_bwd<A>(static_cast<A>(g[i]), static_cast<A>(gates[b * 2 * L + L + j]), static_cast<A>(f[i]), a, c);
+    d_gates[b * 2 * L + j] = static_cast<T>(0);
+    d_gates[b * 2 * L + L + j] = static_cast<T>(a);
+    d_f[i] = static_cast<T>(c);
   }
 }
 
@@ -43,12 +49,14 @@ template <typename T>
 __global__ void update_kernel(const T* __restrict__ gates, const T* __restrict__ o, const T* __restrict__ f,
                               const T* __restrict__ d, int64_t n, int64_t L, T* __restrict__ f_out,
                               T* __restrict__ d_out) {
+  using A = at::opmath_type<T>;
   VPFAST_GRID_LOOP(i, n) {
     const int64_t b = i / L, j = i % L;
-    T a, c;
-    mgru::update_fwd<T>(gates[b * 2 * L + j], o[i], f[i], d[i], a, c);
-    f_out[i] = a;
-    d_out[i] = c;
+    A a, c;
+    mgru::update_fwd<A>(static_cast<A>(gates[b * 2 * L + j]), static_cast<A>(o[i]), static_cast<A>(f[i]),
+                        static_cast<A>(d[i]), a, c);
+    f_out[i] = static_cast<T>(a);
+    d_out[i] = static_cast<T>(c);
   }
 }
 
@@ -57,17 +65,23 @@ __global__ void update_bwd_kernel(const T* __restrict__ g_f, const T* __restrict
                                   const T* __restrict__ o, const T* __restrict__ f, int64_t n, int64_t L,
                                   T* __restrict__ d_gates, T* __restrict__ d_o, T* __restrict__ d_f,
                                   T* __restrict__ d_d) {
+  using A = at::opmath_type<T>;
   VPFAST_GRID_LOOP(i, n) {
     const int64_t b = i / L, j = i % L;
-    T a, c, e, h;
-    mgru::update_bwd<T>(g_f[i], g_d[i], gates[b * 2 * L + j], o[i], f[i], a, c, e, h);
-    d_gates[b * 2 * L + j] = a;
-    d_gates[b * 2 * L + L + j] = T(0);
-    d_o[i] = c;
-    d_f[i] = e;
-    d_d[i] = h;
+    A a, c, e, h;
+    mgru::update_bwd<A>(static_cast<A>(g_f[i]), static_cast<A>(g_d[i]), static_cast<A>(gates[b * 2 * L + j]),
+                        static_cast<A>(o[i]), static_cast<A>(f[i]), a, c, e, h);
+    d_gates[b * 2 * L + j] = static_cast<T>(a);
+    d_gates[b * 2 * L + L + j] = static_cast<T>(0);
+    d_o[i] = static_cast<T>(c);
+    d_f[i] = static_cast<T>(e);
+    d_d[i] = static_cast<T>(h);
   }
 }
+
+// float, double, and the half types (computed in float)
+#define VPFAST_DISPATCH_MGRU(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
 
 int64_t per_image(const at::Tensor& f) { return f.numel() / std::max<int64_t>(1, f.size(0)); }
 
@@ -79,7 +93,7 @@ at::Tensor motion_gru_reset_cuda(const at::Tensor& gates, const at::Tensor& f_pr
   const int64_t n = Fp.numel(), L = per_image(Fp);
   if (n == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_reset_cuda", [&] {
+  VPFAST_DISPATCH_MGRU(Fp.scalar_type(), "motion_gru_reset_cuda", [&] {
     reset_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(Gt.data_ptr<scalar_t>(), Fp.data_ptr<scalar_t>(), n,
                                                                   L, out.data_ptr<scalar_t>());
   });
@@ -98,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cuda(const at::Tens
   const int64_t n = Fp.numel(), L = per_image(Fp);
   if (n == 0) return {d_gates, d_f};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_reset_backward_cuda", [&] {
+  VPFAST_DISPATCH_MGRU(Fp.scalar_type(), "motion_gru_reset_backward_cuda", [&] {
     reset_bwd_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         G.data_ptr<scalar_t>(), Gt.data_ptr<scalar_t>(), Fp.data_ptr<scalar_t>(), n, L, d_gates.data_ptr<scalar_t>(),
         d_f.data_ptr<scalar_t>());
@@ -119,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_update_cuda(const at::Tensor& gate
   const int64_t n = Fp.numel(), L = per_image(Fp);
   if (n == 0) return {f_out, d_out};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_update_cuda", [&] {
+  VPFAST_DISPATCH_MGRU(Fp.scalar_type(), "motion_gru_update_cuda", [&] {
     update_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         Gt.data_ptr<scalar_t>(), O.data_ptr<scalar_t>(), Fp.data_ptr<scalar_t>(), Dp.data_ptr<scalar_t>(), n, L,
         f_out.data_ptr<scalar_t>(), d_out.data_ptr<scalar_t>());
@@ -146,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_bac
   const int64_t n = Fp.numel(), L = per_image(Fp);
   if (n == 0) return {d_gates, d_o, d_f, d_d};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(Fp.scalar_type(), "motion_gru_update_backward_cuda", [&] {
+  VPFAST_DISPATCH_MGRU(Fp.scalar_type(), "motion_gru_update_backward_cuda", [&] {
     update_bwd_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         GF.data_ptr<scalar_t>(), GD.data_ptr<scalar_t>(), Gt.data_ptr<scalar_t>(), O.data_ptr<scalar_t>(),
         Fp.data_ptr<scalar_t>(), n, L, d_gates.data_ptr<scalar_t>(), d_o.data_ptr<scalar_t>(),

@@ -1,5 +1,14 @@
 // Fused ST-LSTM pointwise stages, CUDA: one thread per element of the [B, C, H, W] index space (grid-stride
 // loop), operands addressed as strided planes exactly as on the CPU. Arithmetic: common/stlstm.h.
+//
+// Storage type T (float, double, Half, BFloat16) and arithmetic type A = at::opmath_type<T> (float for the
+// half types): every element is loaded, widened to A, run through the shared csrc/common functions and
+// rounded to T once on store, so a half-precision step rounds each output once (as PyTorch's own pointwise
+// kernels do) rather than after every intermediate.
+//
+// Launch limits: a 1-D grid of at most 65535 blocks of 256 threads; the loop strides over the rest, and the
+// index and the plane offsets are 64-bit, so any element count fits.
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -20,72 +29,88 @@ constexpr int kThreads = 256;
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
+// element p of plane (b, ch), widened to the arithmetic type
+template <typename A, typename T>
+__device__ __forceinline__ A ld(const Planes<T>& t, int64_t b, int64_t ch, int64_t p) {
+  return static_cast<A>(t.at(b, ch)[p]);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void st(const Planes<T>& t, int64_t b, int64_t ch, int64_t p, A v) {
+  t.at(b, ch)[p] = static_cast<T>(v);
+}
+
 template <typename T>
 __global__ void gates_fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> mg, Planes<T> c, Planes<T> m, Planes<T> cm,
                                  Planes<T> op, Planes<T> act, Planes<T> d, int64_t C, int64_t HW, int64_t n,
-                                 T fb) {
+                                 at::opmath_type<T> fb) {
+  using A = at::opmath_type<T>;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
-    T pi = hg.at(b, ch)[p], pf = hg.at(b, C + ch)[p], pg = hg.at(b, 2 * C + ch)[p], po = hg.at(b, 3 * C + ch)[p];
-    T qi = mg.at(b, ch)[p], qf = mg.at(b, C + ch)[p], qg = mg.at(b, 2 * C + ch)[p];
+    A pi = ld<A>(hg, b, ch, p), pf = ld<A>(hg, b, C + ch, p), pg = ld<A>(hg, b, 2 * C + ch, p),
+      po = ld<A>(hg, b, 3 * C + ch, p);
+    A qi = ld<A>(mg, b, ch, p), qf = ld<A>(mg, b, C + ch, p), qg = ld<A>(mg, b, 2 * C + ch, p);
     if (x.ptr) {
-      pi = x.at(b, ch)[p] + pi;
-      pf = x.at(b, C + ch)[p] + pf;
-      pg = x.at(b, 2 * C + ch)[p] + pg;
-      qi = x.at(b, 3 * C + ch)[p] + qi;
-      qf = x.at(b, 4 * C + ch)[p] + qf;
-      qg = x.at(b, 5 * C + ch)[p] + qg;
-      po = x.at(b, 6 * C + ch)[p] + po;
+      pi = ld<A>(x, b, ch, p) + pi;
+      pf = ld<A>(x, b, C + ch, p) + pf;
+      pg = ld<A>(x, b, 2 * C + ch, p) + pg;
+      qi = ld<A>(x, b, 3 * C + ch, p) + qi;
+      qf = ld<A>(x, b, 4 * C + ch, p) + qf;
+      qg = ld<A>(x, b, 5 * C + ch, p) + qg;
+      po = ld<A>(x, b, 6 * C + ch, p) + po;
     }
-    T i, f, g, cn, i2, f2, g2, mn;
-    lstm::cell_forward<T>(pi, pf, pg, c.at(b, ch)[p], fb, i, f, g, cn);
-    lstm::cell_forward<T>(qi, qf, qg, m.at(b, ch)[p], fb, i2, f2, g2, mn);
-    cm.at(b, ch)[p] = cn;
-    cm.at(b, C + ch)[p] = mn;
-    op.at(b, ch)[p] = po;
-    act.at(b, ch)[p] = i;
-    act.at(b, C + ch)[p] = f;
-    act.at(b, 2 * C + ch)[p] = i2;
-    act.at(b, 3 * C + ch)[p] = f2;
+    A i, f, g, cn, i2, f2, g2, mn;
+    lstm::cell_forward<A>(pi, pf, pg, ld<A>(c, b, ch, p), fb, i, f, g, cn);
+    lstm::cell_forward<A>(qi, qf, qg, ld<A>(m, b, ch, p), fb, i2, f2, g2, mn);
+    st(cm, b, ch, p, cn);
+    st(cm, b, C + ch, p, mn);
+    st(op, b, ch, p, po);
+    st(act, b, ch, p, i);
+    st(act, b, C + ch, p, f);
+    st(act, b, 2 * C + ch, p, i2);
+    st(act, b, 3 * C + ch, p, f2);
     if (d.ptr) {
-      d.at(b, ch)[p] = i * g;
-      d.at(b, C + ch)[p] = i2 * g2;
+      st(d, b, ch, p, i * g);
+      st(d, b, C + ch, p, i2 * g2);
     }
   }
 }
 
+// Backward reads the saved gates and memories as stored (in T): g is recovered from the rounded c_t, so its
+// error is about one rounding of c_t in T (csrc/common/stlstm.h), as for float32.
 template <typename T>
 __global__ void gates_bwd_kernel(Planes<T> gcm, Planes<T> gop, Planes<T> gd, Planes<T> act, Planes<T> cm,
                                  Planes<T> c, Planes<T> m, Planes<T> gx, Planes<T> gh, Planes<T> gm, Planes<T> gc,
                                  Planes<T> gmp, int64_t C, int64_t HW, int64_t n) {
+  using A = at::opmath_type<T>;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
-    const T dc = gd.ptr ? gd.at(b, ch)[p] : T(0), dm = gd.ptr ? gd.at(b, C + ch)[p] : T(0);
-    T pi, pf, pg, qi, qf, qg, c_, m_;
-    lstm::stlstm_cell_backward<T>(act.at(b, ch)[p], act.at(b, C + ch)[p], c.at(b, ch)[p], cm.at(b, ch)[p],
-                                  gcm.at(b, ch)[p], dc, pi, pf, pg, c_);
-    lstm::stlstm_cell_backward<T>(act.at(b, 2 * C + ch)[p], act.at(b, 3 * C + ch)[p], m.at(b, ch)[p],
-                                  cm.at(b, C + ch)[p], gcm.at(b, C + ch)[p], dm, qi, qf, qg, m_);
-    const T po = gop.at(b, ch)[p];
-    gh.at(b, ch)[p] = pi;
-    gh.at(b, C + ch)[p] = pf;
-    gh.at(b, 2 * C + ch)[p] = pg;
-    gh.at(b, 3 * C + ch)[p] = po;
-    gm.at(b, ch)[p] = qi;
-    gm.at(b, C + ch)[p] = qf;
-    gm.at(b, 2 * C + ch)[p] = qg;
-    gc.at(b, ch)[p] = c_;
-    gmp.at(b, ch)[p] = m_;
+    const A dc = gd.ptr ? ld<A>(gd, b, ch, p) : A(0), dm = gd.ptr ? ld<A>(gd, b, C + ch, p) : A(0);
+    A pi, pf, pg, qi, qf, qg, c_, m_;
+    lstm::stlstm_cell_backward<A>(ld<A>(act, b, ch, p), ld<A>(act, b, C + ch, p), ld<A>(c, b, ch, p),
+                                  ld<A>(cm, b, ch, p), ld<A>(gcm, b, ch, p), dc, pi, pf, pg, c_);
+    lstm::stlstm_cell_backward<A>(ld<A>(act, b, 2 * C + ch, p), ld<A>(act, b, 3 * C + ch, p), ld<A>(m, b, ch, p),
+                                  ld<A>(cm, b, C + ch, p), ld<A>(gcm, b, C + ch, p), dm, qi, qf, qg, m_);
+    const A po = ld<A>(gop, b, ch, p);
+    st(gh, b, ch, p, pi);
+    st(gh, b, C + ch, p, pf);
+    st(gh, b, 2 * C + ch, p, pg);
+    st(gh, b, 3 * C + ch, p, po);
+    st(gm, b, ch, p, qi);
+    st(gm, b, C + ch, p, qf);
+    st(gm, b, 2 * C + ch, p, qg);
+    st(gc, b, ch, p, c_);
+    st(gmp, b, ch, p, m_);
     if (gx.ptr) {
-      gx.at(b, ch)[p] = pi;
-      gx.at(b, C + ch)[p] = pf;
-      gx.at(b, 2 * C + ch)[p] = pg;
-      gx.at(b, 3 * C + ch)[p] = qi;
-      gx.at(b, 4 * C + ch)[p] = qf;
-      gx.at(b, 5 * C + ch)[p] = qg;
-      gx.at(b, 6 * C + ch)[p] = po;
+      st(gx, b, ch, p, pi);
+      st(gx, b, C + ch, p, pf);
+      st(gx, b, 2 * C + ch, p, pg);
+      st(gx, b, 3 * C + ch, p, qi);
+      st(gx, b, 4 * C + ch, p, qf);
+      st(gx, b, 5 * C + ch, p, qg);
+      st(gx, b, 6 * C + ch, p, po);
     }
   }
 }
@@ -93,33 +118,39 @@ __global__ void gates_bwd_kernel(Planes<T> gcm, Planes<T> gop, Planes<T> gd, Pla
 template <typename T>
 __global__ void output_fwd_kernel(Planes<T> op, Planes<T> om, Planes<T> last, Planes<T> hw, Planes<T> h,
                                   Planes<T> o, Planes<T> tl, int64_t C, int64_t HW, int64_t n) {
+  using A = at::opmath_type<T>;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
-    T o_, tl_, h_;
-    lstm::output_forward<T>(op.at(b, ch)[p] + om.at(b, ch)[p], last.at(b, ch)[p], hw.ptr ? hw.at(b, ch)[p] : T(0),
-                            o_, tl_, h_);
-    h.at(b, ch)[p] = h_;
-    o.at(b, ch)[p] = o_;
-    if (tl.ptr) tl.at(b, ch)[p] = tl_;
+    A o_, tl_, h_;
+    lstm::output_forward<A>(ld<A>(op, b, ch, p) + ld<A>(om, b, ch, p), ld<A>(last, b, ch, p),
+                            hw.ptr ? ld<A>(hw, b, ch, p) : A(0), o_, tl_, h_);
+    st(h, b, ch, p, h_);
+    st(o, b, ch, p, o_);
+    if (tl.ptr) st(tl, b, ch, p, tl_);
   }
 }
 
 template <typename T>
 __global__ void output_bwd_kernel(Planes<T> gh, Planes<T> o, Planes<T> ht, Planes<T> hw, Planes<T> gpre,
                                   Planes<T> glast, Planes<T> ghw, int64_t C, int64_t HW, int64_t n) {
+  using A = at::opmath_type<T>;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t p = idx % HW, r = idx / HW, ch = r % C, b = r / C;
-    const T o_ = o.at(b, ch)[p];
-    const T tl = hw.ptr ? ht.at(b, ch)[p] : lstm::tl_from_h<T>(ht.at(b, ch)[p], o_);
-    T a, g, e;
-    lstm::output_backward<T>(gh.at(b, ch)[p], o_, tl, hw.ptr ? hw.at(b, ch)[p] : T(0), a, g, e);
-    gpre.at(b, ch)[p] = a;
-    glast.at(b, ch)[p] = g;
-    if (ghw.ptr) ghw.at(b, ch)[p] = e;
+    const A o_ = ld<A>(o, b, ch, p);
+    const A tl = hw.ptr ? ld<A>(ht, b, ch, p) : lstm::tl_from_h<A>(ld<A>(ht, b, ch, p), o_);
+    A a, g, e;
+    lstm::output_backward<A>(ld<A>(gh, b, ch, p), o_, tl, hw.ptr ? ld<A>(hw, b, ch, p) : A(0), a, g, e);
+    st(gpre, b, ch, p, a);
+    st(glast, b, ch, p, g);
+    if (ghw.ptr) st(ghw, b, ch, p, e);
   }
 }
+
+// float, double, and the half types (computed in float)
+#define VPFAST_DISPATCH_LSTM(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cuda(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
@@ -136,11 +167,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
   auto delta = with_delta ? at::empty({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
   if (n == 0) return {cm, o_part, act, delta};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_forward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(c.scalar_type(), "stlstm_gates_forward_cuda", [&] {
     using T = scalar_t;
     gates_fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
         planes_opt<T>(has_x, x_g), planes<T>(h_g), planes<T>(m_g), planes<T>(c), planes<T>(m), planes<T>(cm),
-        planes<T>(o_part), planes<T>(act), planes_opt<T>(with_delta, delta), C, HW, n, static_cast<T>(forget_bias));
+        planes<T>(o_part), planes<T>(act), planes_opt<T>(with_delta, delta), C, HW, n,
+        static_cast<at::opmath_type<T>>(forget_bias));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {cm, o_part, act, delta};
@@ -163,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
   auto gmp = at::empty({B, C, H, W}, c.options());
   if (n == 0) return {gx, gh, gm, gc, gmp};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_backward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(c.scalar_type(), "stlstm_gates_backward_cuda", [&] {
     using T = scalar_t;
     gates_bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
         planes<T>(gcm), planes<T>(gop), planes_opt<T>(with_delta, gd), planes<T>(act), planes<T>(cm), planes<T>(c),
@@ -189,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cuda(const 
   auto tl = has_hw ? at::empty({B, C, H, W}, op.options()) : at::empty({0}, op.options());
   if (n == 0) return {h, o, tl};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(op.scalar_type(), "stlstm_output_forward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(op.scalar_type(), "stlstm_output_forward_cuda", [&] {
     using T = scalar_t;
     output_fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
         planes<T>(op), planes<T>(om), planes<T>(last), planes_opt<T>(has_hw, hw), planes<T>(h), planes<T>(o),
@@ -215,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cuda(const
   auto ghw = has_hw ? at::empty({B, C, H, W}, o.options()) : at::empty({0}, o.options());
   if (n == 0) return {gpre, glast, ghw};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "stlstm_output_backward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(o.scalar_type(), "stlstm_output_backward_cuda", [&] {
     using T = scalar_t;
     output_bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
         planes<T>(gh), planes<T>(o), planes<T>(ht), planes_opt<T>(has_hw, hw), planes<T>(gpre), planes<T>(glast),
