@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
   const auto Wm = weight.contiguous().view({O, K});
   // the input and weight gradients accumulate in the arithmetic type (float for the half types)
   const auto acc = X.options().dtype(at::toOpMathType(X.scalar_type()));
-  auto gx = at::zeros(X.sizes(), acc);
+  auto gx = needs[0] ? at::zeros(X.sizes(), acc) : at::empty({0}, acc);
   auto goff = at::zeros_like(OFF);
   auto gm = at::zeros_like(M);
   auto gw = at::zeros({O, K}, acc);
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
   auto gcol = at::empty({bc, K, HW}, X.options());
   auto col = want_col ? at::empty({bc, K, HW}, acc) : empty;
   // the weight gradient's GEMMs read grad_out in the arithmetic type too (no copy for float/double)
-  const auto Ga = want_col ? G.to(acc.dtype()) : G;
+  const auto Ga = want_col ? G.to(at::toOpMathType(X.scalar_type())) : G;
   const auto Wt = Wm.t();
   const Geo g{C, N, HW, (int32_t)H, (int32_t)W, (int32_t)k};
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -204,8 +204,8 @@ def deform_warp(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weigh
     Offsets are laid out [dy_0..dy_{k²-1}, dx_0..dx_{k²-1}] (all row offsets first), neighbours row-major;
     samples outside the map read zeros (zero padding k//2). Equal to torchvision's deform_conv2d with
     padding k//2 and the offsets interleaved per neighbour as (dy_n, dx_n). Differentiable in all four
-    inputs; the CPU backward is deterministic; on CUDA the offset, mask and weight gradients are, the input
-    gradient is scattered with atomic adds (the cuda backend reports itself to
+    inputs. The CPU backward is deterministic; on a GPU the offset, mask and weight gradients are too, while
+    the input gradient is scattered with atomic adds (the cuda backend reports itself to
     torch.use_deterministic_algorithms). bf16/fp16 inputs are sampled at float32 positions and return their
     own dtype.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
