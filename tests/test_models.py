@@ -582,14 +582,22 @@ def test_cells_take_autocast_dtypes():
     """Under autocast a cell takes a bf16 input next to float32 states (as nn.Conv2d takes a bf16 input with
     float32 weights); outside autocast mixed dtypes stay an error, as for F.conv2d."""
     from vpfast.nn import ConvLSTMCell, SpatioTemporalLSTMCell
+    from vpfast.train import recording_backends
     x = torch.rand(2, 4, 8, 8).bfloat16()
     s = torch.zeros(2, 8, 8, 8)
     for backend in ("torch", None):
         st = SpatioTemporalLSTMCell(4, 8, 8, 8, 3, 1, False, variant="highway", backend=backend)
         cl = ConvLSTMCell(4, 8, 8, 8, 3, 1, False, backend=backend)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), recording_backends() as used:
             h, c, m, hw = st(x, s, s, s, s.bfloat16())
             h2, c2 = cl(x, s, s)
+        # the cell's prediction of auto's choice (which decides merged convolutions or the reference's) is what
+        # the op then picks itself from the cast inputs: one backend per op
+        assert all(len(b) == 1 for b in used.values()), used
+        from vpfast.ops.stlstm import GATES
+        if backend is None and not GATES.static_reasons("cpp"):
+            # a bf16 x, but the gates get float32 after promotion with the float32 states: the cpp kernels run
+            assert used == {"stlstm_gates": {"cpp"}, "stlstm_output": {"cpp"}, "convlstm": {"cpp"}}, used
         assert all(t.is_floating_point() and t.shape == s.shape for t in (h, c, m, hw, h2, c2))
         assert c.dtype == m.dtype == c2.dtype == torch.float32  # a float32 state stays float32
         with pytest.raises(TypeError, match="dtype"):

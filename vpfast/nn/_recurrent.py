@@ -147,26 +147,20 @@ def fused_backend(op, backend, ref: torch.Tensor, conv_shapes, states) -> str:
     state tensors it takes. The op is asked about what it will be handed: the convolutions' outputs are in x's
     dtype, or in autocast's dtype under autocast, and then the op's own autocast policy casts everything (its
     public function does so before dispatching). Stand-ins (one element, expanded) carry those shapes, dtypes and
-    the device, so the choice is auto's own for the real call, without computing anything.
+    the device, so the choice is auto's own for the real call, without computing anything. Outside autocast x
+    and the states themselves carry the dtypes and the device.
     """
     name = resolve(backend)
     if name == "torch":
         return name
     dev = ref.device.type
     conv_dt = autocast_dtype(ref)
-    if conv_dt is None:
-        dts = [ref.dtype] * len(conv_shapes) + [s.dtype for s in states]
-    else:
-        target = _policy_dtype(op, dev, [conv_dt] + [s.dtype for s in states])
-        dts = [target] * (len(conv_shapes) + len(states))
+    if conv_dt is None:  # the convolutions' outputs have x's dtype and device: x and the states tell it all
+        return op.select(name, ref, *states)[0]
+    # every policy gives all floating inputs one dtype
+    one = torch.empty((), dtype=_policy_dtype(op, dev, [conv_dt] + [s.dtype for s in states]), device=ref.device)
     shapes = list(conv_shapes) + [tuple(s.shape) for s in states]
-    one = {}
-    stand_ins = []
-    for shape, dt in zip(shapes, dts):
-        if dt not in one:
-            one[dt] = torch.empty((), dtype=dt, device=ref.device)
-        stand_ins.append(one[dt].expand(shape))
-    return op.select(name, *stand_ins)[0]
+    return op.select(name, *(one.expand(shape) for shape in shapes))[0]
 
 
 class _CatConv(torch.autograd.Function):
