@@ -137,8 +137,8 @@ def measure(fn, device: str = "cpu", warmup: int = 3, reps: int = 20, min_time: 
     clock = timer_for(device)
     synchronize(device)
     inner = 1
-    if min_time > 0:
-        inner = max(1, int(min_time / max(_timed(fn, 1, clock), 1e-7)))
+    if min_time > 0:  # sized from a few queued calls: one call alone pays the launch latency after a sync
+        inner = max(1, int(min_time / max(_timed(fn, 3, clock), 1e-7)))
     return [_timed(fn, inner, clock) for _ in range(reps)]
 
 
