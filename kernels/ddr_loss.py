@@ -17,6 +17,12 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
+def _join(hi, lo, ACC: tl.constexpr):
+    # a float32 (hi, lo) pair from split_float, summed in ACC
+    return (tl.zeros([], ACC) + hi) + lo
+
+
+@triton.jit
 def _row_logits(P0, P1, Y0, Y1, d, ok, inv_tau, ACC: tl.constexpr):
     # the row's logits (P[t+1] - P[t]) / tau and (Y[t+1] - Y[t]) / tau at elements d
     a = (tl.load(P1 + d, mask=ok, other=0).to(ACC) - tl.load(P0 + d, mask=ok, other=0).to(ACC)) * inv_tau
@@ -47,8 +53,8 @@ def _forward_kernel(P, Y, STATS, ROW_LOSS, T, D, inv_tau_hi, inv_tau_lo, eps_hi,
     r = tl.program_id(0)
     b = r // (T - 1)
     t = r % (T - 1)
-    inv_tau = inv_tau_hi.to(ACC) + inv_tau_lo.to(ACC)
-    eps = eps_hi.to(ACC) + eps_lo.to(ACC)
+    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _join(eps_hi, eps_lo, ACC)
     # int64 row offset: B * T * D may pass 2^31
     P0 = P + (b * T + t).to(tl.int64) * D
     Y0 = Y + (b * T + t).to(tl.int64) * D
@@ -115,12 +121,12 @@ def _backward_kernel(G, P, Y, STATS, GP, GY, T, D, NBLK, inv_tau_hi, inv_tau_lo,
     f = pid // NBLK  # output frame (b, t)
     b = f // T
     t = f % T
-    inv_tau = inv_tau_hi.to(ACC) + inv_tau_lo.to(ACC)
-    eps = eps_hi.to(ACC) + eps_lo.to(ACC)
+    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _join(eps_hi, eps_lo, ACC)
     d = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     ok = d < D
     row = f.to(tl.int64) * D
-    s = (scale_hi.to(ACC) + scale_lo.to(ACC)) * tl.load(G).to(ACC)
+    s = _join(scale_hi, scale_lo, ACC) * tl.load(G).to(ACC)
     pc = tl.load(P + row + d, mask=ok, other=0).to(ACC)
     yc = tl.load(Y + row + d, mask=ok, other=0).to(ACC)
     ga = tl.zeros([BLOCK], ACC)

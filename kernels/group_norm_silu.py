@@ -27,6 +27,12 @@ BACKWARD_TILE = 2048
 
 
 @triton.jit
+def _join(hi, lo, ACC: tl.constexpr):
+    # a float32 (hi, lo) pair from split_float, summed in ACC
+    return (tl.zeros([], ACC) + hi) + lo
+
+
+@triton.jit
 def _split(e, Cg, HW, CL: tl.constexpr):
     # the e-th element of a group slice in memory order -> (channel within the group, pixel)
     if CL:
@@ -72,7 +78,7 @@ def _forward_kernel(X, W, B, Y, MEAN, RSTD, C, HW, G, sN, sC, sP, eps_hi, eps_lo
         run_mean += tl.where(ok, delta / steps, 0.0)
         run_m2 += tl.where(ok, delta * (v - run_mean), 0.0)
     mean, m2, count = tl.reduce((run_mean, run_m2, run_n), 0, _welford_merge)
-    eps = eps_hi.to(ACC) + eps_lo.to(ACC)
+    eps = _join(eps_hi, eps_lo, ACC)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + eps)
     tl.store(MEAN + t, mean)
     tl.store(RSTD + t, rstd)
