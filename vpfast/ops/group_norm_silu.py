@@ -128,7 +128,8 @@ def _check(backend, x, num_groups, weight, bias, eps):
     return why
 
 
-# autocast: as group_norm, float32 under CUDA autocast, the input's dtype kept under CPU autocast.
+# autocast: as group_norm, float32 under CUDA autocast; under CPU autocast x's dtype (group_norm_silu casts the
+# parameters to it first, so "promote" then changes nothing).
 # auto on CUDA: eager PyTorch. Measured on one H200 (torch 2.11, Triton 3.6), float32 forward+backward at
 # (160, 64, 64, 64) with 2 groups, eager time / backend time: cuda 0.58x; triton did not compile then (a
 # loop-carried variable; fixed since, not yet measured). Neither is picked until it measures above 1.0x;
@@ -163,9 +164,17 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     a = xhat * weight[c] + bias[c], y = a * sigmoid(a). Differentiable in x, weight and bias. For backward
     the fused backends save only x, the parameters and the per-(sample, group) mean and 1/std ([N, groups]);
     xhat, a and sigmoid(a) are recomputed. Weight/bias gradients are reduced over the batch in a fixed order
-    (bitwise reproducible).
+    (bitwise reproducible). bf16/fp16 inputs (cuda, triton; torch everywhere) give outputs and gradients in
+    that dtype, computed in float32. Under CUDA autocast the op runs in float32, as group_norm does there;
+    under CPU autocast it keeps x's dtype (float32 parameters are cast to it), as group_norm does there.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \
+            and torch.is_autocast_enabled("cpu"):
+        # as F.group_norm under CPU autocast, the result keeps x's dtype (a bf16 convolution output with
+        # float32 parameters gives bf16): the parameters take x's dtype (their gradients come back in theirs)
+        weight, bias = (p.to(x.dtype) if isinstance(p, torch.Tensor) and p.is_floating_point() else p
+                        for p in (weight, bias))
     x, weight, bias = OP.cast_inputs(x, weight, bias)
     _checks.tensor("x", x, None, "[N, C, *]")
     if x.dim() < 2:
