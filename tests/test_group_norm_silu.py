@@ -416,3 +416,23 @@ def test_gpu_over_2_31_elements(backend):
     (gref64,) = torch.autograd.grad(ref64, last64, gy[-1:].double())
     assert_close_bounded(y[-1:], ref, ref64, name="y")
     assert_close_bounded(gx[-1:], gref, gref64, name="grad_x")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_triton_chunked(monkeypatch, layout, affine):
+    """The Triton kernels split each (sample, group) over several programs at real sizes; small blocks force
+    that split (and partial chunks) on a small input."""
+    if OP.static_reasons("triton"):
+        pytest.skip("; ".join(OP.static_reasons("triton")))
+    from vpfast.kernels import group_norm_silu as k
+
+    monkeypatch.setattr(k, "FORWARD_BLOCK", 16)
+    monkeypatch.setattr(k, "BACKWARD_TILE", 32)
+    monkeypatch.setattr(k, "MIN_CHUNK_STEPS", 1)
+    C, HW = 6, 7 * 9
+    assert k.chunks(2 * 2, C // 2 * HW, 16)[0] > 1
+    assert k.chunks(2 * 2, HW, k.backward_blocks(C // 2, HW, layout == "channels_last")[0])[0] > 1
+    x, w, b, gy = _inputs((2, C, 7, 9), torch.float64, affine=affine, device=device_for("triton"))
+    _compare("triton", x, w, b, gy, 2, layout)
