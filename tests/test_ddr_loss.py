@@ -337,3 +337,27 @@ def test_gpu_over_2_31_elements(backend):
     lp64 = last_pred.detach().double().requires_grad_()
     (gref64,) = torch.autograd.grad(ddr_loss_reference(lp64, last_target.double()), lp64)
     assert_close_bounded(gp_last, gref, gref64, name="grad_pred of the last sample")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("need_target", [True, False])
+def test_triton_chunked(monkeypatch, need_target):
+    """The Triton forward splits each row over several programs at real sizes; small blocks force that split
+    (and a partial last chunk) on a small input."""
+    if OP.static_reasons("triton"):
+        pytest.skip("; ".join(OP.static_reasons("triton")))
+    from vpfast.kernels import ddr_loss as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK", 16)
+    monkeypatch.setattr(k, "MIN_CHUNK_STEPS", 1)
+    shape = (2, 4, 3, 5, 7)
+    assert k.chunks(2 * 3, 105, 16)[0] > 1
+    pred, target = _inputs(shape, torch.float64, device=device_for("triton"))
+    if not need_target:
+        target = target.detach()
+    inputs = (pred, target) if need_target else (pred,)
+    out = ddr_loss(pred, target, backend="triton")
+    ref = ddr_loss_reference(pred, target)
+    for a, b in zip((out, *torch.autograd.grad(out, inputs)), (ref, *torch.autograd.grad(ref, inputs))):
+        scale = b.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(a / scale, b / scale, **tolerances(torch.float64))
