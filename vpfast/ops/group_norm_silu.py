@@ -2,11 +2,12 @@
 
 Backends: torch (reference below), cpp and cuda (csrc/*/group_norm_silu.*, compiled ops
 vpfast::group_norm_silu_forward / group_norm_silu_backward), triton (kernels/group_norm_silu.py).
-The fused kernels work per (sample, group): the forward pass reads x once for the statistics and normalises +
-activates the slice from cache; the backward pass recomputes xhat, a and sigmoid(a) from x and the saved
-mean/rstd instead of saving them. Half inputs (bf16/fp16, cuda and triton) are computed in float32 and
-their mean/rstd kept in float32 (stat_dtype); outputs and gradients come back in the input's dtype. The weight and bias gradients are deterministic: per-(sample, channel)
-partial sums reduced over the batch in a fixed order, never float atomics.
+The fused kernels work per (sample, group) (Triton splits each over several programs): the forward pass
+reads x for the statistics, then normalises + activates; the backward pass recomputes xhat, a and sigmoid(a)
+from x and the saved mean/rstd instead of saving them. Half inputs (bf16/fp16, cuda and triton) are computed
+in float32 and their mean/rstd kept in float32 (stat_dtype); outputs and gradients come back in the input's
+dtype. The weight and bias gradients are deterministic: per-(sample, channel) partial sums reduced over the
+batch in a fixed order, never float atomics.
 """
 from __future__ import annotations
 
