@@ -278,12 +278,14 @@ def forward_block(M: int) -> int:
     return min(FORWARD_BLOCK, triton.next_power_of_2(max(M, 16)))
 
 
-def backward_blocks(Cg: int, HW: int, cl: bool) -> tuple[int, int]:
+def backward_blocks(Cg: int, HW: int, cl: bool, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C) of the backward tiles: for channels_last every channel of the group in one tile
     row (up to 256), so a tile reads whole runs of Cg contiguous elements; for NCHW the pixel axis is the
-    contiguous one and gets most of the tile."""
+    contiguous one and gets most of the tile. float64 tiles are half as large (the float32 size spills
+    registers there)."""
+    tile = BACKWARD_TILE if acc_dtype(dtype) == torch.float32 else BACKWARD_TILE // 2
     BLOCK_C = min(triton.next_power_of_2(Cg), 256 if cl else 16)
-    BLOCK_P = min(triton.next_power_of_2(max(HW, 1)), max(BACKWARD_TILE // BLOCK_C, 1))
+    BLOCK_P = min(triton.next_power_of_2(max(HW, 1)), max(tile // BLOCK_C, 1))
     return max(BLOCK_P, 2), max(BLOCK_C, 2)
 
 
@@ -333,7 +335,7 @@ def backward(grad, x, weight, bias, mean, rstd, groups: int, output_mask):
     gx = torch.empty_like(x) if need_x else x.new_empty((0,))
     gw, gb = x.new_empty((0,)), x.new_empty((0,))  # distinct: a custom op's outputs must not alias
     if N and (need_x or need_w or need_b):
-        BLOCK_P, BLOCK_C = backward_blocks(C // groups, HW, cl)
+        BLOCK_P, BLOCK_C = backward_blocks(C // groups, HW, cl, x.dtype)
         S, CHUNK = chunks(N * groups, HW, BLOCK_P)
         pa = x.new_empty((N, C, S), dtype=acc)
         pb = x.new_empty((N, C, S), dtype=acc)
