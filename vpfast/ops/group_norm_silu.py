@@ -133,8 +133,9 @@ def _check(backend, x, num_groups, weight, bias, eps):
 # parameters to it first, so "promote" then changes nothing).
 # auto on CUDA: eager PyTorch. Measured on one H200 (torch 2.11, Triton 3.6), float32 forward+backward at
 # (160, 64, 64, 64) with 2 groups, eager time / backend time: cuda 0.58x; triton did not compile then (a
-# loop-carried variable; fixed since, not yet measured). Neither is picked until it measures above 1.0x;
-# bf16/fp16 have no numbers yet and follow the float32 order.
+# loop-carried variable; fixed since, and its kernels now split each group over several programs, not yet
+# measured). Neither is picked until it measures above 1.0x; bf16/fp16 have no numbers yet and follow the
+# float32 order.
 OP = Op("group_norm_silu", kernel="group_norm_silu_forward", check=_check,
         autocast={"cuda": "float32", "cpu": "promote"}, prefer={"cuda": ("torch",)})
 OP.register("torch", group_norm_silu_reference)
