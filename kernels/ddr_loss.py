@@ -1,8 +1,13 @@
-"""DDR loss in Triton: one program per (b, t) row for the forward pass, an elementwise backward pass.
+"""DDR loss in Triton: each (b, t) row split over several programs for the forward pass, an elementwise
+backward pass.
 
 Same decomposition as csrc/common/ddr_loss.h: the forward pass leaves (ma, ia, mb, ib, sp, sq) per row.
-The forward's first sweep keeps a per-lane running max and rescaled sum of exponentials (online softmax),
-so a row is read twice rather than three times.
+One program per row would give B * (T - 1) programs (144 for TAU's 16 x 10 frames), too few to keep an
+H200 streaming, so each row is cut into S chunks (`chunks`: about TARGET_PROGRAMS programs in all): a first
+launch keeps a per-lane running max and rescaled sum of exponentials over its chunk (online softmax), a
+second merges the row's partials (in the same order in every program) and sums its chunk's loss, sp and sq
+terms; torch adds the chunks' sums (float64, fixed order: no atomics, bitwise reproducible). Each row is
+read twice.
 
 Precision: half inputs are loaded, converted to float32 and computed in float32; float64 stays float64
 (ACC). The row statistics are kept in ACC (float32 for half inputs: a bf16 max would shift every p). A
@@ -14,6 +19,17 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK = 1024
+# the forward's split: about this many programs per launch, chunks of at least MIN_CHUNK_STEPS sweep steps,
+# at most MAX_CHUNKS per row (the merge loads them all at once)
+TARGET_PROGRAMS = 1024
+MIN_CHUNK_STEPS = 4
+MAX_CHUNKS = 64
+
+
+@triton.jit
+def _join(hi, lo, ACC: tl.constexpr):
+    # a float32 (hi, lo) pair from split_float, summed in ACC
+    return (tl.zeros([], ACC) + hi) + lo
 
 
 @triton.jit
@@ -34,45 +50,83 @@ def _online(m, s, v, ok):
 
 
 @triton.jit
-def _lanes_to_row(m, s):
-    # (max, 1 / sum of exponentials) of a row from its lanes' running (max, sum)
+def _merge_max_sum(m, s):
+    # (max, sum of exp(. - max)) from lanes' or chunks' running (max, sum); entries with m = -inf hold 0
     mx = tl.max(m, 0)
-    total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
-    return mx, 1.0 / total
+    return mx, tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - mx)), 0)
 
 
 @triton.jit
-def _forward_kernel(P, Y, STATS, ROW_LOSS, T, D, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    r = tl.program_id(0)
-    b = r // (T - 1)
-    t = r % (T - 1)
-    inv_tau = inv_tau_hi.to(ACC) + inv_tau_lo.to(ACC)
-    eps = eps_hi.to(ACC) + eps_lo.to(ACC)
-    # int64 row offset: B * T * D may pass 2^31
-    P0 = P + (b * T + t).to(tl.int64) * D
-    Y0 = Y + (b * T + t).to(tl.int64) * D
-    P1 = P0 + D
-    Y1 = Y0 + D
+def _row_pointers(P, Y, r, T, D):
+    # frames t and t + 1 of row r = (b, t); int64 offsets: B * T * D may pass 2^31
+    f = (r // (T - 1) * T + r % (T - 1)).to(tl.int64) * D
+    return P + f, P + f + D, Y + f, Y + f + D
+
+
+@triton.jit
+def _softmax_partials_kernel(P, Y, PART, T, D, S, CHUNK, inv_tau_hi, inv_tau_lo, ACC: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    # running (max, sum of exp) of both logits over chunk s of row r -> PART[r, s, :]
+    pid = tl.program_id(0)
+    r = pid // S
+    s = pid % S
+    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
+    P0, P1, Y0, Y1 = _row_pointers(P, Y, r, T, D)
+    lo = s * CHUNK
+    hi = tl.minimum(lo, D - CHUNK) + CHUNK  # min(lo + CHUNK, D) without passing 2^31
     lane = tl.arange(0, BLOCK)
     ma = tl.full([BLOCK], float("-inf"), ACC)
     mb = tl.full([BLOCK], float("-inf"), ACC)
     sa = tl.zeros([BLOCK], ACC)
     sb = tl.zeros([BLOCK], ACC)
-    for start in range(0, D, BLOCK):
+    for start in range(lo, hi, BLOCK):
         d = start + lane
-        ok = d < D
+        ok = d < hi
         a, bb = _row_logits(P0, P1, Y0, Y1, d, ok, inv_tau, ACC)
         ma, sa = _online(ma, sa, a, ok)
         mb, sb = _online(mb, sb, bb, ok)
-    mxa, ia = _lanes_to_row(ma, sa)
-    mxb, ib = _lanes_to_row(mb, sb)
+    mxa, suma = _merge_max_sum(ma, sa)
+    mxb, sumb = _merge_max_sum(mb, sb)
+    out = PART + pid * 4
+    tl.store(out, mxa)
+    tl.store(out + 1, suma)
+    tl.store(out + 2, mxb)
+    tl.store(out + 3, sumb)
+
+
+@triton.jit
+def _forward_kernel(P, Y, PART, STATS, TERMS, T, D, S, CHUNK, inv_tau_hi, inv_tau_lo, eps_hi, eps_lo,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr):
+    # the row's (ma, ia, mb, ib) from every chunk's partials; the chunk's sums of the loss, sp and sq terms
+    pid = tl.program_id(0)
+    r = pid // S
+    s = pid % S
+    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _join(eps_hi, eps_lo, ACC)
+    k = tl.arange(0, SB)
+    k_ok = k < S
+    part = PART + (r * S + k) * 4
+    mxa, suma = _merge_max_sum(tl.load(part, mask=k_ok, other=float("-inf")), tl.load(part + 1, mask=k_ok, other=0))
+    mxb, sumb = _merge_max_sum(tl.load(part + 2, mask=k_ok, other=float("-inf")),
+                               tl.load(part + 3, mask=k_ok, other=0))
+    ia = 1.0 / suma
+    ib = 1.0 / sumb
+    if s == 0:
+        st = STATS + r * 6
+        tl.store(st + 0, mxa)
+        tl.store(st + 1, ia)
+        tl.store(st + 2, mxb)
+        tl.store(st + 3, ib)
+    P0, P1, Y0, Y1 = _row_pointers(P, Y, r, T, D)
+    lo = s * CHUNK
+    hi = tl.minimum(lo, D - CHUNK) + CHUNK
+    lane = tl.arange(0, BLOCK)
     acc_l = tl.zeros([BLOCK], ACC)
     acc_p = tl.zeros([BLOCK], ACC)
     acc_q = tl.zeros([BLOCK], ACC)
-    for start in range(0, D, BLOCK):
+    for start in range(lo, hi, BLOCK):
         d = start + lane
-        ok = d < D
+        ok = d < hi
         a, bb = _row_logits(P0, P1, Y0, Y1, d, ok, inv_tau, ACC)
         p = tl.exp(a - mxa) * ia
         q = tl.exp(bb - mxb) * ib
@@ -83,14 +137,10 @@ def _forward_kernel(P, Y, STATS, ROW_LOSS, T, D, inv_tau_hi, inv_tau_lo, eps_hi,
         acc_l += tl.where(ok, p * log_re, 0.0)
         acc_p += tl.where(ok, p * (log_re + ratio / re), 0.0)
         acc_q += tl.where(ok, -q * (ratio * ratio / re), 0.0)
-    st = STATS + r * 6
-    tl.store(st + 0, mxa)
-    tl.store(st + 1, ia)
-    tl.store(st + 2, mxb)
-    tl.store(st + 3, ib)
-    tl.store(st + 4, tl.sum(acc_p, 0))
-    tl.store(st + 5, tl.sum(acc_q, 0))
-    tl.store(ROW_LOSS + r, tl.sum(acc_l, 0).to(tl.float64))
+    out = TERMS + pid * 3
+    tl.store(out, tl.sum(acc_l, 0))
+    tl.store(out + 1, tl.sum(acc_p, 0))
+    tl.store(out + 2, tl.sum(acc_q, 0))
 
 
 @triton.jit
@@ -115,12 +165,12 @@ def _backward_kernel(G, P, Y, STATS, GP, GY, T, D, NBLK, inv_tau_hi, inv_tau_lo,
     f = pid // NBLK  # output frame (b, t)
     b = f // T
     t = f % T
-    inv_tau = inv_tau_hi.to(ACC) + inv_tau_lo.to(ACC)
-    eps = eps_hi.to(ACC) + eps_lo.to(ACC)
+    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
+    eps = _join(eps_hi, eps_lo, ACC)
     d = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     ok = d < D
     row = f.to(tl.int64) * D
-    s = (scale_hi.to(ACC) + scale_lo.to(ACC)) * tl.load(G).to(ACC)
+    s = _join(scale_hi, scale_lo, ACC) * tl.load(G).to(ACC)
     pc = tl.load(P + row + d, mask=ok, other=0).to(ACC)
     yc = tl.load(Y + row + d, mask=ok, other=0).to(ACC)
     ga = tl.zeros([BLOCK], ACC)
@@ -161,16 +211,35 @@ def _block(D: int) -> int:
     return min(MAX_BLOCK, triton.next_power_of_2(max(D, 16)))
 
 
+def chunks(rows: int, length: int, step: int) -> tuple[int, int]:
+    """(S, CHUNK): each of `rows` rows of `length` elements cut into S chunks of CHUNK (a multiple of the sweep
+    step `step`), for about TARGET_PROGRAMS programs per launch."""
+    S = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(length, MIN_CHUNK_STEPS * step), MAX_CHUNKS))
+    chunk = triton.cdiv(triton.cdiv(length, S), step) * step
+    return triton.cdiv(length, chunk), chunk
+
+
 def forward(pred: torch.Tensor, target: torch.Tensor, tau: float, eps: float):
     """pred, target: contiguous Tensor[B, T, C, H, W], T >= 3 -> (loss: Tensor[] in pred's dtype,
     stats: Tensor[B, T-1, 6] in acc_dtype(pred.dtype))"""
     B, T = pred.shape[:2]
     D = pred[0, 0].numel()
-    stats = pred.new_empty((B, T - 1, 6), dtype=acc_dtype(pred.dtype))
-    row_loss = pred.new_empty((B * (T - 1),), dtype=torch.float64)
-    _forward_kernel[(B * (T - 1),)](pred, target, stats, row_loss, T, D, *split_float(1.0 / tau), *split_float(eps),
-                                    ACC=_tl_acc(pred.dtype), BLOCK=_block(D))
-    return (row_loss.sum() / (B * (T - 1) * D)).to(pred.dtype), stats
+    rows = B * (T - 1)
+    acc = acc_dtype(pred.dtype)
+    stats = pred.new_empty((B, T - 1, 6), dtype=acc)
+    BLOCK = _block(D)
+    S, CHUNK = chunks(rows, D, BLOCK)
+    part = pred.new_empty((rows, S, 4), dtype=acc)
+    terms = pred.new_empty((rows, S, 3), dtype=acc)
+    inv_tau = split_float(1.0 / tau)
+    meta = dict(ACC=_tl_acc(pred.dtype), BLOCK=BLOCK)
+    _softmax_partials_kernel[(rows * S,)](pred, target, part, T, D, S, CHUNK, *inv_tau, **meta)
+    _forward_kernel[(rows * S,)](pred, target, part, stats, terms, T, D, S, CHUNK, *inv_tau, *split_float(eps),
+                                 **meta, SB=max(triton.next_power_of_2(S), 2))
+    # the chunks' sums, in float64 and a fixed order
+    sums = terms.sum(1, dtype=torch.float64)
+    stats.view(rows, 6)[:, 4:] = sums[:, 1:].to(acc)
+    return (sums[:, 0].sum() / (rows * D)).to(pred.dtype), stats
 
 
 def backward(grad, pred, target, stats, tau: float, eps: float, need_target: bool):

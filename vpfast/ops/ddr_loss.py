@@ -125,8 +125,9 @@ def _check(backend, pred, target, tau, eps):
 
 # autocast: softmax-based, so float32 under CUDA autocast and bf16 kept under CPU autocast, as for softmax.
 # auto on CUDA: measured on one H200 (torch 2.11, Triton 3.6), float32 forward+backward at (16, 10, 3, 128, 128),
-# eager time / backend time: cuda 1.44x, triton 0.95x, so cuda, else eager PyTorch (Triton is never picked);
-# bf16/fp16 have no numbers yet and follow the float32 order.
+# eager time / backend time: cuda 1.44x, triton 0.95x, so cuda, else eager PyTorch. Triton is not picked (that
+# number predates splitting its forward over chunks; re-measure before adding it); bf16/fp16 have no numbers
+# yet and follow the float32 order.
 OP = Op("ddr_loss", kernel="ddr_loss_forward", check=_check, autocast={"cuda": "float32", "cpu": "promote"},
         prefer={"cuda": ("cuda", "torch")})
 OP.register("torch", ddr_loss_reference)

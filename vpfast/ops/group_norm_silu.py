@@ -2,11 +2,12 @@
 
 Backends: torch (reference below), cpp and cuda (csrc/*/group_norm_silu.*, compiled ops
 vpfast::group_norm_silu_forward / group_norm_silu_backward), triton (kernels/group_norm_silu.py).
-The fused kernels work per (sample, group): the forward pass reads x once for the statistics and normalises +
-activates the slice from cache; the backward pass recomputes xhat, a and sigmoid(a) from x and the saved
-mean/rstd instead of saving them. Half inputs (bf16/fp16, cuda and triton) are computed in float32 and
-their mean/rstd kept in float32 (stat_dtype); outputs and gradients come back in the input's dtype. The weight and bias gradients are deterministic: per-(sample, channel)
-partial sums reduced over the batch in a fixed order, never float atomics.
+The fused kernels work per (sample, group) (Triton splits each over several programs): the forward pass
+reads x for the statistics, then normalises + activates; the backward pass recomputes xhat, a and sigmoid(a)
+from x and the saved mean/rstd instead of saving them. Half inputs (bf16/fp16, cuda and triton) are computed
+in float32 and their mean/rstd kept in float32 (stat_dtype); outputs and gradients come back in the input's
+dtype. The weight and bias gradients are deterministic: per-(sample, channel) partial sums reduced over the
+batch in a fixed order, never float atomics.
 """
 from __future__ import annotations
 
@@ -128,11 +129,13 @@ def _check(backend, x, num_groups, weight, bias, eps):
     return why
 
 
-# autocast: as group_norm, float32 under CUDA autocast, the input's dtype kept under CPU autocast.
+# autocast: as group_norm, float32 under CUDA autocast; under CPU autocast x's dtype (group_norm_silu casts the
+# parameters to it first, so "promote" then changes nothing).
 # auto on CUDA: eager PyTorch. Measured on one H200 (torch 2.11, Triton 3.6), float32 forward+backward at
 # (160, 64, 64, 64) with 2 groups, eager time / backend time: cuda 0.58x; triton did not compile then (a
-# loop-carried variable; fixed since, not yet measured). Neither is picked until it measures above 1.0x;
-# bf16/fp16 have no numbers yet and follow the float32 order.
+# loop-carried variable; fixed since, and its kernels now split each group over several programs, not yet
+# measured). Neither is picked until it measures above 1.0x; bf16/fp16 have no numbers yet and follow the
+# float32 order.
 OP = Op("group_norm_silu", kernel="group_norm_silu_forward", check=_check,
         autocast={"cuda": "float32", "cpu": "promote"}, prefer={"cuda": ("torch",)})
 OP.register("torch", group_norm_silu_reference)
@@ -163,9 +166,17 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     a = xhat * weight[c] + bias[c], y = a * sigmoid(a). Differentiable in x, weight and bias. For backward
     the fused backends save only x, the parameters and the per-(sample, group) mean and 1/std ([N, groups]);
     xhat, a and sigmoid(a) are recomputed. Weight/bias gradients are reduced over the batch in a fixed order
-    (bitwise reproducible).
+    (bitwise reproducible). bf16/fp16 inputs (cuda, triton; torch everywhere) give outputs and gradients in
+    that dtype, computed in float32. Under CUDA autocast the op runs in float32, as group_norm does there;
+    under CPU autocast it keeps x's dtype (float32 parameters are cast to it), as group_norm does there.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \
+            and torch.is_autocast_enabled("cpu"):
+        # as F.group_norm under CPU autocast, the result keeps x's dtype (a bf16 convolution output with
+        # float32 parameters gives bf16): the parameters take x's dtype (their gradients come back in theirs)
+        weight, bias = (p.to(x.dtype) if isinstance(p, torch.Tensor) and p.is_floating_point() else p
+                        for p in (weight, bias))
     x, weight, bias = OP.cast_inputs(x, weight, bias)
     _checks.tensor("x", x, None, "[N, C, *]")
     if x.dim() < 2:
