@@ -393,8 +393,8 @@ def test_autocast(dev, backend):
 @pytest.mark.parametrize("variant", ["predrnn", "predrnnv2", "highway"])
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
 def test_cell_under_cpu_autocast(backend, variant, merge):
-    # vpfast.nn.SpatioTemporalLSTMCell hands its bf16 convolution outputs and float32 memories to the backend
-    # directly (not through the public functions); one step, compared with the reference cell under autocast
+    # vpfast.nn.SpatioTemporalLSTMCell hands bf16 convolution outputs and float32 memories to the ops;
+    # one step, compared with the reference cell under autocast
     _skip_unavailable("cpu", backend)
     ref, fast = _cells(backend, False, 3, variant, merge, torch.float32)
     g = torch.Generator().manual_seed(5)
@@ -407,8 +407,6 @@ def test_cell_under_cpu_autocast(backend, variant, merge):
     for k, (a, b) in enumerate(zip(out_f, out_r)):
         assert a.dtype == torch.promote_types(b.dtype, torch.float32), k  # the fused h is float32 in every variant
         torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)  # bf16 convolutions
-    if merge:
-        return  # the merged convolutions' own backward (vpfast/nn/_recurrent.py) is not these ops' to test
     sum(t.float().square().sum() for t in out_f).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
 
