@@ -6,11 +6,16 @@ import pytest
 import torch
 
 import vpfast
-from vpfast.testing import assert_close_bounded, backend_params, tolerances as tol
+from vpfast.testing import assert_close_bounded, backend_params, device_for, low_precision_params, tolerances as tol
 from vpfast.nn import ConvLSTMCell
 
 CL = importlib.import_module("vpfast.ops.convlstm")
 BACKENDS = backend_params("convlstm")
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _interpreted(backend):
+    return backend == "triton" and device_for("triton") == "cpu"
 KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "keys")
 
 
@@ -40,9 +45,9 @@ def _run(backend, x_g, h_g, c, tanh_c, use_h=True, use_c=True):
 @pytest.mark.parametrize("tanh_c", [True, False], ids=["tanh_c", "o_g"])
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 5, 4, 17)], ids=["b1", "b2"])
 def test_pointwise_vs_reference(backend, dtype, has_x, tanh_c, shape):
-    if backend == "triton" and shape != (1, 3, 5, 7):
+    if _interpreted(backend) and shape != (1, 3, 5, 7):
         pytest.skip("Triton interpreter: one small shape is enough")
-    args = _inputs(*shape, dtype, "cuda" if backend == "cuda" else "cpu", has_x)
+    args = _inputs(*shape, dtype, device_for(backend), has_x)
     for use_h, use_c in ((True, True), (True, False), (False, True)):
         ref = _run("torch", *args, tanh_c, use_h, use_c)
         out = _run(backend, *args, tanh_c, use_h, use_c)
@@ -56,7 +61,7 @@ def test_gate_recovery_with_large_memories_and_closed_gates(backend, tanh_c):
     # Backward recovers g (only i, f, o are saved) from i*g = c_t - f*c_{t-1} or, for h = o*g, from h / o. The
     # hard cases: memories of a few hundred, and input and output gates that are tiny or exactly 0, each alone
     # and both together. Checked against float64 by the float32 reference's own error.
-    dev = "cuda" if backend == "cuda" else "cpu"
+    dev = device_for(backend)
     B, C, H, W = 2, 3, 4, 9
     _, h_g, c = _inputs(B, C, H, W, torch.float64, "cpu", False, seed=4)
     c = c * 100
@@ -75,24 +80,24 @@ def test_gate_recovery_with_large_memories_and_closed_gates(backend, tanh_c):
         assert_close_bounded(a.cpu(), r.cpu(), e, name=f"result {j}")
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("cpp", "triton")])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tanh_c", [True, False], ids=["tanh_c", "o_g"])
 def test_gradcheck(backend, tanh_c):
-    x_g, h_g, c = _inputs(1, 2, 3, 2, torch.float64, "cpu", True, seed=1)
+    x_g, h_g, c = _inputs(1, 2, 3, 2, torch.float64, device_for(backend), True, seed=1)
     ins = [t.detach().requires_grad_() for t in (x_g, h_g, c)]
     f = lambda x, h, c: CL.OP.impls[backend](x, h, c, 0.5, tanh_c)  # noqa: E731
     g = lambda h, c: CL.OP.impls[backend](None, h, c, 0.0, tanh_c)  # noqa: E731
-    fast = backend == "triton"
+    fast = _interpreted(backend)
     assert torch.autograd.gradcheck(f, ins, atol=1e-6, rtol=1e-5, fast_mode=fast)
     assert torch.autograd.gradcheck(g, ins[1:], atol=1e-6, rtol=1e-5, fast_mode=fast)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("cpp", "triton")])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    op = torch.ops.vpfast.convlstm_forward if backend == "cpp" else CL._triton_fwd
+    op = CL._triton_fwd if backend == "triton" else torch.ops.vpfast.convlstm_forward
     for has_x in (True, False):
         for tanh_c in (True, False):
-            x_g, h_g, c = _inputs(2, 2, 3, 4, torch.float32, "cpu", has_x, seed=2)
+            x_g, h_g, c = _inputs(2, 2, 3, 4, torch.float32, device_for(backend), has_x, seed=2)
             args = [t.requires_grad_() if t is not None else None for t in (x_g, h_g, c.detach().clone())]
             torch.library.opcheck(op, (*args, 0.0, tanh_c))
 
@@ -108,17 +113,27 @@ def _unroll(cell, xs):
     return outs, loss
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("cpp", "triton")])
+@pytest.fixture
+def no_tf32():
+    """Exact float32 convolutions on CUDA: the merged and separate convolutions round differently under TF32."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer_norm,merge", [(False, True), (False, False), (True, False)],
                          ids=["merged", "separate", "layernorm"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("tanh_c", [True, False], ids=["tanh_c", "o_g"])
-def test_cell_unroll_matches_reference(backend, layer_norm, merge, k, tanh_c):
+def test_cell_unroll_matches_reference(backend, layer_norm, merge, k, tanh_c, no_tf32):
     steps = 10 if k == 5 else 4
-    if backend == "triton":
+    if _interpreted(backend):
         if k != 3 or layer_norm:
             pytest.skip("Triton interpreter: one configuration")
         steps = 3
+    dev = device_for(backend)
     dtype = torch.float64 if k == 3 else torch.float32
     torch.manual_seed(0)
     ref = ConvLSTMCell(3, 4, 6, 5, k, 1, layer_norm, tanh_c=tanh_c, backend="torch").to(dtype)
@@ -129,7 +144,8 @@ def test_cell_unroll_matches_reference(backend, layer_norm, merge, k, tanh_c):
                     p.add_(torch.randn_like(p) * 0.1)
     fast = ConvLSTMCell(3, 4, 6, 5, k, 1, layer_norm, tanh_c=tanh_c, backend=backend, merge_convs=merge).to(dtype)
     fast.load_state_dict(ref.state_dict())
-    xs = torch.randn(steps, 2, 3, 6, 5, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    ref, fast = ref.to(dev), fast.to(dev)
+    xs = torch.randn(steps, 2, 3, 6, 5, generator=torch.Generator().manual_seed(5), dtype=dtype).to(dev)
     outs_r, loss_r = _unroll(ref, xs)
     outs_f, loss_f = _unroll(fast, xs)
     t = tol(dtype) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
@@ -174,3 +190,144 @@ def test_bad_inputs():
         CL.convlstm(None, torch.randn(2, 15, 6, 5), s)
     with pytest.raises(vpfast.BackendUnavailable):
         CL.convlstm(None, torch.randn(2, 16, 6, 5), s, backend="cuda")
+
+
+def _autocast_params():
+    """(device, backend) pairs for the autocast tests: every backend of that device, and auto (None)."""
+    out = [pytest.param("cpu", b, id=f"cpu-{b or 'auto'}") for b in ("torch", "cpp", None)]
+    return out + [pytest.param("cuda", b, id=f"cuda-{b or 'auto'}", marks=GPU_ONLY)
+                  for b in ("torch", "cuda", "triton", None)]
+
+
+def _skip_unavailable(dev, backend):
+    if backend in ("cpp", "cuda", "triton"):
+        why = CL.OP.static_reasons(backend)
+        if why:
+            pytest.skip("; ".join(why))
+        if device_for(backend) != dev:
+            pytest.skip(f"{backend} runs on {device_for(backend)} tensors here")
+
+
+# ---- mixed precision --------------------------------------------------------------------------------------
+NAMES = ("h", "c_new", "grad_x_g", "grad_h_g", "grad_c")
+
+
+def _case(B, C, H, W, dtype, seed=0):
+    """float64 inputs and incoming gradients holding values representable in `dtype` (so that every run starts
+    from the same numbers), at the magnitudes of a trained cell: pre-activations and memories of a few units."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, sc=1.5: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype).double()  # noqa: E731
+    return (r(B, 4 * C, H, W), r(B, 4 * C, H, W), r(B, C, H, W)), (r(B, C, H, W, sc=1.0), r(B, C, H, W, sc=1.0))
+
+
+def _run_typed(backend, ins, gouts, dtype, dev, tanh_c):
+    """Outputs and input gradients of one call, with each input cast to its dtype in `dtype` (a tuple gives one
+    dtype per input) on `dev`; incoming gradients in the outputs' dtypes."""
+    dts = dtype if isinstance(dtype, tuple) else (dtype,) * len(ins)
+    leaves = [t.to(dev, dt).requires_grad_() for t, dt in zip(ins, dts)]
+    h, c_new = CL.convlstm(*leaves, 0.0, tanh_c, backend=backend)
+    grads = torch.autograd.grad((h, c_new), leaves, [g.to(dev, o.dtype) for g, o in zip(gouts, (h, c_new))])
+    return [h.detach(), c_new.detach(), *grads]
+
+
+@pytest.mark.parametrize("backend,dtype", low_precision_params("convlstm"))
+@pytest.mark.parametrize("tanh_c", [True, False], ids=["tanh_c", "o_g"])
+def test_low_precision(backend, dtype, tanh_c):
+    # The kernels compute in float32 and round each output once; the reference rounds after every PyTorch op.
+    # Gate gradients use g recovered from the rounded c_t (an absolute error of about eps |c_t|, where autograd's
+    # is eps |g|): about 2-4x the reference's own error at these magnitudes when the arithmetic is emulated with
+    # the float32 kernels on the CPU, so they get twice the usual factor.
+    dev = device_for(backend)
+    ins, gouts = _case(4, 32, 16, 16, dtype)
+    out = _run_typed(backend, ins, gouts, dtype, dev, tanh_c)
+    ref = _run_typed("torch", ins, gouts, dtype, dev, tanh_c)
+    exact = _run_typed("torch", ins, gouts, torch.float64, dev, tanh_c)
+    for name, a, r, e in zip(NAMES, out, ref, exact):
+        assert a.dtype == dtype, name
+        assert_close_bounded(a, r, e, factor=16 if name in ("grad_x_g", "grad_h_g") else 8, name=name)
+
+
+@pytest.mark.parametrize("dev,backend", _autocast_params())
+@pytest.mark.parametrize("tanh_c", [True, False], ids=["tanh_c", "o_g"])
+def test_autocast(dev, backend, tanh_c):
+    # Under autocast the gate pre-activations come from bf16 convolutions and the cell state is float32. The op
+    # promotes (as PyTorch's pointwise ops do): h and c_t are float32, gradients reach each input in its own
+    # dtype, and the values are at least as close to float64 as the reference run under autocast. (OpenSTL's
+    # h = o * g of two bf16 gates is bf16 there; the op's is float32, being computed from the promoted inputs.)
+    _skip_unavailable(dev, backend)
+    ins, gouts = _case(2, 4, 5, 7, torch.bfloat16, seed=3)
+    dts = (torch.bfloat16, torch.bfloat16, torch.float32)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        out = _run_typed(backend, ins, gouts, dts, dev, tanh_c)
+        leaves = [t.to(dev, dt).requires_grad_() for t, dt in zip(ins, dts)]
+        h, c_new = CL.convlstm_reference(*leaves, 0.0, tanh_c)  # PyTorch's own arithmetic under autocast
+        ref = [h.detach(), c_new.detach(), *torch.autograd.grad((h, c_new), leaves, [g.to(dev, o.dtype) for g, o in
+                                                                                      zip(gouts, (h, c_new))])]
+    exact = _run_typed("torch", ins, gouts, torch.float64, dev, tanh_c)
+    assert [t.dtype for t in out] == [torch.float32, torch.float32, *dts]
+    assert out[1].dtype == ref[1].dtype and (not tanh_c or out[0].dtype == ref[0].dtype)
+    for name, a, r, e in zip(NAMES, out, ref, exact):
+        assert_close_bounded(a, r, e, name=name)
+
+
+@pytest.mark.parametrize("backend", ["cpp", None], ids=["cpp", "auto"])
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+def test_cell_under_cpu_autocast(backend, merge):
+    # vpfast.nn.ConvLSTMCell hands bf16 convolution outputs and a float32 state to the op
+    _skip_unavailable("cpu", backend)
+    torch.manual_seed(0)
+    ref = ConvLSTMCell(3, 4, 6, 5, 3, 1, False, backend="torch")
+    fast = ConvLSTMCell(3, 4, 6, 5, 3, 1, False, backend=backend, merge_convs=merge)
+    fast.load_state_dict(ref.state_dict())
+    xs = torch.randn(3, 2, 3, 6, 5, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs_r, loss_r = _unroll(ref, xs)
+        outs_f, loss_f = _unroll(fast, xs)
+    assert [t.dtype for t in outs_f] == [t.dtype for t in outs_r]
+    for a, b in zip(outs_f, outs_r):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)  # bf16 convolutions, summed differently if merged
+    loss_f.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in fast.named_parameters()
+               if not n.startswith(("conv_o", "conv_last")))
+
+
+def test_half_types_on_the_cpu_go_to_torch():
+    # cpp declares float32/float64 only: auto runs bf16 on the CPU with PyTorch, a named cpp says why not
+    ins, _ = _case(1, 2, 3, 4, torch.bfloat16)
+    x_g, h_g, c = (t.bfloat16() for t in ins)
+    assert CL.OP.select(None, x_g, h_g, c)[0] == "torch"
+    h, c_new = CL.convlstm(x_g, h_g, c)
+    assert h.dtype == c_new.dtype == torch.bfloat16
+    if not CL.OP.static_reasons("cpp"):
+        with pytest.raises(vpfast.BackendUnavailable, match="bfloat16"):
+            CL.convlstm(x_g, h_g, c, backend="cpp")
+
+
+def test_triton_refuses_int32_overflow():
+    big = torch.empty(1, 4 * 2**29, 2, 2, device="meta")  # 2**32 elements
+    c = torch.empty(1, 2**29, 2, 2, device="meta")
+    assert any("int32" in r for r in CL.OP.reasons("triton", (None, big, c, 0.0, True), {}))
+    assert not any("int32" in r for r in CL.OP.reasons("cuda", (None, big, c, 0.0, True), {}))
+
+
+# ---- on a GPU: the models' shapes and the launch limits ---------------------------------------------------
+@GPU_ONLY
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape", [(16, 128, 16, 16), (16, 4096, 2, 2), (16, 128, 96, 96)],
+                         ids=["mmnist", "65536-planes", "over-65535-blocks"])
+def test_gpu_shapes(backend, dtype, shape):
+    # PredRNN/ConvLSTM's Moving-MNIST cell (B=16, C=128, 16x16); B*C = 65536 planes; and 18.9M elements per
+    # map, more than 65535 blocks of 256 threads cover, so the grid-stride loop must do the rest
+    if device_for(backend) != "cuda":
+        pytest.skip("runs on CUDA tensors")
+    ins, gouts = _case(*shape, dtype)
+    out = _run_typed(backend, ins, gouts, dtype, "cuda", True)
+    ref = _run_typed("torch", ins, gouts, dtype, "cuda", True)
+    if dtype == torch.float32:
+        for name, a, r in zip(NAMES, out, ref):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, msg=name)
+        return
+    exact = _run_typed("torch", ins, gouts, torch.float32, "cuda", True)  # float32 stands in for float64 here
+    for name, a, r, e in zip(NAMES, out, ref, exact):
+        assert_close_bounded(a, r, e, factor=16 if name in ("grad_x_g", "grad_h_g") else 8, name=name)

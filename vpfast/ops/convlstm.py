@@ -97,11 +97,7 @@ if _ext.has_kernel("convlstm_forward", "CPU") or _ext.has_kernel("convlstm_forwa
     torch.library.register_autograd("vpfast::convlstm_forward", _b, setup_context=_s)
 
 
-# The backend functions apply the op's autocast policy themselves too: vpfast.nn.ConvLSTMCell picks a backend
-# once per step and calls them directly (not through `convlstm`), so under autocast they receive a bf16/fp16
-# convolution output next to a float32 cell state. Through `convlstm`, autocast is off here: a no-op.
 def _compiled(x_g, h_g, c, forget_bias=0.0, tanh_c=True):
-    x_g, h_g, c = OP.cast_inputs(x_g, h_g, c)
     h, c_new, _ = torch.ops.vpfast.convlstm_forward(x_g, h_g, c, forget_bias, tanh_c)
     return h, c_new
 
@@ -137,7 +133,6 @@ _triton_fwd.register_autograd(_tb, setup_context=_ts)
 
 
 def _triton(x_g, h_g, c, forget_bias=0.0, tanh_c=True):
-    x_g, h_g, c = OP.cast_inputs(x_g, h_g, c)  # see _compiled
     h, c_new, _ = _triton_fwd(x_g, h_g, c, forget_bias, tanh_c)
     return h, c_new
 

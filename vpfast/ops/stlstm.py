@@ -188,18 +188,12 @@ if _ext.has_kernel("stlstm_gates_forward", "CPU") or _ext.has_kernel("stlstm_gat
     torch.library.register_autograd("vpfast::stlstm_output_forward", _ob, setup_context=_os)
 
 
-# The backend functions apply the op's autocast policy themselves too: the cells of vpfast.nn pick a backend
-# once per step and call these directly (not through the public functions), so under autocast they receive a
-# bf16/fp16 convolution output next to a float32 state. Called through the public functions, autocast is off
-# in here and the cast is a no-op.
 def _gates_compiled(x_g, h_g, m_g, c, m, forget_bias=1.0, with_delta=False):
-    x_g, h_g, m_g, c, m = GATES.cast_inputs(x_g, h_g, m_g, c, m)
     cm, o_part, _act, delta = torch.ops.vpfast.stlstm_gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta)
     return cm, o_part, (delta if with_delta else None)
 
 
 def _output_compiled(o_part, o_m, last, highway=None):
-    o_part, o_m, last, highway = OUTPUT.cast_inputs(o_part, o_m, last, highway)
     return torch.ops.vpfast.stlstm_output_forward(o_part, o_m, last, highway)[0]
 
 
@@ -260,13 +254,11 @@ _output_triton_fwd.register_autograd(_tob, setup_context=_tos)
 
 
 def _gates_triton(x_g, h_g, m_g, c, m, forget_bias=1.0, with_delta=False):
-    x_g, h_g, m_g, c, m = GATES.cast_inputs(x_g, h_g, m_g, c, m)  # see _gates_compiled
     cm, o_part, _act, delta = _gates_triton_fwd(x_g, h_g, m_g, c, m, forget_bias, with_delta)
     return cm, o_part, (delta if with_delta else None)
 
 
 def _output_triton(o_part, o_m, last, highway=None):
-    o_part, o_m, last, highway = OUTPUT.cast_inputs(o_part, o_m, last, highway)
     return _output_triton_fwd(o_part, o_m, last, highway)[0]
 
 
