@@ -8,18 +8,19 @@ too large a block) passes every CPU test and fails on the first GPU launch. `tri
 What to compile is recorded, not listed: `record()` intercepts every kernel launch the ops make while they run
 under the interpreter and turns it into a `Spec`, the same (kernel, signature, constexprs, attributes,
 options) that `JITFunction.run` would hand the compiler for those arguments on a CUDA device. The
-specialisation uses Triton's own `native_specialize_impl` with the CUDA backend, so integer arguments get
+specialisation uses Triton's own function (`native_specialize_impl`) with the CUDA backend, so integer arguments get
 i32/i64/u64 by value, 16-divisible ones `tt.divisibility`, and the value 1 becomes a constexpr, exactly as
 the launcher decides. `compile_specs()` then compiles each distinct spec for each architecture in fresh
 subprocesses that do not set TRITON_INTERPRET (read when kernels are defined) and use a throwaway Triton
 cache, so nothing carries over between runs.
 
-Used by tests/test_triton_compile.py. Checked against Triton 3.8 (runtime/jit.py: create_function_from_signature
-and JITFunction._pack_args); `unsupported_reason()` says why it cannot run elsewhere.
+Used by tests/test_triton_compile.py. Written against Triton 3.8's runtime/jit.py (create_function_from_signature,
+JITFunction._pack_args); `unsupported_reason()` says what is missing where a Triton lacks those pieces.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -39,8 +40,9 @@ class Spec:
 
     module, name: where the @triton.jit function lives (import path, attribute); file: its source file
     (the worker checks it imports the same one); signature: {param: type} with "constexpr" for constexprs;
-    constexprs: {param: value}; attrs: {param: attribute string of native_specialize_impl ("D": divisible by
-    16, "": none)}; options: launch options (num_warps ...) the call passed.
+    constexprs: {param: value} (a tl.dtype as ("tl.dtype", name)); attrs: {param: attribute string of
+    native_specialize_impl ("D": divisible by 16, "": none)}; options: launch options (num_warps ...) the
+    call passed. The dicts are held as tuples of pairs, so that specs hash and deduplicate.
     """
     module: str
     name: str
@@ -60,10 +62,10 @@ class Spec:
         parts = []
         for p, ty in sig.items():
             if ty == "constexpr":
-                parts.append(f"{p}={_decode(ce[p])!r}")
+                parts.append(f"{p}={_show(ce[p])}")
             else:
                 parts.append(f"{p}:{ty}" + (f"/{at[p]}" if at.get(p) else ""))
-        parts += [f"{k}={v!r}" for k, v in self.options]
+        parts += [f"{k}={_show(v)}" for k, v in self.options]
         return f"{self.kernel}[{', '.join(parts)}]"
 
     def to_json(self) -> dict:
@@ -72,42 +74,76 @@ class Spec:
 
     @staticmethod
     def from_json(d: dict) -> "Spec":
-        return Spec(d["module"], d["name"], d["file"], *(tuple(tuple(x) for x in d[k])
-                                                         for k in ("signature", "constexprs", "attrs", "options")))
+        return Spec(d["module"], d["name"], d["file"],
+                    *(_tuples(d[k]) for k in ("signature", "constexprs", "attrs", "options")))
+
+
+_DTYPE_TAG = "tl.dtype"
 
 
 def _encode(v):
-    """A constexpr value in JSON (tl.dtype as {"dtype": name})."""
+    """A constexpr value as hashable JSON-able data (a tl.dtype as ("tl.dtype", name))."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     import triton.language as tl
     if isinstance(v, tl.dtype):
-        return {"dtype": v.name}
+        return (_DTYPE_TAG, v.name)
     if isinstance(v, tl.constexpr):
         return _encode(v.value)
     raise TypeError(f"cannot record constexpr value {v!r} of type {type(v).__name__}")
 
 
 def _decode(v):
-    if isinstance(v, dict) and "dtype" in v:
+    if isinstance(v, tuple) and len(v) == 2 and v[0] == _DTYPE_TAG:
         import triton.language as tl
-        return getattr(tl, v["dtype"])
+        return tl.dtype(v[1])
     return v
+
+
+def _show(v) -> str:
+    return v[1] if isinstance(v, tuple) and len(v) == 2 and v[0] == _DTYPE_TAG else repr(v)
+
+
+def _tuples(x):
+    # JSON gives lists where the Spec held tuples
+    return tuple(_tuples(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+@functools.lru_cache(maxsize=None)
+def _specializer():
+    """(backend, arg, is_const, specialize, align) -> (type, attribute), as the installed Triton's launcher.
+
+    Triton >= 3.5 does it in C++ (native_specialize_impl); earlier 3.x releases build a Python function per
+    backend with create_specialize_impl(backend.get_arg_specialization)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        return native_specialize_impl
+    except ImportError:
+        from triton.runtime.jit import create_specialize_impl
+        made = {}
+
+        def specialize_impl(backend, arg, is_const, specialize, align):
+            if id(backend) not in made:
+                made[id(backend)] = create_specialize_impl(backend.get_arg_specialization)
+            return made[id(backend)](arg, is_const, specialize, align)
+        return specialize_impl
 
 
 def unsupported_reason() -> str | None:
     """Why recording cannot mirror this Triton's launcher, or None."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "Triton is not installed"
     try:
-        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+        _specializer()
         from triton.runtime.interpreter import InterpretedFunction  # noqa: F401
         from triton.runtime.jit import KernelParam  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError as e:
-        return (f"this Triton ({triton.__version__}) lacks what the launch recorder mirrors "
-                f"(native_specialize_impl, InterpretedFunction, KernelParam of Triton 3.8): {e}")
+        return (f"this Triton ({triton.__version__}) lacks what the launch recorder mirrors (Triton 3.x's "
+                f"native_specialize_impl or create_specialize_impl, InterpretedFunction, KernelParam): {e}")
     return None
 
 
@@ -131,7 +167,6 @@ def specialize(fn, jit_kwargs: dict, args: tuple, kwargs: dict) -> Spec:
     Mirrors triton/runtime/jit.py (3.8): create_function_from_signature builds (type, attribute) per argument
     with native_specialize_impl; _pack_args turns them into signature, constexprs and attributes.
     """
-    from triton._C.libtriton import native_specialize_impl
     from triton.runtime.jit import KernelParam
 
     sig = inspect.signature(fn)
@@ -153,8 +188,8 @@ def specialize(fn, jit_kwargs: dict, args: tuple, kwargs: dict) -> Spec:
             ty, attr = "constexpr", None
         else:
             spec_value = not kp.do_not_specialize
-            ty, attr = native_specialize_impl(backend, value, kp.is_const, spec_value,
-                                              not kp.do_not_specialize_on_alignment)
+            ty, attr = _specializer()(backend, value, kp.is_const, spec_value,
+                                      not kp.do_not_specialize_on_alignment)
             if kp.annotation_type:
                 if kp.annotation_type == "u1" or kp.annotation_type[:2] in ("fp", "bf"):
                     spec_value = False
