@@ -13,7 +13,8 @@ What is compiled is what the ops launch, not a list kept here. What is kept here
 (CASES); the coverage tests fail when an op with a Triton backend has no case, when a kernel launched in
 kernels/*.py is never reached, or when a boolean constexpr is seen with only one value, so that the cases
 cannot fall behind the kernels silently. An op that refuses a dtype (BackendUnavailable) is not recorded for
-it; float32 must be accepted.
+it; float32 must be accepted. test_recorder_matches_triton_launcher checks the recorded specialisations
+against Triton's own launcher code, so that a Triton upgrade cannot make this module compile the wrong ones.
 
 On a machine with a GPU the Triton tests compile every kernel they launch, so this module skips there.
 """
@@ -21,8 +22,11 @@ from __future__ import annotations
 
 import ast
 import itertools
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -292,6 +296,46 @@ def test_boolean_constexprs_take_both_values(launches):
     one_sided = {k: v for k, v in seen.items() if len(v) == 1 and k not in ONE_SIDED}
     assert not one_sided, ("boolean constexprs seen with one value only (extend CASES, or list them in "
                            f"ONE_SIDED with the reason): {one_sided}")
+
+
+# ---- the recorder against Triton's own launcher --------------------------------------------------------------
+_LAUNCHER_CHECK = """
+import json, os, pkgutil, importlib, sys
+import torch
+import vpfast.ops  # with TRITON_INTERPRET=1: dispatch lets the triton backend take CPU tensors
+del os.environ["TRITON_INTERPRET"]
+import vpfast.kernels
+for m in pkgutil.iter_modules(vpfast.kernels.__path__):  # defined as JITFunctions: no interpreter
+    importlib.import_module("vpfast.kernels." + m.name)
+os.environ["TRITON_INTERPRET"] = "1"
+from vpfast import _triton_aot as aot
+sys.path.insert(0, "tests")
+import test_triton_compile as t
+with aot.compare_with_launcher() as result:
+    for cases in t.CASES.values():
+        for call in cases(t.Make(torch.float32)):
+            t._run_call(call)
+print(json.dumps(result))
+"""
+
+
+def test_recorder_matches_triton_launcher():
+    """specialize() gives what Triton's own binder and _pack_args give, for every float32 launch of CASES
+    (kernels compiled as JITFunctions in a subprocess): a Triton whose launcher specialises differently fails
+    here rather than compiling the wrong specialisations."""
+    from triton.runtime import jit
+    if not (hasattr(jit, "create_function_from_signature") and hasattr(jit.JITFunction, "_pack_args")):
+        pytest.skip("this Triton has no create_function_from_signature / JITFunction._pack_args (3.8's) to compare")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(path))
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER_CHECK], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    launches, mismatches = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert launches > 100, f"only {launches} launches reached the launcher check"
+    assert not mismatches, (f"{len(mismatches)} of {launches} launches specialise differently from Triton's "
+                            "launcher (kernel, Triton's, ours): " + "\n".join(map(str, mismatches[:5])))
 
 
 # ---- the compile check -------------------------------------------------------------------------------------

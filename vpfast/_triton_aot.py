@@ -5,14 +5,15 @@ kernel the compiler rejects (a loop-carried variable that changes type, an unsup
 too large a block) passes every CPU test and fails on the first GPU launch. `triton.compile` for a
 `GPUTarget` needs no GPU and raises the same errors, so CI can compile what the package launches.
 
-What to compile is recorded, not listed: `record()` intercepts every kernel launch the ops make while they run
-under the interpreter and turns it into a `Spec`, the same (kernel, signature, constexprs, attributes,
+What to compile is recorded, not listed: `record()` intercepts every kernel launch the ops make while they
+run under the interpreter and turns it into a `Spec`, the same (kernel, signature, constexprs, attributes,
 options) that `JITFunction.run` would hand the compiler for those arguments on a CUDA device. The
-specialisation uses Triton's own function (`native_specialize_impl`) with the CUDA backend, so integer arguments get
-i32/i64/u64 by value, 16-divisible ones `tt.divisibility`, and the value 1 becomes a constexpr, exactly as
-the launcher decides. `compile_specs()` then compiles each distinct spec for each architecture in fresh
-subprocesses that do not set TRITON_INTERPRET (read when kernels are defined) and use a throwaway Triton
-cache, so nothing carries over between runs.
+specialisation uses Triton's own function (`native_specialize_impl`) with the CUDA backend, so integer
+arguments get i32/i64/u64 by value, 16-divisible ones `tt.divisibility`, and the value 1 becomes a constexpr,
+exactly as the launcher decides (`compare_with_launcher()` checks that against Triton's own code).
+`compile_specs()` then compiles each distinct spec for each architecture in fresh subprocesses that do not
+set TRITON_INTERPRET (read when kernels are defined) and use a throwaway Triton cache, so nothing carries
+over between runs.
 
 Used by tests/test_triton_compile.py. Written against Triton 3.8's runtime/jit.py (create_function_from_signature,
 JITFunction._pack_args); `unsupported_reason()` says what is missing where a Triton lacks those pieces.
@@ -197,7 +198,8 @@ def specialize(fn, jit_kwargs: dict, args: tuple, kwargs: dict) -> Spec:
         signature.append((kp.name, ty))
         if ty == "constexpr":
             constexprs.append((kp.name, _encode(value)))
-        elif isinstance(attr, str):
+            attr = ""  # _pack_args gives constexprs an empty attribute list
+        if isinstance(attr, str):
             attrs.append((kp.name, attr))
     return Spec(fn.__module__, fn.__qualname__, os.path.realpath(fn.__code__.co_filename), tuple(signature),
                 tuple(constexprs), tuple(attrs), tuple(sorted((k, _encode(v)) for k, v in options.items())))
@@ -240,6 +242,41 @@ def record(execute: bool = False):
         yield rec
     finally:
         InterpretedFunction.run = original
+
+
+@contextlib.contextmanager
+def compare_with_launcher():
+    """Check specialize() against the installed Triton's own launcher code, launch by launch.
+
+    Needs a process whose kernels are JITFunctions (defined without TRITON_INTERPRET) and launches on CPU
+    tensors: each launch is not run but handed both to Triton's binder (create_function_from_signature) and
+    JITFunction._pack_args with the CUDA backend, and to specialize(). Yields [launches, mismatches], with
+    mismatches a list of (kernel, Triton's (signature, constexprs, attrs), ours). Triton 3.8's internals.
+    """
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = _cuda_backend()
+    result = [0, []]
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        _, signature, constexprs, attrs = self._pack_args(backend, dict(kwargs), bound, specialization, options)
+        spec = specialize(self.fn, {"do_not_specialize": self.do_not_specialize,
+                                    "do_not_specialize_on_alignment": self.do_not_specialize_on_alignment},
+                          args, kwargs)
+        ours = (dict(spec.signature), {(self.arg_names.index(k),): _decode(v) for k, v in spec.constexprs},
+                {(self.arg_names.index(k),): backend.parse_attr(v) for k, v in spec.attrs})
+        result[0] += 1
+        if ours != (signature, constexprs, attrs):
+            result[1].append((spec.kernel, repr((signature, constexprs, attrs)), repr(ours)))
+
+    JITFunction.run = run
+    try:
+        yield result
+    finally:
+        JITFunction.run = original
 
 
 def covering_subset(specs) -> list[Spec]:
