@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._scalars import join, split_float
+
 MAX_BLOCK = 1024
 # the forward's split: about this many programs per launch, chunks of at least MIN_CHUNK_STEPS sweep steps,
 # at most MAX_CHUNKS per row (the merge loads them all at once)
@@ -25,11 +27,6 @@ TARGET_PROGRAMS = 1024
 MIN_CHUNK_STEPS = 4
 MAX_CHUNKS = 64
 
-
-@triton.jit
-def _join(hi, lo, ACC: tl.constexpr):
-    # a float32 (hi, lo) pair from split_float, summed in ACC
-    return (tl.zeros([], ACC) + hi) + lo
 
 
 @triton.jit
@@ -70,7 +67,7 @@ def _softmax_partials_kernel(P, Y, PART, T, D, S, CHUNK, inv_tau_hi, inv_tau_lo,
     pid = tl.program_id(0)
     r = pid // S
     s = pid % S
-    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
+    inv_tau = join(inv_tau_hi, inv_tau_lo, ACC)
     P0, P1, Y0, Y1 = _row_pointers(P, Y, r, T, D)
     lo = s * CHUNK
     hi = tl.minimum(lo, D - CHUNK) + CHUNK  # min(lo + CHUNK, D) without passing 2^31
@@ -101,8 +98,8 @@ def _forward_kernel(P, Y, PART, STATS, TERMS, T, D, S, CHUNK, inv_tau_hi, inv_ta
     pid = tl.program_id(0)
     r = pid // S
     s = pid % S
-    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
-    eps = _join(eps_hi, eps_lo, ACC)
+    inv_tau = join(inv_tau_hi, inv_tau_lo, ACC)
+    eps = join(eps_hi, eps_lo, ACC)
     k = tl.arange(0, SB)
     k_ok = k < S
     part = PART + (r * S + k) * 4
@@ -165,12 +162,12 @@ def _backward_kernel(G, P, Y, STATS, GP, GY, T, D, NBLK, inv_tau_hi, inv_tau_lo,
     f = pid // NBLK  # output frame (b, t)
     b = f // T
     t = f % T
-    inv_tau = _join(inv_tau_hi, inv_tau_lo, ACC)
-    eps = _join(eps_hi, eps_lo, ACC)
+    inv_tau = join(inv_tau_hi, inv_tau_lo, ACC)
+    eps = join(eps_hi, eps_lo, ACC)
     d = (pid % NBLK) * BLOCK + tl.arange(0, BLOCK)
     ok = d < D
     row = f.to(tl.int64) * D
-    s = _join(scale_hi, scale_lo, ACC) * tl.load(G).to(ACC)
+    s = join(scale_hi, scale_lo, ACC) * tl.load(G).to(ACC)
     pc = tl.load(P + row + d, mask=ok, other=0).to(ACC)
     yc = tl.load(Y + row + d, mask=ok, other=0).to(ACC)
     ga = tl.zeros([BLOCK], ACC)
@@ -200,11 +197,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
-
-def split_float(v: float) -> tuple[float, float]:
-    """v as a float32 pair (hi, lo) with hi + lo = v to about 2^-48 (see the module docstring)."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
 
 def _block(D: int) -> int:

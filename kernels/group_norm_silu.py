@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._scalars import join, split_float
+
 # elements per sweep step; 4 warps hold 8 (forward) or 16 (backward tiles) per thread
 FORWARD_BLOCK = 1024
 BACKWARD_TILE = 2048
@@ -37,11 +39,6 @@ TARGET_PROGRAMS = 1024
 MIN_CHUNK_STEPS = 4
 MAX_CHUNKS = 32
 
-
-@triton.jit
-def _join(hi, lo, ACC: tl.constexpr):
-    # a float32 (hi, lo) pair from split_float, summed in ACC
-    return (tl.zeros([], ACC) + hi) + lo
 
 
 @triton.jit
@@ -117,7 +114,7 @@ def _forward_kernel(X, W, B, Y, PART, MEAN, RSTD, C, HW, G, sN, sC, sP, S, CHUNK
     part = PART + (t * S + k) * 3
     mean, m2, count = tl.reduce((tl.load(part, mask=k_ok, other=0), tl.load(part + 1, mask=k_ok, other=0),
                                  tl.load(part + 2, mask=k_ok, other=0)), 0, _welford_merge)
-    eps = _join(eps_hi, eps_lo, ACC)
+    eps = join(eps_hi, eps_lo, ACC)
     rstd = 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + eps)
     if s == 0:
         tl.store(MEAN + t, mean)
@@ -257,12 +254,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
-
-def split_float(v: float) -> tuple[float, float]:
-    """v as a float32 pair (hi, lo) with hi + lo = v to about 2^-48: a Python float reaches a compiled kernel
-    as float32, which would round tau or eps in a float64 kernel."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
 
 
 def _layout(x: torch.Tensor):
