@@ -102,7 +102,7 @@ def test_gpu_block_at_mmnist_shape(block, backend):
     against the float64 reference by the torch backend's own autocast error."""
     from vpfast.models.simvp import MetaBlock
     from vpfast.ops.large_kernel_attention import OP
-    from vpfast.testing import assert_close_bounded, device_for
+    from vpfast.testing import assert_close_bounded, device_for, exact_float32
     why = OP.static_reasons(backend)
     if why or device_for(backend) != "cuda":
         pytest.skip("; ".join(why) or f"{backend} runs on CPU tensors here (no GPU)")
@@ -115,14 +115,10 @@ def test_gpu_block_at_mmnist_shape(block, backend):
             out = model(inp)
         return (out, *torch.autograd.grad(out.float().square().mean(), [inp, *model.parameters()]))
 
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with exact_float32():
         got = step(m, x)
         _set_backend(m, "torch")
         ref = step(m, x)
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
     for a, r in zip(got, ref):
         s = max(1e-3, r.abs().max().item())
         torch.testing.assert_close(a / s, r / s, rtol=1e-4, atol=1e-4)

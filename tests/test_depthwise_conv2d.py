@@ -1,6 +1,5 @@
 """depthwise_conv2d: every available backend vs F.conv2d(groups=C) (the reference), each on its own device
 (cuda, and triton where a GPU runs it, on CUDA tensors against the reference on the GPU)."""
-import contextlib
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from vpfast.ops import depthwise_conv2d, depthwise_conv2d_reference
 from vpfast.ops.depthwise_conv2d import OP
 from vpfast.nn import DepthwiseConv2d
-from vpfast.testing import assert_close_bounded, device_for, low_precision_params
+from vpfast.testing import assert_close_bounded, device_for, exact_float32, low_precision_params
 
 BACKENDS = ["torch", "cpp", "cuda", "triton"]
 
@@ -37,16 +36,6 @@ def _gpu_only(backend):
         pytest.skip(f"{backend} runs on CPU tensors here (no GPU); this test is for the GPU")
 
 
-@contextlib.contextmanager
-def exact_float32():
-    """cuDNN convolutions use TF32 by default (about 1e-3 relative error in float32); the float32 references
-    on the GPU are computed without it."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 def _inputs(B, C, H, W, kh, kw, dtype=torch.float64, bias=True, seed=0, dev="cpu"):

@@ -1,24 +1,14 @@
 """large_kernel_attention (fused depthwise pair of gSTA/TAU) vs the reference, every available backend on its
 own device (cuda, and triton where a GPU runs it, on CUDA tensors against the reference on the GPU)."""
-import contextlib
 
 import pytest
 import torch
 
 from vpfast.ops import large_kernel_attention, large_kernel_attention_reference
 from vpfast.ops.large_kernel_attention import OP
-from vpfast.testing import assert_close_bounded, device_for, low_precision_params
+from vpfast.testing import assert_close_bounded, device_for, exact_float32, low_precision_params
 
 
-@contextlib.contextmanager
-def exact_float32():
-    """float32 references on the GPU without cuDNN's default TF32."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 BACKENDS = ["torch", "cpp", "cuda", "triton"]
 

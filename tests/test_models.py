@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import vpfast
 from vpfast import models as M
 from vpfast.ops.ddr_loss import ddr_loss_reference
+from vpfast.testing import exact_float32
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 if not KEYS.exists():
@@ -625,10 +626,8 @@ def _gpu_backends():
 def no_tf32():
     """float32 convolutions and matmuls in float32 (PyTorch's CUDA default is TF32), so that the float32
     comparison is tight; restored afterwards."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    with exact_float32():
+        yield
 
 
 @needs_cuda

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vpfast
-from vpfast.testing import assert_close_bounded, backend_params, device_for, low_precision_params, tolerances as tol
+from vpfast.testing import (assert_close_bounded, backend_params, device_for, exact_float32, low_precision_params,
+                            tolerances as tol)
 from vpfast.nn import SpatioTemporalLSTMCell
 
 S = importlib.import_module("vpfast.ops.stlstm")
@@ -174,10 +175,8 @@ def _unroll(cell, xs, hw0, steps):
 @pytest.fixture
 def no_tf32():
     """Exact float32 convolutions on CUDA: the merged and separate convolutions round differently under TF32."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with exact_float32():
+        yield
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

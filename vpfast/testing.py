@@ -1,6 +1,8 @@
 """Helpers for tests of vpfast ops (and of code built on them): backends as pytest parameters."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._dispatch import REGISTRY
@@ -72,6 +74,18 @@ def low_precision_params(op: str, backends=("cuda", "triton")):
                 marks.append(pytest.mark.triton)
             out.append(pytest.param(name, dt, id=f"{name}-{str(dt).split('.')[-1]}", marks=marks))
     return out
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """float32 convolutions and matmuls without TF32 inside the block (CUDA uses TF32 for convolutions by
+    default, ~1e-3 relative error), so GPU references in float32 are comparable with fused kernels."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def tolerances(dtype: torch.dtype) -> dict:
