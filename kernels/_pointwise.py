@@ -64,6 +64,21 @@ def put_gate(ptr, b, K: tl.constexpr, j: tl.constexpr, CHW, rest, value, mask):
     put(ptr + (b * K + j) * CHW + rest, value, mask)
 
 
+@triton.jit
+def load_gates4(ptr, b, K: tl.constexpr, j: tl.constexpr, CHW, rest, mask):
+    # gates j .. j+3 of a [B, K*C, H, W] operand (an LSTM's i, f, g, o), widened
+    return (load_gate(ptr, b, K, j, CHW, rest, mask), load_gate(ptr, b, K, j + 1, CHW, rest, mask),
+            load_gate(ptr, b, K, j + 2, CHW, rest, mask), load_gate(ptr, b, K, j + 3, CHW, rest, mask))
+
+
+@triton.jit
+def put_gates4(ptr, b, K: tl.constexpr, j: tl.constexpr, CHW, rest, v0, v1, v2, v3, mask):
+    put_gate(ptr, b, K, j, CHW, rest, v0, mask)
+    put_gate(ptr, b, K, j + 1, CHW, rest, v1, mask)
+    put_gate(ptr, b, K, j + 2, CHW, rest, v2, mask)
+    put_gate(ptr, b, K, j + 3, CHW, rest, v3, mask)
+
+
 def contiguous(*tensors):
     """Each tensor made contiguous (the kernels index flat memory); None, an absent operand, stays None."""
     return tuple(t.contiguous() if t is not None else None for t in tensors)

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, put as _put, put_gate as _put_gate
+from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, load_gates4, put as _put, put_gate as _put_gate
+from ._pointwise import put_gates4
 from ._pointwise import tanh as _tanh, wide as _wide
 
 
@@ -18,15 +19,10 @@ def _fwd(x_ptr, h_ptr, c_ptr, hout_ptr, cn_ptr, act_ptr, N, C, HW, fb, HAS_X: tl
          BLOCK: tl.constexpr):
     CHW = C * HW
     idx, mask, b, rest = gate_index(N, CHW, BLOCK)
-    pi = _gate(h_ptr, b, 4, 0, CHW, rest, mask)
-    pf = _gate(h_ptr, b, 4, 1, CHW, rest, mask)
-    pg = _gate(h_ptr, b, 4, 2, CHW, rest, mask)
-    po = _gate(h_ptr, b, 4, 3, CHW, rest, mask)
+    pi, pf, pg, po = load_gates4(h_ptr, b, 4, 0, CHW, rest, mask)
     if HAS_X:
-        pi = _gate(x_ptr, b, 4, 0, CHW, rest, mask) + pi
-        pf = _gate(x_ptr, b, 4, 1, CHW, rest, mask) + pf
-        pg = _gate(x_ptr, b, 4, 2, CHW, rest, mask) + pg
-        po = _gate(x_ptr, b, 4, 3, CHW, rest, mask) + po
+        xi, xf, xg, xo = load_gates4(x_ptr, b, 4, 0, CHW, rest, mask)
+        pi, pf, pg, po = xi + pi, xf + pf, xg + pg, xo + po
     c0 = _wide(tl.load(c_ptr + idx, mask=mask))
     i = tl.sigmoid(pi)
     f = tl.sigmoid(pf + fb)
@@ -78,16 +74,10 @@ def _bwd(gh_ptr, gc_ptr, act_ptr, c_ptr, cn_ptr, h_ptr, gx_ptr, ghg_ptr, gcp_ptr
     gpi = gct * d * (1.0 - i)
     gpf = gct * c0 * f * (1.0 - f)
     gpg = (gct * i + gg) * (1.0 - g * g)
-    _put_gate(ghg_ptr, b, 4, 0, CHW, rest, gpi, mask)
-    _put_gate(ghg_ptr, b, 4, 1, CHW, rest, gpf, mask)
-    _put_gate(ghg_ptr, b, 4, 2, CHW, rest, gpg, mask)
-    _put_gate(ghg_ptr, b, 4, 3, CHW, rest, gpo, mask)
+    put_gates4(ghg_ptr, b, 4, 0, CHW, rest, gpi, gpf, gpg, gpo, mask)
     _put(gcp_ptr + idx, gct * f, mask)
     if HAS_X:
-        _put_gate(gx_ptr, b, 4, 0, CHW, rest, gpi, mask)
-        _put_gate(gx_ptr, b, 4, 1, CHW, rest, gpf, mask)
-        _put_gate(gx_ptr, b, 4, 2, CHW, rest, gpg, mask)
-        _put_gate(gx_ptr, b, 4, 3, CHW, rest, gpo, mask)
+        put_gates4(gx_ptr, b, 4, 0, CHW, rest, gpi, gpf, gpg, gpo, mask)
 
 
 def forward(x_g, h_g, c, forget_bias, tanh_c):

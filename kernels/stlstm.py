@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, put as _put, put_gate as _put_gate
+from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, load_gates4, put as _put, put_gate as _put_gate
+from ._pointwise import put_gates4
 from ._pointwise import tanh as _tanh, wide as _wide
 
 
@@ -20,10 +21,7 @@ def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_pt
                HAS_X: tl.constexpr, DELTA: tl.constexpr, BLOCK: tl.constexpr):
     CHW = C * HW
     idx, mask, b, rest = gate_index(N, CHW, BLOCK)
-    pi = _gate(h_ptr, b, 4, 0, CHW, rest, mask)
-    pf = _gate(h_ptr, b, 4, 1, CHW, rest, mask)
-    pg = _gate(h_ptr, b, 4, 2, CHW, rest, mask)
-    po = _gate(h_ptr, b, 4, 3, CHW, rest, mask)
+    pi, pf, pg, po = load_gates4(h_ptr, b, 4, 0, CHW, rest, mask)
     qi = _gate(m_ptr, b, 3, 0, CHW, rest, mask)
     qf = _gate(m_ptr, b, 3, 1, CHW, rest, mask)
     qg = _gate(m_ptr, b, 3, 2, CHW, rest, mask)
@@ -46,10 +44,7 @@ def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_pt
     _put_gate(cm_ptr, b, 2, 0, CHW, rest, f * c0 + i * g, mask)
     _put_gate(cm_ptr, b, 2, 1, CHW, rest, f2 * m0 + i2 * g2, mask)
     _put(op_ptr + idx, po, mask)
-    _put_gate(act_ptr, b, 4, 0, CHW, rest, i, mask)
-    _put_gate(act_ptr, b, 4, 1, CHW, rest, f, mask)
-    _put_gate(act_ptr, b, 4, 2, CHW, rest, i2, mask)
-    _put_gate(act_ptr, b, 4, 3, CHW, rest, f2, mask)
+    put_gates4(act_ptr, b, 4, 0, CHW, rest, i, f, i2, f2, mask)
     if DELTA:
         _put_gate(d_ptr, b, 2, 0, CHW, rest, i * g, mask)
         _put_gate(d_ptr, b, 2, 1, CHW, rest, i2 * g2, mask)
@@ -67,10 +62,7 @@ def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr,
     if DELTA:
         gig = gcn + _gate(gd_ptr, b, 2, 0, CHW, rest, mask)
         gig2 = gmn + _gate(gd_ptr, b, 2, 1, CHW, rest, mask)
-    i = _gate(act_ptr, b, 4, 0, CHW, rest, mask)
-    f = _gate(act_ptr, b, 4, 1, CHW, rest, mask)
-    i2 = _gate(act_ptr, b, 4, 2, CHW, rest, mask)
-    f2 = _gate(act_ptr, b, 4, 3, CHW, rest, mask)
+    i, f, i2, f2 = load_gates4(act_ptr, b, 4, 0, CHW, rest, mask)
     c0 = _wide(tl.load(c_ptr + idx, mask=mask))
     m0 = _wide(tl.load(mp_ptr + idx, mask=mask))
     c1 = _gate(cm_ptr, b, 2, 0, CHW, rest, mask)
@@ -87,10 +79,7 @@ def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr,
     gqi = gig2 * d2 * (1.0 - i2)
     gqf = gmn * m0 * f2 * (1.0 - f2)
     gqg = gig2 * i2 * (1.0 - g2 * g2)
-    _put_gate(gh_ptr, b, 4, 0, CHW, rest, gpi, mask)
-    _put_gate(gh_ptr, b, 4, 1, CHW, rest, gpf, mask)
-    _put_gate(gh_ptr, b, 4, 2, CHW, rest, gpg, mask)
-    _put_gate(gh_ptr, b, 4, 3, CHW, rest, go, mask)
+    put_gates4(gh_ptr, b, 4, 0, CHW, rest, gpi, gpf, gpg, go, mask)
     _put_gate(gm_ptr, b, 3, 0, CHW, rest, gqi, mask)
     _put_gate(gm_ptr, b, 3, 1, CHW, rest, gqf, mask)
     _put_gate(gm_ptr, b, 3, 2, CHW, rest, gqg, mask)
