@@ -9,9 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, load_gates4, put as _put, put_gate as _put_gate
-from ._pointwise import put_gates4
-from ._pointwise import tanh as _tanh, wide as _wide
+from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, load_gates4
+from ._pointwise import put as _put, put_gate as _put_gate, put_gates4, tanh as _tanh, wide as _wide
 
 
 @triton.jit
