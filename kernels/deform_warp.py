@@ -98,6 +98,25 @@ def _im2col_kernel(x, off, mask, col, C, H, W, N, K: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
+def _tap_loads(xc, r0, r1, c0, c1, m00, m01, m10, m11, ok, ACC: tl.constexpr):
+    # the four bilinear neighbours of each position in plane xc, times their in-bounds masks (shared with
+    # kernels/flow_warp.py, whose backward walks the planes the same way)
+    return (m00 * tl.load(xc + r0 + c0, mask=ok, other=0.0).to(ACC),
+            m01 * tl.load(xc + r0 + c1, mask=ok, other=0.0).to(ACC),
+            m10 * tl.load(xc + r1 + c0, mask=ok, other=0.0).to(ACC),
+            m11 * tl.load(xc + r1 + c1, mask=ok, other=0.0).to(ACC))
+
+
+@triton.jit
+def _tap_scatter(gxc, r0, r1, c0, c1, gv, hy, hx, ly, lx, m00, m01, m10, m11, ok):
+    # the input gradient of the four neighbours: several positions may sample the same pixel, hence atomics
+    tl.atomic_add(gxc + r0 + c0, gv * hy * hx * m00, mask=ok)
+    tl.atomic_add(gxc + r0 + c1, gv * hy * lx * m01, mask=ok)
+    tl.atomic_add(gxc + r1 + c0, gv * ly * hx * m10, mask=ok)
+    tl.atomic_add(gxc + r1 + c1, gv * ly * lx * m11, mask=ok)
+
+
+@triton.jit
 def _backward_kernel(x, off, mask, gcol, col, g_off, g_mask, gx, B, C, H, W, N, K: tl.constexpr,
                      ACC: tl.constexpr, BLOCK: tl.constexpr):
     # col ([C*N, B, HW]) and gx are ACC buffers; gcol is [B, C*N, HW] in the input dtype
@@ -107,20 +126,14 @@ def _backward_kernel(x, off, mask, gcol, col, g_off, g_mask, gx, B, C, H, W, N, 
     m = tl.load(mask + (b * N + n).to(tl.int64) * HW + p, mask=ok, other=0.0).to(ACC)
     hy = 1 - ly
     hx = 1 - lx
-    m00 = vy0 * vx0
-    m01 = vy0 * vx1
-    m10 = vy1 * vx0
-    m11 = vy1 * vx1
+    m00, m01, m10, m11 = vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
     am = tl.zeros_like(m)
     ay = tl.zeros_like(m)
     ax = tl.zeros_like(m)
     for c in range(C):
         plane = (b * C + c).to(tl.int64) * HW
         xc = x + plane
-        u00 = m00 * tl.load(xc + r0 + c0, mask=ok, other=0.0).to(ACC)
-        u01 = m01 * tl.load(xc + r0 + c1, mask=ok, other=0.0).to(ACC)
-        u10 = m10 * tl.load(xc + r1 + c0, mask=ok, other=0.0).to(ACC)
-        u11 = m11 * tl.load(xc + r1 + c1, mask=ok, other=0.0).to(ACC)
+        u00, u01, u10, u11 = _tap_loads(xc, r0, r1, c0, c1, m00, m01, m10, m11, ok, ACC)
         top = hx * u00 + lx * u01
         bot = hx * u10 + lx * u11
         s = hy * top + ly * bot
@@ -131,11 +144,7 @@ def _backward_kernel(x, off, mask, gcol, col, g_off, g_mask, gx, B, C, H, W, N, 
         ay += g * (bot - top)
         ax += g * (hy * (u01 - u00) + ly * (u11 - u10))
         gxc = gx + plane
-        gm = g * m
-        tl.atomic_add(gxc + r0 + c0, gm * hy * hx * m00, mask=ok)
-        tl.atomic_add(gxc + r0 + c1, gm * hy * lx * m01, mask=ok)
-        tl.atomic_add(gxc + r1 + c0, gm * ly * hx * m10, mask=ok)
-        tl.atomic_add(gxc + r1 + c1, gm * ly * lx * m11, mask=ok)
+        _tap_scatter(gxc, r0, r1, c0, c1, g * m, hy, hx, ly, lx, m00, m01, m10, m11, ok)
     tl.store(g_mask + (b * N + n).to(tl.int64) * HW + p, am.to(g_mask.dtype.element_ty), mask=ok)
     gob = g_off + (b * 2 * N + n).to(tl.int64) * HW
     tl.store(gob + p, (m * ay).to(g_off.dtype.element_ty), mask=ok)

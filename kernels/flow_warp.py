@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .deform_warp import _corners, acc_dtype
+from .deform_warp import _corners, _tap_loads, _tap_scatter, acc_dtype
 
 BLOCK = 128
 
@@ -85,27 +85,18 @@ def _backward_kernel(x, flow, g, gx, gflow, C, H, W, BORDER: tl.constexpr, ALIGN
     r0, r1, c0, c1, vy0, vy1, vx0, vx1, ly, lx, dfy, dfx = _geometry(flow, b, p, ok, H, W, BORDER, ALIGN, ACC)
     hy = 1 - ly
     hx = 1 - lx
-    m00 = vy0 * vx0
-    m01 = vy0 * vx1
-    m10 = vy1 * vx0
-    m11 = vy1 * vx1
+    m00, m01, m10, m11 = vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
     ay = tl.zeros_like(ly)
     ax = tl.zeros_like(ly)
     for c in range(C):
         plane = (b * C + c).to(tl.int64) * HW
         xc = x + plane
-        u00 = m00 * tl.load(xc + r0 + c0, mask=ok, other=0.0).to(ACC)
-        u01 = m01 * tl.load(xc + r0 + c1, mask=ok, other=0.0).to(ACC)
-        u10 = m10 * tl.load(xc + r1 + c0, mask=ok, other=0.0).to(ACC)
-        u11 = m11 * tl.load(xc + r1 + c1, mask=ok, other=0.0).to(ACC)
+        u00, u01, u10, u11 = _tap_loads(xc, r0, r1, c0, c1, m00, m01, m10, m11, ok, ACC)
         gv = tl.load(g + plane + p, mask=ok, other=0.0).to(ACC)
         ay += gv * ((hx * u10 + lx * u11) - (hx * u00 + lx * u01))
         ax += gv * (hy * (u01 - u00) + ly * (u11 - u10))
         gxc = gx + plane
-        tl.atomic_add(gxc + r0 + c0, gv * hy * hx * m00, mask=ok)
-        tl.atomic_add(gxc + r0 + c1, gv * hy * lx * m01, mask=ok)
-        tl.atomic_add(gxc + r1 + c0, gv * ly * hx * m10, mask=ok)
-        tl.atomic_add(gxc + r1 + c1, gv * ly * lx * m11, mask=ok)
+        _tap_scatter(gxc, r0, r1, c0, c1, gv, hy, hx, ly, lx, m00, m01, m10, m11, ok)
     fb = gflow + b.to(tl.int64) * 2 * HW
     tl.store(fb + p, (dfx * ax).to(gflow.dtype.element_ty), mask=ok)
     tl.store(fb + HW + p, (dfy * ay).to(gflow.dtype.element_ty), mask=ok)

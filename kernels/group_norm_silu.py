@@ -59,18 +59,25 @@ def _welford_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
-def _stats_kernel(X, PART, C, HW, G, sN, sC, sP, S, CHUNK, CL: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    # (mean, M2, count) of chunk s of group slice t -> PART[t, s, :]
+def _group_chunk(C, G, S, sN, sC):
+    """This program's work: chunk s of group slice t = n*G + g (sample n, group g of Cg = C // G channels), and
+    the group's first element as an int64 offset `base` (N * C * HW may pass 2^31; offsets inside one sample
+    stay int32, the op's check)."""
     pid = tl.program_id(0)
     t = pid // S
-    s = pid % S
     n = t // G
     g = t % G
     Cg = C // G
+    return t, pid % S, n, g, Cg, n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC
+
+
+@triton.jit
+def _stats_kernel(X, PART, C, HW, G, sN, sC, sP, S, CHUNK, CL: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    # (mean, M2, count) of chunk s of group slice t -> PART[t, s, :]
+    t, s, n, g, Cg, base = _group_chunk(C, G, S, sN, sC)
     M = Cg * HW
-    # int64 base: N * C * HW may pass 2^31; offsets inside one sample stay int32 (the op's check)
-    Xg = X + (n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC)
+    Xg = X + base
     lo = s * CHUNK
     hi = tl.minimum(lo, M - CHUNK) + CHUNK  # min(lo + CHUNK, M) without passing 2^31
     lane = tl.arange(0, BLOCK)
@@ -90,23 +97,17 @@ def _stats_kernel(X, PART, C, HW, G, sN, sC, sP, S, CHUNK, CL: tl.constexpr, ACC
         run_mean += tl.where(ok, delta / steps, 0.0)
         run_m2 += tl.where(ok, delta * (v - run_mean), 0.0)
     mean, m2, count = tl.reduce((run_mean, run_m2, run_n), 0, _welford_merge)
-    tl.store(PART + pid * 3, mean)
-    tl.store(PART + pid * 3 + 1, m2)
-    tl.store(PART + pid * 3 + 2, count)
+    tl.store(PART + (t * S + s) * 3, mean)
+    tl.store(PART + (t * S + s) * 3 + 1, m2)
+    tl.store(PART + (t * S + s) * 3 + 2, count)
 
 
 @triton.jit
 def _forward_kernel(X, W, B, Y, PART, MEAN, RSTD, C, HW, G, sN, sC, sP, S, CHUNK, eps_hi, eps_lo,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
                     BLOCK: tl.constexpr, SB: tl.constexpr):
-    pid = tl.program_id(0)
-    t = pid // S
-    s = pid % S
-    n = t // G
-    g = t % G
-    Cg = C // G
+    t, s, n, g, Cg, base = _group_chunk(C, G, S, sN, sC)
     M = Cg * HW
-    base = n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC
     Xg = X + base
     Yg = Y + base
     k = tl.arange(0, SB)
@@ -164,13 +165,7 @@ def _backward_partials_kernel(GR, X, W, B, MEAN, RSTD, PA, PB, C, HW, G, sN, sC,
                               HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     # per channel of group t, over the pixels of chunk s: sum dL/da -> PA[n, c, s], sum dL/da * xhat -> PB
-    pid = tl.program_id(0)
-    t = pid // S
-    s = pid % S
-    n = t // G
-    g = t % G
-    Cg = C // G
-    base = n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC
+    t, s, n, g, Cg, base = _group_chunk(C, G, S, sN, sC)
     GRg = GR + base
     Xg = X + base
     mean = tl.load(MEAN + t).to(ACC)
@@ -201,14 +196,8 @@ def _backward_input_kernel(GR, X, W, B, MEAN, RSTD, PA, PB, GX, C, HW, G, sN, sC
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                            BLOCK_C: tl.constexpr, SB: tl.constexpr):
     # grad_x over the pixels of chunk s of group t
-    pid = tl.program_id(0)
-    t = pid // S
-    s = pid % S
-    n = t // G
-    g = t % G
-    Cg = C // G
+    t, s, n, g, Cg, base = _group_chunk(C, G, S, sN, sC)
     M = Cg * HW
-    base = n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC
     GRg = GR + base
     Xg = X + base
     GXg = GX + base

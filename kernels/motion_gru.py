@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import BLOCK, grid as _grid, put as _put, tanh as _tanh, wide as _wide
+from ._pointwise import launch, put as _put, tanh as _tanh, wide as _wide
 
 
 @triton.jit
@@ -77,29 +77,24 @@ def _L(f):
 
 def reset(gates, f):
     out = torch.empty_like(f)
-    if f.numel():
-        _reset_kernel[_grid(f.numel())](gates, f, out, f.numel(), _L(f), BLOCK=BLOCK)
+    launch(_reset_kernel, f.numel(), gates, f, out, f.numel(), _L(f))
     return out
 
 
 def reset_backward(g, gates, f):
     d_gates, d_f = torch.empty_like(gates), torch.empty_like(f)
-    if f.numel():
-        _reset_bwd_kernel[_grid(f.numel())](g, gates, f, d_gates, d_f, f.numel(), _L(f), BLOCK=BLOCK)
+    launch(_reset_bwd_kernel, f.numel(), g, gates, f, d_gates, d_f, f.numel(), _L(f))
     return d_gates, d_f
 
 
 def update(gates, o, f, d):
     f_out, d_out = torch.empty_like(f), torch.empty_like(f)
-    if f.numel():
-        _update_kernel[_grid(f.numel())](gates, o, f, d, f_out, d_out, f.numel(), _L(f), BLOCK=BLOCK)
+    launch(_update_kernel, f.numel(), gates, o, f, d, f_out, d_out, f.numel(), _L(f))
     return f_out, d_out
 
 
 def update_backward(g_f, g_d, gates, o, f):
     d_gates = torch.empty_like(gates)
     d_o, d_f, d_d = torch.empty_like(f), torch.empty_like(f), torch.empty_like(f)
-    if f.numel():
-        _update_bwd_kernel[_grid(f.numel())](g_f, g_d, gates, o, f, d_gates, d_o, d_f, d_d, f.numel(), _L(f),
-                                             BLOCK=BLOCK)
+    launch(_update_bwd_kernel, f.numel(), g_f, g_d, gates, o, f, d_gates, d_o, d_f, d_d, f.numel(), _L(f))
     return d_gates, d_o, d_f, d_d

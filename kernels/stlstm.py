@@ -1,7 +1,8 @@
 """Triton kernels for the fused ST-LSTM pointwise stages (see vpfast/ops/stlstm.py for the contract).
 
 One program per BLOCK elements of the flattened [B, C, H, W] index space; a [B, K*C, H, W] operand's gate j
-of element (b, ch, p) sits at ((b*K + j)*C + ch)*HW + p. Operands are made contiguous by the launchers.
+of element (b, ch, p) sits at (b*K + j)*C*HW + ch*HW + p (kernels/_pointwise.py). Operands are made contiguous
+by the launchers.
 tanh(x) is 2*sigmoid(2x) - 1 (tl.tanh does not exist in this Triton).
 """
 from __future__ import annotations
@@ -10,35 +11,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pointwise import BLOCK, grid as _grid, put as _put, tanh as _tanh, wide as _wide
-
-
+from ._pointwise import contiguous, gate_index, launch, load_gate as _gate, load_gates4
+from ._pointwise import put as _put, put_gate as _put_gate, put_gates4, tanh as _tanh, wide as _wide
 
 
 @triton.jit
 def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_ptr, N, C, HW, fb,
                HAS_X: tl.constexpr, DELTA: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    p = idx % HW
-    r = idx // HW
-    ch = r % C
-    b = r // C
-    pi = _wide(tl.load(h_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask))
-    pf = _wide(tl.load(h_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask))
-    pg = _wide(tl.load(h_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask))
-    po = _wide(tl.load(h_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask))
-    qi = _wide(tl.load(m_ptr + ((b * 3 + 0) * C + ch) * HW + p, mask=mask))
-    qf = _wide(tl.load(m_ptr + ((b * 3 + 1) * C + ch) * HW + p, mask=mask))
-    qg = _wide(tl.load(m_ptr + ((b * 3 + 2) * C + ch) * HW + p, mask=mask))
+    CHW = C * HW
+    idx, mask, b, rest = gate_index(N, CHW, BLOCK)
+    pi, pf, pg, po = load_gates4(h_ptr, b, 4, 0, CHW, rest, mask)
+    qi = _gate(m_ptr, b, 3, 0, CHW, rest, mask)
+    qf = _gate(m_ptr, b, 3, 1, CHW, rest, mask)
+    qg = _gate(m_ptr, b, 3, 2, CHW, rest, mask)
     if HAS_X:
-        pi = _wide(tl.load(x_ptr + ((b * 7 + 0) * C + ch) * HW + p, mask=mask)) + pi
-        pf = _wide(tl.load(x_ptr + ((b * 7 + 1) * C + ch) * HW + p, mask=mask)) + pf
-        pg = _wide(tl.load(x_ptr + ((b * 7 + 2) * C + ch) * HW + p, mask=mask)) + pg
-        qi = _wide(tl.load(x_ptr + ((b * 7 + 3) * C + ch) * HW + p, mask=mask)) + qi
-        qf = _wide(tl.load(x_ptr + ((b * 7 + 4) * C + ch) * HW + p, mask=mask)) + qf
-        qg = _wide(tl.load(x_ptr + ((b * 7 + 5) * C + ch) * HW + p, mask=mask)) + qg
-        po = _wide(tl.load(x_ptr + ((b * 7 + 6) * C + ch) * HW + p, mask=mask)) + po
+        pi = _gate(x_ptr, b, 7, 0, CHW, rest, mask) + pi
+        pf = _gate(x_ptr, b, 7, 1, CHW, rest, mask) + pf
+        pg = _gate(x_ptr, b, 7, 2, CHW, rest, mask) + pg
+        qi = _gate(x_ptr, b, 7, 3, CHW, rest, mask) + qi
+        qf = _gate(x_ptr, b, 7, 4, CHW, rest, mask) + qf
+        qg = _gate(x_ptr, b, 7, 5, CHW, rest, mask) + qg
+        po = _gate(x_ptr, b, 7, 6, CHW, rest, mask) + po
     c0 = _wide(tl.load(c_ptr + idx, mask=mask))
     m0 = _wide(tl.load(mp_ptr + idx, mask=mask))
     i = tl.sigmoid(pi)
@@ -47,42 +40,32 @@ def _gates_fwd(x_ptr, h_ptr, m_ptr, c_ptr, mp_ptr, cm_ptr, op_ptr, act_ptr, d_pt
     i2 = tl.sigmoid(qi)
     f2 = tl.sigmoid(qf + fb)
     g2 = _tanh(qg)
-    _put(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, f * c0 + i * g, mask)
-    _put(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, f2 * m0 + i2 * g2, mask)
+    _put_gate(cm_ptr, b, 2, 0, CHW, rest, f * c0 + i * g, mask)
+    _put_gate(cm_ptr, b, 2, 1, CHW, rest, f2 * m0 + i2 * g2, mask)
     _put(op_ptr + idx, po, mask)
-    _put(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, i, mask)
-    _put(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, f, mask)
-    _put(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, i2, mask)
-    _put(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, f2, mask)
+    put_gates4(act_ptr, b, 4, 0, CHW, rest, i, f, i2, f2, mask)
     if DELTA:
-        _put(d_ptr + ((b * 2 + 0) * C + ch) * HW + p, i * g, mask)
-        _put(d_ptr + ((b * 2 + 1) * C + ch) * HW + p, i2 * g2, mask)
+        _put_gate(d_ptr, b, 2, 0, CHW, rest, i * g, mask)
+        _put_gate(d_ptr, b, 2, 1, CHW, rest, i2 * g2, mask)
 
 
 @triton.jit
 def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr, gh_ptr, gm_ptr, gc_ptr, gmp_ptr, N, C, HW,
                HAS_X: tl.constexpr, DELTA: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    p = idx % HW
-    r = idx // HW
-    ch = r % C
-    b = r // C
-    gcn = _wide(tl.load(gcm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask))
-    gmn = _wide(tl.load(gcm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask))
+    CHW = C * HW
+    idx, mask, b, rest = gate_index(N, CHW, BLOCK)
+    gcn = _gate(gcm_ptr, b, 2, 0, CHW, rest, mask)
+    gmn = _gate(gcm_ptr, b, 2, 1, CHW, rest, mask)
     gig = gcn
     gig2 = gmn
     if DELTA:
-        gig = gcn + _wide(tl.load(gd_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask))
-        gig2 = gmn + _wide(tl.load(gd_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask))
-    i = _wide(tl.load(act_ptr + ((b * 4 + 0) * C + ch) * HW + p, mask=mask))
-    f = _wide(tl.load(act_ptr + ((b * 4 + 1) * C + ch) * HW + p, mask=mask))
-    i2 = _wide(tl.load(act_ptr + ((b * 4 + 2) * C + ch) * HW + p, mask=mask))
-    f2 = _wide(tl.load(act_ptr + ((b * 4 + 3) * C + ch) * HW + p, mask=mask))
+        gig = gcn + _gate(gd_ptr, b, 2, 0, CHW, rest, mask)
+        gig2 = gmn + _gate(gd_ptr, b, 2, 1, CHW, rest, mask)
+    i, f, i2, f2 = load_gates4(act_ptr, b, 4, 0, CHW, rest, mask)
     c0 = _wide(tl.load(c_ptr + idx, mask=mask))
     m0 = _wide(tl.load(mp_ptr + idx, mask=mask))
-    c1 = _wide(tl.load(cm_ptr + ((b * 2 + 0) * C + ch) * HW + p, mask=mask))
-    m1 = _wide(tl.load(cm_ptr + ((b * 2 + 1) * C + ch) * HW + p, mask=mask))
+    c1 = _gate(cm_ptr, b, 2, 0, CHW, rest, mask)
+    m1 = _gate(cm_ptr, b, 2, 1, CHW, rest, mask)
     go = _wide(tl.load(gop_ptr + idx, mask=mask))
     # d = i*g recovered from the saved memories, g = d / i clamped to [-1, 1] (csrc/common/stlstm.h says why)
     d = c1 - f * c0
@@ -95,23 +78,20 @@ def _gates_bwd(gcm_ptr, gop_ptr, gd_ptr, act_ptr, cm_ptr, c_ptr, mp_ptr, gx_ptr,
     gqi = gig2 * d2 * (1.0 - i2)
     gqf = gmn * m0 * f2 * (1.0 - f2)
     gqg = gig2 * i2 * (1.0 - g2 * g2)
-    _put(gh_ptr + ((b * 4 + 0) * C + ch) * HW + p, gpi, mask)
-    _put(gh_ptr + ((b * 4 + 1) * C + ch) * HW + p, gpf, mask)
-    _put(gh_ptr + ((b * 4 + 2) * C + ch) * HW + p, gpg, mask)
-    _put(gh_ptr + ((b * 4 + 3) * C + ch) * HW + p, go, mask)
-    _put(gm_ptr + ((b * 3 + 0) * C + ch) * HW + p, gqi, mask)
-    _put(gm_ptr + ((b * 3 + 1) * C + ch) * HW + p, gqf, mask)
-    _put(gm_ptr + ((b * 3 + 2) * C + ch) * HW + p, gqg, mask)
+    put_gates4(gh_ptr, b, 4, 0, CHW, rest, gpi, gpf, gpg, go, mask)
+    _put_gate(gm_ptr, b, 3, 0, CHW, rest, gqi, mask)
+    _put_gate(gm_ptr, b, 3, 1, CHW, rest, gqf, mask)
+    _put_gate(gm_ptr, b, 3, 2, CHW, rest, gqg, mask)
     _put(gc_ptr + idx, gcn * f, mask)
     _put(gmp_ptr + idx, gmn * f2, mask)
     if HAS_X:
-        _put(gx_ptr + ((b * 7 + 0) * C + ch) * HW + p, gpi, mask)
-        _put(gx_ptr + ((b * 7 + 1) * C + ch) * HW + p, gpf, mask)
-        _put(gx_ptr + ((b * 7 + 2) * C + ch) * HW + p, gpg, mask)
-        _put(gx_ptr + ((b * 7 + 3) * C + ch) * HW + p, gqi, mask)
-        _put(gx_ptr + ((b * 7 + 4) * C + ch) * HW + p, gqf, mask)
-        _put(gx_ptr + ((b * 7 + 5) * C + ch) * HW + p, gqg, mask)
-        _put(gx_ptr + ((b * 7 + 6) * C + ch) * HW + p, go, mask)
+        _put_gate(gx_ptr, b, 7, 0, CHW, rest, gpi, mask)
+        _put_gate(gx_ptr, b, 7, 1, CHW, rest, gpf, mask)
+        _put_gate(gx_ptr, b, 7, 2, CHW, rest, gpg, mask)
+        _put_gate(gx_ptr, b, 7, 3, CHW, rest, gqi, mask)
+        _put_gate(gx_ptr, b, 7, 4, CHW, rest, gqf, mask)
+        _put_gate(gx_ptr, b, 7, 5, CHW, rest, gqg, mask)
+        _put_gate(gx_ptr, b, 7, 6, CHW, rest, go, mask)
 
 
 @triton.jit
@@ -148,58 +128,43 @@ def _output_bwd(gh_ptr, o_ptr, ht_ptr, hw_ptr, gpre_ptr, glast_ptr, ghw_ptr, N, 
     _put(glast_ptr + idx, gh * o * (1.0 - t * t), mask)
 
 
-
 def gates_forward(x_g, h_g, m_g, c, m, forget_bias, with_delta):
     B, C, H, W = c.shape
-    HW, N = H * W, c.numel()
-    h_g, m_g, c, m = h_g.contiguous(), m_g.contiguous(), c.contiguous(), m.contiguous()
-    x_g = x_g.contiguous() if x_g is not None else None
+    x_g, h_g, m_g, c, m = contiguous(x_g, h_g, m_g, c, m)
     cm = c.new_empty((B, 2 * C, H, W))
     o_part = torch.empty_like(c)
     act = c.new_empty((B, 4 * C, H, W))
     delta = c.new_empty((B, 2 * C, H, W)) if with_delta else c.new_empty((0,))
-    if N:
-        _gates_fwd[_grid(N)](x_g if x_g is not None else h_g, h_g, m_g, c, m, cm, o_part, act,
-                             delta if with_delta else cm, N, C, HW, float(forget_bias), HAS_X=x_g is not None,
-                             DELTA=bool(with_delta), BLOCK=BLOCK)
+    launch(_gates_fwd, c.numel(), x_g, h_g, m_g, c, m, cm, o_part, act, delta if with_delta else None, c.numel(),
+           C, H * W, float(forget_bias), HAS_X=x_g is not None, DELTA=bool(with_delta))
     return cm, o_part, act, delta
 
 
 def gates_backward(g_cm, g_opart, g_delta, act, cm, c, m, has_x):
     B, C, H, W = c.shape
-    HW, N = H * W, c.numel()
-    g_cm, g_opart, act, cm, c, m = (t.contiguous() for t in (g_cm, g_opart, act, cm, c, m))
-    g_delta = g_delta.contiguous() if g_delta is not None else None
+    g_cm, g_opart, g_delta, act, cm, c, m = contiguous(g_cm, g_opart, g_delta, act, cm, c, m)
     gx = c.new_empty((B, 7 * C, H, W)) if has_x else c.new_empty((0,))
     gh = c.new_empty((B, 4 * C, H, W))
     gm = c.new_empty((B, 3 * C, H, W))
     gc, gmp = torch.empty_like(c), torch.empty_like(m)
-    if N:
-        _gates_bwd[_grid(N)](g_cm, g_opart, g_delta if g_delta is not None else g_cm, act, cm, c, m,
-                             gx if has_x else gh, gh, gm, gc, gmp, N, C, HW, HAS_X=bool(has_x),
-                             DELTA=g_delta is not None, BLOCK=BLOCK)
+    launch(_gates_bwd, c.numel(), g_cm, g_opart, g_delta, act, cm, c, m, gx if has_x else None, gh, gm, gc, gmp,
+           c.numel(), C, H * W, HAS_X=bool(has_x), DELTA=g_delta is not None)
     return gx, gh, gm, gc, gmp
 
 
 def output_forward(o_part, o_m, last, highway):
-    o_part, o_m, last = o_part.contiguous(), o_m.contiguous(), last.contiguous()
-    highway = highway.contiguous() if highway is not None else None
+    o_part, o_m, last, highway = contiguous(o_part, o_m, last, highway)
     h, o = torch.empty_like(o_part), torch.empty_like(o_part)
     t = torch.empty_like(o_part) if highway is not None else o_part.new_empty((0,))
-    N = o_part.numel()
-    if N:
-        _output_fwd[_grid(N)](o_part, o_m, last, highway if highway is not None else last, h, o,
-                              t if highway is not None else h, N, HAS_HW=highway is not None, BLOCK=BLOCK)
+    launch(_output_fwd, o_part.numel(), o_part, o_m, last, highway, h, o, t if highway is not None else None,
+           o_part.numel(), HAS_HW=highway is not None)
     return h, o, t
 
 
 def output_backward(g_h, o, h_or_tl, highway):
-    g_h, o, h_or_tl = g_h.contiguous(), o.contiguous(), h_or_tl.contiguous()
-    highway = highway.contiguous() if highway is not None else None
+    g_h, o, h_or_tl, highway = contiguous(g_h, o, h_or_tl, highway)
     gpre, glast = torch.empty_like(o), torch.empty_like(o)
     ghw = torch.empty_like(o) if highway is not None else o.new_empty((0,))
-    N = o.numel()
-    if N:
-        _output_bwd[_grid(N)](g_h, o, h_or_tl, highway if highway is not None else o, gpre, glast,
-                              ghw if highway is not None else gpre, N, HAS_HW=highway is not None, BLOCK=BLOCK)
+    launch(_output_bwd, o.numel(), g_h, o, h_or_tl, highway, gpre, glast, ghw if highway is not None else None,
+           o.numel(), HAS_HW=highway is not None)
     return gpre, glast, ghw

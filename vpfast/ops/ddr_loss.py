@@ -40,30 +40,38 @@ def ddr_loss_reference(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.
     return (p * torch.log(p / (q + eps) + eps)).mean()
 
 
-# ---- cpp / cuda: one compiled op, fake kernel and autograd here ---------------------------------------
-if _ext.has_kernel("ddr_loss_forward", "CPU") or _ext.has_kernel("ddr_loss_forward", "CUDA"):
+# ---- fake kernels and autograd, shared by the compiled op pair and the Triton custom ops -------------------
+def _ddr_forward_fake(pred, target, tau, eps):
+    return pred.new_empty(()), _stats_fake(pred)
 
-    @torch.library.register_fake("vpfast::ddr_loss_forward")
-    def _ddr_forward_fake(pred, target, tau, eps):
-        return pred.new_empty(()), _stats_fake(pred)
 
-    @torch.library.register_fake("vpfast::ddr_loss_backward")
-    def _ddr_backward_fake(grad, pred, target, stats, tau, eps, need_target):
-        return torch.empty_like(pred), (torch.empty_like(target) if need_target else pred.new_empty((0,)))
+def _ddr_backward_fake(grad, pred, target, stats, tau, eps, need_target):
+    return torch.empty_like(pred), (torch.empty_like(target) if need_target else pred.new_empty((0,)))
 
-    def _ddr_setup(ctx, inputs, output):
-        pred, target, tau, eps = inputs
-        ctx.save_for_backward(pred, target, output[1])
-        ctx.tau, ctx.eps = tau, eps
-        ctx.mark_non_differentiable(output[1])
 
-    def _ddr_backward(ctx, grad_loss, _grad_stats):
+def _ddr_setup(ctx, inputs, output):
+    pred, target, tau, eps = inputs
+    ctx.save_for_backward(pred, target, output[1])
+    ctx.tau, ctx.eps = tau, eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ddr_backward_using(backward_op):
+    """The autograd backward of a forward op whose gradients `backward_op` computes (compiled or Triton)."""
+    def backward(ctx, grad_loss, _grad_stats):
         pred, target, stats = ctx.saved_tensors
-        gp, gy = torch.ops.vpfast.ddr_loss_backward(grad_loss, pred, target, stats, ctx.tau, ctx.eps,
-                                                   ctx.needs_input_grad[1])
+        gp, gy = backward_op(grad_loss, pred, target, stats, ctx.tau, ctx.eps, ctx.needs_input_grad[1])
         return gp, (gy if ctx.needs_input_grad[1] else None), None, None
+    return backward
 
-    torch.library.register_autograd("vpfast::ddr_loss_forward", _ddr_backward, setup_context=_ddr_setup)
+
+# ---- cpp / cuda: one compiled op pair ---------------------------------------------------------------------
+if _ext.has_kernel("ddr_loss_forward", "CPU") or _ext.has_kernel("ddr_loss_forward", "CUDA"):
+    torch.library.register_fake("vpfast::ddr_loss_forward")(_ddr_forward_fake)
+    torch.library.register_fake("vpfast::ddr_loss_backward")(_ddr_backward_fake)
+    torch.library.register_autograd("vpfast::ddr_loss_forward",
+                                    _ddr_backward_using(torch.ops.vpfast.ddr_loss_backward),
+                                    setup_context=_ddr_setup)
 
 
 def _ddr_compiled(pred, target, tau, eps):
@@ -78,11 +86,6 @@ def _ddr_triton_forward(pred: torch.Tensor, target: torch.Tensor, tau: float,
     return k.forward(pred.contiguous(), target.contiguous(), tau, eps)
 
 
-@_ddr_triton_forward.register_fake
-def _(pred, target, tau, eps):
-    return pred.new_empty(()), _stats_fake(pred)
-
-
 @torch.library.custom_op("vpfast::ddr_loss_backward_triton", mutates_args=())
 def _ddr_triton_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                          tau: float, eps: float, need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,25 +93,9 @@ def _ddr_triton_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.T
     return k.backward(grad, pred.contiguous(), target.contiguous(), stats, tau, eps, need_target)
 
 
-@_ddr_triton_backward.register_fake
-def _(grad, pred, target, stats, tau, eps, need_target):
-    return torch.empty_like(pred), (torch.empty_like(target) if need_target else pred.new_empty((0,)))
-
-
-def _ddr_triton_setup(ctx, inputs, output):
-    pred, target, tau, eps = inputs
-    ctx.save_for_backward(pred, target, output[1])
-    ctx.tau, ctx.eps = tau, eps
-    ctx.mark_non_differentiable(output[1])
-
-
-def _ddr_triton_bwd(ctx, grad_loss, _grad_stats):
-    pred, target, stats = ctx.saved_tensors
-    gp, gy = _ddr_triton_backward(grad_loss, pred, target, stats, ctx.tau, ctx.eps, ctx.needs_input_grad[1])
-    return gp, (gy if ctx.needs_input_grad[1] else None), None, None
-
-
-_ddr_triton_forward.register_autograd(_ddr_triton_bwd, setup_context=_ddr_triton_setup)
+_ddr_triton_forward.register_fake(_ddr_forward_fake)
+_ddr_triton_backward.register_fake(_ddr_backward_fake)
+_ddr_triton_forward.register_autograd(_ddr_backward_using(_ddr_triton_backward), setup_context=_ddr_setup)
 
 
 def _ddr_triton(pred, target, tau, eps):

@@ -101,36 +101,44 @@ def depthwise_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
 
 
-# ---- cpp / cuda: one compiled op pair, fake kernels and autograd here ---------------------------------
-if _ext.has_kernel("depthwise_conv2d_forward", "CPU") or _ext.has_kernel("depthwise_conv2d_forward", "CUDA"):
+# ---- fake kernels and autograd, shared by the compiled op pair and the Triton custom ops -------------------
+def _dw_forward_fake(x, weight, bias, stride, padding, dilation):
+    Ho, Wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], x.shape[1], Ho, Wo))
 
-    @torch.library.register_fake("vpfast::depthwise_conv2d_forward")
-    def _dw_forward_fake(x, weight, bias, stride, padding, dilation):
-        Ho, Wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-        return x.new_empty((x.shape[0], x.shape[1], Ho, Wo))
 
-    @torch.library.register_fake("vpfast::depthwise_conv2d_backward")
-    def _dw_backward_fake(grad, x, weight, stride, padding, dilation, output_mask):
-        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
-        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] \
-            else x.new_empty((0,))
-        gb = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty((0,))
-        return gx, gw, gb
+def _dw_backward_fake(grad, x, weight, stride, padding, dilation, output_mask):
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else x.new_empty((0,))
+    gb = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty((0,))
+    return gx, gw, gb
 
-    def _dw_setup(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.args = (stride, padding, dilation)
-        ctx.has_bias = bias is not None
 
-    def _dw_backward(ctx, grad):
+def _dw_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _dw_backward_using(backward_op):
+    """The autograd backward of a forward op whose gradients `backward_op` computes (compiled or Triton)."""
+    def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
-        gx, gw, gb = torch.ops.vpfast.depthwise_conv2d_backward(grad, x, weight, *ctx.args, mask)
+        gx, gw, gb = backward_op(grad, x, weight, *ctx.args, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
+    return backward
 
-    torch.library.register_autograd("vpfast::depthwise_conv2d_forward", _dw_backward, setup_context=_dw_setup)
+
+# ---- cpp / cuda: one compiled op pair -----------------------------------------------------------------
+if _ext.has_kernel("depthwise_conv2d_forward", "CPU") or _ext.has_kernel("depthwise_conv2d_forward", "CUDA"):
+    torch.library.register_fake("vpfast::depthwise_conv2d_forward")(_dw_forward_fake)
+    torch.library.register_fake("vpfast::depthwise_conv2d_backward")(_dw_backward_fake)
+    torch.library.register_autograd("vpfast::depthwise_conv2d_forward",
+                                    _dw_backward_using(torch.ops.vpfast.depthwise_conv2d_backward),
+                                    setup_context=_dw_setup)
 
 
 def _dw_compiled(x, weight, bias, stride, padding, dilation):
@@ -146,12 +154,6 @@ def _dw_triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                      stride, padding, dilation)
 
 
-@_dw_triton_forward.register_fake
-def _(x, weight, bias, stride, padding, dilation):
-    Ho, Wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], x.shape[1], Ho, Wo))
-
-
 @torch.library.custom_op("vpfast::depthwise_conv2d_backward_triton", mutates_args=())
 def _dw_triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
                         padding: list[int], dilation: list[int],
@@ -161,30 +163,9 @@ def _dw_triton_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                       output_mask)
 
 
-@_dw_triton_backward.register_fake
-def _(grad, x, weight, stride, padding, dilation, output_mask):
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
-    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else x.new_empty((0,))
-    gb = x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty((0,))
-    return gx, gw, gb
-
-
-def _dw_triton_setup(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.args = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-
-
-def _dw_triton_bwd(ctx, grad):
-    x, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2])]
-    gx, gw, gb = _dw_triton_backward(grad, x, weight, *ctx.args, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
-
-
-_dw_triton_forward.register_autograd(_dw_triton_bwd, setup_context=_dw_triton_setup)
+_dw_triton_forward.register_fake(_dw_forward_fake)
+_dw_triton_backward.register_fake(_dw_backward_fake)
+_dw_triton_forward.register_autograd(_dw_backward_using(_dw_triton_backward), setup_context=_dw_setup)
 
 
 def _dw_triton(x, weight, bias, stride, padding, dilation):

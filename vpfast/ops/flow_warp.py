@@ -72,22 +72,25 @@ def _check(x, flow, padding_mode, align_corners):
         raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
 
 
-# ---- cpp / cuda: one compiled op pair, fake kernel and autograd here ----------------------------------
-if _ext.has_kernel("flow_warp_forward", "CPU") or _ext.has_kernel("flow_warp_forward", "CUDA"):
+# ---- the forward's fake kernel and autograd context, shared by the compiled op and the Triton custom op ---
+def _fw_forward_fake(x, flow, border, align_corners):
+    return torch.empty_like(x)
 
-    @torch.library.register_fake("vpfast::flow_warp_forward")
-    def _fw_forward_fake(x, flow, border, align_corners):
-        return torch.empty_like(x)
+
+def _fw_setup(ctx, inputs, output):
+    x, flow, border, align_corners = inputs
+    ctx.save_for_backward(x, flow)
+    ctx.border, ctx.align_corners = border, align_corners
+
+
+# ---- cpp / cuda: one compiled op pair -----------------------------------------------------------------
+if _ext.has_kernel("flow_warp_forward", "CPU") or _ext.has_kernel("flow_warp_forward", "CUDA"):
+    torch.library.register_fake("vpfast::flow_warp_forward")(_fw_forward_fake)
 
     @torch.library.register_fake("vpfast::flow_warp_backward")
     def _fw_backward_fake(grad, x, flow, border, align_corners, need_x, need_flow):
         return (torch.empty_like(x) if need_x else x.new_empty((0,)),
                 torch.empty_like(flow) if need_flow else x.new_empty((0,)))
-
-    def _fw_setup(ctx, inputs, output):
-        x, flow, border, align_corners = inputs
-        ctx.save_for_backward(x, flow)
-        ctx.border, ctx.align_corners = border, align_corners
 
     def _fw_backward(ctx, grad):
         x, flow = ctx.saved_tensors
@@ -109,11 +112,6 @@ def _fw_triton_forward(x: torch.Tensor, flow: torch.Tensor, border: bool, align_
     return k.forward(x.contiguous(), flow.contiguous(), border, align_corners)
 
 
-@_fw_triton_forward.register_fake
-def _(x, flow, border, align_corners):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("vpfast::flow_warp_backward_triton", mutates_args=())
 def _fw_triton_backward(grad: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, border: bool,
                         align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,19 +124,14 @@ def _(grad, x, flow, border, align_corners):
     return torch.empty_like(x), torch.empty_like(flow)
 
 
-def _fw_triton_setup(ctx, inputs, output):
-    x, flow, border, align_corners = inputs
-    ctx.save_for_backward(x, flow)
-    ctx.border, ctx.align_corners = border, align_corners
-
-
 def _fw_triton_bwd(ctx, grad):
     x, flow = ctx.saved_tensors
     gx, gf = _fw_triton_backward(grad, x, flow, ctx.border, ctx.align_corners)
     return gx, gf, None, None
 
 
-_fw_triton_forward.register_autograd(_fw_triton_bwd, setup_context=_fw_triton_setup)
+_fw_triton_forward.register_fake(_fw_forward_fake)
+_fw_triton_forward.register_autograd(_fw_triton_bwd, setup_context=_fw_setup)
 
 
 def _fw_triton(x, flow, padding_mode, align_corners):

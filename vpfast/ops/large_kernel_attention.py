@@ -48,37 +48,45 @@ def large_kernel_attention_reference(x: torch.Tensor, w0: torch.Tensor, b0: torc
     return out
 
 
-# ---- cpp / cuda ----------------------------------------------------------------------------------------
-if _ext.has_kernel("large_kernel_attention_forward", "CPU") or \
-        _ext.has_kernel("large_kernel_attention_forward", "CUDA"):
+# ---- fake kernels and autograd, shared by the compiled op pair and the Triton custom ops -------------------
+def _lka_forward_fake(x, w0, b0, w1, b1, dilation0, dilation1):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("vpfast::large_kernel_attention_forward")
-    def _lka_forward_fake(x, w0, b0, w1, b1, dilation0, dilation1):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("vpfast::large_kernel_attention_backward")
-    def _lka_backward_fake(grad, x, w0, b0, w1, dilation0, dilation1, output_mask):
-        def maybe(i, like):
-            return torch.empty_like(like, memory_format=torch.contiguous_format) if output_mask[i] \
-                else x.new_empty((0,))
-        gb = x.new_empty((x.shape[1],))
-        return (maybe(0, x), maybe(1, w0), gb if output_mask[2] else x.new_empty((0,)), maybe(3, w1),
-                gb.clone() if output_mask[4] else x.new_empty((0,)))
+def _lka_backward_fake(grad, x, w0, b0, w1, dilation0, dilation1, output_mask):
+    def maybe(i, like):
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if output_mask[i] else x.new_empty((0,))
 
-    def _lka_setup(ctx, inputs, output):
-        x, w0, b0, w1, b1, d0, d1 = inputs
-        ctx.save_for_backward(x, w0, b0, w1)
-        ctx.args = (d0, d1)
-        ctx.has_bias = (b0 is not None, b1 is not None)
+    def bias_grad(i):
+        return x.new_empty((x.shape[1],)) if output_mask[i] else x.new_empty((0,))
+    return maybe(0, x), maybe(1, w0), bias_grad(2), maybe(3, w1), bias_grad(4)
 
-    def _lka_backward(ctx, grad):
+
+def _lka_setup(ctx, inputs, output):
+    x, w0, b0, w1, b1, d0, d1 = inputs
+    ctx.save_for_backward(x, w0, b0, w1)
+    ctx.args = (d0, d1)
+    ctx.has_bias = (b0 is not None, b1 is not None)
+
+
+def _lka_backward_using(backward_op):
+    """The autograd backward of a forward op whose gradients `backward_op` computes (compiled or Triton)."""
+    def backward(ctx, grad):
         x, w0, b0, w1 = ctx.saved_tensors
         n = ctx.needs_input_grad
         mask = [bool(n[0]), bool(n[1]), bool(ctx.has_bias[0] and n[2]), bool(n[3]), bool(ctx.has_bias[1] and n[4])]
-        g = torch.ops.vpfast.large_kernel_attention_backward(grad, x, w0, b0, w1, *ctx.args, mask)
+        g = backward_op(grad, x, w0, b0, w1, *ctx.args, mask)
         return tuple(t if m else None for t, m in zip(g, mask)) + (None, None)
+    return backward
 
-    torch.library.register_autograd("vpfast::large_kernel_attention_forward", _lka_backward,
+
+# ---- cpp / cuda: one compiled op pair -----------------------------------------------------------------
+if _ext.has_kernel("large_kernel_attention_forward", "CPU") or \
+        _ext.has_kernel("large_kernel_attention_forward", "CUDA"):
+    torch.library.register_fake("vpfast::large_kernel_attention_forward")(_lka_forward_fake)
+    torch.library.register_fake("vpfast::large_kernel_attention_backward")(_lka_backward_fake)
+    torch.library.register_autograd("vpfast::large_kernel_attention_forward",
+                                    _lka_backward_using(torch.ops.vpfast.large_kernel_attention_backward),
                                     setup_context=_lka_setup)
 
 
@@ -94,11 +102,6 @@ def _lka_triton_forward(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | No
     return k.forward(x, w0, b0, w1, b1, dilation0, dilation1)
 
 
-@_lka_triton_forward.register_fake
-def _(x, w0, b0, w1, b1, dilation0, dilation1):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("vpfast::large_kernel_attention_backward_triton", mutates_args=())
 def _lka_triton_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None,
                          w1: torch.Tensor, dilation0: list[int], dilation1: list[int], output_mask: list[bool]
@@ -107,30 +110,9 @@ def _lka_triton_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, 
     return k.backward(grad, x, w0, b0, w1, dilation0, dilation1, output_mask)
 
 
-@_lka_triton_backward.register_fake
-def _(grad, x, w0, b0, w1, dilation0, dilation1, output_mask):
-    def maybe(i, like):
-        return torch.empty_like(like, memory_format=torch.contiguous_format) if output_mask[i] else x.new_empty((0,))
-    return (maybe(0, x), maybe(1, w0), x.new_empty((x.shape[1],)) if output_mask[2] else x.new_empty((0,)),
-            maybe(3, w1), x.new_empty((x.shape[1],)) if output_mask[4] else x.new_empty((0,)))
-
-
-def _lka_triton_setup(ctx, inputs, output):
-    x, w0, b0, w1, b1, d0, d1 = inputs
-    ctx.save_for_backward(x, w0, b0, w1)
-    ctx.args = (d0, d1)
-    ctx.has_bias = (b0 is not None, b1 is not None)
-
-
-def _lka_triton_bwd(ctx, grad):
-    x, w0, b0, w1 = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    mask = [bool(n[0]), bool(n[1]), bool(ctx.has_bias[0] and n[2]), bool(n[3]), bool(ctx.has_bias[1] and n[4])]
-    g = _lka_triton_backward(grad, x, w0, b0, w1, *ctx.args, mask)
-    return tuple(t if m else None for t, m in zip(g, mask)) + (None, None)
-
-
-_lka_triton_forward.register_autograd(_lka_triton_bwd, setup_context=_lka_triton_setup)
+_lka_triton_forward.register_fake(_lka_forward_fake)
+_lka_triton_backward.register_fake(_lka_backward_fake)
+_lka_triton_forward.register_autograd(_lka_backward_using(_lka_triton_backward), setup_context=_lka_setup)
 
 
 def _lka_triton(x, w0, b0, w1, b1, d0, d1):

@@ -104,50 +104,62 @@ def _fused_path(reset_fn, update_fn):
     return run
 
 
-def _fake_update(gates, o, f_prev, d_prev):
+# ---- fake kernels and autograd, shared by the compiled ops and the Triton custom ops ----------------------
+def _mg_reset_fake(gates, f_prev):
+    return torch.empty_like(f_prev)
+
+
+def _mg_reset_bwd_fake(grad, gates, f_prev):
+    return torch.empty_like(gates), torch.empty_like(f_prev)
+
+
+def _mg_update_fake(gates, o, f_prev, d_prev):
     return torch.empty_like(f_prev), torch.empty_like(f_prev)
 
 
-# ---- cpp / cuda: compiled pointwise ops, fake kernels and autograd here -------------------------------
-if _ext.has_kernel("motion_gru_reset", "CPU") or _ext.has_kernel("motion_gru_reset", "CUDA"):
+def _mg_update_bwd_fake(grad_f, grad_d, gates, o, f_prev):
+    return torch.empty_like(gates), torch.empty_like(o), torch.empty_like(f_prev), torch.empty_like(f_prev)
 
-    @torch.library.register_fake("vpfast::motion_gru_reset")
-    def _mg_reset_fake(gates, f_prev):
-        return torch.empty_like(f_prev)
 
-    @torch.library.register_fake("vpfast::motion_gru_reset_backward")
-    def _mg_reset_bwd_fake(grad, gates, f_prev):
-        return torch.empty_like(gates), torch.empty_like(f_prev)
+def _mg_reset_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
-    @torch.library.register_fake("vpfast::motion_gru_update")
-    def _mg_update_fake(gates, o, f_prev, d_prev):
-        return _fake_update(gates, o, f_prev, d_prev)
 
-    @torch.library.register_fake("vpfast::motion_gru_update_backward")
-    def _mg_update_bwd_fake(grad_f, grad_d, gates, o, f_prev):
-        return torch.empty_like(gates), torch.empty_like(o), torch.empty_like(f_prev), torch.empty_like(f_prev)
-
-    def _mg_reset_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _mg_reset_bwd(ctx, grad):
+def _mg_reset_backward_using(backward_op):
+    """The reset step's autograd backward, with `backward_op` computing the gradients (compiled or Triton)."""
+    def backward(ctx, grad):
         gates, f_prev = ctx.saved_tensors
-        return torch.ops.vpfast.motion_gru_reset_backward(grad, gates, f_prev)
+        return backward_op(grad, gates, f_prev)
+    return backward
 
-    def _mg_update_setup(ctx, inputs, output):
-        gates, o, f_prev, _ = inputs
-        ctx.save_for_backward(gates, o, f_prev)
 
-    def _mg_update_bwd(ctx, grad_f, grad_d):
+def _mg_update_setup(ctx, inputs, output):
+    gates, o, f_prev, _ = inputs
+    ctx.save_for_backward(gates, o, f_prev)
+
+
+def _mg_update_backward_using(backward_op):
+    """The update step's autograd backward, with `backward_op` computing the gradients (compiled or Triton)."""
+    def backward(ctx, grad_f, grad_d):
         gates, o, f_prev = ctx.saved_tensors
-        if grad_f is None:
-            grad_f = torch.zeros_like(f_prev)
-        if grad_d is None:
-            grad_d = torch.zeros_like(f_prev)
-        return torch.ops.vpfast.motion_gru_update_backward(grad_f, grad_d, gates, o, f_prev)
+        grad_f = torch.zeros_like(f_prev) if grad_f is None else grad_f
+        grad_d = torch.zeros_like(f_prev) if grad_d is None else grad_d
+        return backward_op(grad_f, grad_d, gates, o, f_prev)
+    return backward
 
-    torch.library.register_autograd("vpfast::motion_gru_reset", _mg_reset_bwd, setup_context=_mg_reset_setup)
-    torch.library.register_autograd("vpfast::motion_gru_update", _mg_update_bwd, setup_context=_mg_update_setup)
+
+# ---- cpp / cuda: compiled pointwise ops ---------------------------------------------------------------
+if _ext.has_kernel("motion_gru_reset", "CPU") or _ext.has_kernel("motion_gru_reset", "CUDA"):
+    torch.library.register_fake("vpfast::motion_gru_reset")(_mg_reset_fake)
+    torch.library.register_fake("vpfast::motion_gru_reset_backward")(_mg_reset_bwd_fake)
+    torch.library.register_fake("vpfast::motion_gru_update")(_mg_update_fake)
+    torch.library.register_fake("vpfast::motion_gru_update_backward")(_mg_update_bwd_fake)
+    torch.library.register_autograd("vpfast::motion_gru_reset",
+                                    _mg_reset_backward_using(torch.ops.vpfast.motion_gru_reset_backward),
+                                    setup_context=_mg_reset_setup)
+    torch.library.register_autograd("vpfast::motion_gru_update",
+                                    _mg_update_backward_using(torch.ops.vpfast.motion_gru_update_backward),
+                                    setup_context=_mg_update_setup)
 
 
 def _mg_compiled_reset(gates, f_prev):
@@ -168,11 +180,6 @@ def _mg_triton_reset(gates: torch.Tensor, f_prev: torch.Tensor) -> torch.Tensor:
     return k.reset(gates.contiguous(), f_prev.contiguous())
 
 
-@_mg_triton_reset.register_fake
-def _(gates, f_prev):
-    return torch.empty_like(f_prev)
-
-
 @torch.library.custom_op("vpfast::motion_gru_reset_backward_triton", mutates_args=())
 def _mg_triton_reset_bwd(grad: torch.Tensor, gates: torch.Tensor,
                          f_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,21 +187,11 @@ def _mg_triton_reset_bwd(grad: torch.Tensor, gates: torch.Tensor,
     return k.reset_backward(grad.contiguous(), gates.contiguous(), f_prev.contiguous())
 
 
-@_mg_triton_reset_bwd.register_fake
-def _(grad, gates, f_prev):
-    return torch.empty_like(gates), torch.empty_like(f_prev)
-
-
 @torch.library.custom_op("vpfast::motion_gru_update_triton", mutates_args=())
 def _mg_triton_update(gates: torch.Tensor, o: torch.Tensor, f_prev: torch.Tensor,
                       d_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import motion_gru as k
     return k.update(gates.contiguous(), o.contiguous(), f_prev.contiguous(), d_prev.contiguous())
-
-
-@_mg_triton_update.register_fake
-def _(gates, o, f_prev, d_prev):
-    return _fake_update(gates, o, f_prev, d_prev)
 
 
 @torch.library.custom_op("vpfast::motion_gru_update_backward_triton", mutates_args=())
@@ -205,34 +202,13 @@ def _mg_triton_update_bwd(grad_f: torch.Tensor, grad_d: torch.Tensor, gates: tor
                              f_prev.contiguous())
 
 
-@_mg_triton_update_bwd.register_fake
-def _(grad_f, grad_d, gates, o, f_prev):
-    return torch.empty_like(gates), torch.empty_like(o), torch.empty_like(f_prev), torch.empty_like(f_prev)
-
-
-def _mg_triton_reset_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _mg_triton_reset_backward(ctx, grad):
-    gates, f_prev = ctx.saved_tensors
-    return _mg_triton_reset_bwd(grad, gates, f_prev)
-
-
-def _mg_triton_update_setup(ctx, inputs, output):
-    gates, o, f_prev, _ = inputs
-    ctx.save_for_backward(gates, o, f_prev)
-
-
-def _mg_triton_update_backward(ctx, grad_f, grad_d):
-    gates, o, f_prev = ctx.saved_tensors
-    grad_f = torch.zeros_like(f_prev) if grad_f is None else grad_f
-    grad_d = torch.zeros_like(f_prev) if grad_d is None else grad_d
-    return _mg_triton_update_bwd(grad_f, grad_d, gates, o, f_prev)
-
-
-_mg_triton_reset.register_autograd(_mg_triton_reset_backward, setup_context=_mg_triton_reset_setup)
-_mg_triton_update.register_autograd(_mg_triton_update_backward, setup_context=_mg_triton_update_setup)
+_mg_triton_reset.register_fake(_mg_reset_fake)
+_mg_triton_reset_bwd.register_fake(_mg_reset_bwd_fake)
+_mg_triton_update.register_fake(_mg_update_fake)
+_mg_triton_update_bwd.register_fake(_mg_update_bwd_fake)
+_mg_triton_reset.register_autograd(_mg_reset_backward_using(_mg_triton_reset_bwd), setup_context=_mg_reset_setup)
+_mg_triton_update.register_autograd(_mg_update_backward_using(_mg_triton_update_bwd),
+                                   setup_context=_mg_update_setup)
 _mg_triton = _fused_path(_mg_triton_reset, _mg_triton_update)
 
 # ---- dispatch and the public function -----------------------------------------------------------------
