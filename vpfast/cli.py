@@ -1,5 +1,5 @@
-"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]`, `vpfast check` (and the training
-commands)."""
+"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]`, `vpfast check`, and the training
+commands of vpfast.commands (`train`, `eval`, `predict`, `demo`)."""
 from __future__ import annotations
 
 import argparse
@@ -43,22 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(python -m vpfast.check --help)", add_help=False)
     p.add_argument("check_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_check)
-    for register in _extra_commands():
-        register(sub)
+    from .commands import add_subcommands  # train, eval, predict, demo
+
+    add_subcommands(sub)
     return parser
-
-
-def _extra_commands():
-    """Subcommands contributed by other modules: each exposes add_subcommands(subparsers)."""
-    out = []
-    for mod in ("vpfast.train",):
-        try:
-            module = __import__(mod, fromlist=["add_subcommands"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_subcommands"):
-            out.append(module.add_subcommands)
-    return out
 
 
 def main(argv=None) -> int:
