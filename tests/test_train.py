@@ -102,6 +102,58 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, uninterrupted, sigint_at):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
+TIMING = ("epoch_time_s", "train_seq_per_s")  # wall-clock columns: the only ones a resume may change
+
+
+def _log_rows(out):
+    import csv
+    with open(os.path.join(out, "log.csv")) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def assert_same_run(ref, part):
+    """Two finished runs are the same run: weights, optimizer, scheduler, RNG streams, and every log row and
+    logged step loss (all but the wall-clock columns) bit for bit."""
+    a, b = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
+    assert (b["epoch"], b["batch_in_epoch"], b["global_step"]) == (a["epoch"], a["batch_in_epoch"], a["global_step"])
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert a["scheduler"] == b["scheduler"] and a["train_args"] == b["train_args"]
+    ra, rb = a["rng_per_rank"][0], b["rng_per_rank"][0]
+    assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"])
+    assert ra["python"] == rb["python"]
+    assert _log_rows(part) == _log_rows(ref)
+    la, lb = (json.load(open(os.path.join(d, "log.json"))) for d in (ref, part))
+    assert lb["steps"] == la["steps"]
+    assert [{k: v for k, v in e.items() if k not in TIMING} for e in lb["epochs"]] == \
+        [{k: v for k, v in e.items() if k not in TIMING} for e in la["epochs"]]
+    assert all(math.isfinite(e["train_loss"]) and e["train_seq_per_s"] > 0 for e in lb["epochs"])
+
+
+# every stop point of a 3-epoch, 2-steps-per-epoch run: mid-epoch (1, 3, 5), at an epoch boundary (2, 4), and a
+# run stopped twice
+@pytest.mark.parametrize("stops", [(1,), (2,), (3,), (4,), (5,), (1, 2)])
+def test_stop_after_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, stops):
+    part = str(tmp_path / "part")
+    assert _run(part, "--stop-after", str(stops[0])) == 0
+    for more in stops[1:]:
+        assert commands.train_main(["--out", part, "--resume", "--no-progress", "--stop-after", str(more)]) == 0
+    assert _state(os.path.join(part, "last.pt"))["global_step"] == sum(stops)
+    # no --test-size: the run's test set (8 sequences) comes from the checkpoint, not the default 1000
+    assert commands.train_main(["--out", part, "--resume", "--no-progress"]) == 0
+    assert_same_run(uninterrupted, part)
+
+
+def test_resume_refuses_another_test_set(tmp_path, capsys):
+    part = str(tmp_path / "part")
+    assert _run(part, "--stop-after", "1") == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress", "--test-size", "16"]) == 2
+    assert "test_size=8" in capsys.readouterr().err
+
+
 def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, trained, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(trained, out)

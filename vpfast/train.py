@@ -35,10 +35,12 @@ from .runtime import (Precision, UsageError, build_model, check_precision, check
                       model_seq_lengths, parse_config, progress_bar)
 
 # training arguments that define the run; on --resume they come from the checkpoint and may not change
+# (the test set is part of the run: a resumed run that evaluated on another one would log incomparable rows)
 RUN_KEYS = ("model", "preset", "config", "epochs", "batch_size", "lr", "train_size", "max_steps", "seed",
-            "data", "pre", "aft", "dtype", "precision", "final_div_factor", "weight_decay", "clip_grad")
+            "data", "test_data", "test_size", "pre", "aft", "dtype", "precision", "final_div_factor",
+            "weight_decay", "clip_grad")
 RUN_DEFAULTS = {"preset": None, "config": None, "epochs": 10, "batch_size": 16, "lr": None, "train_size": 10000,
-                "max_steps": None, "seed": 0, "data": "mmnist", "pre": 10, "aft": 10, "dtype": "float32",
+                "max_steps": None, "seed": 0, "data": "mmnist", "test_data": None, "test_size": None, "pre": 10, "aft": 10, "dtype": "float32",
                 "precision": "32", "final_div_factor": 1e4, "weight_decay": 0.0, "clip_grad": None}
 # reference learning rates (MODELS.md section 8)
 DEFAULT_LR = {"convlstm": 5e-4, "predrnn": 5e-4, "predrnnv2": 5e-4, "motionrnn": 3e-4}
@@ -64,7 +66,9 @@ def _resolve_run_args(args, ckpt=None):
         given = getattr(args, k, None)
         if k == "config" and given is not None and not isinstance(given, dict):
             given = parse_config(given)
-        if ckpt is not None:
+        if ckpt is not None and k not in ckpt["train_args"] and k in ("test_data", "test_size"):
+            run[k] = given  # a checkpoint from before the test set was saved: as given now
+        elif ckpt is not None:
             saved = ckpt["train_args"].get(k, RUN_DEFAULTS.get(k))
             if given is not None and given != saved and not (k == "model" and given == ckpt["model_name"]):
                 raise CheckpointError(f"the checkpoint was trained with {k}={saved!r}, not {given!r}; drop "
@@ -86,11 +90,10 @@ def _resolve_run_args(args, ckpt=None):
     return run
 
 
-def _datasets(run, args, pre, aft, model_config=None):
+def _datasets(run, pre, aft, model_config=None):
     data = run["data"]
-    test_data = getattr(args, "test_data", None)
+    test_data, test_size = run["test_data"], run["test_size"]
     seed = run["seed"]
-    test_size = getattr(args, "test_size", None)
     try:
         train_ds = make_dataset(data, "train", length=run["train_size"], seed=seed)
         if test_data:
@@ -150,7 +153,7 @@ def _train(args, ddp):
         model = build_model(run["model"], run["preset"], args.backend, run["config"])
     model = model.to(device, dtype)
     pre, aft = model_seq_lengths(model, run["pre"], run["aft"])
-    train_ds, test_ds = _datasets(run, args, pre, aft, getattr(model, "config", None))
+    train_ds, test_ds = _datasets(run, pre, aft, getattr(model, "config", None))
     try:  # one sequence through the model: shape problems become a clear message, not a traceback mid-run
         with torch.no_grad(), prec.autocast(), recording_backends() as backends_used:
             model.eval()
@@ -172,6 +175,7 @@ def _train(args, ddp):
                                                     final_div_factor=run["final_div_factor"])
     start_epoch, start_batch, global_step = 0, 0, 0
     history = {"epochs": [], "steps": []}
+    resumed_acc = None
     if ckpt is not None:
         load_model_state(model, ckpt["state_dict"], "the checkpoint's weights")
         try:
@@ -183,6 +187,9 @@ def _train(args, ddp):
             raise CheckpointError(f"the checkpoint's optimizer/scheduler state does not fit this run: {e}") from None
         start_epoch, start_batch, global_step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["global_step"]
         history = ckpt.get("history", history)
+        # the partial sums of the epoch the checkpoint stopped in, so that its log row is the uninterrupted one's
+        accs = ckpt.get("epoch_acc_per_rank") or []
+        resumed_acc = accs[ddp.rank] if len(accs) == ddp.world else None
         rngs = ckpt.get("rng_per_rank") or []
         if len(rngs) == ddp.world:
             set_rng_state(rngs[ddp.rank], device)
@@ -210,8 +217,9 @@ def _train(args, ddp):
             print("op backends: " + ", ".join(f"{op} {'/'.join(sorted(b))}" for op, b in sorted(backends_used.items())),
                   flush=True)
 
-    def save(epoch, batch_in_epoch, reason):
-        rngs = ddp.gather_object(rng_state(device))
+    def save(epoch, batch_in_epoch, reason, acc=None):
+        # acc: this process's sums over the unfinished epoch (None when the next epoch starts afresh)
+        per_rank = ddp.gather_object((rng_state(device), acc))
         if not ddp.main:
             return
         state = {
@@ -223,7 +231,8 @@ def _train(args, ddp):
             "batch_in_epoch": batch_in_epoch,
             "global_step": global_step, "total_steps": total_steps, "train_args": run, "history": history,
             "op_backends": {op: sorted(b) for op, b in backends_used.items()},
-            "rng_per_rank": rngs, "world_size": ddp.world, "torch": str(torch.__version__),
+            "rng_per_rank": [r for r, _ in per_rank], "world_size": ddp.world,
+            "epoch_acc_per_rank": [a for _, a in per_rank] if acc is not None else None, "torch": str(torch.__version__),
         }
         save_atomic(state, ckpt_path)
 
@@ -261,12 +270,19 @@ def _train(args, ddp):
             n_batches = min(len(sampler), total_steps - global_step)
             bar = progress_bar(total=n_batches, desc=f"epoch {epoch + 1}/{run['epochs']}", disable=not progress)
             model.train()
-            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            t0, seen, loss_sum, loss_n, time0 = time.perf_counter(), 0, 0.0, 0, 0.0
+            if batch0 and resumed_acc is not None:
+                seen, loss_sum, loss_n, time0 = (resumed_acc[k] for k in ("seen", "loss_sum", "loss_n", "time_s"))
             b = batch0
+
+            def epoch_acc():
+                return {"seen": seen, "loss_sum": loss_sum, "loss_n": loss_n,
+                        "time_s": time0 + time.perf_counter() - t0}
+
             if ddp.any(stop["flag"]):  # interrupted during the last evaluation
                 bar.close()
                 interrupted = True
-                save(epoch, b, "interrupt")
+                save(epoch, b, "interrupt", epoch_acc())
                 break
             for seqs in loader:
                 frames = seqs[:, :pre + aft].to(device, dtype, non_blocking=True)
@@ -293,7 +309,7 @@ def _train(args, ddp):
                 if ddp.main:
                     history["steps"].append([global_step, lv])
                 dt = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{lv:.4g}", seq_s=f"{seen / max(dt, 1e-9):.1f}", refresh=False)
+                bar.set_postfix(loss=f"{lv:.4g}", seq_s=f"{seen / max(time0 + dt, 1e-9):.1f}", refresh=False)
                 bar.update(1)
                 if global_step >= total_steps:
                     break
@@ -302,10 +318,12 @@ def _train(args, ddp):
                     break
             bar.close()
             if interrupted or (ddp.enabled and ddp.any(stop["flag"])):
+                # also when this was the epoch's last step: the evaluation and log row come after the resume,
+                # from these sums, as they would have come now
                 interrupted = True
-                save(epoch, b, "interrupt")
+                save(epoch, b, "interrupt", epoch_acc())
                 break
-            epoch_time = time.perf_counter() - t0
+            epoch_time = epoch_acc()["time_s"]
             finished_epoch = b >= steps_per_epoch
             train_loss = float(ddp.all_reduce(torch.tensor([loss_sum, loss_n], dtype=torch.float64)).div(
                 ddp.world).tolist()[0] / max(loss_n, 1)) if loss_n else math.nan
