@@ -15,9 +15,7 @@ from vpfast import models as M
 from vpfast.ops.ddr_loss import ddr_loss_reference
 from vpfast.testing import exact_float32
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
-if not KEYS.exists():
-    KEYS = Path("/work/shared/reference/keys")
+from reference_keys import key_path
 
 KEY_FILES = dict(convlstm="convlstm_mmnist", predrnn="predrnn_mmnist", predrnnv2="predrnnv2_mmnist",
                  motionrnn="motionrnn_64x4", simvp_incepu="simvp_incepu_mmnist", simvp_gsta="simvp_gsta_mmnist",
@@ -27,7 +25,7 @@ SIMVPS = ("simvp_incepu", "simvp_gsta", "tau")
 
 
 def read_keys(name):
-    lines = (KEYS / f"{KEY_FILES[name]}.txt").read_text().splitlines()
+    lines = Path(key_path(f"{KEY_FILES[name]}.txt")).read_text().splitlines()
     count = int(re.search(r"parameters: ([\d,]+)", "\n".join(lines[:3])).group(1).replace(",", ""))
     entries = []
     for line in lines:
