@@ -8,7 +8,7 @@ from .checkpoint import FORMAT, CheckpointError, load_checkpoint_file, load_mode
 from .data import ShardedBatchSampler, make_dataset
 from .distributed import Dist
 from .metrics import MetricAccumulator
-from .runtime import UsageError, autocast_for, build_model, model_seq_lengths, progress_bar
+from .runtime import UsageError, autocast_for, build_model, check_frame_values, model_seq_lengths, progress_bar
 
 
 @torch.no_grad()
@@ -58,6 +58,7 @@ def _check_frames(seqs, pre, aft):
     if seqs.shape[1] < pre + aft:
         raise UsageError(f"sequences have {seqs.shape[1]} frames but the model needs {pre} observed + {aft} "
                          f"predicted = {pre + aft}")
+    check_frame_values(seqs)
 
 
 def format_metrics_table(results):

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ._dispatch import BackendUnavailable
+
 
 class UsageError(ValueError):
     """Bad command-line input: printed without a traceback, exit code 2."""
@@ -104,7 +106,7 @@ def build_model(name, preset=None, backend=None, config=None):
                          "'module:factory' model") from None
     try:
         return models.create(name, preset=preset, backend=backend, **config)
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, BackendUnavailable) as e:
         msg = e.args[0] if e.args else str(e)
         raise UsageError(f"cannot create model {name!r}: {msg}") from None
 
@@ -112,7 +114,6 @@ def build_model(name, preset=None, backend=None, config=None):
 def model_seq_lengths(model, pre, aft):
     cfg = getattr(model, "config", {}) or {}
     return int(cfg.get("pre_seq_length", pre)), int(cfg.get("aft_seq_length", aft))
-
 
 
 def parse_config(text):
@@ -128,18 +129,36 @@ def parse_config(text):
     return cfg
 
 
-
-def check_sequence_shape(shape, model_config, pre, aft, name="input"):
-    """UsageError unless sequences of `shape` [T, C, H, W] fit the model."""
+def check_sequence_shape(shape, model_config, pre, aft, name="input", trained=False):
+    """UsageError unless sequences of `shape` [T, C, H, W] fit the model: at least pre + aft frames, and the
+    channels and frame size of its in_shape. trained: the model's weights exist already (eval, predict), so
+    the way out is other data, not another --config."""
+    shape = tuple(shape)
     if len(shape) != 4 or shape[0] < pre + aft:
-        raise UsageError(f"{name} sequences have shape {shape}; expected [T, C, H, W] with T >= "
-                         f"{pre + aft} ({pre} observed + {aft} predicted)")
+        need = f"{pre + aft} ({pre} observed + {aft} predicted)" if aft else f"{pre} (observed)"
+        raise UsageError(f"{name} sequences have shape {shape}; expected [T, C, H, W] with T >= {need}")
     in_shape = (model_config or {}).get("in_shape")
-    if in_shape is not None and shape[1] != tuple(in_shape)[1]:
-        raise UsageError(f"{name} frames have {shape[1]} channels but the model was built for {tuple(in_shape)[1]} "
-                         f"(in_shape {tuple(in_shape)}); pass --config '{{\"in_shape\": [{pre}, {shape[1]}, "
-                         f"{shape[2]}, {shape[3]}]}}' to build it for your data")
+    if in_shape is None:
+        return
+    in_shape = tuple(in_shape)
+    if shape[1:] != in_shape[1:]:
+        what = (f"{shape[1]} channels" if shape[1] != in_shape[1] else f"{shape[2]}x{shape[3]} pixels")
+        want = f"{in_shape[1]} channels of {in_shape[2]}x{in_shape[3]} pixels"
+        if trained:
+            raise UsageError(f"{name} frames have {what} but the model was built and trained for {want} "
+                             f"(in_shape {in_shape})")
+        raise UsageError(f"{name} frames have {what} but the model was built for {want} (in_shape {in_shape}); "
+                         f"pass --config '{{\"in_shape\": [{pre}, {shape[1]}, {shape[2]}, {shape[3]}]}}' to build "
+                         "it for your data")
 
+
+def check_frame_values(frames, name="input"):
+    """UsageError unless the float frames lie in [0, 1], the range every dataset and metric here assumes
+    (uint8 files are divided by 255 when read; float files are taken as they are)."""
+    lo, hi = float(frames.min()), float(frames.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        fix = " (0..255 pixel values: divide by 255, or store them as uint8)" if hi > 1.5 else ""
+        raise UsageError(f"{name} frames must have values in [0, 1], got {lo:.4g}..{hi:.4g}{fix}")
 
 
 def progress_bar(**kw):

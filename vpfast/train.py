@@ -27,12 +27,12 @@ import torch.nn as nn
 
 from .checkpoint import (FORMAT, VERSION, CheckpointError, load_model_state, load_training_checkpoint,
                          rng_state, save_atomic, set_rng_state, write_text_atomic)
-from .data import ShardedBatchSampler, make_dataset
+from .data import ShardedBatchSampler, layout_note, make_dataset
 from .distributed import Dist, param_divergence
 from .evaluate import evaluate, predict_batch
 from .metrics import METRICS
-from .runtime import (Precision, UsageError, build_model, check_precision, check_sequence_shape,
-                      model_seq_lengths, parse_config, progress_bar)
+from .runtime import (Precision, UsageError, build_model, check_frame_values, check_precision,
+                      check_sequence_shape, model_seq_lengths, parse_config, progress_bar)
 
 # training arguments that define the run; on --resume they come from the checkpoint and may not change
 # (the test set is part of the run: a resumed run that evaluated on another one would log incomparable rows)
@@ -116,6 +116,7 @@ def _datasets(run, pre, aft, model_config=None):
         raise UsageError(str(e)) from None
     for name, ds in (("training", train_ds), ("test", test_ds)):
         check_sequence_shape(tuple(ds[0].shape), model_config, pre, aft, name)
+        check_frame_values(ds[0], name)  # the first sequence only: a file can be large
     return train_ds, test_ds
 
 
@@ -154,6 +155,9 @@ def _train(args, ddp):
     model = model.to(device, dtype)
     pre, aft = model_seq_lengths(model, run["pre"], run["aft"])
     train_ds, test_ds = _datasets(run, pre, aft, getattr(model, "config", None))
+    for note in {layout_note(train_ds), layout_note(test_ds)} - {None}:
+        if ddp.main:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     try:  # one sequence through the model: shape problems become a clear message, not a traceback mid-run
         with torch.no_grad(), prec.autocast(), recording_backends() as backends_used:
             model.eval()
