@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="run the benchmark suites and print one comparison table")
     p.add_argument("ops", nargs="*", help="suites to run (default: all), e.g. ddr_loss")
-    p.add_argument("--quick", action="store_true", help="fewer rounds: a rough table in less time")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: few rounds, in less time; its ratios are rough (the output says so)")
     p.add_argument("--paired-rounds", type=int, default=None, metavar="N",
                    help="alternating rounds per group for the paired ratio (default 5, 3 with --quick; 0: off)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
