@@ -3,27 +3,17 @@ import pytest
 import torch
 from torch import nn
 
+from reference_keys import entries
+
 from vpfast.nn import AttentionModule, DepthwiseConv2d, SpatialAttention, TemporalAttention, TemporalAttentionModule
 
 
-def _keys(path, prefix):
-    out = {}
-    for line in open(path):
-        if line.startswith(prefix):
-            name, shape = line[len(prefix):].split(" ", 1)
-            out[name] = tuple(int(s) for s in shape.strip("()\n").split(",") if s.strip())
-    return out
-
-
-@pytest.mark.parametrize("cls,path", [
-    (SpatialAttention, "/work/shared/reference/keys/simvp_gsta_mmnist.txt"),
-    (TemporalAttention, "/work/shared/reference/keys/tau_mmnist.txt"),
+@pytest.mark.parametrize("cls,fname", [
+    (SpatialAttention, "simvp_gsta_mmnist.txt"),
+    (TemporalAttention, "tau_mmnist.txt"),
 ])
-def test_state_dict_keys(cls, path):
-    import os
-    if not os.path.exists(path):
-        pytest.skip("reference key lists not available")
-    want = _keys(path, "hid.enc.0.block.attn.")
+def test_state_dict_keys(cls, fname):
+    want = entries(fname, "hid.enc.0.block.attn.")
     got = {k: tuple(v.shape) for k, v in cls(640).state_dict().items()}
     assert got == want
 

@@ -156,3 +156,45 @@ def test_suite_device_and_dtype_options(tmp_path):
         res = subprocess.run(base + ["--device=cuda"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                              env=dict(env, EXPECT_DTYPE="float32"))
         assert res.returncode == 4 and "no CUDA device" in res.stderr
+
+
+def _bench_rows(cpp_median, cpp_paired):
+    info = {"paired_rounds": 3}
+    return [
+        {"group": "g", "name": "a", "stats": {"median": 2.0}, "extra_info": {"provider": "eager", **info}},
+        {"group": "g", "name": "b", "stats": {"median": cpp_median},
+         "extra_info": {"provider": "cpp", "paired_vs_eager": cpp_paired, **info}},
+    ]
+
+
+def test_table_flags_plain_and_paired_ratios_that_disagree():
+    # the report of issue 20: "0.92x" vs eager next to "paired 11.89x" in one row, without a word
+    text = bench.table(_bench_rows(2.0 / 0.92, 11.89))
+    cpp = next(line for line in text.splitlines() if line.strip().startswith("cpp"))
+    assert "0.92x" in cpp and "11.89x!" in cpp
+    assert text.splitlines()[-1].startswith("! the plain ratio") and "--paired-rounds" in text
+    # consistent ratios (within 1.5x of each other): no flag, no note
+    text = bench.table(_bench_rows(0.5, 3.1))
+    assert "!" not in text and "4.00x" in text and "3.10x" in text
+
+
+def test_quick_run_says_it_is_a_smoke_run(monkeypatch, capsys):
+    """`vpfast bench --quick` prints, above its table, that its numbers come from a smoke run; a full run does
+    not. The pytest subprocess is replaced by one that writes a result file with disagreeing ratios."""
+    cmds = []
+
+    def fake_pytest(cmd, stdout=None):
+        cmds.append(cmd)
+        out = next(c.split("=", 1)[1] for c in cmd if c.startswith("--benchmark-json="))
+        with open(out, "w") as f:
+            json.dump({"benchmarks": _bench_rows(2.0 / 0.92, 11.89)}, f)
+        return 0
+
+    monkeypatch.setattr(bench.subprocess, "call", fake_pytest)
+    assert bench.run(["ddr_loss"], quick=True) == 0
+    assert "--benchmark-min-rounds=3" in cmds[-1] and "--paired-rounds=3" in cmds[-1]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("quick run (--quick): a smoke run") and "without --quick" in lines[1]
+    assert lines[-1].startswith("! the plain ratio")
+    assert bench.run(["ddr_loss"]) == 0
+    assert "quick run" not in capsys.readouterr().out

@@ -1,6 +1,5 @@
 """Fused ConvLSTM pointwise op and vpfast.nn.ConvLSTMCell vs the reference arithmetic."""
 import importlib
-import os
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ from vpfast.testing import (assert_close_bounded, backend_params, device_for, ex
                             tolerances as tol)
 from vpfast.nn import ConvLSTMCell
 
+from reference_keys import entries
+
 CL = importlib.import_module("vpfast.ops.convlstm")
 BACKENDS = backend_params("convlstm")
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -17,7 +18,6 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUD
 
 def _interpreted(backend):
     return backend == "triton" and device_for("triton") == "cpu"
-KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "keys")
 
 
 def _inputs(B, C, H, W, dtype, device, has_x, seed=0):
@@ -160,14 +160,7 @@ def test_cell_unroll_matches_reference(backend, layer_norm, merge, k, tanh_c, no
 
 
 def test_state_dict_keys_match_reference():
-    path = os.path.join(KEYS, "convlstm_mmnist.txt")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not available")
-    want = {}
-    for line in open(path):
-        if line.startswith("cell_list.1."):
-            name, shape = line[len("cell_list.1."):].split(" ", 1)
-            want[name] = tuple(int(s) for s in shape.strip().strip("()").split(",") if s.strip())
+    want = entries("convlstm_mmnist.txt", "cell_list.1.")
     cell = ConvLSTMCell(128, 128, 16, 16, 5, 1, False)
     assert {k: tuple(v.shape) for k, v in cell.state_dict().items()} == want
 

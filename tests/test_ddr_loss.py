@@ -206,6 +206,15 @@ def test_bad_input(make, err, match):
         ddr_loss(*make(pred, target))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 4, 1, 5, 5), (2, 4, 0, 5, 5)])
+def test_empty_input_is_refused_by_every_backend(backend, shape):
+    # a mean over no elements: the cpp kernel returned nan, the reference raised a reshape error
+    pred = torch.rand(shape, device=device_for(backend))
+    with pytest.raises(ValueError, match="must not be empty"):
+        ddr_loss(pred, pred.clone(), backend=backend)
+
+
 @pytest.mark.parametrize("tau", [0, -0.1, float("nan")])
 def test_bad_tau(tau):
     pred, target = _inputs((2, 4, 1, 5, 5), torch.float32)

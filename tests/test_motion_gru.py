@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +7,8 @@ from vpfast.ops import motion_gru, motion_gru_reference
 from vpfast.ops.motion_gru import OP
 from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params, non_contiguous,
                             tolerances)
+
+from reference_keys import entries
 
 BACKENDS = backend_params("motion_gru")
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -228,7 +228,7 @@ def test_gpu_shapes(backend, dtype, shape):
         assert_close_bounded(a, b, c, name=name)
 
 # ---- layers -------------------------------------------------------------------------------------------
-# thuml MotionRNN's motion_list.0.* entries (../shared/reference/keys/motionrnn_64x4.txt)
+# thuml MotionRNN's motion_list.0.* entries (tests/data/keys/motionrnn_64x4.txt)
 THUML_KEYS = {
     "update.weight": (18, 34, 3, 3), "update.bias": (18,), "reset.weight": (18, 34, 3, 3), "reset.bias": (18,),
     "output.weight": (18, 34, 3, 3), "output.bias": (18,), "warp.conv.weight": (16, 16, 3, 3),
@@ -239,14 +239,7 @@ THUML_KEYS = {
 def test_state_dict_keys():
     m = vpfast.nn.MotionGRU(16, 18, 3)
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == THUML_KEYS
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "keys", "motionrnn_64x4.txt")
-    if os.path.exists(path):
-        listed = {}
-        for line in open(path):
-            if line.startswith("motion_list.0."):
-                name, shape = line.split(" ", 1)
-                listed[name[len("motion_list.0."):]] = tuple(int(v) for v in shape.strip("()\n ,").split(",") if v.strip())
-        assert listed == THUML_KEYS
+    assert entries("motionrnn_64x4.txt", "motion_list.0.") == THUML_KEYS
     # zero initialisations of the reference
     for name in ("update", "reset", "output"):
         assert (getattr(m, name).weight == 0).all()

@@ -1,6 +1,5 @@
 """Fused ST-LSTM pointwise ops and vpfast.nn.SpatioTemporalLSTMCell vs the reference arithmetic."""
 import importlib
-import os
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ from vpfast.testing import (assert_close_bounded, backend_params, device_for, ex
                             tolerances as tol)
 from vpfast.nn import SpatioTemporalLSTMCell
 
+from reference_keys import entries
+
 S = importlib.import_module("vpfast.ops.stlstm")
 BACKENDS = backend_params("stlstm_gates")
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -17,7 +18,6 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUD
 
 def _interpreted(backend):
     return backend == "triton" and device_for("triton") == "cpu"
-KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "keys")
 
 
 def _inputs(B, C, H, W, dtype, device, has_x, highway, seed=0):
@@ -227,14 +227,7 @@ def test_merged_weights_follow_optimizer_steps():
 
 @pytest.mark.parametrize("fname,layer_norm", [("predrnn_mmnist.txt", False), ("predrnn_layernorm_mmnist.txt", True)])
 def test_state_dict_keys_match_reference(fname, layer_norm):
-    path = os.path.join(KEYS, fname)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not available")
-    want = {}
-    for line in open(path):
-        if line.startswith("cell_list.1."):
-            name, shape = line[len("cell_list.1."):].split(" ", 1)
-            want[name] = tuple(int(s) for s in shape.strip().strip("()").split(",") if s.strip())
+    want = entries(fname, "cell_list.1.")
     cell = SpatioTemporalLSTMCell(128, 128, 16, 16, 5, 1, layer_norm)
     assert {k: tuple(v.shape) for k, v in cell.state_dict().items()} == want
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from vpfast import commands, runtime
 from vpfast import evaluate as ev
-from vpfast import train as tr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -51,7 +51,7 @@ def _state(path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    rc = tr.main(["--model", "standin:create", "--epochs", "2", "--out", out, *TINY])
+    rc = commands.train_main(["--model", "standin:create", "--epochs", "2", "--out", out, *TINY])
     assert rc == 0
     return out
 
@@ -71,7 +71,7 @@ def test_run_writes_logs_pictures_and_checkpoint(trained):
 
 
 def _run(out, *extra, model="standin:create"):
-    return tr.main(["--model", model, "--epochs", "3", "--dtype", "float64", "--config", '{"noise": 0.05}',
+    return commands.train_main(["--model", model, "--epochs", "3", "--dtype", "float64", "--config", '{"noise": 0.05}',
                     "--out", out, *TINY, *extra])
 
 
@@ -87,13 +87,13 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, uninterrupted, sigint_at):
     ref = uninterrupted
     part = str(tmp_path / "part")
     cfg = json.dumps({"noise": 0.05, "sigint_at": sigint_at})
-    rc = tr.main(["--model", "standin:create_interrupting", "--epochs", "3", "--dtype", "float64", "--config",
+    rc = commands.train_main(["--model", "standin:create_interrupting", "--epochs", "3", "--dtype", "float64", "--config",
                   cfg, "--out", part, *TINY])
     assert rc == 130
     ck = _state(os.path.join(part, "last.pt"))
     assert ck["reason"] == "interrupt" and ck["global_step"] == sigint_at + 1
     assert (ck["epoch"], ck["batch_in_epoch"]) == divmod(sigint_at + 1, 2) or ck["batch_in_epoch"] == 2
-    assert tr.main(["--out", part, "--resume", "--no-progress", "--test-size", "8"]) == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress", "--test-size", "8"]) == 0
     a, b = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
     assert b["global_step"] == a["global_step"] == 6
     for k, v in a["state_dict"].items():
@@ -102,78 +102,130 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path, uninterrupted, sigint_at):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
 
 
+TIMING = ("epoch_time_s", "train_seq_per_s")  # wall-clock columns: the only ones a resume may change
+
+
+def _log_rows(out):
+    import csv
+    with open(os.path.join(out, "log.csv")) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def assert_same_run(ref, part):
+    """Two finished runs are the same run: weights, optimizer, scheduler, RNG streams, and every log row and
+    logged step loss (all but the wall-clock columns) bit for bit."""
+    a, b = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
+    assert (b["epoch"], b["batch_in_epoch"], b["global_step"]) == (a["epoch"], a["batch_in_epoch"], a["global_step"])
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert a["scheduler"] == b["scheduler"] and a["train_args"] == b["train_args"]
+    ra, rb = a["rng_per_rank"][0], b["rng_per_rank"][0]
+    assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"])
+    assert ra["python"] == rb["python"]
+    assert _log_rows(part) == _log_rows(ref)
+    la, lb = (json.load(open(os.path.join(d, "log.json"))) for d in (ref, part))
+    assert lb["steps"] == la["steps"]
+    assert [{k: v for k, v in e.items() if k not in TIMING} for e in lb["epochs"]] == \
+        [{k: v for k, v in e.items() if k not in TIMING} for e in la["epochs"]]
+    assert all(math.isfinite(e["train_loss"]) and e["train_seq_per_s"] > 0 for e in lb["epochs"])
+
+
+# every stop point of a 3-epoch, 2-steps-per-epoch run: mid-epoch (1, 3, 5), at an epoch boundary (2, 4), and a
+# run stopped twice
+@pytest.mark.parametrize("stops", [(1,), (2,), (3,), (4,), (5,), (1, 2)])
+def test_stop_after_and_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted, stops):
+    part = str(tmp_path / "part")
+    assert _run(part, "--stop-after", str(stops[0])) == 0
+    for more in stops[1:]:
+        assert commands.train_main(["--out", part, "--resume", "--no-progress", "--stop-after", str(more)]) == 0
+    assert _state(os.path.join(part, "last.pt"))["global_step"] == sum(stops)
+    # no --test-size: the run's test set (8 sequences) comes from the checkpoint, not the default 1000
+    assert commands.train_main(["--out", part, "--resume", "--no-progress"]) == 0
+    assert_same_run(uninterrupted, part)
+
+
+def test_resume_refuses_another_test_set(tmp_path, capsys):
+    part = str(tmp_path / "part")
+    assert _run(part, "--stop-after", "1") == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress", "--test-size", "16"]) == 2
+    assert "test_size=8" in capsys.readouterr().err
+
+
 def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, trained, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(trained, out)
     path = os.path.join(out, "last.pt")
     good = open(path, "rb").read()
     # mismatched run arguments
-    assert tr.main(["--out", out, "--resume", "--batch-size", "4", *TINY[4:]]) == 2
+    assert commands.train_main(["--out", out, "--resume", "--batch-size", "4", *TINY[4:]]) == 2
     assert "batch_size=8" in capsys.readouterr().err
-    assert tr.main(["--out", out, "--resume", "--model", "other:thing", "--no-progress"]) == 2
+    assert commands.train_main(["--out", out, "--resume", "--model", "other:thing", "--no-progress"]) == 2
     assert "model" in capsys.readouterr().err
     # a fresh run may not silently replace the existing checkpoint
-    assert tr.main(["--model", "standin:create", "--out", out, *TINY]) == 2
+    assert commands.train_main(["--model", "standin:create", "--out", out, *TINY]) == 2
     assert "--resume" in capsys.readouterr().err
     assert open(path, "rb").read() == good
     # truncated and garbage files
     for bad in (good[: len(good) // 2], b"not a checkpoint at all"):
         open(path, "wb").write(bad)
-        assert tr.main(["--out", out, "--resume", "--no-progress"]) == 2
+        assert commands.train_main(["--out", out, "--resume", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert "corrupt" in err and "last.pt" in err
         assert open(path, "rb").read() == bad  # untouched: nothing was written over it
     # a plain state_dict is not a training checkpoint
     torch.save({"w": torch.zeros(1)}, path)
-    assert tr.main(["--out", out, "--resume", "--no-progress"]) == 2
+    assert commands.train_main(["--out", out, "--resume", "--no-progress"]) == 2
     assert "not a vpfast training checkpoint" in capsys.readouterr().err
-    assert tr.main(["--out", str(tmp_path / "nothing"), "--resume", "--no-progress"]) == 2
+    assert commands.train_main(["--out", str(tmp_path / "nothing"), "--resume", "--no-progress"]) == 2
     assert "not found" in capsys.readouterr().err
 
 
 def test_eval_and_predict(tmp_path, trained, capsys):
     ck = os.path.join(trained, "last.pt")
     js = str(tmp_path / "m.json")
-    assert tr.cli(["eval", ck, "--test-size", "8", "--no-progress", "--json", js]) == 0
+    assert commands.cli(["eval", ck, "--test-size", "8", "--no-progress", "--json", js]) == 0
     out = capsys.readouterr().out
     assert "| model |" in out and "zeros (baseline)" in out and "repeat last frame" in out
     res = json.load(open(js))["metrics"]
     assert set(res) == {"model", "zeros", "last"} and res["zeros"]["ssim"] < 1
     # mnist_test_seq.npy layout [T, N, H, W]
-    seq = np.stack([ev._test_set("mmnist", 3, 5)[i][:, 0].numpy() for i in range(3)], 1)
+    seq = np.stack([ev.load_test_set("mmnist", 3, 5)[i][:, 0].numpy() for i in range(3)], 1)
     f = str(tmp_path / "mnist_test_seq.npy")
     np.save(f, (seq * 255).round().astype(np.uint8))
-    assert tr.cli(["eval", ck, "--data", f, "--no-progress"]) == 0
+    assert commands.cli(["eval", ck, "--data", f, "--no-progress"]) == 0
     assert "3 test sequences" in capsys.readouterr().out
     pout = str(tmp_path / "pred")
-    assert tr.cli(["predict", ck, "--input", f, "--out", pout]) == 0
+    assert commands.cli(["predict", ck, "--input", f, "--out", pout]) == 0
     pred = np.load(os.path.join(pout, "predictions.npy"))
     assert pred.shape == (3, 10, 1, 64, 64)
     assert os.path.getsize(os.path.join(pout, "predictions.png")) > 0
     # plain weights need --model
     sd = str(tmp_path / "weights.pt")
     torch.save({"state_dict": {"module." + k: v for k, v in _state(ck)["state_dict"].items()}}, sd)
-    assert tr.cli(["eval", sd, "--test-size", "4", "--no-progress"]) == 2
+    assert commands.cli(["eval", sd, "--test-size", "4", "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
-    assert tr.cli(["eval", sd, "--model", "standin:create", "--test-size", "4", "--no-progress"]) == 0
-    assert tr.cli(["eval", sd, "--model", "standin:create", "--config", '{"hidden": 4}', "--no-progress"]) == 2
+    assert commands.cli(["eval", sd, "--model", "standin:create", "--test-size", "4", "--no-progress"]) == 0
+    assert commands.cli(["eval", sd, "--model", "standin:create", "--config", '{"hidden": 4}', "--no-progress"]) == 2
     assert "does not match" in capsys.readouterr().err
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert tr.cli(["eval", str(tmp_path / "missing.pt")]) == 2
+    assert commands.cli(["eval", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert tr.main(["--model", "no_such_model", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert commands.train_main(["--model", "no_such_model", "--out", str(tmp_path / "x"), *TINY]) == 2
     assert "no_such_model" in capsys.readouterr().err
     bad = str(tmp_path / "bad.npy")
     np.save(bad, np.zeros((4, 20, 8), np.float32))
-    assert tr.main(["--model", "standin:create", "--data", bad, "--out", str(tmp_path / "y"), *TINY]) == 2
+    assert commands.train_main(["--model", "standin:create", "--data", bad, "--out", str(tmp_path / "y"), *TINY]) == 2
     assert "[N, T, C, H, W]" in capsys.readouterr().err
     short = str(tmp_path / "short.npy")
     np.save(short, np.zeros((12, 5, 1, 16, 16), np.float32))
-    assert tr.main(["--model", "standin:create", "--data", short, "--out", str(tmp_path / "z"), *TINY]) == 2
+    assert commands.train_main(["--model", "standin:create", "--data", short, "--out", str(tmp_path / "z"), *TINY]) == 2
     assert "T >= 20" in capsys.readouterr().err
-    assert tr.main(["--model", "standin:create", "--config", "{oops", "--out", str(tmp_path / "w"), *TINY]) == 2
+    assert commands.train_main(["--model", "standin:create", "--config", "{oops", "--out", str(tmp_path / "w"), *TINY]) == 2
     assert "JSON" in capsys.readouterr().err
     # python -m vpfast.train works and argparse rejects bad values with exit code 2
     r = subprocess.run([sys.executable, "-m", "vpfast.train", "--dtype", "float16"], capture_output=True,
@@ -188,7 +240,7 @@ def test_train_on_user_array(tmp_path):
     np.save(f, arr)
     out = str(tmp_path / "run")
     cfg = json.dumps({"pre_seq_length": 6, "aft_seq_length": 4, "channels": 2})
-    assert tr.main(["--model", "standin:create", "--config", cfg, "--data", f, "--epochs", "1",
+    assert commands.train_main(["--model", "standin:create", "--config", cfg, "--data", f, "--epochs", "1",
                     "--batch-size", "6", "--out", out, "--no-progress"]) == 0
     log = json.load(open(os.path.join(out, "log.json")))
     assert log["epochs"][0]["step"] == 3  # 18 training sequences // 6
@@ -198,7 +250,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     args = ["--model", "standin:create", "--epochs", "2", "--dtype", "float64", "--train-size", "16",
             "--batch-size", "8", "--test-size", "8", "--no-progress", "--overwrite"]
     single = str(tmp_path / "single")
-    assert tr.main(args + ["--out", single]) == 0
+    assert commands.train_main(args + ["--out", single]) == 0
     multi = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "vpfast.train", *args, "--out", multi]
@@ -219,7 +271,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
 def test_demo_reports_model_and_baselines(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert tr.cli(["demo", "--model", "standin:create", "--preset", "small", "--steps", "20",
+    assert commands.cli(["demo", "--model", "standin:create", "--preset", "small", "--steps", "20",
                    "--batch-size", "8", "--epochs", "2", "--test-size", "8", "--out", out, "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "zeros (baseline)" in text and "repeat last frame (baseline)" in text
@@ -246,16 +298,16 @@ def test_real_models_train_resume_and_eval(tmp_path, name, config):
     common = ["--model", name, "--preset", "small", "--config", cfg, "--data", f, "--epochs", "2",
               "--batch-size", "6", "--dtype", "float64", "--no-progress"]
     ref = str(tmp_path / "ref")
-    assert tr.main(common + ["--out", ref]) == 0
+    assert commands.train_main(common + ["--out", ref]) == 0
     part = str(tmp_path / "part")
-    assert tr.main(common + ["--out", part, "--stop-after", "2"]) == 0  # mid-epoch (3 steps per epoch)
+    assert commands.train_main(common + ["--out", part, "--stop-after", "2"]) == 0  # mid-epoch (3 steps per epoch)
     assert _state(os.path.join(part, "last.pt"))["global_step"] == 2
-    assert tr.main(["--out", part, "--resume", "--no-progress"]) == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress"]) == 0
     ck, ck2 = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
     assert ck["global_step"] == ck2["global_step"] == 6 and ck["model_name"] == name
     for k, v in ck["state_dict"].items():
         assert torch.equal(v, ck2["state_dict"][k]), k
-    assert tr.cli(["eval", os.path.join(ref, "last.pt"), "--data", f, "--no-progress"]) == 0
+    assert commands.cli(["eval", os.path.join(ref, "last.pt"), "--data", f, "--no-progress"]) == 0
     # the model rebuilt from the checkpoint predicts exactly what the trained one did
     net, meta = ev.load_model(os.path.join(ref, "last.pt"), dtype=torch.float64)
     assert (meta["pre"], meta["aft"]) == (4, 4)
@@ -278,25 +330,25 @@ def test_bf16_mixed_on_cpu_trains_saves_resumes_and_evaluates(tmp_path, capsys):
     base = ["--model", "standin:create", "--epochs", "1", "--device", "cpu", "--config", '{"noise": 0.05}', *TINY]
     common = base + ["--precision", "bf16-mixed"]
     ref = str(tmp_path / "ref")
-    assert tr.main(common + ["--out", ref]) == 0
+    assert commands.train_main(common + ["--out", ref]) == 0
     assert "precision bf16-mixed" in capsys.readouterr().out
     f32 = str(tmp_path / "f32")
-    assert tr.main(base + ["--precision", "32", "--out", f32]) == 0
+    assert commands.train_main(base + ["--precision", "32", "--out", f32]) == 0
     w16, w32 = (_state(os.path.join(d, "last.pt"))["state_dict"] for d in (ref, f32))
     assert any(not torch.equal(w16[k], w32[k]) for k in w16)  # autocast was on: bf16 rounding shows
     part = str(tmp_path / "part")
-    assert tr.main(common + ["--out", part, "--stop-after", "1"]) == 0
+    assert commands.train_main(common + ["--out", part, "--stop-after", "1"]) == 0
     assert _state(os.path.join(part, "last.pt"))["global_step"] == 1
     # a resumed run keeps the checkpoint's precision: another one is refused
-    assert tr.main(["--out", part, "--resume", "--precision", "32", "--no-progress"]) == 2
+    assert commands.train_main(["--out", part, "--resume", "--precision", "32", "--no-progress"]) == 2
     assert "precision='bf16-mixed'" in capsys.readouterr().err
-    assert tr.main(["--out", part, "--resume", "--device", "cpu", "--no-progress", "--test-size", "8"]) == 0
+    assert commands.train_main(["--out", part, "--resume", "--device", "cpu", "--no-progress", "--test-size", "8"]) == 0
     a, _ = _same_weights(ref, part)
     assert a["train_args"]["precision"] == "bf16-mixed" and a["scaler"] == {}  # no loss scaling in bf16
     for name in ("log.csv", "predictions.png", "predictions.gif", "loss.png"):
         assert os.path.getsize(os.path.join(ref, name)) > 0
     js = str(tmp_path / "m.json")
-    assert tr.cli(["eval", os.path.join(ref, "last.pt"), "--device", "cpu", "--precision", "bf16-mixed",
+    assert commands.cli(["eval", os.path.join(ref, "last.pt"), "--device", "cpu", "--precision", "bf16-mixed",
                    "--test-size", "8", "--no-progress", "--json", js]) == 0
     res = json.load(open(js))
     assert res["device"] == "cpu" and res["precision"] == "bf16-mixed" and res["metrics"]["model"]["mse"] > 0
@@ -305,37 +357,37 @@ def test_bf16_mixed_on_cpu_trains_saves_resumes_and_evaluates(tmp_path, capsys):
 def test_16_mixed_grad_scaler_state_is_saved_and_resumed(tmp_path, monkeypatch):
     """The GradScaler code path (16-mixed), run on the CPU through the test switch: the scaler's state (loss
     scale, growth counter) is checkpointed and restored, so a resumed run ends where an uninterrupted one does."""
-    monkeypatch.setattr(tr, "CPU_FLOAT16_REFUSED", False)
+    monkeypatch.setattr(runtime, "CPU_FLOAT16_REFUSED", False)
     common = ["--model", "standin:create", "--epochs", "1", "--device", "cpu", "--precision", "16-mixed",
               "--config", '{"noise": 0.05}', *TINY]
     ref = str(tmp_path / "ref")
-    assert tr.main(common + ["--out", ref]) == 0
+    assert commands.train_main(common + ["--out", ref]) == 0
     part = str(tmp_path / "part")
-    assert tr.main(common + ["--out", part, "--stop-after", "1"]) == 0
+    assert commands.train_main(common + ["--out", part, "--stop-after", "1"]) == 0
     saved = _state(os.path.join(part, "last.pt"))["scaler"]
     assert saved["_growth_tracker"] + (saved["scale"] < 65536.0) >= 1  # it counted steps (or backed off)
-    assert tr.main(["--out", part, "--resume", "--no-progress", "--test-size", "8"]) == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress", "--test-size", "8"]) == 0
     a, b = _same_weights(ref, part)
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
 
 
 def test_device_and_precision_errors(tmp_path, capsys, monkeypatch):
     base = ["--model", "standin:create", *TINY]
-    assert tr.main(base + ["--device", "cpu", "--precision", "16-mixed", "--out", str(tmp_path / "a")]) == 2
+    assert commands.train_main(base + ["--device", "cpu", "--precision", "16-mixed", "--out", str(tmp_path / "a")]) == 2
     assert "bf16-mixed" in capsys.readouterr().err  # points to what works on the CPU
-    assert tr.main(base + ["--device", "cpu", "--precision", "bf16-mixed", "--dtype", "float64",
+    assert commands.train_main(base + ["--device", "cpu", "--precision", "bf16-mixed", "--dtype", "float64",
                            "--out", str(tmp_path / "b")]) == 2
     assert "float64" in capsys.readouterr().err
-    assert tr.main(base + ["--device", "tpu", "--out", str(tmp_path / "c")]) == 2
+    assert commands.train_main(base + ["--device", "tpu", "--out", str(tmp_path / "c")]) == 2
     assert "cpu, cuda or cuda:N" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert tr.main(base + ["--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+        assert commands.train_main(base + ["--device", "cuda", "--out", str(tmp_path / "d")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
-        assert tr.cli(["eval", "whatever.pt", "--device", "cuda:0"]) == 2
+        assert commands.cli(["eval", "whatever.pt", "--device", "cuda:0"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
-    assert tr.resolve_device(None).type == "cpu"  # $VPFAST_DEVICE (set by the fixture above)
+    assert runtime.resolve_device(None).type == "cpu"  # $VPFAST_DEVICE (set by the fixture above)
     monkeypatch.delenv("VPFAST_DEVICE")
-    assert tr.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_real_model_bf16_mixed_on_cpu(tmp_path):
@@ -349,10 +401,10 @@ def test_real_model_bf16_mixed_on_cpu(tmp_path):
     common = ["--model", "motionrnn", "--preset", "small", "--config", cfg, "--data", f, "--epochs", "1",
               "--batch-size", "6", "--device", "cpu", "--precision", "bf16-mixed", "--no-progress"]
     ref = str(tmp_path / "ref")
-    assert tr.main(common + ["--out", ref]) == 0
+    assert commands.train_main(common + ["--out", ref]) == 0
     part = str(tmp_path / "part")
-    assert tr.main(common + ["--out", part, "--stop-after", "1"]) == 0
-    assert tr.main(["--out", part, "--resume", "--no-progress"]) == 0
+    assert commands.train_main(common + ["--out", part, "--stop-after", "1"]) == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress"]) == 0
     a, _ = _same_weights(ref, part)
     assert a["global_step"] == 2 and all(v.dtype == torch.float32 for v in a["state_dict"].values())
     # the ops' backends as auto chose them, recorded (and printed) for the run
@@ -370,12 +422,12 @@ def test_cli_on_gpu(tmp_path, precision):
               "--batch-size", "8", "--test-size", "16", "--device", "cuda", "--precision", precision,
               "--no-progress"]
     ref = str(tmp_path / "ref")
-    assert tr.main(common + ["--out", ref]) == 0
+    assert commands.train_main(common + ["--out", ref]) == 0
     for name in ("last.pt", "log.csv", "log.json", "predictions.png", "predictions.gif", "loss.png", "summary.json"):
         assert os.path.getsize(os.path.join(ref, name)) > 0, name
     part = str(tmp_path / "part")
-    assert tr.main(common + ["--out", part, "--stop-after", "3"]) == 0
-    assert tr.main(["--out", part, "--resume", "--no-progress", "--test-size", "16"]) == 0
+    assert commands.train_main(common + ["--out", part, "--stop-after", "3"]) == 0
+    assert commands.train_main(["--out", part, "--resume", "--no-progress", "--test-size", "16"]) == 0
     a, b = _state(os.path.join(ref, "last.pt")), _state(os.path.join(part, "last.pt"))
     assert a["global_step"] == b["global_step"] == 4 and a["train_args"]["precision"] == precision
     assert set(a["scaler"]) == set(b["scaler"]) and (precision != "16-mixed" or b["scaler"]["scale"] > 0)
@@ -383,5 +435,5 @@ def test_cli_on_gpu(tmp_path, precision):
         torch.testing.assert_close(b["state_dict"][k], v, rtol=5e-2, atol=1e-3, msg=k)
     log = json.load(open(os.path.join(ref, "log.json")))
     assert all(math.isfinite(e["mse"]) for e in log["epochs"])
-    assert tr.cli(["eval", os.path.join(ref, "last.pt"), "--device", "cuda", "--precision", precision,
+    assert commands.cli(["eval", os.path.join(ref, "last.pt"), "--device", "cuda", "--precision", precision,
                    "--test-size", "16", "--no-progress"]) == 0

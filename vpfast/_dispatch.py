@@ -53,6 +53,41 @@ def resolve(backend: str | None) -> str:
     return name
 
 
+def machine_reasons(backend: str) -> list[str]:
+    """Why `backend` cannot run any op on this machine as it is (what is built, installed and present), or []
+    when it can: no op, input or device choice later would make it run."""
+    if backend in ("torch", "auto"):
+        return []
+    if backend in ("cpp", "cuda"):
+        if _ext.LOAD_ERROR:
+            return [_ext.LOAD_ERROR]
+        if backend == "cuda" and not _ext.built_with_cuda():
+            why = _ext.build_info().get("cuda_skipped", "no nvcc or a CPU-only torch at build time")
+            return [f"vpfast._C was built without CUDA ({why})"]
+        if backend == "cuda" and not torch.cuda.is_available():
+            return ["no CUDA device is available"]
+        return []
+    if backend == "triton":
+        if not _ext.TRITON_INSTALLED:
+            return ["Triton is not installed (pip install triton)"]
+        if not torch.cuda.is_available() and not _ext.triton_interpret():
+            return ["no CUDA device for Triton, and TRITON_INTERPRET=1 is not set"]
+    return []
+
+
+def require_backend(backend: str | None, where: str = "backend") -> str:
+    """The resolved name of `backend` (None: $VPFAST_BACKEND or auto), or BackendUnavailable naming `where`
+    when a backend asked for by name cannot run on this machine at all: a model or layer built for it would
+    otherwise fail only at its first forward pass."""
+    name = resolve(backend)
+    why = machine_reasons(name)
+    if why:
+        src = f"{where}={backend!r}" if backend is not None else f"$VPFAST_BACKEND={name!r}"
+        raise BackendUnavailable(f"{src} cannot run here: {'; '.join(why)}. Use backend='auto' (the fastest "
+                                 "that runs) or 'torch'")
+    return name
+
+
 def _tensors(args: Iterable) -> list[torch.Tensor]:
     out = []
     for a in args:
@@ -109,24 +144,11 @@ class Op:
     def _compute_static(self, backend: str) -> list[str]:
         if backend not in self.impls:
             return [f"{self.name} has no {backend} implementation"]
-        if backend == "torch":
-            return []
-        if backend in ("cpp", "cuda"):
-            if _ext.LOAD_ERROR:
-                return [_ext.LOAD_ERROR]
-            if backend == "cuda" and not _ext.built_with_cuda():
-                why = _ext.build_info().get("cuda_skipped", "no nvcc or a CPU-only torch at build time")
-                return [f"vpfast._C was built without CUDA ({why})"]
-            if self.kernel and not _ext.has_kernel(self.kernel, "CPU" if backend == "cpp" else "CUDA"):
-                return [f"vpfast._C has no {backend} kernel for vpfast::{self.kernel} (rebuild the extension)"]
-            if backend == "cuda" and not torch.cuda.is_available():
-                return ["no CUDA device is available"]
-            return []
-        if backend == "triton":
-            if not _ext.TRITON_INSTALLED:
-                return ["Triton is not installed (pip install triton)"]
-            if not torch.cuda.is_available() and not _ext.triton_interpret():
-                return ["no CUDA device for Triton, and TRITON_INTERPRET=1 is not set"]
+        why = machine_reasons(backend)
+        if why or backend not in ("cpp", "cuda"):
+            return why
+        if self.kernel and not _ext.has_kernel(self.kernel, "CPU" if backend == "cpp" else "CUDA"):
+            return [f"vpfast._C has no {backend} kernel for vpfast::{self.kernel} (rebuild the extension)"]
         return []
 
     def reasons(self, backend: str, args: tuple, kwargs: dict, auto: bool = False) -> list[str]:

@@ -4,6 +4,7 @@ Without them every op still works through its torch reference; `vpfast.info` say
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -13,15 +14,36 @@ import torch
 
 _C = None
 LOAD_ERROR: str | None = None
+_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` in the source tree (several minutes: it "
+               "compiles C++, and CUDA where nvcc is found; VPFAST_SKIP_CUDA=1 for a CPU-only build)")
+
+
+def _missing_extension_message(pkg_dir: str, msg: str) -> str:
+    # When no vpfast/_C*.so exists, `from . import _C` falls back to an attribute of the half-imported package
+    # and Python blames "a circular import"; say what is really wrong instead.
+    names = sorted(f for f in os.listdir(pkg_dir) if f.startswith("_C.") or f.startswith("_C-")) \
+        if os.path.isdir(pkg_dir) else []
+    want = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    if want in names:  # present, but its import was blocked (sys.modules["vpfast._C"] = None, as tests do)
+        return f"vpfast._C could not be imported although {pkg_dir}/{want} exists ({msg}); {_BUILD_HINT}"
+    if names:  # a build for another Python (e.g. _C.cpython-310-...so under 3.11)
+        return (f"vpfast._C is not built for this Python: {pkg_dir} has {', '.join(names)} but this interpreter "
+                f"loads {want}; {_BUILD_HINT}")
+    return f"vpfast._C is not built: {pkg_dir} has no {want}; {_BUILD_HINT}"
+
+
 try:
     from . import _C  # noqa: F811  (registers the torch.ops.vpfast kernels as a side effect)
-except ImportError as e:  # not built, or built against another torch
+except ImportError as e:  # not built, built for another Python, or built against another torch
     msg = str(e)
-    if "undefined symbol" in msg or "version" in msg.lower():
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        LOAD_ERROR = _missing_extension_message(pkg_dir, msg)
+    elif "undefined symbol" in msg or "version" in msg.lower():
         LOAD_ERROR = (f"vpfast._C was built for another torch than {torch.__version__} ({msg}); "
                       "rebuild with `pip install --no-build-isolation -e .`")
     else:
-        LOAD_ERROR = f"vpfast._C is not built ({msg}); build it with `pip install --no-build-isolation -e .`"
+        LOAD_ERROR = f"vpfast._C could not be loaded ({msg}); {_BUILD_HINT}"
 
 
 def build_info() -> dict:

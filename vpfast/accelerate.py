@@ -25,7 +25,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from . import nn as vnn
-from ._dispatch import resolve
+from ._dispatch import require_backend
 from .models.simvp import BasicConv2d
 
 
@@ -246,7 +246,7 @@ def accelerate(module: nn.Module, backend: Optional[str] = None) -> AccelerateRe
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if backend is not None:
-        resolve(backend)  # validates the name
+        require_backend(backend)  # a valid name that can run here, or the reasons now rather than at forward
     report = AccelerateReport()
 
     def walk(parent: nn.Module, prefix: str) -> None:

@@ -293,8 +293,18 @@ def run(ops: list[str], quick: bool = False, extra: list[str] | None = None,
             return code or 1
         with open(out) as f:
             data = json.load(f)
-    print(table(data["benchmarks"], data.get("machine_info")))
+    print(table(data["benchmarks"], data.get("machine_info"), quick=quick))
     return code
+
+
+# a provider whose ratio to eager from the separate medians and from the paired rounds differ by more than this
+# factor was timed while the machine's speed changed (other jobs, frequency scaling): the row is flagged
+DISAGREE = 1.5
+QUICK_NOTE = ("quick run (--quick): a smoke run of the suites with few timing rounds. On a busy machine its "
+              "ratios can be off by several times; run `vpfast bench` without --quick for numbers to quote.")
+DISAGREE_NOTE = (f"! the plain ratio (separate medians, 'vs eager') and the paired ratio (alternating rounds) differ "
+                 f"by more than {DISAGREE}x: the machine's speed changed while this ran. Trust neither without a "
+                 f"rerun; the paired ratio is the more robust (more rounds: --paired-rounds N).")
 
 
 def _header(machine_info: dict | None) -> str | None:
@@ -305,14 +315,16 @@ def _header(machine_info: dict | None) -> str | None:
             f"torch {info.get('torch')}, triton {info.get('triton')}")
 
 
-def table(benchmarks: list[dict], machine_info: dict | None = None) -> str:
+def table(benchmarks: list[dict], machine_info: dict | None = None, quick: bool = False) -> str:
     """The comparison table of a pytest-benchmark JSON's "benchmarks" (and its "machine_info", whose "vpfast"
-    entry, written by benchmarks/conftest.py, names the device in the header)."""
+    entry, written by benchmarks/conftest.py, names the device in the header). quick: say that the numbers come
+    from a smoke run. Rows whose plain and paired ratios disagree are flagged with "!" and explained below."""
     groups: dict[str, list[dict]] = {}
     for b in benchmarks:
         groups.setdefault(b.get("group") or b["name"], []).append(b)
     head = _header(machine_info)
-    lines = [head] if head else []
+    lines = ([QUICK_NOTE] if quick else []) + ([head] if head else [])
+    flagged = 0
     header = (f"  {'provider':14s} {'median':>10s} {'vs eager':>9s} {'vs compile':>10s} {'paired':>8s} "
               f"{'GB/s':>8s} {'GFLOP/s':>8s} {'peak MiB':>9s}")
 
@@ -330,10 +342,15 @@ def table(benchmarks: list[dict], machine_info: dict | None = None) -> str:
             vs_comp = f"{comp / t:9.2f}x" if comp else "         -"
             paired = info.get("paired_vs_eager", 1.0 if info.get("provider") == "eager" and
                               "paired_rounds" in info else None)
+            flag = " "
+            if paired is not None and base and paired > 0 and max(base / t / paired, paired * t / base) > DISAGREE:
+                flag, flagged = "!", flagged + 1
             paired = f"{paired:7.2f}x" if paired is not None else "       -"
             gbs = f"{info['gbytes'] / t:8.1f}" if "gbytes" in info else "       -"
             gfl = f"{info['gflops'] / t:8.1f}" if "gflops" in info else "       -"
             mem = f"{info['peak_mb']:9.1f}" if "peak_mb" in info else "        -"
             name = info.get("provider", r["name"])
-            lines.append(f"  {name:14s} {t * 1e3:8.3f}ms {ratio} {vs_comp} {paired} {gbs} {gfl} {mem}")
+            lines.append(f"  {name:14s} {t * 1e3:8.3f}ms {ratio} {vs_comp} {paired}{flag}{gbs} {gfl} {mem}")
+    if flagged:
+        lines += ["", DISAGREE_NOTE]
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]`, `vpfast check` (and the training
-commands)."""
+"""The `vpfast` command line: `vpfast info`, `vpfast bench [OP ...]`, `vpfast check`, and the training
+commands of vpfast.commands (`train`, `eval`, `predict`, `demo`)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="run the benchmark suites and print one comparison table")
     p.add_argument("ops", nargs="*", help="suites to run (default: all), e.g. ddr_loss")
-    p.add_argument("--quick", action="store_true", help="fewer rounds: a rough table in less time")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: few rounds, in less time; its ratios are rough (the output says so)")
     p.add_argument("--paired-rounds", type=int, default=None, metavar="N",
                    help="alternating rounds per group for the paired ratio (default 5, 3 with --quick; 0: off)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -43,22 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(python -m vpfast.check --help)", add_help=False)
     p.add_argument("check_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_check)
-    for register in _extra_commands():
-        register(sub)
+    from .commands import add_subcommands  # train, eval, predict, demo
+
+    add_subcommands(sub)
     return parser
-
-
-def _extra_commands():
-    """Subcommands contributed by other modules: each exposes add_subcommands(subparsers)."""
-    out = []
-    for mod in ("vpfast.train",):
-        try:
-            module = __import__(mod, fromlist=["add_subcommands"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_subcommands"):
-            out.append(module.add_subcommands)
-    return out
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ from .moving_mnist import (  # noqa: F401
     MovingMNIST,
     ArraySequences,
     load_digits,
+    layout_note,
     load_sequences,
     moving_mnist_sequence,
     make_dataset,

@@ -116,7 +116,10 @@ class MovingMNIST(Dataset):
 class ArraySequences(Dataset):
     """Sequences from an array `[N, T, C, H, W]` (uint8 0..255 or float in [0, 1])."""
 
-    def __init__(self, array):
+    def __init__(self, array, note=None):
+        # note: how a file's array was read when its layout had to be guessed (4-D files), for the commands to
+        # tell the user; None when the array was [N, T, C, H, W] as given
+        self.note = note
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         array = np.asarray(array)
@@ -156,14 +159,26 @@ def load_sequences(path):
             with arr:
                 arr = arr[arr.files[0]]
     name = os.path.basename(path)
+    note = None
     if arr.ndim == 4 and (name.startswith("mnist_test_seq") or (arr.shape[0] == 20 and arr.shape[1] != 20)):
+        note = (f"{path}: 4-D array {tuple(arr.shape)} read as mnist_test_seq's [T, N, H, W] (T = 20): "
+                f"{arr.shape[1]} sequences of {arr.shape[0]} one-channel frames")
         arr = np.swapaxes(arr, 0, 1)[:, :, None]  # [T, N, H, W] -> [N, T, 1, H, W]
     elif arr.ndim == 4:
+        note = (f"{path}: 4-D array {tuple(arr.shape)} read as [N, T, H, W]: {arr.shape[0]} sequences of "
+                f"{arr.shape[1]} one-channel frames (save [N, T, C, H, W] to say so explicitly)")
         arr = arr[:, :, None]
     if arr.ndim != 5:
         raise ValueError(f"{path}: expected [N, T, C, H, W] (or mnist_test_seq's [T, N, H, W]), got shape "
                          f"{tuple(arr.shape)}")
-    return ArraySequences(arr)
+    return ArraySequences(arr, note)
+
+
+def layout_note(ds):
+    """The layout note of a dataset read from a 4-D file (through subsets), or None."""
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return getattr(ds, "note", None)
 
 
 def make_dataset(source, split="train", length=None, seed=0):

@@ -14,6 +14,7 @@ from typing import Optional
 
 from torch import nn
 
+from .._dispatch import require_backend
 from ._base import VideoPredictionModel, patch, reverse_sampling_probs, scheduled_sampling_eta, unpatch  # noqa: F401
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: F401
 from .recurrent import ConvLSTM, MotionRNN, PredRNN, PredRNNv2  # noqa: F401
@@ -78,6 +79,8 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
     `create(model.name, **model.config)` rebuilds the same architecture.
     """
     key = str(name).lower()
+    if backend is not None:  # one that cannot run here fails now, not at the model's first forward pass
+        require_backend(backend)
     if key not in CLASSES:
         raise ValueError(f"unknown model {name!r}; choose one of {NAMES}")
     cfg = {}

@@ -93,6 +93,14 @@ class VideoPredictionModel(nn.Module):
         H, W = x.shape[-2:]
         if H % div or W % div:
             raise ValueError(f"{what}'s height and width must be divisible by {div} ({why}), got {H}x{W}")
+        H0, W0 = self.config["in_shape"][2:]
+        if (H, W) != (H0, W0):
+            # the convolutions would run at any size, but on frames of another size than the weights were built
+            # (and trained) for a model predicts silently worse; build one for that size (same weights)
+            raise ValueError(f"{what} must have {H0}x{W0} frames (the model was built with in_shape "
+                             f"{tuple(self.config['in_shape'])}), got {H}x{W}; for other frame sizes create the "
+                             f"model with in_shape=(T, C, {H}, {W}): its state_dict loads unchanged"
+                             + ("" if not self.config.get("layer_norm") else " unless layer_norm is on"))
         self._check_spatial(H, W, what)
         return x
 

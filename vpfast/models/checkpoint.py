@@ -92,12 +92,22 @@ def load_checkpoint(model: nn.Module, path_or_dict, strict: bool = True, map_loc
     if isinstance(path_or_dict, (str, os.PathLike)):
         try:
             obj = torch.load(path_or_dict, map_location=map_location, weights_only=weights_only)
-        except Exception as e:  # pickle.UnpicklingError for non-tensor objects under weights_only
-            if weights_only and "weights_only" in str(e):
+        except Exception as e:
+            if isinstance(e, OSError):  # missing file, no permission: the OS's message names the path already
+                raise
+            msg = str(e)
+            # weights_only's unpickler reports a pickled class as an "Unsupported global": a real checkpoint that
+            # holds more than tensors. Any other failure (its "Unsupported operand" on bytes that are no pickle,
+            # IndexError: pop from empty list, EOFError, a zip reader's error) names neither the file nor the
+            # problem: a truncated, corrupt or foreign file.
+            if weights_only and "Unsupported global" in msg:
                 raise CheckpointError(f"{path_or_dict}: torch.load(weights_only=True) refused this file (it "
                                       f"pickles more than tensors). If you trust it, pass weights_only=False. "
-                                      f"({str(e).splitlines()[0]})") from e
-            raise
+                                      f"({msg.splitlines()[0]})") from e
+            detail = next((line.strip() for line in msg.splitlines() if "Unsupported operand" in line),
+                          msg.splitlines()[0] if msg else "")
+            raise CheckpointError(f"{path_or_dict}: not a readable PyTorch checkpoint (truncated, corrupt or "
+                                  f"another format): {type(e).__name__}: {detail}") from e
     else:
         obj = path_or_dict
     sd = extract_state_dict(obj)

@@ -64,13 +64,6 @@ class _Recurrent(_base.VideoPredictionModel):
     def _spatial_divisor(self):
         return self.patch_size, f"patch_size={self.patch_size}"
 
-    def _check_spatial(self, H, W, what):
-        if self.config["layer_norm"]:
-            _, _, H0, W0 = self.config["in_shape"]
-            if (H, W) != (H0, W0):
-                raise ValueError(f"{what} must be {H0}x{W0}: with layer_norm the cells' LayerNorm is built for "
-                                 f"in_shape, got {H}x{W}")
-
     def _same_hidden(self):
         if len(set(self.num_hidden)) != 1:
             raise ValueError(f"{type(self).__name__} needs equal num_hidden in all layers (the spatiotemporal "

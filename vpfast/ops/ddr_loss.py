@@ -144,4 +144,7 @@ def ddr_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1, eps: fl
     eps = _checks.positive("eps", eps)
     if pred.shape[1] <= 2:
         return ddr_loss_reference(pred, target, tau, eps)
+    if pred.numel() == 0:  # a mean over no elements: every backend would answer differently (nan, an error)
+        raise ValueError(f"pred and target must not be empty (the loss is a mean over their B*(T-1)*C*H*W frame "
+                         f"differences), got shape {tuple(pred.shape)}")
     return OP(pred, target, tau, eps, backend=backend)
