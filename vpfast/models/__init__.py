@@ -66,6 +66,16 @@ PRESETS = {
 }
 
 
+# stochastic and generative predictors (issue 24): vpfast's own layouts (no reference key files), so they are
+# registered beside NAMES, with their presets kept in their modules
+from . import diffusion as _diffusion  # noqa: E402
+from .diffusion import ConditionalDiffusion  # noqa: E402,F401
+
+STOCHASTIC_NAMES = ("diffusion",)
+CLASSES.update(diffusion=ConditionalDiffusion)
+PRESETS.update(diffusion=_diffusion.PRESETS)
+
+
 def create(name: str, preset: Optional[str] = None, backend: Optional[str] = None, **config) -> nn.Module:
     """Build a model by name: one of `NAMES`.
 
@@ -82,7 +92,7 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
     if backend is not None:  # one that cannot run here fails now, not at the model's first forward pass
         require_backend(backend)
     if key not in CLASSES:
-        raise ValueError(f"unknown model {name!r}; choose one of {NAMES}")
+        raise ValueError(f"unknown model {name!r}; choose one of {NAMES + STOCHASTIC_NAMES}")
     cfg = {}
     if preset is not None:
         if preset not in PRESETS[key]:
@@ -100,5 +110,5 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "STOCHASTIC_NAMES", "ConditionalDiffusion", "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]

@@ -1,0 +1,273 @@
+"""Stochastic and generative predictors (issue 24): each model's defining property on tiny shapes, the registry
+and config contract, bad input, and a falling loss on a small Moving-MNIST run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from vpfast import models as M
+from vpfast.data.moving_mnist import MovingMNIST
+from vpfast.models import diffusion as D
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY_DIFF = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=8, channel_mult="1,2", num_steps=20,
+                 sample_steps=4)
+
+
+def tiny_diffusion(backend="torch", dtype=torch.float64, **over):
+    torch.manual_seed(0)
+    m = M.create("diffusion", backend=backend, **dict(TINY_DIFF, **over)).to(dtype)
+    return m
+
+
+def mmnist_batches(n_batches, batch, pre, aft, size=32, seed=0):
+    """Fixed one-digit Moving-MNIST batches Tensor[batch, pre + aft, 1, size, size]."""
+    ds = MovingMNIST(length=n_batches * batch, seed=seed, n_frames=pre + aft, size=size, num_digits=1)
+    seqs = torch.stack([ds[i] for i in range(len(ds))])
+    return list(seqs.split(batch))
+
+
+def fit(model, batches, steps, lr):
+    """Adam on the model's own training_loss; returns (mean loss of the first 5 steps, of the last 5)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for i in range(steps):
+        loss, logs = model.training_loss(batches[i % len(batches)], i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(logs["loss"])
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+
+# ---- registry and config -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
+@pytest.mark.parametrize("preset", ["mmnist", "small"])
+def test_presets_and_config_rebuild(name, preset):
+    with torch.device("meta"):
+        m = M.create(name, preset=preset, backend="torch")
+        again = M.create(m.name, backend="torch", **m.config)
+    assert m.name == name and isinstance(m, M.VideoPredictionModel)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    json.dumps(m.config)  # checkpoints store the config as plain data
+
+
+def test_unknown_model_lists_stochastic_names():
+    with pytest.raises(ValueError, match="diffusion"):
+        M.create("no_such_model")
+
+
+@pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
+def test_load_checkpoint_roundtrip(name, tmp_path):
+    m = tiny_diffusion() if name == "diffusion" else None
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}}, path)
+    other = M.create(m.name, backend="torch", **m.config).double()
+    M.load_checkpoint(other, str(path))
+    for k, v in m.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+
+
+# ---- diffusion: schedule and the samplers' arithmetic ------------------------------------------------------
+def test_diffusion_timesteps():
+    m = tiny_diffusion()
+    assert m.timesteps(20) == list(range(20))
+    ts = m.timesteps(4)
+    assert ts[0] == 0 and ts[-1] == 19 and len(ts) == 4 and ts == sorted(set(ts))
+    assert m.timesteps(1) == [19]
+
+
+@pytest.mark.parametrize("schedule", D.BETA_SCHEDULES)
+def test_ddim_eta1_variance_is_ddpm_posterior_variance(schedule):
+    m = tiny_diffusion(beta_schedule=schedule)
+    betas = D.beta_schedule_of(m.config)
+    ab = torch.cumprod(1 - betas, 0)
+    for t in range(1, 20):  # DDPM's posterior variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t
+        want = float((1 - ab[t - 1]) / (1 - ab[t]) * betas[t])
+        assert m.step_variance(t, t - 1, "ddim", eta=1.0) == pytest.approx(want, rel=1e-12)
+        assert m.step_variance(t, t - 1, "ddpm") == pytest.approx(want, rel=1e-12)
+        assert m.step_variance(t, t - 1, "ddim", eta=0.0) == 0.0
+    assert m.step_variance(0, -1, "ddpm") == 0.0  # the last step returns the mean
+
+
+@pytest.mark.parametrize("steps", [20, 6])
+def test_ddim_eta1_step_equals_ddpm_step(steps):
+    """Without clipping, one DDIM step at eta = 1 is the DDPM posterior step: the same mean and the same noise
+    scale, so with the same fresh noise z the same x_prev; at eta = 0 the noise has no effect."""
+    m = tiny_diffusion(clip_denoised=False)
+    g = torch.Generator().manual_seed(3)
+    xt, eps, z = (torch.randn(2, 2, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ts = m.timesteps(steps)
+    for i in range(1, len(ts)):
+        t, tp = ts[i], ts[i - 1]
+        ddpm = m.sampling_step(xt, eps, t, tp, "ddpm", 1.0, z)
+        ddim = m.sampling_step(xt, eps, t, tp, "ddim", 1.0, z)
+        torch.testing.assert_close(ddim, ddpm, rtol=1e-10, atol=1e-10)
+        # the part that depends on z is sqrt(posterior variance) * z
+        noise_part = ddpm - m.sampling_step(xt, eps, t, tp, "ddpm", 1.0, torch.zeros_like(z))
+        torch.testing.assert_close(noise_part, math.sqrt(m.step_variance(t, tp, "ddpm")) * z)
+        det = m.sampling_step(xt, eps, t, tp, "ddim", 0.0, z)
+        torch.testing.assert_close(det, m.sampling_step(xt, eps, t, tp, "ddim", 0.0, 5 * z), rtol=0, atol=0)
+
+
+def test_ddim_eta0_deterministic_for_fixed_noise():
+    m = tiny_diffusion().eval()
+    x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
+    a = m.sample(x, n=3, sampler="ddim", eta=0.0, generator=torch.Generator().manual_seed(7))
+    b = m.sample(x, n=3, sampler="ddim", eta=0.0, generator=torch.Generator().manual_seed(7))
+    assert a.shape == (2, 3, 2, 1, 8, 8) and torch.equal(a, b)
+    assert not torch.equal(a[:, 0], a[:, 1])  # the n samples start from different x_T
+    # given x_T, eta = 0 uses no other randomness; eta = 1 does
+    xT = torch.randn(2, 3, 2, 1, 8, 8, dtype=torch.float64)
+    c0 = m.sample(x, n=3, eta=0.0, noise=xT, generator=torch.Generator().manual_seed(1))
+    c1 = m.sample(x, n=3, eta=0.0, noise=xT, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(c0, c1)
+    s0 = m.sample(x, n=3, eta=1.0, noise=xT, generator=torch.Generator().manual_seed(1))
+    s1 = m.sample(x, n=3, eta=1.0, noise=xT, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(s0, s1)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_fewer_ddim_steps_run_the_ddpm_trained_model():
+    """One network trained with the DDPM loss: DDPM visits every training step, DDIM a sub-sequence."""
+    m = tiny_diffusion()
+    fit(m, [torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)], 5, 1e-3)
+    m.eval()
+    seen = []
+    hook = m.denoiser.register_forward_pre_hook(lambda mod, args: seen.append(args[1][0].item()))
+    x = torch.rand(1, 2, 1, 8, 8, dtype=torch.float64)
+    full = m.sample(x, steps=20, sampler="ddpm")
+    assert seen == list(range(19, -1, -1))
+    seen.clear()
+    few = m.sample(x, steps=5, sampler="ddim", eta=0.0)
+    assert seen == list(reversed(m.timesteps(5))) and len(seen) == 5
+    hook.remove()
+    assert full.shape == few.shape == (1, 1, 2, 1, 8, 8) and torch.isfinite(few).all()
+    seen.clear()
+    assert m(x).shape == (1, 2, 1, 8, 8)  # forward: one sample with the configured sampler and steps
+
+
+def test_diffusion_training_loss_is_noise_mse():
+    m = tiny_diffusion()
+    frames = torch.rand(3, 4, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    loss, logs = m.training_loss(frames)
+    torch.manual_seed(5)  # the same draws of t and eps, by hand
+    t = torch.randint(0, 20, (3,))
+    eps = torch.randn(3, 2, 1, 8, 8, dtype=torch.float64)
+    ab = torch.cumprod(1 - D.beta_schedule_of(m.config), 0)[t].view(3, 1, 1, 1, 1)
+    xt = ab.sqrt() * (2 * frames[:, 2:] - 1) + (1 - ab).sqrt() * eps
+    pred = m.denoiser(xt.flatten(1, 2), t, (2 * frames[:, :2] - 1).flatten(1, 2)).view_as(eps)
+    torch.testing.assert_close(loss, ((pred - eps) ** 2).mean())
+    assert logs["loss"] == pytest.approx(loss.item())
+
+
+def test_diffusion_fused_backend_matches_torch():
+    ref = tiny_diffusion("torch")
+    fast = tiny_diffusion(None)
+    fast.load_state_dict(ref.state_dict())
+    frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    out = []
+    for m in (ref, fast):
+        torch.manual_seed(1)
+        loss, _ = m.training_loss(frames)
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_diffusion_float32_and_autocast():
+    m = tiny_diffusion(None, torch.float32)
+    frames = torch.rand(2, 4, 1, 8, 8)
+    loss, _ = m.training_loss(frames)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = m.training_loss(frames)
+        y = m.sample(frames[:, :2], n=2, steps=2)
+    assert torch.isfinite(loss) and y.dtype == torch.float32 and y.shape == (2, 2, 2, 1, 8, 8)
+
+
+def test_diffusion_loss_falls_on_moving_mnist():
+    torch.manual_seed(0)
+    m = M.create("diffusion", in_shape=(2, 1, 32, 32), aft_seq_length=2, hid=8, channel_mult="1,2",
+                 num_steps=100, backend="torch")
+    batches = mmnist_batches(4, 8, 2, 2)
+    probe = batches[0]
+
+    def probe_loss():  # the same t and noise draws before and after training
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return sum(m.training_loss(probe)[0].item() for _ in range(4)) / 4
+
+    before = probe_loss()
+    first, last = fit(m, batches, 60, 3e-3)
+    after = probe_loss()
+    assert after < 0.7 * before, (before, after, first, last)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(sampler="ddpx"), "sampler"),
+    (dict(eta=1.5), "eta"),
+    (dict(eta=-0.1), "eta"),
+    (dict(steps=0), "steps"),
+    (dict(steps=21), "steps"),
+    (dict(n=0), "n must"),
+    (dict(noise=torch.zeros(1, 1, 2, 1, 8, 8)), "noise"),
+])
+def test_diffusion_sample_bad_arguments(kw, match):
+    m = tiny_diffusion()
+    x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        m.sample(x, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(beta_schedule="quadratic"), "beta_schedule"),
+    (dict(beta_start=0.1, beta_end=0.01), "beta_start"),
+    (dict(channel_mult="1,x"), "channel_mult"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(sample_steps=50), "steps"),
+    (dict(hid=0), "hid"),
+])
+def test_diffusion_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        M.create("diffusion", **dict(TINY_DIFF, **kw))
+
+
+def test_diffusion_bad_frames():
+    m = tiny_diffusion()
+    with pytest.raises(ValueError, match="frames"):
+        m.training_loss(torch.rand(2, 3, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        m.sample(torch.rand(1, 2, 1, 7, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.rand(1, 2, 1, 8, 8))
+
+
+# ---- the CLI through the registry -------------------------------------------------------------------------
+def test_cli_train_and_eval(tmp_path, monkeypatch):
+    from vpfast import evaluate as ev
+    from vpfast import train as tr
+    monkeypatch.setenv("VPFAST_DEVICE", "cpu")
+    cfg = json.dumps(dict(in_shape=[10, 1, 64, 64], hid=4, channel_mult=[1, 2], num_steps=10, sample_steps=2))
+    out = str(tmp_path / "run")
+    assert tr.main(["--model", "diffusion", "--config", cfg, "--epochs", "1", "--out", out, "--train-size", "4",
+                    "--batch-size", "4", "--test-size", "2", "--no-progress"]) == 0
+    res = str(tmp_path / "eval.json")
+    assert ev.main(["eval", os.path.join(out, "last.pt"), "--test-size", "2", "--batch-size", "2",
+                    "--no-progress", "--no-baselines", "--json", res]) == 0
+    assert math.isfinite(json.load(open(res))["metrics"]["model"]["mse"])
