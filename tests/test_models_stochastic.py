@@ -12,6 +12,7 @@ import torch
 from vpfast import models as M
 from vpfast.data.moving_mnist import MovingMNIST
 from vpfast.models import diffusion as D
+from vpfast.models import vae as V
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,10 +27,21 @@ TINY_DIFF = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=8, channel_mult="1
                  sample_steps=4)
 
 
-def tiny_diffusion(backend="torch", dtype=torch.float64, **over):
+TINY_VAE = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=4, N_S=2, num_hidden=6, z_dim=2)
+TINY = {"diffusion": TINY_DIFF, "vae": TINY_VAE}
+
+
+def tiny(name, backend="torch", dtype=torch.float64, **over):
     torch.manual_seed(0)
-    m = M.create("diffusion", backend=backend, **dict(TINY_DIFF, **over)).to(dtype)
-    return m
+    return M.create(name, backend=backend, **dict(TINY[name], **over)).to(dtype)
+
+
+def tiny_diffusion(backend="torch", dtype=torch.float64, **over):
+    return tiny("diffusion", backend, dtype, **over)
+
+
+def tiny_vae(backend="torch", dtype=torch.float64, **over):
+    return tiny("vae", backend, dtype, **over)
 
 
 def mmnist_batches(n_batches, batch, pre, aft, size=32, seed=0):
@@ -71,7 +83,7 @@ def test_unknown_model_lists_stochastic_names():
 
 @pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
 def test_load_checkpoint_roundtrip(name, tmp_path):
-    m = tiny_diffusion() if name == "diffusion" else None
+    m = tiny(name)
     path = tmp_path / "w.pt"
     torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}}, path)
     other = M.create(m.name, backend="torch", **m.config).double()
@@ -174,9 +186,10 @@ def test_diffusion_training_loss_is_noise_mse():
     assert logs["loss"] == pytest.approx(loss.item())
 
 
-def test_diffusion_fused_backend_matches_torch():
-    ref = tiny_diffusion("torch")
-    fast = tiny_diffusion(None)
+@pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
+def test_fused_backend_matches_torch(name):
+    ref = tiny(name, "torch")
+    fast = tiny(name, None)
     fast.load_state_dict(ref.state_dict())
     frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
     out = []
@@ -184,10 +197,14 @@ def test_diffusion_fused_backend_matches_torch():
         torch.manual_seed(1)
         loss, _ = m.training_loss(frames)
         loss.backward()
-        out.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        # (the ConvLSTM cell carries OpenSTL's unused conv_o / conv_last: no gradient on either backend)
+        out.append((loss.detach(), [None if p.grad is None else p.grad.clone() for p in m.parameters()]))
     torch.testing.assert_close(out[0][0], out[1][0])
+    assert sum(g is not None for g in out[0][1]) > len(out[0][1]) - 3
     for a, b in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(a, b)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
 
 
 def test_diffusion_float32_and_autocast():
@@ -258,14 +275,117 @@ def test_diffusion_bad_frames():
         m(torch.rand(1, 2, 1, 8, 8))
 
 
+# ---- VAE with a learned prior --------------------------------------------------------------------------------
+def test_gaussian_kl():
+    g = torch.Generator().manual_seed(0)
+    mu, lv, mu2, lv2 = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    assert torch.equal(V.gaussian_kl(mu, lv, mu, lv), torch.zeros_like(mu))
+    N = torch.distributions.Normal
+    want = torch.distributions.kl_divergence(N(mu, (0.5 * lv).exp()), N(mu2, (0.5 * lv2).exp()))
+    torch.testing.assert_close(V.gaussian_kl(mu, lv, mu2, lv2), want)
+    assert (V.gaussian_kl(mu, lv, mu2, lv2) > 0).all()
+
+
+def posterior_as_prior(m):
+    """Make the posterior the prior: its weights on the prior's inputs copied, its weights on e_t zero."""
+    with torch.no_grad():
+        for name in ("conv1", "conv2"):
+            src, dst = getattr(m.prior, name), getattr(m.posterior, name)
+            dst.weight.zero_()
+            dst.weight[:, :src.weight.shape[1]] = src.weight
+            dst.bias.copy_(src.bias)
+
+
+def test_vae_kl_is_zero_when_posterior_equals_prior():
+    m = tiny_vae().train()
+    frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    _, logs = m.training_loss(frames)
+    assert logs["kl"] > 1e-6  # independent initialisations disagree
+    posterior_as_prior(m)
+    torch.manual_seed(3)
+    loss, logs = m.training_loss(frames)
+    assert logs["kl"] == 0.0
+    assert loss.item() == pytest.approx(logs["mse"], abs=0)
+    # and with the same draws the training pass is then a prior sample with teacher forcing
+    assert logs["mse"] > 0
+
+
+def test_vae_posterior_sees_the_next_frame_and_the_prior_does_not():
+    """KL at step t changes with frame t only through the posterior: the prior of step t reads frames < t."""
+    m = tiny_vae()
+    frames = torch.rand(1, 4, 1, 8, 8, dtype=torch.float64)
+    later = frames.clone()
+    later[:, 3] = torch.rand(1, 8, 8, dtype=torch.float64)
+    stats = []
+    for f in (frames, later):
+        torch.manual_seed(0)
+        _, kl = m._run(f, "train")
+        stats.append(kl)
+    # steps 1, 2 (predicting frames 1, 2) never read frame 3; step 3's posterior does
+    assert torch.equal(stats[0][:, :2], stats[1][:, :2])
+    assert not torch.equal(stats[0][:, 2], stats[1][:, 2])
+
+
+def test_vae_sample_and_forward():
+    m = tiny_vae().eval()
+    x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
+    a = m.sample(x, n=3, generator=torch.Generator().manual_seed(4))
+    b = m.sample(x, n=3, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (2, 3, 2, 1, 8, 8) and torch.equal(a, b)
+    assert not torch.equal(a[:, 0], a[:, 1])  # n different futures
+    y = m(x)
+    assert y.shape == (2, 2, 1, 8, 8) and torch.equal(y, m(x))  # forward: the prior's mean, deterministic
+    # the future depends on the observed frames only through the model: future frames of the input do not exist
+    with pytest.raises(ValueError, match="x must have 2 frames"):
+        m(torch.rand(2, 4, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n must"):
+        m.sample(x, n=0)
+
+
+def test_vae_float32_and_autocast():
+    m = tiny_vae(None, torch.float32)
+    frames = torch.rand(2, 4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = m.training_loss(frames)
+        y = m.sample(frames[:, :2], n=2)
+    assert torch.isfinite(loss) and y.shape == (2, 2, 2, 1, 8, 8)
+
+
+def test_vae_loss_falls_on_moving_mnist():
+    torch.manual_seed(0)
+    m = M.create("vae", in_shape=(2, 1, 32, 32), aft_seq_length=2, hid=8, N_S=2, num_hidden=8, z_dim=2,
+                 backend="torch")
+    batches = mmnist_batches(4, 8, 2, 2)
+    first, last = fit(m, batches, 40, 3e-3)
+    assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(N_S=3), "N_S"),
+    (dict(hid=3), "hid"),
+    (dict(z_dim=0), "z_dim"),
+    (dict(filter_size=2), "filter_size"),
+    (dict(beta=-1.0), "beta"),
+    (dict(pre_seq_length=3), "pre_seq_length"),
+])
+def test_vae_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        M.create("vae", **dict(TINY_VAE, **kw))
+
+
 # ---- the CLI through the registry -------------------------------------------------------------------------
-def test_cli_train_and_eval(tmp_path, monkeypatch):
+CLI_CONFIGS = {"diffusion": dict(hid=4, channel_mult=[1, 2], num_steps=10, sample_steps=2),
+               "vae": dict(hid=4, N_S=2, num_hidden=4, z_dim=2)}
+
+
+@pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
+def test_cli_train_and_eval(name, tmp_path, monkeypatch):
     from vpfast import evaluate as ev
     from vpfast import train as tr
     monkeypatch.setenv("VPFAST_DEVICE", "cpu")
-    cfg = json.dumps(dict(in_shape=[10, 1, 64, 64], hid=4, channel_mult=[1, 2], num_steps=10, sample_steps=2))
+    cfg = json.dumps(dict(CLI_CONFIGS[name], in_shape=[10, 1, 64, 64]))
     out = str(tmp_path / "run")
-    assert tr.main(["--model", "diffusion", "--config", cfg, "--epochs", "1", "--out", out, "--train-size", "4",
+    assert tr.main(["--model", name, "--config", cfg, "--epochs", "1", "--out", out, "--train-size", "4",
                     "--batch-size", "4", "--test-size", "2", "--no-progress"]) == 0
     res = str(tmp_path / "eval.json")
     assert ev.main(["eval", os.path.join(out, "last.pt"), "--test-size", "2", "--batch-size", "2",

@@ -69,11 +69,13 @@ PRESETS = {
 # stochastic and generative predictors (issue 24): vpfast's own layouts (no reference key files), so they are
 # registered beside NAMES, with their presets kept in their modules
 from . import diffusion as _diffusion  # noqa: E402
+from . import vae as _vae  # noqa: E402
 from .diffusion import ConditionalDiffusion  # noqa: E402,F401
+from .vae import VAEPredictor  # noqa: E402,F401
 
-STOCHASTIC_NAMES = ("diffusion",)
-CLASSES.update(diffusion=ConditionalDiffusion)
-PRESETS.update(diffusion=_diffusion.PRESETS)
+STOCHASTIC_NAMES = ("diffusion", "vae")
+CLASSES.update(diffusion=ConditionalDiffusion, vae=VAEPredictor)
+PRESETS.update(diffusion=_diffusion.PRESETS, vae=_vae.PRESETS)
 
 
 def create(name: str, preset: Optional[str] = None, backend: Optional[str] = None, **config) -> nn.Module:
@@ -110,5 +112,5 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "STOCHASTIC_NAMES", "ConditionalDiffusion", "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "STOCHASTIC_NAMES", "ConditionalDiffusion", "VAEPredictor", "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]
