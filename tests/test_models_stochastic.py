@@ -13,6 +13,7 @@ from vpfast import models as M
 from vpfast.data.moving_mnist import MovingMNIST
 from vpfast.models import diffusion as D
 from vpfast.models import vae as V
+from vpfast.models import vptr as P
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +29,9 @@ TINY_DIFF = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=8, channel_mult="1
 
 
 TINY_VAE = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=4, N_S=2, num_hidden=6, z_dim=2)
-TINY = {"diffusion": TINY_DIFF, "vae": TINY_VAE}
+TINY_VPTR = dict(in_shape=(3, 1, 8, 8), aft_seq_length=2, hid=8, N_S=2, num_layers=2, num_dec_layers=2, heads=2,
+                 window_size=2)
+TINY = {"diffusion": TINY_DIFF, "vae": TINY_VAE, "vptr_far": TINY_VPTR, "vptr_nar": TINY_VPTR}
 
 
 def tiny(name, backend="torch", dtype=torch.float64, **over):
@@ -191,7 +194,8 @@ def test_fused_backend_matches_torch(name):
     ref = tiny(name, "torch")
     fast = tiny(name, None)
     fast.load_state_dict(ref.state_dict())
-    frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    pre, aft = ref.pre_seq_length, ref.aft_seq_length
+    frames = torch.rand(2, pre + aft, 1, 8, 8, dtype=torch.float64)
     out = []
     for m in (ref, fast):
         torch.manual_seed(1)
@@ -373,9 +377,100 @@ def test_vae_bad_config(kw, match):
         M.create("vae", **dict(TINY_VAE, **kw))
 
 
+# ---- VPTR -------------------------------------------------------------------------------------------------
+def test_attention_is_multihead_softmax_attention():
+    torch.manual_seed(0)
+    att = P.Attention(8, heads=2).double()
+    q, k = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    v = torch.randn(3, 5, 8, dtype=torch.float64)
+    for causal in (False, True):
+        heads = lambda t: t.view(3, 5, 2, 4).transpose(1, 2)  # noqa: E731
+        Q, K, V_ = heads(att.q(q)), heads(att.k(k)), heads(att.v(v))
+        s = Q @ K.transpose(-1, -2) / 2.0
+        if causal:
+            s = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+        want = att.o((s.softmax(-1) @ V_).transpose(1, 2).reshape(3, 5, 8))
+        torch.testing.assert_close(att(q, k, v, causal=causal), want)
+
+
+def test_windows_roundtrip_and_grouping():
+    x = torch.arange(2 * 4 * 6 * 3, dtype=torch.float64).view(2, 4, 6, 3)
+    w = P.to_windows(x, 2)
+    assert w.shape == (2 * 2 * 3, 4, 3)
+    assert torch.equal(w[1], x[0, 0:2, 2:4].reshape(4, 3))  # window (0, 1) of the first map
+    assert torch.equal(P.from_windows(w, 2, 4, 6, 2), x)
+
+
+def test_far_is_causal():
+    """FAR's teacher-forced prediction of frame t reads frames <= t - 1 only."""
+    m = tiny("vptr_far")
+    frames = torch.rand(1, 5, 1, 8, 8, dtype=torch.float64)
+    base = m.teacher_forced(frames)
+    assert base.shape == (1, 4, 1, 8, 8)
+    for k in range(1, 5):
+        changed = frames.clone()
+        changed[:, k:] = torch.rand_like(changed[:, k:])
+        out = m.teacher_forced(changed)
+        torch.testing.assert_close(out[:, :k], base[:, :k], rtol=1e-12, atol=1e-12)  # frames 1..k
+        if k < 4:
+            assert (out[:, k] - base[:, k]).abs().max() > 1e-6  # frame k + 1 reads frame k
+    # prediction's first frame is the teacher-forced pass's prediction of frame pre (same observed frames)
+    torch.testing.assert_close(m(frames[:, :3])[:, 0], base[:, 2], rtol=1e-10, atol=1e-10)
+
+
+def test_nar_predicts_all_frames_in_one_pass():
+    m = tiny("vptr_nar", aft_seq_length=4)
+    calls = {"enc": [], "dec": []}
+    m.blocks[0].register_forward_hook(lambda mod, a, out: calls["enc"].append(out.shape[1]))
+    m.dec_blocks[0].register_forward_hook(lambda mod, a, out: calls["dec"].append(out.shape[1]))
+    x = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
+    y = m(x)
+    assert y.shape == (2, 4, 1, 8, 8)
+    assert calls == {"enc": [3], "dec": [4]}  # one encoder pass over 3 frames, one decoder pass for all 4
+    x2 = x.clone()
+    x2[:, 0] = torch.rand_like(x2[:, 0])  # no mask: every future frame reads the first observed frame
+    assert ((m(x2) - y).flatten(2).abs().amax(2) > 1e-8).all()
+    far = tiny("vptr_far", aft_seq_length=4)
+    calls_far = []
+    far.blocks[0].register_forward_hook(lambda mod, a, out: calls_far.append(out.shape[1]))
+    far(x)
+    assert calls_far == [3, 4, 5, 6]  # FAR: one pass per predicted frame
+
+
+@pytest.mark.parametrize("name", ["vptr_far", "vptr_nar"])
+def test_vptr_float32_autocast_and_loss_falls_on_moving_mnist(name):
+    m = tiny(name, None, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = m.training_loss(torch.rand(2, 5, 1, 8, 8))
+    assert torch.isfinite(loss)
+    torch.manual_seed(0)
+    m = M.create(name, in_shape=(2, 1, 32, 32), aft_seq_length=2, hid=8, N_S=2, num_layers=1, num_dec_layers=1,
+                 heads=2, window_size=4, backend="torch")
+    first, last = fit(m, mmnist_batches(4, 8, 2, 2), 40, 3e-3)
+    assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="bidirectional"), "mode"),
+    (dict(heads=3), "heads"),
+    (dict(hid=7, heads=1), "hid"),
+    (dict(window_size=0), "window_size"),
+])
+def test_vptr_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        M.create("vptr_far", **dict(TINY_VPTR, **kw))
+    with pytest.raises(ValueError, match="mode 'nar'"):
+        M.create("vptr_nar", **dict(TINY_VPTR, mode="far"))
+    m = tiny("vptr_far")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        m(torch.rand(1, 3, 1, 6, 8, dtype=torch.float64))
+
+
 # ---- the CLI through the registry -------------------------------------------------------------------------
 CLI_CONFIGS = {"diffusion": dict(hid=4, channel_mult=[1, 2], num_steps=10, sample_steps=2),
-               "vae": dict(hid=4, N_S=2, num_hidden=4, z_dim=2)}
+               "vae": dict(hid=4, N_S=2, num_hidden=4, z_dim=2),
+               "vptr_far": dict(hid=4, N_S=4, num_layers=1, heads=2),
+               "vptr_nar": dict(hid=4, N_S=4, num_layers=1, num_dec_layers=1, heads=2)}
 
 
 @pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)

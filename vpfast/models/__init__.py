@@ -66,18 +66,6 @@ PRESETS = {
 }
 
 
-# stochastic and generative predictors (issue 24): vpfast's own layouts (no reference key files), so they are
-# registered beside NAMES, with their presets kept in their modules
-from . import diffusion as _diffusion  # noqa: E402
-from . import vae as _vae  # noqa: E402
-from .diffusion import ConditionalDiffusion  # noqa: E402,F401
-from .vae import VAEPredictor  # noqa: E402,F401
-
-STOCHASTIC_NAMES = ("diffusion", "vae")
-CLASSES.update(diffusion=ConditionalDiffusion, vae=VAEPredictor)
-PRESETS.update(diffusion=_diffusion.PRESETS, vae=_vae.PRESETS)
-
-
 def create(name: str, preset: Optional[str] = None, backend: Optional[str] = None, **config) -> nn.Module:
     """Build a model by name: one of `NAMES`.
 
@@ -112,5 +100,18 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "STOCHASTIC_NAMES", "ConditionalDiffusion", "VAEPredictor", "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]
+
+
+# stochastic and generative predictors (issue 24): vpfast's own layouts (no reference key files), so they are
+# registered beside NAMES, with their presets kept in their modules
+from . import diffusion as _diffusion, vae as _vae, vptr as _vptr  # noqa: E402 (registered after the rest)
+from .diffusion import ConditionalDiffusion  # noqa: E402
+from .vae import VAEPredictor  # noqa: E402
+from .vptr import VPTR, VPTR_FAR, VPTR_NAR  # noqa: E402
+
+STOCHASTIC_NAMES = ("diffusion", "vae", "vptr_far", "vptr_nar")
+CLASSES.update(diffusion=ConditionalDiffusion, vae=VAEPredictor, vptr_far=VPTR_FAR, vptr_nar=VPTR_NAR)
+PRESETS.update(diffusion=_diffusion.PRESETS, vae=_vae.PRESETS, vptr_far=_vptr.PRESETS, vptr_nar=_vptr.PRESETS)
+__all__ += ["STOCHASTIC_NAMES", "ConditionalDiffusion", "VAEPredictor", "VPTR", "VPTR_FAR", "VPTR_NAR"]
