@@ -31,7 +31,8 @@ TINY_DIFF = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=8, channel_mult="1
 TINY_VAE = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=4, N_S=2, num_hidden=6, z_dim=2)
 TINY_VPTR = dict(in_shape=(3, 1, 8, 8), aft_seq_length=2, hid=8, N_S=2, num_layers=2, num_dec_layers=2, heads=2,
                  window_size=2)
-TINY = {"diffusion": TINY_DIFF, "vae": TINY_VAE, "vptr_far": TINY_VPTR, "vptr_nar": TINY_VPTR}
+TINY_GAN = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=4, disc_hid=4, z_dim=2)
+TINY = {"diffusion": TINY_DIFF, "vae": TINY_VAE, "gan": TINY_GAN, "vptr_far": TINY_VPTR, "vptr_nar": TINY_VPTR}
 
 
 def tiny(name, backend="torch", dtype=torch.float64, **over):
@@ -377,6 +378,79 @@ def test_vae_bad_config(kw, match):
         M.create("vae", **dict(TINY_VAE, **kw))
 
 
+# ---- two-stream GAN ---------------------------------------------------------------------------------------
+def test_gan_streams_background_static_mask_in_unit_interval():
+    m = tiny("gan")
+    with torch.no_grad():  # large weights: the mask's sigmoid saturates somewhere, and must stay in [0, 1]
+        for p in m.generator.parameters():
+            p.mul_(20)
+    x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
+    z = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        s = m.generate(x, z)
+    assert s["background"].shape == (2, 1, 8, 8) and s["mask"].shape == (2, 2, 1, 8, 8)
+    assert float(s["mask"].min()) >= 0.0 and float(s["mask"].max()) <= 1.0
+    m_, fg, bg = s["mask"], s["foreground"], s["background"]
+    torch.testing.assert_close(s["video"], m_ * fg + (1 - m_) * bg[:, None])
+    with torch.no_grad():  # mask 0 everywhere: every future frame is the one background image
+        m.generator.mask_out.weight.zero_()
+        m.generator.mask_out.bias.fill_(-1e4)
+    v = m.generate(x, z)["video"]
+    assert torch.equal(v[:, 0], v[:, 1]) and torch.equal(v[:, 0], m.generate(x, z)["background"])
+
+
+def test_gan_each_network_gets_its_own_objective():
+    """One backward of training_loss: the generator's gradient is that of recon + adv (through a frozen D),
+    the discriminator's that of its own real/fake loss."""
+    m = tiny("gan", adv_weight=0.5)
+    frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    loss, logs = m.training_loss(frames)
+    loss.backward()
+    total = {k: p.grad.clone() for k, p in m.named_parameters()}
+    torch.manual_seed(0)
+    t = m.losses(frames, m._noise(frames, 2))
+    m.zero_grad()
+    G = [p for k, p in m.named_parameters() if k.startswith("generator.")]
+    Dp = [p for k, p in m.named_parameters() if k.startswith("discriminator.")]
+    g_grads = torch.autograd.grad(t["mse"] + 0.5 * t["g_adv"], G + Dp, allow_unused=True)
+    assert all(g is None for g in g_grads[len(G):])  # D's parameters enter the generator's loss detached
+    d_grads = torch.autograd.grad(t["d_loss"], Dp)
+    names = [k for k, _ in m.named_parameters()]
+    for k, g in zip(names, list(g_grads[:len(G)]) + list(d_grads)):
+        torch.testing.assert_close(total[k], g)
+    assert logs["loss"] == pytest.approx(logs["mse"] + 0.5 * logs["g_adv"] + logs["d_loss"])
+
+
+def test_gan_sample_and_forward():
+    m = tiny("gan")
+    x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
+    a = m.sample(x, n=3, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 2, 1, 8, 8)
+    assert torch.equal(a, m.sample(x, n=3, generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(a[:, 0], a[:, 1])
+    assert torch.equal(m(x), m(x))  # z = 0
+    with pytest.raises(ValueError, match="z must"):
+        m.generate(x, torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="adv_weight"):
+        M.create("gan", **dict(TINY_GAN, adv_weight=-1))
+
+
+def test_gan_reconstruction_falls_on_moving_mnist():
+    torch.manual_seed(0)
+    m = M.create("gan", in_shape=(2, 1, 32, 32), aft_seq_length=2, hid=8, disc_hid=4, z_dim=2, backend="torch")
+    batches = mmnist_batches(4, 8, 2, 2)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    mses = []
+    for i in range(40):
+        loss, logs = m.training_loss(batches[i % 4], i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mses.append(logs["mse"])
+    assert sum(mses[-5:]) < 0.7 * sum(mses[:5]), mses
+
+
 # ---- VPTR -------------------------------------------------------------------------------------------------
 def test_attention_is_multihead_softmax_attention():
     torch.manual_seed(0)
@@ -469,6 +543,7 @@ def test_vptr_bad_config(kw, match):
 # ---- the CLI through the registry -------------------------------------------------------------------------
 CLI_CONFIGS = {"diffusion": dict(hid=4, channel_mult=[1, 2], num_steps=10, sample_steps=2),
                "vae": dict(hid=4, N_S=2, num_hidden=4, z_dim=2),
+               "gan": dict(hid=4, disc_hid=4, z_dim=2),
                "vptr_far": dict(hid=4, N_S=4, num_layers=1, heads=2),
                "vptr_nar": dict(hid=4, N_S=4, num_layers=1, num_dec_layers=1, heads=2)}
 

@@ -106,12 +106,16 @@ __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadRepo
 
 # stochastic and generative predictors (issue 24): vpfast's own layouts (no reference key files), so they are
 # registered beside NAMES, with their presets kept in their modules
-from . import diffusion as _diffusion, vae as _vae, vptr as _vptr  # noqa: E402 (registered after the rest)
+from . import diffusion as _diffusion, gan as _gan, vae as _vae, vptr as _vptr  # noqa: E402 (after the rest)
 from .diffusion import ConditionalDiffusion  # noqa: E402
+from .gan import TwoStreamGAN  # noqa: E402
 from .vae import VAEPredictor  # noqa: E402
 from .vptr import VPTR, VPTR_FAR, VPTR_NAR  # noqa: E402
 
-STOCHASTIC_NAMES = ("diffusion", "vae", "vptr_far", "vptr_nar")
-CLASSES.update(diffusion=ConditionalDiffusion, vae=VAEPredictor, vptr_far=VPTR_FAR, vptr_nar=VPTR_NAR)
-PRESETS.update(diffusion=_diffusion.PRESETS, vae=_vae.PRESETS, vptr_far=_vptr.PRESETS, vptr_nar=_vptr.PRESETS)
-__all__ += ["STOCHASTIC_NAMES", "ConditionalDiffusion", "VAEPredictor", "VPTR", "VPTR_FAR", "VPTR_NAR"]
+STOCHASTIC_NAMES = ("diffusion", "vae", "gan", "vptr_far", "vptr_nar")
+CLASSES.update(diffusion=ConditionalDiffusion, vae=VAEPredictor, gan=TwoStreamGAN, vptr_far=VPTR_FAR,
+               vptr_nar=VPTR_NAR)
+PRESETS.update(diffusion=_diffusion.PRESETS, vae=_vae.PRESETS, gan=_gan.PRESETS, vptr_far=_vptr.PRESETS,
+               vptr_nar=_vptr.PRESETS)
+__all__ += ["STOCHASTIC_NAMES", "ConditionalDiffusion", "VAEPredictor", "TwoStreamGAN", "VPTR", "VPTR_FAR",
+            "VPTR_NAR"]
