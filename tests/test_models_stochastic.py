@@ -558,6 +558,36 @@ def test_cli_train_and_eval(name, tmp_path, monkeypatch):
     assert tr.main(["--model", name, "--config", cfg, "--epochs", "1", "--out", out, "--train-size", "4",
                     "--batch-size", "4", "--test-size", "2", "--no-progress"]) == 0
     res = str(tmp_path / "eval.json")
-    assert ev.main(["eval", os.path.join(out, "last.pt"), "--test-size", "2", "--batch-size", "2",
-                    "--no-progress", "--no-baselines", "--json", res]) == 0
+    ckpt = os.path.join(out, "last.pt")
+    args = ["eval", ckpt, "--test-size", "2", "--batch-size", "2", "--no-progress", "--no-baselines"]
+    assert ev.main([*args, "--json", res]) == 0
     assert math.isfinite(json.load(open(res))["metrics"]["model"]["mse"])
+    stochastic = callable(getattr(M.CLASSES[name], "sample", None))
+    assert ev.main([*args, "--samples", "2", "--json", res]) == (0 if stochastic else 2)
+    if stochastic:
+        metrics = json.load(open(res))["metrics"]
+        assert set(metrics) == {"model", "best of 2", "mean of 2"}
+        assert metrics["best of 2"]["mse"] <= metrics["mean of 2"]["mse"]
+        assert metrics["best of 2"]["ssim"] >= metrics["mean of 2"]["ssim"]
+
+
+# ---- best / mean over n samples -----------------------------------------------------------------------------
+def test_best_and_mean_over_samples():
+    from vpfast.evaluate import best_and_mean
+    from vpfast.metrics import frame_metrics
+    g = torch.Generator().manual_seed(0)
+    true = torch.rand(2, 3, 1, 8, 8, generator=g, dtype=torch.float64)
+    samples = torch.rand(2, 4, 3, 1, 8, 8, generator=g, dtype=torch.float64)
+    samples[0, 2] = true[0]  # sequence 0 has a perfect sample
+    samples[1, 1] = true[1] + 0.5  # sequence 1: a far-off sample (clipped to [0, 1] for SSIM/PSNR only)
+    best, mean = best_and_mean(samples, true)
+    per = {k: torch.stack([frame_metrics(samples[:, j], true)[k].mean(-1) for j in range(4)], 1)
+           for k in ("mse", "mae", "ssim", "psnr")}
+    assert best["mse"][0] == 0 and best["psnr"][0] == 100.0 and best["ssim"][0] == pytest.approx(1.0)
+    for k, lower in (("mse", True), ("mae", True), ("ssim", False), ("psnr", False)):
+        want = per[k].amin(1) if lower else per[k].amax(1)
+        torch.testing.assert_close(best[k], want)
+        torch.testing.assert_close(mean[k], per[k].mean(1))
+    assert per["mse"][1].argmax() == 1  # the off sample is the worst, and not the mean's whole story
+    with pytest.raises(ValueError, match="samples must be"):
+        best_and_mean(samples[:, 0], true)
