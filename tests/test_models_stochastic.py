@@ -569,6 +569,12 @@ def test_cli_train_and_eval(name, tmp_path, monkeypatch):
         assert set(metrics) == {"model", "best of 2", "mean of 2"}
         assert metrics["best of 2"]["mse"] <= metrics["mean of 2"]["mse"]
         assert metrics["best of 2"]["ssim"] >= metrics["mean of 2"]["ssim"]
+    pics = str(tmp_path / "pics")
+    assert ev.main(["predict", ckpt, "--num", "2", "--samples", "3", "--out", pics]) == (0 if stochastic else 2)
+    if stochastic:
+        import numpy as np
+        assert np.load(os.path.join(pics, "samples.npy")).shape == (2, 3, 10, 1, 64, 64)
+        assert os.path.getsize(os.path.join(pics, "samples.png")) > 0
 
 
 # ---- best / mean over n samples -----------------------------------------------------------------------------

@@ -25,13 +25,14 @@ def _paste_row(canvas, frames, y, x0, scale):
 def save_grid(path, inputs, truth, pred, max_sequences=2, scale=1):
     """PNG grid: per sequence three rows (inputs, ground truth, prediction), time running left to right.
 
-    inputs: Tensor[B, pre, C, H, W]; truth, pred: Tensor[B, aft, C, H, W] (truth may be None).
+    inputs: Tensor[B, pre, C, H, W]; truth, pred: Tensor[B, aft, C, H, W] (truth may be None); pred may also
+    be n sampled futures Tensor[B, n, aft, C, H, W] (a stochastic model's), one row each ("s1" .. "sn").
     """
     n = min(max_sequences, inputs.shape[0])
     H, W = inputs.shape[-2] * scale, inputs.shape[-1] * scale
-    cols = max(inputs.shape[1], pred.shape[1])
-    rows = [("input", inputs), ("truth", truth), ("pred", pred)]
-    rows = [(name, x) for name, x in rows if x is not None]
+    cols = max(inputs.shape[1], pred.shape[-4])
+    preds = [(f"s{j + 1}", pred[:, j]) for j in range(pred.shape[1])] if pred.dim() == 6 else [("pred", pred)]
+    rows = [(name, x) for name, x in [("input", inputs), ("truth", truth)] + preds if x is not None]
     width = _LABEL_W + cols * (W + _GAP)
     height = n * (len(rows) * (H + _GAP) + 2 * _GAP)
     canvas = Image.new("RGB", (width, height), (40, 40, 40))
