@@ -597,3 +597,37 @@ def test_best_and_mean_over_samples():
     assert per["mse"][1].argmax() == 1  # the off sample is the worst, and not the mean's whole story
     with pytest.raises(ValueError, match="samples must be"):
         best_and_mean(samples[:, 0], true)
+
+
+# ---- GPU (skipped without CUDA) -------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
+def test_gpu_small_preset_training_step(name):
+    """The "small" preset at batch 2 on the GPU: in float32 (no TF32) the default backend's loss and gradients
+    match backend="torch" (same random draws); under bf16 autocast the step is finite; sampling runs."""
+    from vpfast.testing import exact_float32
+    frames = torch.rand(2, 20, 1, 64, 64, generator=torch.Generator().manual_seed(0)).cuda()
+    torch.manual_seed(0)
+    ref = M.create(name, preset="small", backend="torch").cuda()
+    fast = M.create(name, preset="small").cuda()
+    fast.load_state_dict(ref.state_dict())
+    results = []
+    with exact_float32():
+        for m in (ref, fast):
+            torch.manual_seed(1)
+            loss, _ = m.training_loss(frames)
+            loss.backward()
+            results.append((loss.detach(), [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    fast.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = fast.training_loss(frames)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+    fast.eval()
+    with torch.no_grad():
+        y = fast.sample(frames[:, :10], n=2) if hasattr(fast, "sample") else fast(frames[:, :10])[:, None]
+    assert y.shape[-4:] == (10, 1, 64, 64) and torch.isfinite(y).all()
