@@ -37,7 +37,8 @@ class Generator(nn.Module):
         self.aft, self.hid = aft, hid
         self.enc = nn.Sequential(nn.Conv2d(pre * C + z_dim, hid, 3, padding=1), _act(),
                                  nn.Conv2d(hid, hid, 4, 2, 1), _act(), nn.Conv2d(hid, hid, 4, 2, 1), _act())
-        up2d = lambda: nn.Sequential(nn.Upsample(scale_factor=2.0), nn.Conv2d(hid, hid, 3, padding=1), _act())  # noqa: E731
+        up2d = lambda: nn.Sequential(nn.Upsample(scale_factor=2.0),  # noqa: E731
+                                     nn.Conv2d(hid, hid, 3, padding=1), _act())
         self.background = nn.Sequential(up2d(), up2d(), nn.Conv2d(hid, C, 3, padding=1))
         self.to_time = nn.Conv2d(hid, hid * aft, 1)
         up3d = lambda: nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0)),  # noqa: E731
