@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _base
+from . import _base, _stochastic
 from ..ops.group_norm_silu import group_norm_silu
 
 SAMPLERS = ("ddpm", "ddim")
@@ -158,11 +158,7 @@ class ConditionalDiffusion(_base.VideoPredictionModel):
                  channel_mult="1,2,2", num_steps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                  sample_steps=50, sampler="ddim", eta=0.0, clip_denoised=True, backend: Optional[str] = None):
         super().__init__()
-        T, C, H, W = _base.as_shape(in_shape)
-        pre = T if pre_seq_length is None else _base.positive_int("pre_seq_length", pre_seq_length)
-        if pre != T:
-            raise ValueError(f"pre_seq_length ({pre}) must equal in_shape[0] ({T})")
-        aft = pre if aft_seq_length is None else _base.positive_int("aft_seq_length", aft_seq_length)
+        T, C, H, W, pre, aft = _stochastic.seq_shape(in_shape, pre_seq_length, aft_seq_length)
         _base.positive_int("hid", hid)
         mult = _base.as_int_list("channel_mult", channel_mult)
         _base.positive_int("num_steps", num_steps)
@@ -284,12 +280,8 @@ class ConditionalDiffusion(_base.VideoPredictionModel):
         shape = (B * n, self.aft_seq_length, C, H, W)
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
-        def randn():
-            dev = generator.device if generator is not None else x.device
-            return torch.randn(shape, generator=generator, device=dev, dtype=dtype).to(x.device)
-
         if noise is None:
-            xt = randn()
+            xt = _stochastic.randn(shape, x, generator, dtype)
         else:
             if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (B, n) + shape[1:]:
                 raise ValueError(f"noise must be a Tensor[B, n, aft, C, H, W] = {(B, n) + shape[1:]}, got "
@@ -301,7 +293,8 @@ class ConditionalDiffusion(_base.VideoPredictionModel):
             t, t_prev = ts[i], (ts[i - 1] if i > 0 else -1)
             tt = torch.full((B * n,), t, device=x.device, dtype=torch.long)
             eps = self.predict_noise(xt.to(x.dtype), tt, past).to(dtype)
-            z = randn() if self.step_variance(t, t_prev, sampler, eta) > 0 else None
+            noisy = self.step_variance(t, t_prev, sampler, eta) > 0
+            z = _stochastic.randn(shape, x, generator, dtype) if noisy else None
             xt = self.sampling_step(xt, eps, t, t_prev, sampler, eta, z)
         out = ((xt + 1) / 2).clamp(0, 1).to(x.dtype)
         return out.view(B, n, *shape[1:])
@@ -316,6 +309,6 @@ def beta_schedule_of(config: dict) -> torch.Tensor:
 
 
 # "mmnist": a DDPM-sized U-Net for 64x64 Moving MNIST (10 -> 10 frames); "small": narrow, for a 2-core CPU.
-_MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
+_MMNIST = _stochastic.MMNIST
 PRESETS = {"mmnist": dict(_MMNIST, hid=64, channel_mult="1,2,2,2", num_steps=1000, sample_steps=50),
            "small": dict(_MMNIST, hid=16, channel_mult="1,2,2", num_steps=1000, sample_steps=20)}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import _base
+from . import _base, _stochastic
 
 
 def _act():
@@ -96,16 +96,11 @@ class TwoStreamGAN(_base.VideoPredictionModel):
     def __init__(self, in_shape=(10, 1, 64, 64), pre_seq_length=None, aft_seq_length=None, hid=32, disc_hid=16,
                  z_dim=4, recon_weight=1.0, adv_weight=0.01, backend: Optional[str] = None):
         super().__init__()
-        T, C, H, W = _base.as_shape(in_shape)
-        pre = T if pre_seq_length is None else _base.positive_int("pre_seq_length", pre_seq_length)
-        if pre != T:
-            raise ValueError(f"pre_seq_length ({pre}) must equal in_shape[0] ({T})")
-        aft = pre if aft_seq_length is None else _base.positive_int("aft_seq_length", aft_seq_length)
+        T, C, H, W, pre, aft = _stochastic.seq_shape(in_shape, pre_seq_length, aft_seq_length)
         for k, v in dict(hid=hid, disc_hid=disc_hid, z_dim=z_dim).items():
             _base.positive_int(k, v)
-        for k, v in dict(recon_weight=recon_weight, adv_weight=adv_weight).items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
+        recon_weight = _stochastic.nonnegative("recon_weight", recon_weight)
+        adv_weight = _stochastic.nonnegative("adv_weight", adv_weight)
         self._init_config(dict(in_shape=[T, C, H, W], pre_seq_length=pre, aft_seq_length=aft, hid=hid,
                                disc_hid=disc_hid, z_dim=z_dim, recon_weight=float(recon_weight),
                                adv_weight=float(adv_weight)), backend)
@@ -119,8 +114,7 @@ class TwoStreamGAN(_base.VideoPredictionModel):
         shape = (n_rows, self.config["z_dim"], *x.shape[-2:])
         if zero:
             return x.new_zeros(shape)
-        dev = generator.device if generator is not None else x.device
-        return torch.randn(shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+        return _stochastic.randn(shape, x, generator)
 
     def generate(self, x: torch.Tensor, z: torch.Tensor) -> dict:
         """x: Tensor[B, pre, C, H, W], z: Tensor[B, z_dim, H, W] -> the generator's streams (see Generator)."""
@@ -170,6 +164,6 @@ class TwoStreamGAN(_base.VideoPredictionModel):
         return self.generate(xs, self._noise(xs, xs.shape[0], generator))["video"].unflatten(0, (x.shape[0], n))
 
 
-_MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
+_MMNIST = _stochastic.MMNIST
 PRESETS = {"mmnist": dict(_MMNIST, hid=64, disc_hid=32, z_dim=8),
            "small": dict(_MMNIST, hid=16, disc_hid=8, z_dim=4)}

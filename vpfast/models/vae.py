@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _base
+from . import _base, _stochastic
 from ._layers import ConvLSTMCell
 from .simvp import Decoder, Encoder
 
@@ -63,11 +63,7 @@ class VAEPredictor(_base.VideoPredictionModel):
     def __init__(self, in_shape=(10, 1, 64, 64), pre_seq_length=None, aft_seq_length=None, hid=32, N_S=4,
                  num_hidden=64, z_dim=8, filter_size=3, beta=1e-3, backend: Optional[str] = None):
         super().__init__()
-        T, C, H, W = _base.as_shape(in_shape)
-        pre = T if pre_seq_length is None else _base.positive_int("pre_seq_length", pre_seq_length)
-        if pre != T:
-            raise ValueError(f"pre_seq_length ({pre}) must equal in_shape[0] ({T})")
-        aft = pre if aft_seq_length is None else _base.positive_int("aft_seq_length", aft_seq_length)
+        T, C, H, W, pre, aft = _stochastic.seq_shape(in_shape, pre_seq_length, aft_seq_length)
         for k, v in dict(hid=hid, N_S=N_S, num_hidden=num_hidden, z_dim=z_dim, filter_size=filter_size).items():
             _base.positive_int(k, v)
         if N_S % 2 or hid % 2:
@@ -75,8 +71,7 @@ class VAEPredictor(_base.VideoPredictionModel):
                              f"N_S={N_S}, hid={hid}")
         if filter_size % 2 == 0:
             raise ValueError(f"filter_size must be odd (same-size convolutions), got {filter_size}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
-            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        beta = _stochastic.nonnegative("beta", beta)
         self._init_config(dict(in_shape=[T, C, H, W], pre_seq_length=pre, aft_seq_length=aft, hid=hid, N_S=N_S,
                                num_hidden=num_hidden, z_dim=z_dim, filter_size=filter_size, beta=float(beta)),
                           backend)
@@ -124,9 +119,7 @@ class VAEPredictor(_base.VideoPredictionModel):
                 z = mu_q + (0.5 * lv_q).exp() * torch.randn_like(mu_q)
                 kls.append(gaussian_kl(mu_q, lv_q, mu_p, lv_p))
             elif mode == "sample":
-                dev = generator.device if generator is not None else mu_p.device
-                eps = torch.randn(mu_p.shape, generator=generator, device=dev, dtype=mu_p.dtype).to(mu_p.device)
-                z = mu_p + (0.5 * lv_p).exp() * eps
+                z = mu_p + (0.5 * lv_p).exp() * _stochastic.randn(mu_p.shape, mu_p, generator)
             else:
                 z = mu_p
             h, c = self.cell(torch.cat([e_prev, z.to(e_prev.dtype)], 1), h, c)
@@ -164,6 +157,6 @@ class VAEPredictor(_base.VideoPredictionModel):
         return out.unflatten(0, (x.shape[0], n))
 
 
-_MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
+_MMNIST = _stochastic.MMNIST
 PRESETS = {"mmnist": dict(_MMNIST, hid=64, N_S=4, num_hidden=128, z_dim=16),
            "small": dict(_MMNIST, hid=16, N_S=4, num_hidden=32, z_dim=4)}

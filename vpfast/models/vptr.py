@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _base
+from . import _base, _stochastic
 from .simvp import Decoder, Encoder
 
 MODES = ("far", "nar")
@@ -148,11 +148,7 @@ class VPTR(_base.VideoPredictionModel):
                  N_S=4, num_layers=4, num_dec_layers=4, heads=4, window_size=4, mlp_ratio=2.0,
                  backend: Optional[str] = None):
         super().__init__()
-        T, C, H, W = _base.as_shape(in_shape)
-        pre = T if pre_seq_length is None else _base.positive_int("pre_seq_length", pre_seq_length)
-        if pre != T:
-            raise ValueError(f"pre_seq_length ({pre}) must equal in_shape[0] ({T})")
-        aft = pre if aft_seq_length is None else _base.positive_int("aft_seq_length", aft_seq_length)
+        T, C, H, W, pre, aft = _stochastic.seq_shape(in_shape, pre_seq_length, aft_seq_length)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for k, v in dict(hid=hid, N_S=N_S, num_layers=num_layers, num_dec_layers=num_dec_layers, heads=heads,
@@ -278,6 +274,6 @@ class VPTR_NAR(VPTR):  # noqa: N801
         super().__init__(**config)
 
 
-_MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
+_MMNIST = _stochastic.MMNIST
 PRESETS = {"mmnist": dict(_MMNIST, hid=128, N_S=4, num_layers=4, num_dec_layers=4, heads=8, window_size=4),
            "small": dict(_MMNIST, hid=32, N_S=4, num_layers=2, num_dec_layers=2, heads=4, window_size=4)}
