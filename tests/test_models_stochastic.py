@@ -138,6 +138,34 @@ def test_ddim_eta1_step_equals_ddpm_step(steps):
         torch.testing.assert_close(det, m.sampling_step(xt, eps, t, tp, "ddim", 0.0, 5 * z), rtol=0, atol=0)
 
 
+def test_samplers_draw_the_data_distribution_with_the_exact_noise_predictor():
+    """Gaussian data x0 ~ N(mu, s^2) per pixel has the exact noise predictor
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar): with it in place of the network,
+    DDPM and DDIM must return samples of mean mu and std s, up to their discretisation error, which shrinks
+    with the number of steps."""
+    N, mu, s = 200, 0.2, 0.25
+    m = tiny_diffusion(num_steps=N, beta_schedule="cosine", clip_denoised=False)
+    ab_all = m.alphas_cumprod
+
+    def exact(xt, t, past):
+        ab = ab_all[t].view(-1, 1, 1, 1, 1).to(xt.dtype)
+        return (1 - ab).sqrt() * (xt - ab.sqrt() * mu) / (ab * s * s + 1 - ab)
+
+    m.predict_noise = exact
+    x = torch.rand(1, 2, 1, 8, 8, dtype=torch.float64)
+
+    def stats(**kw):
+        v = 2 * m.sample(x, n=200, generator=torch.Generator().manual_seed(0), **kw) - 1
+        return float(v.mean()), float(v.std())
+
+    for kw, rel in ((dict(sampler="ddpm", steps=N), 0.05), (dict(sampler="ddim", steps=N, eta=0.0), 0.02),
+                    (dict(sampler="ddim", steps=N // 2, eta=0.5), 0.05)):
+        mean, std = stats(**kw)
+        assert abs(mean - mu) < 0.01 and abs(std - s) < rel * s, (kw, mean, std)
+    few = stats(sampler="ddim", steps=5, eta=0.0)[1]
+    assert abs(few - s) > abs(stats(sampler="ddim", steps=N, eta=0.0)[1] - s)
+
+
 def test_ddim_eta0_deterministic_for_fixed_noise():
     m = tiny_diffusion().eval()
     x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
