@@ -109,10 +109,9 @@ class VAEPredictor(_base.VideoPredictionModel):
         nh = self.config["num_hidden"]
         h = e_all.new_zeros(B, nh, *e_all.shape[-2:])
         c = torch.zeros_like(h)
-        preds, kls = [], []
+        preds, kls, states = [], [], []
         e_prev = e_all[:, 0]
         for t in range(1, pre + aft):
-            skip = skips[:, min(t - 1, pre - 1)]
             mu_p, lv_p = self.prior(torch.cat([h, e_prev], 1))
             if mode == "train":
                 mu_q, lv_q = self.posterior(torch.cat([h, e_prev, e_all[:, t]], 1))
@@ -123,14 +122,20 @@ class VAEPredictor(_base.VideoPredictionModel):
             else:
                 z = mu_p
             h, c = self.cell(torch.cat([e_prev, z.to(e_prev.dtype)], 1), h, c)
-            x_hat = self.dec(self.out(h), skip)
-            if mode == "train" or t >= pre:
-                preds.append(x_hat)
-            if mode == "train" or t < pre:
+            if mode == "train":  # teacher forcing: nothing in the loop needs the frame, decode all at the end
+                states.append(h)
                 e_prev = e_all[:, t]
-            else:  # at test time the future is encoded from the model's own prediction
-                e_prev = self.enc(x_hat)[0]
-        return torch.stack(preds, 1), (torch.stack(kls, 1) if kls else None)
+            elif t >= pre:  # at test time the future is encoded from the model's own prediction
+                preds.append(self.dec(self.out(h), skips[:, pre - 1]))
+                e_prev = self.enc(preds[-1])[0]
+            else:
+                e_prev = e_all[:, t]
+        if mode == "train":
+            hs = torch.stack(states, 1)  # [B, T-1, num_hidden, h, w]; step t's skip: frame min(t - 1, pre - 1)
+            idx = torch.arange(hs.shape[1], device=hs.device).clamp(max=pre - 1)
+            y = self.dec(self.out(hs.flatten(0, 1)), skips[:, idx].flatten(0, 1))
+            return y.unflatten(0, hs.shape[:2]), torch.stack(kls, 1)
+        return torch.stack(preds, 1), None
 
     def training_loss(self, frames: torch.Tensor, itr: int = 0):
         """frames: Tensor[B, pre + aft, C, H, W] -> (loss: Tensor[], logs: dict of floats)."""
