@@ -264,7 +264,7 @@ def test_diffusion_loss_falls_on_moving_mnist():
             return sum(m.training_loss(probe)[0].item() for _ in range(4)) / 4
 
     before = probe_loss()
-    first, last = fit(m, batches, 60, 3e-3)
+    first, last = fit(m, batches, 40, 3e-3)
     after = probe_loss()
     assert after < 0.7 * before, (before, after, first, last)
 
