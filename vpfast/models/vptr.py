@@ -10,7 +10,8 @@ frame) maps each frame to a feature grid [h, w, d] (d = hid). VidHRFormer blocks
 4. an MLP feed-forward network; every sub-layer pre-LayerNorm and residual.
 
 FAR: the output at position t (after seeing frames <= t) is the feature of frame t + 1: training is one
-teacher-forced pass over frames 0 .. T-2, prediction appends each predicted feature and runs again.
+teacher-forced pass over frames 0 .. T-2, prediction decodes the last output, appends the encoding of that
+frame and runs again.
 NAR: the encoder stack (no mask) turns the observed frames into memories; a decoder stack turns N learned
 queries into all N future features in one pass: per block the steps 1-3 among the queries (no mask), then
 encoder-decoder attention at each spatial position (queries from the decoder; keys and values from the
@@ -234,9 +235,13 @@ class VPTR(_base.VideoPredictionModel):
         feats, skips = self._encode(x)
         if self.config["mode"] == "nar":
             return self._decode(self.nar_step(feats), skips[:, -1])
-        for _ in range(aft):  # FAR: one frame at a time, each appended as a feature
-            feats = torch.cat([feats, self.far_step(feats)[:, -1:]], dim=1)
-        return self._decode(feats[:, pre:], skips[:, -1])
+        preds = []
+        for _ in range(aft):
+            # FAR: one frame at a time; the loss trains the decoded frames, so each prediction re-enters as
+            # the encoding of its decoded frame (a feature the blocks have seen in training)
+            preds.append(self._decode(self.far_step(feats)[:, -1:], skips[:, -1]))
+            feats = torch.cat([feats, self._encode(preds[-1])[0]], dim=1)
+        return torch.cat(preds, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: Tensor[B, pre_seq_length, C, H, W] -> Tensor[B, aft_seq_length, C, H, W]."""
