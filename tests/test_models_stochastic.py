@@ -343,6 +343,22 @@ def test_vae_kl_is_zero_when_posterior_equals_prior():
     assert logs["mse"] > 0
 
 
+def test_vae_training_pass_agrees_with_prediction():
+    """With the posterior equal to the prior and its spread ~0, the teacher-forced training pass and the
+    prediction (prior mean) see the same inputs up to the first future frame: same frame."""
+    m = tiny_vae()
+    posterior_as_prior(m)
+    with torch.no_grad():
+        for head in (m.prior, m.posterior):
+            head.conv2.bias[m.config["z_dim"]:] = -80.0  # logvar: std e^-40
+            head.conv2.weight[m.config["z_dim"]:] = 0.0
+    frames = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        train_pred, kl = m._run(frames, "train")
+    assert train_pred.shape == (2, 3, 1, 8, 8) and float(kl.abs().max()) == 0.0
+    torch.testing.assert_close(train_pred[:, 1], m(frames[:, :2])[:, 0], rtol=1e-10, atol=1e-10)
+
+
 def test_vae_posterior_sees_the_next_frame_and_the_prior_does_not():
     """KL at step t changes with frame t only through the posterior: the prior of step t reads frames < t."""
     m = tiny_vae()
