@@ -78,6 +78,8 @@ def test_presets_and_config_rebuild(name, preset):
     assert m.name == name and isinstance(m, M.VideoPredictionModel)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
     json.dumps(m.config)  # checkpoints store the config as plain data
+    if name == "diffusion":  # the noise schedule is data on the CPU, whatever the default device
+        assert m.alphas_cumprod.device.type == "cpu" and 0 < float(m.alphas_cumprod[-1]) < 1
 
 
 def test_unknown_model_lists_stochastic_names():

@@ -55,10 +55,11 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def beta_schedule(kind: str, num_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """Tensor[num_steps] of betas (float64): "linear" (DDPM) or "cosine" (Nichol & Dhariwal 2021)."""
+    # on the CPU explicitly: also inside `with torch.device("meta")` (the schedule is data, not a parameter)
     if kind == "linear":
-        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64, device="cpu")
     s = 0.008
-    x = torch.linspace(0, num_steps, num_steps + 1, dtype=torch.float64)
+    x = torch.linspace(0, num_steps, num_steps + 1, dtype=torch.float64, device="cpu")
     ab = torch.cos((x / num_steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
 
