@@ -596,27 +596,26 @@ CLI_CONFIGS = {"diffusion": dict(hid=4, channel_mult=[1, 2], num_steps=10, sampl
 
 @pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
 def test_cli_train_and_eval(name, tmp_path, monkeypatch):
-    from vpfast import evaluate as ev
-    from vpfast import train as tr
+    from vpfast import commands
     monkeypatch.setenv("VPFAST_DEVICE", "cpu")
     cfg = json.dumps(dict(CLI_CONFIGS[name], in_shape=[10, 1, 64, 64]))
     out = str(tmp_path / "run")
-    assert tr.main(["--model", name, "--config", cfg, "--epochs", "1", "--out", out, "--train-size", "4",
-                    "--batch-size", "4", "--test-size", "2", "--no-progress"]) == 0
+    assert commands.train_main(["--model", name, "--config", cfg, "--epochs", "1", "--out", out, "--train-size",
+                                "4", "--batch-size", "4", "--test-size", "2", "--no-progress"]) == 0
     res = str(tmp_path / "eval.json")
     ckpt = os.path.join(out, "last.pt")
     args = ["eval", ckpt, "--test-size", "2", "--batch-size", "2", "--no-progress", "--no-baselines"]
-    assert ev.main([*args, "--json", res]) == 0
+    assert commands.cli([*args, "--json", res]) == 0
     assert math.isfinite(json.load(open(res))["metrics"]["model"]["mse"])
     stochastic = callable(getattr(M.CLASSES[name], "sample", None))
-    assert ev.main([*args, "--samples", "2", "--json", res]) == (0 if stochastic else 2)
+    assert commands.cli([*args, "--samples", "2", "--json", res]) == (0 if stochastic else 2)
     if stochastic:
         metrics = json.load(open(res))["metrics"]
         assert set(metrics) == {"model", "best of 2", "mean of 2"}
         assert metrics["best of 2"]["mse"] <= metrics["mean of 2"]["mse"]
         assert metrics["best of 2"]["ssim"] >= metrics["mean of 2"]["ssim"]
     pics = str(tmp_path / "pics")
-    assert ev.main(["predict", ckpt, "--num", "2", "--samples", "3", "--out", pics]) == (0 if stochastic else 2)
+    assert commands.cli(["predict", ckpt, "--num", "2", "--samples", "3", "--out", pics]) == (0 if stochastic else 2)
     if stochastic:
         import numpy as np
         assert np.load(os.path.join(pics, "samples.npy")).shape == (2, 3, 10, 1, 64, 64)

@@ -22,7 +22,8 @@ import torch
 
 from ._dispatch import BackendUnavailable
 from .checkpoint import CheckpointError, write_text_atomic
-from .evaluate import evaluate, format_metrics_table, load_model, load_test_set, predict_batch
+from .evaluate import (draw_samples, evaluate, evaluate_samples, format_metrics_table, load_model, load_test_set,
+                       predict_batch)
 from .data import layout_note
 from .runtime import (PRECISIONS, Precision, UsageError, build_model, check_frame_values, check_precision,
                       check_sequence_shape, parse_config, resolve_device)
@@ -155,6 +156,9 @@ def cmd_eval(args):
     with _model_input_errors("--data", ds[0].shape):
         res = evaluate(net, ds, meta["pre"], meta["aft"], args.batch_size, device=device,
                        baselines=not args.no_baselines, progress=not args.no_progress, precision=precision)
+        if args.samples is not None:  # stochastic models: best and mean over n sampled futures
+            res.update(evaluate_samples(net, ds, meta["pre"], meta["aft"], args.samples, args.batch_size, device,
+                                        precision, args.seed))
     dt = time.perf_counter() - t0
     print(f"{meta['model']} on {len(ds)} test sequences ({args.data or 'generated Moving MNIST test set'}), "
           f"{dt:.1f} s on {device}, precision {precision}; MSE/MAE are per-frame sums, SSIM/PSNR per-frame means")
@@ -194,6 +198,15 @@ def cmd_predict(args):
     save_grid(os.path.join(args.out, "predictions.png"), x, y, pred, max_sequences=args.pictures)
     save_gif(os.path.join(args.out, "predictions.gif"), x, y, pred)
     print(f"wrote {args.out}/predictions.npy {tuple(pred.shape)} [N, T, C, H, W], predictions.png, predictions.gif")
+    if args.samples is not None:  # n sampled futures of the pictured sequences, one grid row each
+        k = min(args.pictures, n)
+        gen = torch.Generator(device).manual_seed(args.seed)
+        with _model_input_errors("--input", seqs.shape[1:]):
+            samples = draw_samples(net, x[:k], args.samples, device, precision, gen)
+        np.save(os.path.join(args.out, "samples.npy"), samples.numpy())
+        save_grid(os.path.join(args.out, "samples.png"), x[:k], None if y is None else y[:k], samples,
+                  max_sequences=k)
+        print(f"wrote {args.out}/samples.npy {tuple(samples.shape)} [N, n, T, C, H, W], samples.png")
     return 0
 
 
@@ -346,6 +359,8 @@ def add_subcommands(subparsers):
     p.add_argument("--test-size", type=int, help="number of test sequences (default 1000 generated / whole file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated test set (default 0)")
     p.add_argument("--no-baselines", action="store_true", help="skip the zeros / last-frame baselines")
+    p.add_argument("--samples", type=int, help="stochastic models: also report the best and the mean over this "
+                                               "many sampled futures per sequence")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=lambda a: run_command(cmd_eval, a), command="eval")
@@ -358,6 +373,8 @@ def add_subcommands(subparsers):
     p.add_argument("--pictures", type=int, default=2, help="sequences in the PNG grid (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
+    p.add_argument("--samples", type=int, help="stochastic models: also draw this many futures of the pictured "
+                                               "sequences (samples.npy, samples.png)")
     p.set_defaults(func=lambda a: run_command(cmd_predict, a), command="predict")
 
     p = subparsers.add_parser("demo", help="train a small model for a few minutes and compare with baselines")

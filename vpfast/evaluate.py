@@ -71,6 +71,68 @@ def format_metrics_table(results):
 
 
 
+# ------------------------------------------------------------------------------- stochastic evaluation
+LOWER_IS_BETTER = {"mse": True, "mae": True, "ssim": False, "psnr": False}
+
+
+def best_and_mean(samples, true):
+    """Per-sequence scores of n sampled futures, as papers on stochastic prediction report them.
+
+    samples: Tensor[B, n, T, C, H, W], true: Tensor[B, T, C, H, W] -> (best, mean), each a dict of Tensor[B]
+    (float64) per metric: a sample's score is its metric averaged over the T frames; `best` takes, per sequence
+    and per metric, the best sample's score (lowest MSE/MAE, highest SSIM/PSNR: each metric picks its own
+    sample), `mean` the average over the n samples.
+    """
+    from .metrics import frame_metrics
+    if samples.dim() != 6 or samples.shape[:1] + samples.shape[2:] != true.shape:
+        raise ValueError(f"samples must be Tensor[B, n, T, C, H, W] matching true {tuple(true.shape)}, got "
+                         f"{tuple(samples.shape)}")
+    per = {k: v.mean(-1) for k, v in frame_metrics(samples, true[:, None].expand_as(samples)).items()}
+    best = {k: (v.amin(1) if LOWER_IS_BETTER[k] else v.amax(1)) for k, v in per.items()}
+    return best, {k: v.mean(1) for k, v in per.items()}
+
+
+def check_sampler(model, n):
+    """UsageError unless `model` has sample(x, n=..., generator=...) and n is a positive int."""
+    if not callable(getattr(model, "sample", None)):
+        raise UsageError(f"{getattr(model, 'name', type(model).__name__)} is deterministic (it has no sample "
+                         "method); run it without --samples")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"--samples must be a positive int, got {n!r}")
+
+
+@torch.no_grad()
+def draw_samples(model, x, n, device="cpu", precision="32", generator=None):
+    """model.sample(x, n=n) for x: Tensor[B, pre, C, H, W] -> Tensor[B, n, aft, C, H, W] float32 on the CPU, under
+    the autocast of `precision`, the draws from `generator` (a torch.Generator on `device`; default global)."""
+    check_sampler(model, n)
+    device = torch.device(device)
+    was = model.training
+    model.eval()
+    with autocast_for(precision, device):
+        out = model.sample(x.to(device), n=n, generator=generator)
+    model.train(was)
+    return out.float().cpu()
+
+
+def evaluate_samples(model, dataset, pre, aft, n, batch_size=32, device="cpu", precision="32", seed=0):
+    """Best and mean over n samples (model.sample) per test sequence, averaged over the dataset:
+    {"best of n": metrics, "mean of n": metrics}. The draws come from one generator seeded with `seed`."""
+    check_sampler(model, n)
+    gen = torch.Generator(torch.device(device)).manual_seed(seed)
+    sums = {"best": {}, "mean": {}}
+    count = 0
+    for i in range(0, len(dataset), batch_size):
+        seqs = torch.stack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        _check_frames(seqs, pre, aft)
+        samples = draw_samples(model, seqs[:, :pre], n, device, precision, gen)
+        for kind, scores in zip(("best", "mean"), best_and_mean(samples, seqs[:, pre:pre + aft].float())):
+            for k, v in scores.items():
+                sums[kind][k] = sums[kind].get(k, 0.0) + v.sum().item()
+        count += seqs.shape[0]
+    return {f"{kind} of {n}": {k: v / count for k, v in d.items()} for kind, d in sums.items()}
+
+
 @torch.no_grad()
 def predict_batch(model, seqs, pre, aft, device="cpu", dtype=torch.float32, precision="32"):
     """(inputs, truth or None, predictions as float32), all on the CPU, for sequences Tensor[N, T, C, H, W]."""
