@@ -97,6 +97,14 @@ inline void check_deform_inputs(const char* fn, const at::Tensor& x, const at::T
               ": the map is too large for 32-bit indices");
 }
 
+// deform_warp_backward's operands: the forward's, and grad of the output's shape [B, O, H, W]
+inline void check_deform_backward(const char* fn, const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& weight) {
+  check_deform_inputs(fn, x, offset, mask, weight);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({x.size(0), weight.size(0), x.size(2), x.size(3)}), fn,
+              ": grad must be [B, O, H, W]");
+}
+
 // Images per column-buffer chunk: as many as fit `budget` bytes with `buffers` buffers per image, at least one.
 inline int64_t chunk_images(int64_t B, int64_t bytes_per_image, int buffers, int64_t budget) {
   return std::max<int64_t>(1, std::min<int64_t>(B, budget / std::max<int64_t>(1, bytes_per_image * buffers)));

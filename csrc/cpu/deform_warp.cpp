@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "common/deform_warp.h"
 #include "cpu/output_cache.h"
 #include "cpu/warp_gather.h"
@@ -189,7 +190,7 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
       const int64_t nb = std::min(bc, B - b0), tasks_bn = nb * N;
       const int64_t ncb = std::min<int64_t>(C, std::max<int64_t>(1, (4 * threads + tasks_bn - 1) / tasks_bn));
       const int64_t cper = (C + ncb - 1) / ncb;
-      at::parallel_for(0, tasks_bn * ncb, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_for(0, tasks_bn * ncb, 1, [&](int64_t begin, int64_t end) {
         std::vector<int32_t> idx(4 * HW);
         std::vector<scalar_t> wt(4 * HW);
         int64_t last = -1;
@@ -220,11 +221,10 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& weight, std::array<bool, 4> needs) {
-  warp::check_deform_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
+  warp::check_deform_backward("vpfast::deform_warp_backward", grad, x, offset, mask, weight);
   const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
   const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, O, H, W}), "vpfast::deform_warp_backward: grad must be [B, O, H, W]");
   const auto G = grad.to(X.scalar_type()).contiguous();
   const auto Wm = weight.contiguous().view({O, K});
   // every entry of gx (if needed), goff and gm is written below, unless the early return zeroes them
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
         auto gb = gcol[b];
         at::mm_out(gb, Wt, G[b0 + b].view({O, HW}));
       }
-      at::parallel_for(0, nb * N, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_for(0, nb * N, 1, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> scratch(9 * HW);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t b = t / N, n = t % N, gb = b0 + b;
@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
       if (want_col)
         for (int64_t b = 0; b < nb; ++b) gw.addmm_(G[b0 + b].view({O, HW}), col[b].t());
       if (needs[0]) {
-        at::parallel_for(0, nb * C, 1, [&](int64_t begin, int64_t end) {
+        cpu::parallel_for(0, nb * C, 1, [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
             const int64_t b = t / C, c = t % C;
             scatter_plane<scalar_t>(gcp + b * K * HW + c * N * HW, N, HW, ip + b * N * 4 * HW, wp + b * N * 4 * HW,

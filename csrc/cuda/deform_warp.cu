@@ -150,12 +150,11 @@ at::Tensor deform_warp_forward_cuda(const at::Tensor& x, const at::Tensor& offse
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& weight, std::array<bool, 4> needs) {
-  warp::check_deform_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
+  warp::check_deform_backward("vpfast::deform_warp_backward", grad, x, offset, mask, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
   const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, O, H, W}), "vpfast::deform_warp_backward: grad must be [B, O, H, W]");
   if (needs[0]) at::globalContext().alertNotDeterministic("vpfast::deform_warp_backward (CUDA input gradient)");
   const auto G = grad.to(X.scalar_type()).contiguous();
   const auto Wm = weight.contiguous().view({O, K});
