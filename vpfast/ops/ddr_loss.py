@@ -86,8 +86,11 @@ if _ext.has_kernel("ddr_loss_forward_grad", "CPU"):
         ctx.save_for_backward(output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.need_target = inputs[4]
+        ctx.set_materialize_grads(False)  # the gradient outputs take no gradient: no zero tensors for them
 
     def _ddr_grad_backward(ctx, grad_loss, _gp, _gy):
+        if grad_loss is None:  # grads are not materialized: an undefined incoming gradient is a zero one
+            return None, None, None, None, None
         gp, gy = ctx.saved_tensors
         # without need_target the kernel computed no target gradient (gy is empty): none is returned
         return grad_loss * gp, (grad_loss * gy if ctx.need_target else None), None, None, None
