@@ -413,3 +413,14 @@ def test_cpp_fused_gradient_task_split():
                                                    msg=lambda m: f"threads={n} B={B} T={T}: {m}")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 1, 3, 3), (2, 4, 1, 0, 3)], ids=["B0", "D0"])
+def test_cpp_fused_gradient_empty(shape):
+    """No sequences or empty frames: the fused forward+gradient op returns the mean of nothing (nan) and empty
+    gradients, instead of dividing by the sequence count when it splits the work."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    pred, target = (t.detach() for t in _inputs(shape, torch.float32))
+    loss, gp, gy = torch.ops.vpfast.ddr_loss_forward_grad(pred, target, 0.1, 1e-12, True)
+    assert loss.isnan() and gp.shape == pred.shape and gy.shape == target.shape

@@ -266,9 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ddr_loss_forward_grad_cpu(const a
   auto gp = cpu::empty_output(P.sizes(), P.options());
   auto gy = need_target ? cpu::empty_output(Y.sizes(), Y.options()) : at::empty({0}, P.options());
   std::vector<double> row_loss(rows);
-  // runs of frames per sequence: one when the sequences alone keep every thread busy
+  // runs of frames per sequence: one when the sequences alone keep every thread busy (or there are none)
   const int64_t threads = at::get_num_threads();
-  const int64_t runs = std::min<int64_t>(T_ - 1, B >= 2 * threads ? 1 : (2 * threads + B - 1) / B);
+  const int64_t runs = std::min<int64_t>(T_ - 1, B >= 2 * threads || B == 0 ? 1 : (2 * threads + B - 1) / B);
   const int64_t run_len = (T_ + runs - 1) / runs;
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "ddr_loss_forward_grad_cpu", [&] {
     using T = scalar_t;
