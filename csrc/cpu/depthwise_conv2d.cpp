@@ -1,4 +1,4 @@
-// Depthwise convolution, CPU. One task per (sample, channel) plane (at::parallel_for over B*C); each task
+// Depthwise convolution, CPU. One task per (sample, channel) plane (cpu::parallel_for over B*C); each task
 // copies its plane into a zero-padded scratch buffer that stays in cache and runs the register-blocked,
 // W-vectorised loops of cpu/depthwise_plane.h.
 //

@@ -1,7 +1,8 @@
 """DDR loss: TAU's differential divergence regularisation (MODELS.md §6).
 
 Backends: torch (reference below), cpp and cuda (csrc/*/ddr_loss.*, one compiled op pair
-vpfast::ddr_loss_forward / ddr_loss_backward), triton (kernels/ddr_loss.py).
+vpfast::ddr_loss_forward / ddr_loss_backward; on CPU under autograd vpfast::ddr_loss_forward_grad),
+triton (kernels/ddr_loss.py).
 """
 from __future__ import annotations
 
