@@ -169,14 +169,11 @@ void scatter_plane(const T* gcol, int64_t N, int64_t HW, const int32_t* idx, con
 
 at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
                                    const at::Tensor& weight) {
-  warp::check_deform_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
-  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
-  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  const auto [X, OFF, M, Wm, B, C, H, W, O, k, N, HW, K] =
+      warp::deform_forward_operands(x, offset, mask, weight);
   auto out = cpu::empty_output({B, O, H, W}, X.options());
   if (out.numel() == 0) return out;
   if (K == 0) return out.zero_();
-  const auto Wm = weight.contiguous().view({O, K});
   const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1, kColBytes);
   auto col = cpu::empty_output({bc, K, HW}, X.options());
   const int threads = at::get_num_threads();
@@ -221,12 +218,9 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& weight, std::array<bool, 4> needs) {
-  warp::check_deform_backward("vpfast::deform_warp_backward", grad, x, offset, mask, weight);
-  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
-  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  const auto [X, OFF, M, Wm, B, C, H, W, O, k, N, HW, K] =
+      warp::deform_backward_operands(grad, x, offset, mask, weight);
   const auto G = grad.to(X.scalar_type()).contiguous();
-  const auto Wm = weight.contiguous().view({O, K});
   // every entry of gx (if needed), goff and gm is written below, unless the early return zeroes them
   auto gx = cpu::empty_output(X.sizes(), X.options());
   auto goff = cpu::empty_output(OFF.sizes(), OFF.options());
