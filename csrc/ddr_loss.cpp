@@ -1,4 +1,4 @@
-// Schemas of the DDR loss ops. Implementations: cpu/ddr_loss.cpp, cuda/ddr_loss.cu;
+// Schemas of the DDR loss ops. Implementations: cpu/ddr_loss.cpp, cuda/ddr_loss.cu (not ddr_loss_forward_grad);
 // fake kernels and autograd: vpfast/ops/ddr_loss.py.
 #include <torch/library.h>
 
@@ -10,4 +10,9 @@ TORCH_LIBRARY_FRAGMENT(vpfast, m) {
   m.def(
       "ddr_loss_backward(Tensor grad, Tensor pred, Tensor target, Tensor stats, float tau, float eps, "
       "bool need_target) -> (Tensor, Tensor)");
+  // CPU only (the cpp backend under autograd): the loss and its gradients for an incoming gradient of 1, from
+  // one pass (grad_target empty unless need_target). The backward pass scales them by the real gradient.
+  m.def(
+      "ddr_loss_forward_grad(Tensor pred, Tensor target, float tau, float eps, bool need_target) -> "
+      "(Tensor, Tensor, Tensor)");
 }

@@ -4,8 +4,8 @@ import torch
 import vpfast
 from vpfast.ops import ddr_loss, ddr_loss_reference
 from vpfast.ops.ddr_loss import OP, stat_dtype
-from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params, non_contiguous,
-                            tolerances)
+from vpfast.testing import (assert_close_bounded, assert_keeps_fp_state, backend_params, device_for,
+                            low_precision_params, non_contiguous, tolerances)
 
 BACKENDS = backend_params("ddr_loss")
 LOW = low_precision_params("ddr_loss")
@@ -134,6 +134,8 @@ def test_opcheck_compiled(backend):
     for need in (False, True):
         torch.library.opcheck(torch.ops.vpfast.ddr_loss_backward.default,
                               (g, pred.detach(), target.detach(), stats, 0.1, 1e-12, need))
+        if backend == "cpp":  # the CPU-only fused forward+gradient (the cpp backend under autograd)
+            torch.library.opcheck(torch.ops.vpfast.ddr_loss_forward_grad.default, (pred, target, 0.1, 1e-12, need))
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpp", "cuda")])
@@ -370,3 +372,64 @@ def test_triton_chunked(monkeypatch, need_target):
     for a, b in zip((out, *torch.autograd.grad(out, inputs)), (ref, *torch.autograd.grad(ref, inputs))):
         scale = b.abs().max().clamp_min(1e-30)
         torch.testing.assert_close(a / scale, b / scale, **tolerances(torch.float64))
+
+
+# ---- denormals ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_denormal_softmax_tails(tau):
+    """randn frames with a small tau: the softmax tails fall below float32's smallest normal number. The CPU
+    kernel flushes them to 0 (csrc/cpu/denormals.h) and still matches the reference, with and without the
+    target's gradient, and the caller's denormal mode, in every thread, is what it was before the call."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    pred, target = _inputs((2, 5, 1, 16, 16), torch.float32)
+    d = (pred[:, 1:] - pred[:, :-1]).detach().reshape(2, 4, -1).double() / tau
+    assert torch.softmax(d, -1).min() < torch.finfo(torch.float32).tiny  # the case this test is about
+
+    def pred_only():
+        p = pred.detach().requires_grad_()
+        (got,) = torch.autograd.grad(ddr_loss(p, target.detach(), tau=tau, backend="cpp"), p)
+        (ref,) = torch.autograd.grad(ddr_loss_reference(p, target.detach(), tau=tau), p)
+        p64 = p.detach().double().requires_grad_()
+        (ref64,) = torch.autograd.grad(ddr_loss_reference(p64, target.detach().double(), tau=tau), p64)
+        assert_close_bounded(got, ref, ref64, name="grad_pred")
+
+    assert_keeps_fp_state(lambda: _compare("cpp", pred, target, torch.float32, tau=tau))
+    assert_keeps_fp_state(pred_only)
+
+
+def test_cpp_fused_gradient_task_split():
+    """Under autograd the cpp backend computes the gradient in the forward pass (ddr_loss_forward_grad) and
+    splits a sequence into runs of frames when there are fewer sequences than twice the threads; a run not
+    starting at frame 0 recomputes the row before it. Every split (1 to 3 threads, 1 to 3 sequences), with and
+    without the target's gradient, and an incoming gradient other than 1 give the reference's gradients."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for B, T in ((1, 3), (1, 7), (2, 6), (3, 5)):
+                pred, target = _inputs((B, T, 1, 5, 6), torch.float64, seed=B * T)
+                for need_target in (False, True):
+                    y = target if need_target else target.detach()
+                    ins = (pred, y) if need_target else (pred,)
+                    got = torch.autograd.grad(ddr_loss(pred, y, backend="cpp") * 2.5, ins)
+                    ref = torch.autograd.grad(ddr_loss_reference(pred, y) * 2.5, ins)
+                    for a, b in zip(got, ref):
+                        scale = b.abs().max()
+                        torch.testing.assert_close(a / scale, b / scale, **tolerances(torch.float64),
+                                                   msg=lambda m: f"threads={n} B={B} T={T}: {m}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 1, 3, 3), (2, 4, 1, 0, 3)], ids=["B0", "D0"])
+def test_cpp_fused_gradient_empty(shape):
+    """No sequences or empty frames: the fused forward+gradient op returns the mean of nothing (nan) and empty
+    gradients, instead of dividing by the sequence count when it splits the work."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    pred, target = (t.detach() for t in _inputs(shape, torch.float32))
+    loss, gp, gy = torch.ops.vpfast.ddr_loss_forward_grad(pred, target, 0.1, 1e-12, True)
+    assert loss.isnan() and gp.shape == pred.shape and gy.shape == target.shape

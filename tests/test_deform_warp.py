@@ -4,7 +4,7 @@ import torch
 from vpfast.ops import BackendUnavailable, deform_warp, deform_warp_reference
 from vpfast.ops.deform_warp import OP
 from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params, non_contiguous,
-                            tolerances)
+                            tolerances, assert_keeps_fp_state)
 
 BACKENDS = backend_params("deform_warp")
 LOW = low_precision_params("deform_warp")
@@ -327,3 +327,14 @@ def test_index_limits_refuse():
         assert not OP.check(backend, *small), backend
     with pytest.raises(BackendUnavailable, match="32-bit"):
         OP.select("cpp", x, off, mask, w)
+
+
+def test_tiny_values_denormals():
+    """x around float32's smallest normal number: its products with the bilinear weights and the mask are
+    denormal. The CPU kernels (denormals flushed in their own scope, csrc/cpu/denormals.h; such values count
+    as 0) still match the reference, and leave the caller's denormal mode as it was in every thread."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    x, off, mask, w = _inputs(2, 3, 7, 8, 4, 3, 1.5, torch.float32, seed=5)
+    inputs = [(x * 1e-38).detach().requires_grad_(), off, mask, w]
+    assert_keeps_fp_state(lambda: _compare("cpp", inputs))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from vpfast.ops import depthwise_conv2d, depthwise_conv2d_reference
 from vpfast.ops.depthwise_conv2d import OP
 from vpfast.nn import DepthwiseConv2d
-from vpfast.testing import assert_close_bounded, device_for, exact_float32, low_precision_params
+from vpfast.testing import assert_close_bounded, assert_keeps_fp_state, device_for, exact_float32, low_precision_params
 
 BACKENDS = ["torch", "cpp", "cuda", "triton"]
 
@@ -497,3 +497,15 @@ def test_auto_prefers_cudnn_on_gpu():
     if torch.cuda.is_available():
         x, w, b = _inputs(1, 2, 8, 8, 3, 3, torch.float32, dev="cuda")
         assert OP.select(None, x, w, b, (1, 1), (1, 1), (1, 1))[0] == "torch"
+
+
+def test_tiny_values_denormals():
+    """x around float32's smallest normal number: its products with the weights are denormal. The CPU kernels
+    (denormals flushed in their own scope, csrc/cpu/denormals.h; such values count as 0) still match the
+    reference, and leave the caller's denormal mode as it was in every thread."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    x, w, b = _inputs(2, 4, 12, 13, 5, 5, torch.float32, seed=5)
+    x = (x * 1e-38).detach().requires_grad_()
+    assert_keeps_fp_state(lambda: _compare("cpp", x, w, b))
+    assert_keeps_fp_state(lambda: _compare("cpp", x, w, b, dilation=3))

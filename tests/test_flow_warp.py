@@ -4,7 +4,7 @@ import torch
 from vpfast.ops import BackendUnavailable, flow_warp, flow_warp_reference
 from vpfast.ops.flow_warp import OP
 from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params, non_contiguous,
-                            tolerances)
+                            tolerances, assert_keeps_fp_state)
 
 BACKENDS = backend_params("flow_warp")
 LOW = low_precision_params("flow_warp")
@@ -262,3 +262,15 @@ def test_index_limits_refuse():
         assert not OP.check(backend, x[..., :100], flow[..., :100], "zeros", True), backend
     with pytest.raises(BackendUnavailable, match="32-bit"):
         OP.select("cpp", x, flow, "zeros", True)
+
+
+def test_tiny_values_denormals():
+    """x around float32's smallest normal number: its products with the bilinear weights are denormal. The CPU
+    kernels (denormals flushed in their own scope, csrc/cpu/denormals.h; such values count as 0) still match
+    the reference, and leave the caller's denormal mode as it was in every thread."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    x, flow = _inputs(2, 3, 9, 11, 2.0, torch.float32, seed=5)
+    inputs = [(x * 1e-38).detach().requires_grad_(), flow]
+    for mode in (("zeros", True), ("border", False)):
+        assert_keeps_fp_state(lambda: _compare("cpp", inputs, mode))

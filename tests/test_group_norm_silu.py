@@ -5,7 +5,7 @@ import vpfast
 from vpfast.ops import group_norm_silu, group_norm_silu_reference
 from vpfast.ops.group_norm_silu import OP, stat_dtype
 from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params, non_contiguous,
-                            tolerances)
+                            tolerances, assert_keeps_fp_state)
 
 BACKENDS = backend_params("group_norm_silu")
 LOW = low_precision_params("group_norm_silu")
@@ -436,3 +436,15 @@ def test_triton_chunked(monkeypatch, layout, affine):
     assert k.chunks(2 * 2, HW, k.backward_blocks(C // 2, HW, layout == "channels_last")[0])[0] > 1
     x, w, b, gy = _inputs((2, C, 7, 9), torch.float64, affine=affine, device=device_for("triton"))
     _compare("triton", x, w, b, gy, 2, layout)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_saturated_silu_denormals(layout):
+    """Weights of 100 put SiLU's inputs in the hundreds: its negative half gives results and gradients below
+    float32's smallest normal number. The CPU kernel (denormals flushed in its own scope,
+    csrc/cpu/denormals.h) still matches the reference, and leaves the caller's denormal mode as it was in
+    every thread."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    x, w, b, gy = _inputs((2, 8, 9, 11), torch.float32, seed=5)
+    assert_keeps_fp_state(lambda: _compare("cpp", x, w * 100, b, gy, 2, layout=layout))

@@ -6,7 +6,7 @@ import torch
 
 from vpfast.ops import large_kernel_attention, large_kernel_attention_reference
 from vpfast.ops.large_kernel_attention import OP
-from vpfast.testing import assert_close_bounded, device_for, exact_float32, low_precision_params
+from vpfast.testing import assert_close_bounded, assert_keeps_fp_state, device_for, exact_float32, low_precision_params
 
 
 
@@ -196,3 +196,14 @@ def test_gpu_model_shape_and_many_planes(backend, shape):
 
 def test_auto_prefers_cudnn_on_gpu():
     assert OP.auto_order(device="cuda") == ("torch",)
+
+
+def test_tiny_values_denormals():
+    """x around float32's smallest normal number: its products with the weights are denormal. The CPU kernels
+    (denormals flushed in their own scope, csrc/cpu/denormals.h; such values count as 0) still match the
+    reference, and leave the caller's denormal mode as it was in every thread."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    x, *rest = _inputs(2, 4, 12, 13, 5, 7, torch.float32, seed=5)
+    args = ((x * 1e-38).detach().requires_grad_(), *rest)
+    assert_keeps_fp_state(lambda: _compare("cpp", args, 3, dict(rtol=1e-4, atol=1e-4)))

@@ -6,7 +6,7 @@ import vpfast
 from vpfast.ops import motion_gru, motion_gru_reference
 from vpfast.ops.motion_gru import OP
 from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params, non_contiguous,
-                            tolerances)
+                            tolerances, assert_keeps_fp_state)
 
 from reference_keys import entries
 
@@ -300,3 +300,14 @@ def test_warp_layer_calling_conventions():
         vpfast.nn.Warp(3, 3, neighbour=4)
     with pytest.raises(ValueError, match="motion_hidden must be 2"):
         vpfast.nn.MotionGRU(3, 16, 3)
+
+
+def test_saturated_gates_denormals():
+    """Inputs and states 100x larger saturate the update gate and the tanh: exp(-|x|) inside them is denormal
+    or underflows. The CPU kernels (denormals flushed in their own scope, csrc/cpu/denormals.h) still match
+    the reference, and leave the caller's denormal mode as it was in every thread."""
+    if OP.static_reasons("cpp"):
+        pytest.skip("; ".join(OP.static_reasons("cpp")))
+    ins = _inputs(2, 3, 4, 6, 7, dtype=torch.float32, seed=5)
+    ins = [t.detach() * 100 if i < 3 else t for i, t in enumerate(ins)]
+    assert_keeps_fp_state(lambda: _compare("cpp", ins, torch.float32))

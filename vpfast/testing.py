@@ -115,3 +115,34 @@ def assert_close_bounded(out: torch.Tensor, ref_same: torch.Tensor, ref_f64: tor
     bound = factor * base + floor * scale
     assert err <= bound, (f"{name}: max error {err.item():.3e} vs float64 reference exceeds {factor} x the "
                           f"reference's own error {base.item():.3e} + {floor} x scale {scale.item():.3e}")
+
+
+# ---- denormals -------------------------------------------------------------------------------------------
+def flush_pattern(n: int = 1 << 18) -> torch.Tensor:
+    """Which elements of n float32 denormals PyTorch's own multi-threaded multiply turns into 0: the
+    flush-to-zero state of the calling thread and of at::parallel_for's workers, as PyTorch code sees it.
+
+    -> Tensor[n] (bool; all False where no thread flushes, all True after torch.set_flush_denormal(True) in
+    every thread)
+    """
+    x = torch.full((n,), 1e-39, dtype=torch.float32)  # below float32's smallest normal number, 1.18e-38
+    return x * 0.5 == 0
+
+
+def assert_keeps_fp_state(fn) -> None:
+    """Run fn() once with denormals kept and once with torch.set_flush_denormal(True) (where the CPU has the
+    mode), and check that every thread's flush-to-zero state afterwards is what it was before: the CPU kernels
+    flush denormals inside their own scope only (csrc/cpu/denormals.h). The caller's setting is restored."""
+    original = bool(flush_pattern(1)[0])
+    try:
+        for flush in (False, True):
+            if not torch.set_flush_denormal(flush):
+                continue  # no flush-to-zero on this CPU
+            before = flush_pattern()
+            fn()
+            after = flush_pattern()
+            assert torch.equal(before, after), (
+                f"the op changed the caller's denormal handling (torch.set_flush_denormal({flush})): "
+                f"{int((before != after).sum())} of {before.numel()} elements differ")
+    finally:
+        torch.set_flush_denormal(original)

@@ -8,6 +8,9 @@
 // (p is not formed as exp(a - logsumexp(a)): rounding logsumexp to the logits' magnitude would shift every
 // p by the same relative error, up to 1e-3 in float32 for logits in the thousands.)
 #pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
 #include "common/math.h"
 
 namespace vpfast {
@@ -44,6 +47,20 @@ VPFAST_HD void grad_logits(T a, T b, const T* stats, T eps, T& ga, T& gb) {
   const T inv_re = T(1) / re;
   ga = p * (fast_log<T>(re) + r * inv_re - stats[4]);
   gb = q * (-(r * r * inv_re) - stats[5]);
+}
+
+// ---- host side, shared by the CPU and CUDA wrappers ----
+inline void check_inputs(const char* fn, const at::Tensor& pred, const at::Tensor& target) {
+  TORCH_CHECK(pred.dim() == 5 && pred.sizes() == target.sizes() && pred.size(1) >= 3, fn,
+              ": pred and target must be equal [B, T, C, H, W] with T >= 3");
+  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), fn, ": dtype mismatch");
+}
+
+// the backward pass's statistics: [B, T-1, kStats] values in pred's arithmetic type (float32 for half types)
+inline void check_stats(const char* fn, const at::Tensor& stats, const at::Tensor& pred) {
+  TORCH_CHECK(stats.numel() == pred.size(0) * (pred.size(1) - 1) * kStats &&
+                  stats.scalar_type() == at::toOpMathType(pred.scalar_type()),
+              fn, ": stats has the wrong size or dtype");
 }
 
 }  // namespace ddr

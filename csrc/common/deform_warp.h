@@ -97,6 +97,38 @@ inline void check_deform_inputs(const char* fn, const at::Tensor& x, const at::T
               ": the map is too large for 32-bit indices");
 }
 
+// deform_warp_backward's operands: the forward's, and grad of the output's shape [B, O, H, W]
+inline void check_deform_backward(const char* fn, const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& offset, const at::Tensor& mask, const at::Tensor& weight) {
+  check_deform_inputs(fn, x, offset, mask, weight);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({x.size(0), weight.size(0), x.size(2), x.size(3)}), fn,
+              ": grad must be [B, O, H, W]");
+}
+
+// What both wrappers of each entry point work on, after the checks: the operands made contiguous, the weight as
+// the [O, K = C*k*k] GEMM operand, and the sizes. Unpacked with a structured binding, in this order.
+struct DeformOperands {
+  at::Tensor X, OFF, M, Wm;
+  int64_t B, C, H, W, O, k, N, HW, K;
+};
+inline DeformOperands deform_operands(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                                      const at::Tensor& weight) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, K = C * N;
+  return {x.contiguous(), offset.contiguous(), mask.contiguous(), weight.contiguous().view({O, K}),
+          B, C, H, W, O, k, N, H * W, K};
+}
+inline DeformOperands deform_forward_operands(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
+                                              const at::Tensor& weight) {
+  check_deform_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
+  return deform_operands(x, offset, mask, weight);
+}
+inline DeformOperands deform_backward_operands(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset,
+                                               const at::Tensor& mask, const at::Tensor& weight) {
+  check_deform_backward("vpfast::deform_warp_backward", grad, x, offset, mask, weight);
+  return deform_operands(x, offset, mask, weight);
+}
+
 // Images per column-buffer chunk: as many as fit `budget` bytes with `buffers` buffers per image, at least one.
 inline int64_t chunk_images(int64_t B, int64_t bytes_per_image, int buffers, int64_t budget) {
   return std::max<int64_t>(1, std::min<int64_t>(B, budget / std::max<int64_t>(1, bytes_per_image * buffers)));

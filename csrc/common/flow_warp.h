@@ -35,5 +35,11 @@ inline void check_flow_inputs(const char* fn, const at::Tensor& x, const at::Ten
               fn, ": the map is too large for 32-bit indices");
 }
 
+// flow_warp_backward's operands: the forward's, and grad of x's shape
+inline void check_flow_backward(const char* fn, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& flow) {
+  check_flow_inputs(fn, x, flow);
+  TORCH_CHECK(grad.sizes() == x.sizes(), fn, ": grad must have the shape of x");
+}
+
 }  // namespace warp
 }  // namespace vpfast

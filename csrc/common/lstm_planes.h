@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "common/stlstm.h"
 
 namespace vpfast {
@@ -83,6 +85,163 @@ inline void check_convlstm_backward(const at::Tensor& c, const at::Tensor& act, 
   check_operand("vpfast::convlstm", h, c, 1, "h");
   if (grad_h) check_operand("vpfast::convlstm", *grad_h, c, 1, "grad_h");
   if (grad_c) check_operand("vpfast::convlstm", *grad_c, c, 1, "grad_c");
+}
+
+// ---- each entry point's host side ---------------------------------------------------------------------------
+// Shared by the CPU and CUDA wrappers: the checks, the sizes, the operands as planar tensors (an absent optional
+// operand stays undefined) and the outputs, allocated by alloc(sizes, options): cpu::empty_output on the CPU,
+// at::empty on CUDA. An output the call does not produce is an empty tensor.
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// the CUDA wrappers' allocator (the CPU ones pass cpu::lstm_alloc, cpu/lstm_cpu.h)
+inline at::Tensor empty_alloc(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
+struct Sizes {
+  int64_t B = 0, C = 0, H = 0, W = 0, HW = 0;
+};
+inline Sizes sizes_of(const at::Tensor& c) {
+  return {c.size(0), c.size(1), c.size(2), c.size(3), c.size(2) * c.size(3)};
+}
+
+// a [B, k*C, H, W] output like `like` when `on`, else an empty tensor
+template <typename Alloc>
+at::Tensor output(const Alloc& alloc, const Sizes& s, int64_t k, const at::Tensor& like, bool on = true) {
+  return on ? alloc(at::IntArrayRef{s.B, k * s.C, s.H, s.W}, like.options()) : at::empty({0}, like.options());
+}
+
+struct StlstmGatesForward : Sizes {
+  bool has_x = false;
+  at::Tensor x_g, h_g, m_g, c, m;     // operands
+  at::Tensor cm, o_part, act, delta;  // outputs
+};
+template <typename Alloc>
+StlstmGatesForward stlstm_gates_forward_args(const std::optional<at::Tensor>& x_g, const at::Tensor& h_g,
+                                             const at::Tensor& m_g, const at::Tensor& c, const at::Tensor& m,
+                                             bool with_delta, const Alloc& alloc) {
+  StlstmGatesForward a;
+  a.has_x = present(x_g);
+  check_stlstm_gates_forward(c, h_g, m_g, m, a.has_x ? &*x_g : nullptr);
+  static_cast<Sizes&>(a) = sizes_of(c);
+  a.h_g = planar(h_g), a.m_g = planar(m_g), a.c = planar(c), a.m = planar(m);
+  if (a.has_x) a.x_g = planar(*x_g);
+  a.cm = output(alloc, a, 2, a.c);
+  a.o_part = output(alloc, a, 1, a.c);
+  a.act = output(alloc, a, 4, a.c);
+  a.delta = output(alloc, a, 2, a.c, with_delta);
+  return a;
+}
+
+struct StlstmGatesBackward : Sizes {
+  bool with_delta = false;
+  at::Tensor gcm, gop, gd, act, cm, c, m;  // operands
+  at::Tensor gx, gh, gm, gc, gmp;          // outputs
+};
+template <typename Alloc>
+StlstmGatesBackward stlstm_gates_backward_args(const at::Tensor& grad_cm, const at::Tensor& grad_op,
+                                               const std::optional<at::Tensor>& grad_delta, const at::Tensor& act,
+                                               const at::Tensor& cm, const at::Tensor& c, const at::Tensor& m,
+                                               bool has_x, const Alloc& alloc) {
+  StlstmGatesBackward a;
+  a.with_delta = present(grad_delta);
+  check_stlstm_gates_backward(c, grad_cm, grad_op, act, cm, m, a.with_delta ? &*grad_delta : nullptr);
+  static_cast<Sizes&>(a) = sizes_of(c);
+  a.gcm = planar(grad_cm), a.gop = planar(grad_op), a.act = planar(act), a.cm = planar(cm), a.c = planar(c);
+  a.m = planar(m);
+  if (a.with_delta) a.gd = planar(*grad_delta);
+  a.gx = output(alloc, a, 7, a.c, has_x);
+  a.gh = output(alloc, a, 4, a.c);
+  a.gm = output(alloc, a, 3, a.c);
+  a.gc = output(alloc, a, 1, a.c);
+  a.gmp = output(alloc, a, 1, a.c);
+  return a;
+}
+
+struct StlstmOutputForward : Sizes {
+  bool has_hw = false;
+  at::Tensor op, om, last, hw;  // operands: o_part, o_m, last, highway
+  at::Tensor h, o, tl;          // outputs (tl: tanh(last), kept for the backward pass with a highway)
+};
+template <typename Alloc>
+StlstmOutputForward stlstm_output_forward_args(const at::Tensor& o_part, const at::Tensor& o_m,
+                                               const at::Tensor& last, const std::optional<at::Tensor>& hw,
+                                               const Alloc& alloc) {
+  StlstmOutputForward a;
+  a.has_hw = present(hw);
+  check_stlstm_output("vpfast::stlstm_output_forward", o_part, "o_part", o_m, "o_m", last, "last",
+                      a.has_hw ? &*hw : nullptr);
+  static_cast<Sizes&>(a) = sizes_of(o_part);
+  a.op = planar(o_part), a.om = planar(o_m), a.last = planar(last);
+  if (a.has_hw) a.hw = planar(*hw);
+  a.h = output(alloc, a, 1, a.op);
+  a.o = output(alloc, a, 1, a.op);
+  a.tl = output(alloc, a, 1, a.op, a.has_hw);
+  return a;
+}
+
+struct StlstmOutputBackward : Sizes {
+  bool has_hw = false;
+  at::Tensor gh, o, ht, hw;      // operands: grad_h, o, h_or_tl, highway
+  at::Tensor gpre, glast, ghw;   // outputs
+};
+template <typename Alloc>
+StlstmOutputBackward stlstm_output_backward_args(const at::Tensor& gh, const at::Tensor& o,
+                                                 const at::Tensor& h_or_tl, const std::optional<at::Tensor>& hw,
+                                                 const Alloc& alloc) {
+  StlstmOutputBackward a;
+  a.has_hw = present(hw);
+  check_stlstm_output("vpfast::stlstm_output_backward", o, "o", gh, "grad_h", h_or_tl, "h_or_tl",
+                      a.has_hw ? &*hw : nullptr);
+  static_cast<Sizes&>(a) = sizes_of(o);
+  a.gh = planar(gh), a.o = planar(o), a.ht = planar(h_or_tl);
+  if (a.has_hw) a.hw = planar(*hw);
+  a.gpre = output(alloc, a, 1, a.o);
+  a.glast = output(alloc, a, 1, a.o);
+  a.ghw = output(alloc, a, 1, a.o, a.has_hw);
+  return a;
+}
+
+struct ConvlstmForward : Sizes {
+  bool has_x = false;
+  at::Tensor x_g, h_g, c;  // operands
+  at::Tensor h, cn, act;   // outputs
+};
+template <typename Alloc>
+ConvlstmForward convlstm_forward_args(const std::optional<at::Tensor>& x_g, const at::Tensor& h_g, const at::Tensor& c,
+                                      const Alloc& alloc) {
+  ConvlstmForward a;
+  a.has_x = present(x_g);
+  check_convlstm_forward(c, h_g, a.has_x ? &*x_g : nullptr);
+  static_cast<Sizes&>(a) = sizes_of(c);
+  a.h_g = planar(h_g), a.c = planar(c);
+  if (a.has_x) a.x_g = planar(*x_g);
+  a.h = output(alloc, a, 1, a.c);
+  a.cn = output(alloc, a, 1, a.c);
+  a.act = output(alloc, a, 3, a.c);
+  return a;
+}
+
+struct ConvlstmBackward : Sizes {
+  bool has_gh = false, has_gc = false;
+  at::Tensor gh, gc, act, c, cn, ho;  // operands: grad_h, grad_c, act, c, c_new, h
+  at::Tensor gx, ghg, gcp;            // outputs
+};
+template <typename Alloc>
+ConvlstmBackward convlstm_backward_args(const std::optional<at::Tensor>& gh, const std::optional<at::Tensor>& gc,
+                                        const at::Tensor& act, const at::Tensor& c, const at::Tensor& cn,
+                                        const at::Tensor& h, bool has_x, const Alloc& alloc) {
+  ConvlstmBackward a;
+  a.has_gh = present(gh), a.has_gc = present(gc);
+  check_convlstm_backward(c, act, cn, h, a.has_gh ? &*gh : nullptr, a.has_gc ? &*gc : nullptr);
+  static_cast<Sizes&>(a) = sizes_of(c);
+  a.act = planar(act), a.c = planar(c), a.cn = planar(cn), a.ho = planar(h);
+  if (a.has_gh) a.gh = planar(*gh);
+  if (a.has_gc) a.gc = planar(*gc);
+  a.gx = output(alloc, a, 4, a.c, has_x);
+  a.ghg = output(alloc, a, 4, a.c);
+  a.gcp = output(alloc, a, 1, a.c);
+  return a;
 }
 
 }  // namespace lstm

@@ -49,5 +49,31 @@ inline void check_like(const char* fn, const char* name, const at::Tensor& t, co
               " must match f_prev in shape and dtype");
 }
 
+// The checks of each entry point: one per op, run by both the CPU and the CUDA wrapper.
+inline void check_reset(const at::Tensor& gates, const at::Tensor& f_prev) {
+  check_pair("vpfast::motion_gru_reset", gates, f_prev);
+}
+
+inline void check_reset_backward(const at::Tensor& grad, const at::Tensor& gates, const at::Tensor& f_prev) {
+  check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
+  check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
+}
+
+inline void check_update(const at::Tensor& gates, const at::Tensor& o, const at::Tensor& f_prev,
+                         const at::Tensor& d_prev) {
+  check_pair("vpfast::motion_gru_update", gates, f_prev);
+  check_like("vpfast::motion_gru_update", "o", o, f_prev);
+  check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
+}
+
+inline void check_update_backward(const at::Tensor& grad_f, const at::Tensor& grad_d, const at::Tensor& gates,
+                                  const at::Tensor& o, const at::Tensor& f_prev) {
+  const char* fn = "vpfast::motion_gru_update_backward";
+  check_pair(fn, gates, f_prev);
+  check_like(fn, "grad_f", grad_f, f_prev);
+  check_like(fn, "grad_d", grad_d, f_prev);
+  check_like(fn, "o", o, f_prev);
+}
+
 }  // namespace mgru
 }  // namespace vpfast

@@ -6,8 +6,10 @@
 
 #include <optional>
 
+#include "cpu/denormals.h"
 #include "common/stlstm.h"
 #include "common/lstm_planes.h"
+#include "cpu/lstm_cpu.h"
 #include "cpu/output_cache.h"
 
 namespace vpfast {
@@ -85,35 +87,28 @@ void with_flags(bool a, bool b, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::optional<at::Tensor>& x_g_,
                                                                     const at::Tensor& h_g_, const at::Tensor& c_,
                                                                     double forget_bias, bool tanh_c) {
-  const bool has_x = x_g_.has_value() && x_g_->defined();
-  lstm::check_convlstm_forward(c_, h_g_, has_x ? &*x_g_ : nullptr);
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
-  const auto h_g = planar(h_g_), c = planar(c_);
-  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
-  auto h = cpu::empty_output({B, C, H, W}, c.options());
-  auto cn = cpu::empty_output({B, C, H, W}, c.options());
-  auto act = cpu::empty_output({B, 3 * C, H, W}, c.options());
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_forward_cpu", [&] {
+  const auto a = lstm::convlstm_forward_args(x_g_, h_g_, c_, cpu::lstm_alloc);
+  AT_DISPATCH_FLOATING_TYPES(a.c.scalar_type(), "convlstm_forward_cpu", [&] {
     using T = scalar_t;
-    const auto ph = planes<T>(h_g), pc = planes<T>(c), poh = planes<T>(h), pcn = planes<T>(cn),
-               pa = planes<T>(act);
-    const auto px = planes_opt<T>(has_x, x_g);
+    const auto ph = planes<T>(a.h_g), pc = planes<T>(a.c), poh = planes<T>(a.h), pcn = planes<T>(a.cn),
+               pa = planes<T>(a.act);
+    const auto px = planes_opt<T>(a.has_x, a.x_g);
     const T fb = static_cast<T>(forget_bias);
-    with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
-      at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t s, int64_t e) {
+    with_flags(a.has_x, tanh_c, [&](auto HX, auto TC) {
+      cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t s, int64_t e) {
         for (int64_t r = s; r < e; ++r) {
-          const int64_t b = r / C, ch = r % C;
+          const int64_t b = r / a.C, ch = r % a.C;
           const T* in[9];
-          for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * C + ch);
-          for (int j = 0; j < 4; ++j) in[4 + j] = decltype(HX)::value ? px.at(b, j * C + ch) : nullptr;
+          for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * a.C + ch);
+          for (int j = 0; j < 4; ++j) in[4 + j] = decltype(HX)::value ? px.at(b, j * a.C + ch) : nullptr;
           in[8] = pc.at(b, ch);
-          T* out[5] = {poh.at(b, ch), pcn.at(b, ch), pa.at(b, ch), pa.at(b, C + ch), pa.at(b, 2 * C + ch)};
-          fwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, fb, HW);
+          T* out[5] = {poh.at(b, ch), pcn.at(b, ch), pa.at(b, ch), pa.at(b, a.C + ch), pa.at(b, 2 * a.C + ch)};
+          fwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, fb, a.HW);
         }
       });
     });
   });
-  return {h, cn, act};
+  return {a.h, a.cn, a.act};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::optional<at::Tensor>& gh_,
@@ -121,37 +116,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
                                                                      const at::Tensor& act_, const at::Tensor& c_,
                                                                      const at::Tensor& cn_, const at::Tensor& h_,
                                                                      bool has_x, bool tanh_c) {
-  const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  lstm::check_convlstm_backward(c_, act_, cn_, h_, has_gh ? &*gh_ : nullptr, has_gc ? &*gc_ : nullptr);
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
-  const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
-  const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
-  auto gx = has_x ? cpu::empty_output({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  auto ghg = cpu::empty_output({B, 4 * C, H, W}, c.options());
-  auto gcp = cpu::empty_output({B, C, H, W}, c.options());
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "convlstm_backward_cpu", [&] {
+  const auto a = lstm::convlstm_backward_args(gh_, gc_, act_, c_, cn_, h_, has_x, cpu::lstm_alloc);
+  AT_DISPATCH_FLOATING_TYPES(a.c.scalar_type(), "convlstm_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pa = planes<T>(act), pc = planes<T>(c), pcn = planes<T>(cn), pho = planes<T>(ho),
-               pghg = planes<T>(ghg), pgcp = planes<T>(gcp);
-    const auto pgh = planes_opt<T>(has_gh, gh);
-    const auto pgc = planes_opt<T>(has_gc, gc);
-    const auto pgx = planes_opt<T>(has_x, gx);
+    const auto pa = planes<T>(a.act), pc = planes<T>(a.c), pcn = planes<T>(a.cn), pho = planes<T>(a.ho),
+               pghg = planes<T>(a.ghg), pgcp = planes<T>(a.gcp);
+    const auto pgh = planes_opt<T>(a.has_gh, a.gh);
+    const auto pgc = planes_opt<T>(a.has_gc, a.gc);
+    const auto pgx = planes_opt<T>(has_x, a.gx);
     with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
-      at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, HW)), [&](int64_t s, int64_t e) {
+      cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t s, int64_t e) {
         for (int64_t r = s; r < e; ++r) {
-          const int64_t b = r / C, ch = r % C;
-          const T* in[8] = {has_gh ? pgh.at(b, ch) : nullptr, has_gc ? pgc.at(b, ch) : nullptr, pa.at(b, ch),
-                            pa.at(b, C + ch), pa.at(b, 2 * C + ch), pc.at(b, ch), pcn.at(b, ch), pho.at(b, ch)};
+          const int64_t b = r / a.C, ch = r % a.C;
+          const T* in[8] = {a.has_gh ? pgh.at(b, ch) : nullptr, a.has_gc ? pgc.at(b, ch) : nullptr, pa.at(b, ch),
+                            pa.at(b, a.C + ch), pa.at(b, 2 * a.C + ch), pc.at(b, ch), pcn.at(b, ch), pho.at(b, ch)};
           T* out[9];
-          for (int j = 0; j < 4; ++j) out[j] = pghg.at(b, j * C + ch);
+          for (int j = 0; j < 4; ++j) out[j] = pghg.at(b, j * a.C + ch);
           out[4] = pgcp.at(b, ch);
-          for (int j = 0; j < 4; ++j) out[5 + j] = decltype(HX)::value ? pgx.at(b, j * C + ch) : nullptr;
-          bwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, HW);
+          for (int j = 0; j < 4; ++j) out[5 + j] = decltype(HX)::value ? pgx.at(b, j * a.C + ch) : nullptr;
+          bwd_row<T, decltype(HX)::value, decltype(TC)::value>(in, out, a.HW);
         }
       });
     });
   });
-  return {gx, ghg, gcp};
+  return {a.gx, a.ghg, a.gcp};
 }
 
 }  // namespace

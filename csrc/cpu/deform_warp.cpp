@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "common/deform_warp.h"
 #include "cpu/output_cache.h"
 #include "cpu/warp_gather.h"
@@ -168,14 +169,11 @@ void scatter_plane(const T* gcol, int64_t N, int64_t HW, const int32_t* idx, con
 
 at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
                                    const at::Tensor& weight) {
-  warp::check_deform_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
-  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
-  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  const auto [X, OFF, M, Wm, B, C, H, W, O, k, N, HW, K] =
+      warp::deform_forward_operands(x, offset, mask, weight);
   auto out = cpu::empty_output({B, O, H, W}, X.options());
   if (out.numel() == 0) return out;
   if (K == 0) return out.zero_();
-  const auto Wm = weight.contiguous().view({O, K});
   const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1, kColBytes);
   auto col = cpu::empty_output({bc, K, HW}, X.options());
   const int threads = at::get_num_threads();
@@ -189,7 +187,7 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
       const int64_t nb = std::min(bc, B - b0), tasks_bn = nb * N;
       const int64_t ncb = std::min<int64_t>(C, std::max<int64_t>(1, (4 * threads + tasks_bn - 1) / tasks_bn));
       const int64_t cper = (C + ncb - 1) / ncb;
-      at::parallel_for(0, tasks_bn * ncb, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_for(0, tasks_bn * ncb, 1, [&](int64_t begin, int64_t end) {
         std::vector<int32_t> idx(4 * HW);
         std::vector<scalar_t> wt(4 * HW);
         int64_t last = -1;
@@ -220,13 +218,9 @@ at::Tensor deform_warp_forward_cpu(const at::Tensor& x, const at::Tensor& offset
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& weight, std::array<bool, 4> needs) {
-  warp::check_deform_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
-  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
-  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, O, H, W}), "vpfast::deform_warp_backward: grad must be [B, O, H, W]");
+  const auto [X, OFF, M, Wm, B, C, H, W, O, k, N, HW, K] =
+      warp::deform_backward_operands(grad, x, offset, mask, weight);
   const auto G = grad.to(X.scalar_type()).contiguous();
-  const auto Wm = weight.contiguous().view({O, K});
   // every entry of gx (if needed), goff and gm is written below, unless the early return zeroes them
   auto gx = cpu::empty_output(X.sizes(), X.options());
   auto goff = cpu::empty_output(OFF.sizes(), OFF.options());
@@ -270,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
         auto gb = gcol[b];
         at::mm_out(gb, Wt, G[b0 + b].view({O, HW}));
       }
-      at::parallel_for(0, nb * N, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_for(0, nb * N, 1, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> scratch(9 * HW);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t b = t / N, n = t % N, gb = b0 + b;
@@ -294,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_
       if (want_col)
         for (int64_t b = 0; b < nb; ++b) gw.addmm_(G[b0 + b].view({O, HW}), col[b].t());
       if (needs[0]) {
-        at::parallel_for(0, nb * C, 1, [&](int64_t begin, int64_t end) {
+        cpu::parallel_for(0, nb * C, 1, [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
             const int64_t b = t / C, c = t % C;
             scatter_plane<scalar_t>(gcp + b * K * HW + c * N * HW, N, HW, ip + b * N * 4 * HW, wp + b * N * 4 * HW,

@@ -1,4 +1,4 @@
-// Depthwise convolution, CPU. One task per (sample, channel) plane (at::parallel_for over B*C); each task
+// Depthwise convolution, CPU. One task per (sample, channel) plane (cpu::parallel_for over B*C); each task
 // copies its plane into a zero-padded scratch buffer that stays in cache and runs the register-blocked,
 // W-vectorised loops of cpu/depthwise_plane.h.
 //
@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "cpu/depthwise_plane.h"
 #include "cpu/output_cache.h"
 
@@ -117,7 +118,7 @@ at::Tensor depthwise_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& w
     scalar_t* op = out.data_ptr<scalar_t>();
     const Geo g = forward_geo<scalar_t>(a);
     const auto taps = dwcpu::make_taps<scalar_t>(wp, a.C, a.kh, a.kw, false);
-    at::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
+    cpu::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
       // zero once: every plane overwrites the same data region, the padding stays zero
       std::vector<scalar_t> buf(g.size(), scalar_t(0));
       for (int64_t p = p0; p < p1; ++p) {
@@ -190,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
                                                                32768 / wg_bytes,
                                                                a.C / (4 * at::get_num_threads())}));
     const int64_t NCB = (a.C + CB - 1) / CB;
-    at::parallel_for(0, NCB * NB, 1, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_for(0, NCB * NB, 1, [&](int64_t t0, int64_t t1) {
       std::vector<T> xbuf(mask[1] && !swapped ? gf.size() : 0, T(0));
       std::vector<T> ibuf(mask[0] ? gi.size() : 0, T(0));
       // grad plane with zero tail columns and kTapRows-1 zero rows above and below (weight_grad_general)

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "common/depthwise_conv2d.h"
 #include "common/macros.h"
 
@@ -711,7 +712,7 @@ VPFAST_CPU_CLONES T plane_sum(const T* __restrict__ gr, int64_t ldg, int64_t Ho,
 // Ordered reduction of per-plane partials [B, C, K] into [C, K]: out[c, k] = sum_b part[b, c, k], b = 0..B-1.
 template <typename T>
 void reduce_batch(const T* part, int64_t B, int64_t C, int64_t K, T* out) {
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  cpu::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* o = out + c * K;
       for (int64_t k = 0; k < K; ++k) o[k] = 0;

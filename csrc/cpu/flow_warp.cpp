@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "common/flow_warp.h"
 #include "cpu/output_cache.h"
 #include "cpu/warp_gather.h"
@@ -145,7 +146,7 @@ at::Tensor flow_warp_forward_cpu(const at::Tensor& x, const at::Tensor& flow, bo
     const scalar_t* xp = X.data_ptr<scalar_t>();
     const scalar_t* fp = FL.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * ncb, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for(0, B * ncb, 1, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> idx(4 * HW);
       std::vector<scalar_t> wt(4 * HW);
       int64_t last = -1;
@@ -167,8 +168,7 @@ at::Tensor flow_warp_forward_cpu(const at::Tensor& x, const at::Tensor& flow, bo
 std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                           const at::Tensor& flow, bool border, bool align_corners,
                                                           bool need_x, bool need_flow) {
-  warp::check_flow_inputs("vpfast::flow_warp_backward", x, flow);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "vpfast::flow_warp_backward: grad must have the shape of x");
+  warp::check_flow_backward("vpfast::flow_warp_backward", grad, x, flow);
   const auto X = x.contiguous(), FL = flow.contiguous(), G = grad.to(x.scalar_type()).contiguous();
   const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3), HW = H * W;
   auto gx = need_x ? cpu::empty_output(X.sizes(), X.options()) : at::empty({0}, X.options());
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
     int32_t* ip = idx.data_ptr<int32_t>();
     scalar_t* wp = wt.data_ptr<scalar_t>();
     scalar_t* sp = need_flow ? scratch.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * nhb, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for(0, B * nhb, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / nhb, hb = t % nhb;
         const int64_t h0 = std::min(H, hb * hper), h1 = std::min(H, h0 + hper);
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cpu(const at::Tensor& grad
     });
     if (need_x) {
       scalar_t* gxp = gx.data_ptr<scalar_t>();
-      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t b = t / C;
           scatter_channel<scalar_t>(gp + t * HW, HW, ip + b * 4 * HW, wp + b * 4 * HW, gxp + t * HW);

@@ -18,10 +18,7 @@
 
 #include <vector>
 
-#if defined(__x86_64__)
-#include <xmmintrin.h>
-#endif
-
+#include "cpu/denormals.h"
 #include "common/group_norm_silu.h"
 #include "cpu/output_cache.h"
 
@@ -34,19 +31,12 @@ using gns::dense;
 using gns::Geometry;
 using gns::geometry;
 
-// Denormals flushed to zero (MXCSR FTZ + DAZ) while a task runs, restored afterwards. GCC if-converts the
-// clamps inside fast_exp and evaluates every branch for every lane; the branch for a clamped argument folds
-// sigmoid to the denormal constant 1 / (1 + exp(88.38)) and multiplies by it, which costs a microcode assist
-// per vector: the forward sweep ran 5x slower with it. With FTZ/DAZ the only numerical change is that
-// |values| < FLT_MIN (DBL_MIN) read or produced by these loops count as 0: silu(a) for a < -87 (float) is 0
-// instead of a number below 1e-36.
-struct FlushDenormals {
-#if defined(__x86_64__)
-  unsigned int saved;
-  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
+// Every task runs with denormals flushed (cpu::parallel_for, cpu/denormals.h). Here it matters even for
+// ordinary inputs: GCC if-converts the clamps inside fast_exp and evaluates every branch for every lane; the
+// branch for a clamped argument folds sigmoid to the denormal constant 1 / (1 + exp(88.38)) and multiplies by
+// it, which cost a microcode assist per vector (the forward sweep ran 5x slower). The only numerical change:
+// |values| < FLT_MIN (DBL_MIN) read or produced by these loops count as 0, so silu(a) for a < -87 (float) is
+// 0 instead of a number below 1e-36.
 
 constexpr int kLanes = 32;  // NCHW: lanes per block (all lanes share the channel's parameters)
 
@@ -210,8 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
     const auto b = param_values<T>(bias, C, T(0));
     if (!geo.channels_last) {
       const int64_t M = Cg * HW;
-      at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-        const FlushDenormals ftz;
+      cpu::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
         T K[kLanes], mv[kLanes], rw[kLanes], bv[kLanes];
         double s1[kLanes], s2[kLanes];
         for (int64_t t = begin; t < end; ++t) {
@@ -248,8 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
       const int64_t P = cl_lanes(C), len = HW * C;
       with_cl_lanes(P, [&](auto lanes) {
         constexpr int L = decltype(lanes)::value;
-        at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-          const FlushDenormals ftz;
+        cpu::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
           std::vector<T> K(P), mv(P), rw(P), bv(P);
           std::vector<double> s1(P), s2(P), g1(G), g2(G);
           for (int64_t n = begin; n < end; ++n) {
@@ -320,8 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const double M = static_cast<double>(Cg * HW);
     if (!geo.channels_last) {
       const int64_t Mi = Cg * HW;
-      at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-        const FlushDenormals ftz;
+      cpu::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
         T mv[kLanes], rw[kLanes], bv[kLanes], cdy[kLanes], cx[kLanes], c0[kLanes];
         double sa[kLanes], sb[kLanes];
         for (int64_t t = begin; t < end; ++t) {
@@ -368,8 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
       const int64_t P = cl_lanes(C), len = HW * C;
       with_cl_lanes(P, [&](auto lanes) {
         constexpr int L = decltype(lanes)::value;
-        at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-          const FlushDenormals ftz;
+        cpu::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
           std::vector<T> mv(P), rw(P), bv(P), cdy(P), cx(P), c0(P);
           std::vector<double> sa(P), sb(P), S1(G), S2(G);
           for (int64_t n = begin; n < end; ++n) {

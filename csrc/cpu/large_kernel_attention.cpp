@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/denormals.h"
 #include "cpu/depthwise_plane.h"
 #include "cpu/output_cache.h"
 
@@ -87,7 +88,7 @@ at::Tensor lka_forward_cpu(const at::Tensor& x, const at::Tensor& w0, const std:
     const int64_t HW = a.H * a.W;
     const auto t0 = dwcpu::make_taps<T>(w0p, a.C, a.k0h, a.k0w, false);
     const auto t1 = dwcpu::make_taps<T>(w1p, a.C, a.k1h, a.k1w, false);
-    at::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
+    cpu::parallel_for(0, a.B * a.C, 1, [&](int64_t p0, int64_t p1) {
       std::vector<T> buf0(g0.size(), T(0)), buf1(g1.size(), T(0));
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % a.C;
@@ -149,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lka_backw
     std::vector<T> pw0(mask[1] ? NB * a.C * K0 : 0), pb0(mask[2] ? NB * a.C : 0),
         pw1(mask[3] ? NB * a.C * K1 : 0), pb1(mask[4] ? NB * a.C : 0);
     T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
-    at::parallel_for(0, a.C * NB, 1, [&](int64_t t0_, int64_t t1_) {
+    cpu::parallel_for(0, a.C * NB, 1, [&](int64_t t0_, int64_t t1_) {
       // x (stage 0 input), mid (stage 1 input), grad (stage 1 transposed input), grad_mid (stage 0
       // transposed input): all zero-padded scratch planes whose padding stays zero across planes
       std::vector<T> xb(g0.size(), T(0)), mb(need_mid ? g1.size() : 0, T(0)), gb(g1.size(), T(0)),

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "cpu/denormals.h"
 #include "common/motion_gru.h"
 #include "cpu/output_cache.h"
 
@@ -17,7 +18,7 @@ constexpr int64_t kBlock = 8192;
 // Calls fn(b, begin, end) over blocks of every image's L elements.
 template <typename Fn> void for_blocks(int64_t B, int64_t L, const Fn& fn) {
   const int64_t nblk = std::max<int64_t>(1, (L + kBlock - 1) / kBlock);
-  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nblk, i0 = (t % nblk) * kBlock, i1 = std::min(L, i0 + kBlock);
       if (i0 < i1) fn(b, i0, i1);
@@ -69,7 +70,7 @@ VPFAST_CPU_CLONES void update_bwd_loop(const T* g_f, const T* g_d, const T* gu, 
 }
 
 at::Tensor motion_gru_reset_cpu(const at::Tensor& gates, const at::Tensor& f_prev) {
-  mgru::check_pair("vpfast::motion_gru_reset", gates, f_prev);
+  mgru::check_reset(gates, f_prev);
   const auto Gt = gates.contiguous(), Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
   auto out = cpu::empty_output(Fp.sizes(), Fp.options());
@@ -87,8 +88,7 @@ at::Tensor motion_gru_reset_cpu(const at::Tensor& gates, const at::Tensor& f_pre
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cpu(const at::Tensor& grad, const at::Tensor& gates,
                                                                  const at::Tensor& f_prev) {
-  mgru::check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
-  mgru::check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
+  mgru::check_reset_backward(grad, gates, f_prev);
   const auto G = grad.contiguous(), Gt = gates.contiguous(), Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
   auto d_gates = cpu::empty_output(Gt.sizes(), Gt.options());
@@ -110,9 +110,7 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cpu(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_update_cpu(const at::Tensor& gates, const at::Tensor& o,
                                                          const at::Tensor& f_prev, const at::Tensor& d_prev) {
-  mgru::check_pair("vpfast::motion_gru_update", gates, f_prev);
-  mgru::check_like("vpfast::motion_gru_update", "o", o, f_prev);
-  mgru::check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
+  mgru::check_update(gates, o, f_prev, d_prev);
   const auto Gt = gates.contiguous(), O = o.contiguous(), Fp = f_prev.contiguous(), Dp = d_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);
   auto f_out = cpu::empty_output(Fp.sizes(), Fp.options());
@@ -136,11 +134,7 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_update_cpu(const at::Tensor& gates
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_backward_cpu(
     const at::Tensor& grad_f, const at::Tensor& grad_d, const at::Tensor& gates, const at::Tensor& o,
     const at::Tensor& f_prev) {
-  const char* fn = "vpfast::motion_gru_update_backward";
-  mgru::check_pair(fn, gates, f_prev);
-  mgru::check_like(fn, "grad_f", grad_f, f_prev);
-  mgru::check_like(fn, "grad_d", grad_d, f_prev);
-  mgru::check_like(fn, "o", o, f_prev);
+  mgru::check_update_backward(grad_f, grad_d, gates, o, f_prev);
   const auto GF = grad_f.contiguous(), GD = grad_d.contiguous(), Gt = gates.contiguous(), O = o.contiguous(),
              Fp = f_prev.contiguous();
   const int64_t B = Fp.size(0), L = Fp.numel() / std::max<int64_t>(1, B);

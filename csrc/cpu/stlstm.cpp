@@ -8,8 +8,10 @@
 #include <cstring>
 #include <optional>
 
+#include "cpu/denormals.h"
 #include "common/stlstm.h"
 #include "common/lstm_planes.h"
+#include "cpu/lstm_cpu.h"
 #include "cpu/output_cache.h"
 
 namespace vpfast {
@@ -19,8 +21,6 @@ using lstm::Planes;
 using lstm::planar;
 using lstm::planes;
 using lstm::planes_opt;
-
-int64_t grain_rows(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hw)); }
 
 // ---- stage 1 --------------------------------------------------------------------------------------------
 // in: h_g i f g o | m_g i' f' g' | x_g i f g i' f' g' o (HAS_X) | c_prev m_prev
@@ -121,95 +121,78 @@ void with_flags(bool a, bool b, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cpu(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
     const at::Tensor& m_, double forget_bias, bool with_delta) {
-  const bool has_x = x_g_.has_value() && x_g_->defined();
-  lstm::check_stlstm_gates_forward(c_, h_g_, m_g_, m_, has_x ? &*x_g_ : nullptr);
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
-  const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
-  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
-  auto cm = cpu::empty_output({B, 2 * C, H, W}, c.options());
-  auto o_part = cpu::empty_output({B, C, H, W}, c.options());
-  auto act = cpu::empty_output({B, 4 * C, H, W}, c.options());
-  auto delta = with_delta ? cpu::empty_output({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_forward_cpu", [&] {
+  const auto a = lstm::stlstm_gates_forward_args(x_g_, h_g_, m_g_, c_, m_, with_delta, cpu::lstm_alloc);
+  AT_DISPATCH_FLOATING_TYPES(a.c.scalar_type(), "stlstm_gates_forward_cpu", [&] {
     using T = scalar_t;
-    const auto ph = planes<T>(h_g), pm = planes<T>(m_g), pc = planes<T>(c), pmm = planes<T>(m);
-    const auto px = planes_opt<T>(has_x, x_g);
-    const auto pcm = planes<T>(cm), pop = planes<T>(o_part), pa = planes<T>(act);
-    const auto pd = planes_opt<T>(with_delta, delta);
+    const auto ph = planes<T>(a.h_g), pm = planes<T>(a.m_g), pc = planes<T>(a.c), pmm = planes<T>(a.m);
+    const auto px = planes_opt<T>(a.has_x, a.x_g);
+    const auto pcm = planes<T>(a.cm), pop = planes<T>(a.o_part), pa = planes<T>(a.act);
+    const auto pd = planes_opt<T>(with_delta, a.delta);
     const T fb = static_cast<T>(forget_bias);
-    with_flags(has_x, with_delta, [&](auto HX, auto DL) {
-      at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+    with_flags(a.has_x, with_delta, [&](auto HX, auto DL) {
+      cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / C, ch = r % C;
+          const int64_t b = r / a.C, ch = r % a.C;
           const T* in[16];
-          for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * C + ch);
-          for (int j = 0; j < 3; ++j) in[4 + j] = pm.at(b, j * C + ch);
-          for (int j = 0; j < 7; ++j) in[7 + j] = decltype(HX)::value ? px.at(b, j * C + ch) : nullptr;
+          for (int j = 0; j < 4; ++j) in[j] = ph.at(b, j * a.C + ch);
+          for (int j = 0; j < 3; ++j) in[4 + j] = pm.at(b, j * a.C + ch);
+          for (int j = 0; j < 7; ++j) in[7 + j] = decltype(HX)::value ? px.at(b, j * a.C + ch) : nullptr;
           in[14] = pc.at(b, ch);
           in[15] = pmm.at(b, ch);
           T* out[9];
           out[0] = pcm.at(b, ch);
-          out[1] = pcm.at(b, C + ch);
+          out[1] = pcm.at(b, a.C + ch);
           out[2] = pop.at(b, ch);
-          for (int j = 0; j < 4; ++j) out[3 + j] = pa.at(b, j * C + ch);
+          for (int j = 0; j < 4; ++j) out[3 + j] = pa.at(b, j * a.C + ch);
           out[7] = decltype(DL)::value ? pd.at(b, ch) : nullptr;
-          out[8] = decltype(DL)::value ? pd.at(b, C + ch) : nullptr;
-          gates_fwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, fb, HW);
+          out[8] = decltype(DL)::value ? pd.at(b, a.C + ch) : nullptr;
+          gates_fwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, fb, a.HW);
         }
       });
     });
   });
-  return {cm, o_part, act, delta};
+  return {a.cm, a.o_part, a.act, a.delta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_backward_cpu(
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
     const at::Tensor& act_, const at::Tensor& cm_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
-  const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
-  lstm::check_stlstm_gates_backward(c_, grad_cm_, grad_op_, act_, cm_, m_, with_delta ? &*grad_delta_ : nullptr);
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W;
-  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
-             m = planar(m_);
-  const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
-  auto gx = has_x ? cpu::empty_output({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  auto gh = cpu::empty_output({B, 4 * C, H, W}, c.options());
-  auto gm = cpu::empty_output({B, 3 * C, H, W}, c.options());
-  auto gc = cpu::empty_output({B, C, H, W}, c.options());
-  auto gmm = cpu::empty_output({B, C, H, W}, c.options());
-  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "stlstm_gates_backward_cpu", [&] {
+  const auto a =
+      lstm::stlstm_gates_backward_args(grad_cm_, grad_op_, grad_delta_, act_, cm_, c_, m_, has_x, cpu::lstm_alloc);
+  AT_DISPATCH_FLOATING_TYPES(a.c.scalar_type(), "stlstm_gates_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pgcm = planes<T>(gcm), pgop = planes<T>(gop), pa = planes<T>(act), pcm = planes<T>(cm),
-               pc = planes<T>(c), pm = planes<T>(m);
-    const auto pgd = planes_opt<T>(with_delta, gd);
-    const auto pgx = planes_opt<T>(has_x, gx);
-    const auto pgh = planes<T>(gh), pgm = planes<T>(gm), pgc = planes<T>(gc), pgmm = planes<T>(gmm);
-    with_flags(has_x, with_delta, [&](auto HX, auto DL) {
-      at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+    const auto pgcm = planes<T>(a.gcm), pgop = planes<T>(a.gop), pa = planes<T>(a.act), pcm = planes<T>(a.cm),
+               pc = planes<T>(a.c), pm = planes<T>(a.m);
+    const auto pgd = planes_opt<T>(a.with_delta, a.gd);
+    const auto pgx = planes_opt<T>(has_x, a.gx);
+    const auto pgh = planes<T>(a.gh), pgm = planes<T>(a.gm), pgc = planes<T>(a.gc), pgmm = planes<T>(a.gmp);
+    with_flags(has_x, a.with_delta, [&](auto HX, auto DL) {
+      cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / C, ch = r % C;
+          const int64_t b = r / a.C, ch = r % a.C;
           const T* in[13];
           in[0] = pgcm.at(b, ch);
-          in[1] = pgcm.at(b, C + ch);
+          in[1] = pgcm.at(b, a.C + ch);
           in[2] = pgop.at(b, ch);
           in[3] = decltype(DL)::value ? pgd.at(b, ch) : nullptr;
-          in[4] = decltype(DL)::value ? pgd.at(b, C + ch) : nullptr;
-          for (int j = 0; j < 4; ++j) in[5 + j] = pa.at(b, j * C + ch);
+          in[4] = decltype(DL)::value ? pgd.at(b, a.C + ch) : nullptr;
+          for (int j = 0; j < 4; ++j) in[5 + j] = pa.at(b, j * a.C + ch);
           in[9] = pc.at(b, ch);
           in[10] = pm.at(b, ch);
           in[11] = pcm.at(b, ch);
-          in[12] = pcm.at(b, C + ch);
+          in[12] = pcm.at(b, a.C + ch);
           T* out[16];
-          for (int j = 0; j < 4; ++j) out[j] = pgh.at(b, j * C + ch);
-          for (int j = 0; j < 3; ++j) out[4 + j] = pgm.at(b, j * C + ch);
+          for (int j = 0; j < 4; ++j) out[j] = pgh.at(b, j * a.C + ch);
+          for (int j = 0; j < 3; ++j) out[4 + j] = pgm.at(b, j * a.C + ch);
           out[7] = pgc.at(b, ch);
           out[8] = pgmm.at(b, ch);
-          for (int j = 0; j < 7; ++j) out[9 + j] = decltype(HX)::value ? pgx.at(b, j * C + ch) : nullptr;
-          gates_bwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, HW);
+          for (int j = 0; j < 7; ++j) out[9 + j] = decltype(HX)::value ? pgx.at(b, j * a.C + ch) : nullptr;
+          gates_bwd_row<T, decltype(HX)::value, decltype(DL)::value>(in, out, a.HW);
         }
       });
     });
   });
-  return {gx, gh, gm, gc, gmm};
+  return {a.gx, a.gh, a.gm, a.gc, a.gmp};
 }
 
 // ---- stage 2 --------------------------------------------------------------------------------------------
@@ -247,68 +230,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cpu(const a
                                                                          const at::Tensor& o_m_,
                                                                          const at::Tensor& last_,
                                                                          const std::optional<at::Tensor>& hw_) {
-  const bool has_hw = hw_.has_value() && hw_->defined();
-  lstm::check_stlstm_output("vpfast::stlstm_output_forward", o_part_, "o_part", o_m_, "o_m", last_, "last",
-                            has_hw ? &*hw_ : nullptr);
-  const int64_t B = o_part_.size(0), C = o_part_.size(1), H = o_part_.size(2), W = o_part_.size(3), HW = H * W;
-  const auto op = planar(o_part_), om = planar(o_m_), last = planar(last_);
-  const auto hw = has_hw ? planar(*hw_) : at::Tensor();
-  auto h = cpu::empty_output({B, C, H, W}, op.options());
-  auto o = cpu::empty_output({B, C, H, W}, op.options());
-  auto tl = has_hw ? cpu::empty_output({B, C, H, W}, op.options()) : at::empty({0}, op.options());
-  AT_DISPATCH_FLOATING_TYPES(op.scalar_type(), "stlstm_output_forward_cpu", [&] {
+  const auto a = lstm::stlstm_output_forward_args(o_part_, o_m_, last_, hw_, cpu::lstm_alloc);
+  AT_DISPATCH_FLOATING_TYPES(a.op.scalar_type(), "stlstm_output_forward_cpu", [&] {
     using T = scalar_t;
-    const auto pop = planes<T>(op), pom = planes<T>(om), pl = planes<T>(last), ph = planes<T>(h),
-               po = planes<T>(o);
-    const auto phw = planes_opt<T>(has_hw, hw);
-    const auto ptl = planes_opt<T>(has_hw, tl);
-    at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+    const auto pop = planes<T>(a.op), pom = planes<T>(a.om), pl = planes<T>(a.last), ph = planes<T>(a.h),
+               po = planes<T>(a.o);
+    const auto phw = planes_opt<T>(a.has_hw, a.hw);
+    const auto ptl = planes_opt<T>(a.has_hw, a.tl);
+    cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / C, ch = r % C;
-        if (has_hw)
+        const int64_t b = r / a.C, ch = r % a.C;
+        if (a.has_hw)
           output_fwd_row<T, true>(pop.at(b, ch), pom.at(b, ch), pl.at(b, ch), phw.at(b, ch), ph.at(b, ch),
-                                  po.at(b, ch), ptl.at(b, ch), HW);
+                                  po.at(b, ch), ptl.at(b, ch), a.HW);
         else
           output_fwd_row<T, false>(pop.at(b, ch), pom.at(b, ch), pl.at(b, ch), nullptr, ph.at(b, ch),
-                                   po.at(b, ch), nullptr, HW);
+                                   po.at(b, ch), nullptr, a.HW);
       }
     });
   });
-  return {h, o, tl};
+  return {a.h, a.o, a.tl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cpu(const at::Tensor& gh_,
                                                                           const at::Tensor& o_,
                                                                           const at::Tensor& h_or_tl_,
                                                                           const std::optional<at::Tensor>& hw_) {
-  const bool has_hw = hw_.has_value() && hw_->defined();
-  lstm::check_stlstm_output("vpfast::stlstm_output_backward", o_, "o", gh_, "grad_h", h_or_tl_, "h_or_tl",
-                            has_hw ? &*hw_ : nullptr);
-  const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W;
-  const auto gh = planar(gh_), o = planar(o_), ht = planar(h_or_tl_);
-  const auto hw = has_hw ? planar(*hw_) : at::Tensor();
-  auto gpre = cpu::empty_output({B, C, H, W}, o.options());
-  auto glast = cpu::empty_output({B, C, H, W}, o.options());
-  auto ghw = has_hw ? cpu::empty_output({B, C, H, W}, o.options()) : at::empty({0}, o.options());
-  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "stlstm_output_backward_cpu", [&] {
+  const auto a = lstm::stlstm_output_backward_args(gh_, o_, h_or_tl_, hw_, cpu::lstm_alloc);
+  AT_DISPATCH_FLOATING_TYPES(a.o.scalar_type(), "stlstm_output_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pgh = planes<T>(gh), po = planes<T>(o), pht = planes<T>(ht), pgp = planes<T>(gpre),
-               pgl = planes<T>(glast);
-    const auto phw = planes_opt<T>(has_hw, hw);
-    const auto pghw = planes_opt<T>(has_hw, ghw);
-    at::parallel_for(0, B * C, grain_rows(HW), [&](int64_t begin, int64_t end) {
+    const auto pgh = planes<T>(a.gh), po = planes<T>(a.o), pht = planes<T>(a.ht), pgp = planes<T>(a.gpre),
+               pgl = planes<T>(a.glast);
+    const auto phw = planes_opt<T>(a.has_hw, a.hw);
+    const auto pghw = planes_opt<T>(a.has_hw, a.ghw);
+    cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / C, ch = r % C;
-        if (has_hw)
+        const int64_t b = r / a.C, ch = r % a.C;
+        if (a.has_hw)
           output_bwd_row<T, true>(pgh.at(b, ch), po.at(b, ch), pht.at(b, ch), phw.at(b, ch), pgp.at(b, ch),
-                                  pgl.at(b, ch), pghw.at(b, ch), HW);
+                                  pgl.at(b, ch), pghw.at(b, ch), a.HW);
         else
           output_bwd_row<T, false>(pgh.at(b, ch), po.at(b, ch), pht.at(b, ch), nullptr, pgp.at(b, ch),
-                                   pgl.at(b, ch), nullptr, HW);
+                                   pgl.at(b, ch), nullptr, a.HW);
       }
     });
   });
-  return {gpre, glast, ghw};
+  return {a.gpre, a.glast, a.ghw};
 }
 
 }  // namespace

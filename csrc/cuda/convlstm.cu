@@ -93,25 +93,19 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cuda(const std::optional<at::Tensor>& x_g_,
                                                                      const at::Tensor& h_g_, const at::Tensor& c_,
                                                                      double forget_bias, bool tanh_c) {
-  const bool has_x = x_g_.has_value() && x_g_->defined();
-  lstm::check_convlstm_forward(c_, h_g_, has_x ? &*x_g_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
-  const auto h_g = planar(h_g_), c = planar(c_);
-  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
-  auto h = at::empty({B, C, H, W}, c.options());
-  auto cn = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 3 * C, H, W}, c.options());
-  if (n == 0) return {h, cn, act};
+  const auto a = lstm::convlstm_forward_args(x_g_, h_g_, c_, lstm::empty_alloc);
+  const int64_t n = a.B * a.C * a.HW;
+  if (n == 0) return {a.h, a.cn, a.act};
   auto stream = at::cuda::getCurrentCUDAStream();
-  VPFAST_DISPATCH_LSTM(c.scalar_type(), "convlstm_forward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(a.c.scalar_type(), "convlstm_forward_cuda", [&] {
     using T = scalar_t;
-    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(planes_opt<T>(has_x, x_g), planes<T>(h_g), planes<T>(c),
-                                                           planes<T>(h), planes<T>(cn), planes<T>(act), C, HW, n,
-                                                           static_cast<at::opmath_type<T>>(forget_bias), tanh_c);
+    fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+        planes_opt<T>(a.has_x, a.x_g), planes<T>(a.h_g), planes<T>(a.c), planes<T>(a.h), planes<T>(a.cn),
+        planes<T>(a.act), a.C, a.HW, n, static_cast<at::opmath_type<T>>(forget_bias), tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {h, cn, act};
+  return {a.h, a.cn, a.act};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std::optional<at::Tensor>& gh_,
@@ -119,25 +113,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cuda(const std:
                                                                       const at::Tensor& act_, const at::Tensor& c_,
                                                                       const at::Tensor& cn_, const at::Tensor& h_,
                                                                       bool has_x, bool tanh_c) {
-  const bool has_gh = gh_.has_value() && gh_->defined(), has_gc = gc_.has_value() && gc_->defined();
-  lstm::check_convlstm_backward(c_, act_, cn_, h_, has_gh ? &*gh_ : nullptr, has_gc ? &*gc_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
-  const auto act = planar(act_), c = planar(c_), cn = planar(cn_), ho = planar(h_);
-  const auto gh = has_gh ? planar(*gh_) : at::Tensor(), gc = has_gc ? planar(*gc_) : at::Tensor();
-  auto gx = has_x ? at::empty({B, 4 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  auto ghg = at::empty({B, 4 * C, H, W}, c.options());
-  auto gcp = at::empty({B, C, H, W}, c.options());
-  if (n == 0) return {gx, ghg, gcp};
+  const auto a = lstm::convlstm_backward_args(gh_, gc_, act_, c_, cn_, h_, has_x, lstm::empty_alloc);
+  const int64_t n = a.B * a.C * a.HW;
+  if (n == 0) return {a.gx, a.ghg, a.gcp};
   auto stream = at::cuda::getCurrentCUDAStream();
-  VPFAST_DISPATCH_LSTM(c.scalar_type(), "convlstm_backward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(a.c.scalar_type(), "convlstm_backward_cuda", [&] {
     using T = scalar_t;
     bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes_opt<T>(has_gh, gh), planes_opt<T>(has_gc, gc), planes<T>(act), planes<T>(c), planes<T>(cn),
-        planes<T>(ho), planes_opt<T>(has_x, gx), planes<T>(ghg), planes<T>(gcp), C, HW, n, tanh_c);
+        planes_opt<T>(a.has_gh, a.gh), planes_opt<T>(a.has_gc, a.gc), planes<T>(a.act), planes<T>(a.c), planes<T>(a.cn),
+        planes<T>(a.ho), planes_opt<T>(has_x, a.gx), planes<T>(a.ghg), planes<T>(a.gcp), a.C, a.HW, n, tanh_c);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gx, ghg, gcp};
+  return {a.gx, a.ghg, a.gcp};
 }
 
 }  // namespace

@@ -106,9 +106,7 @@ __global__ void backward_kernel(const T* __restrict__ grad, const S* __restrict_
 
 std::tuple<at::Tensor, at::Tensor> ddr_loss_forward_cuda(const at::Tensor& pred, const at::Tensor& target,
                                                           double tau, double eps) {
-  TORCH_CHECK(pred.dim() == 5 && pred.sizes() == target.sizes() && pred.size(1) >= 3,
-              "vpfast::ddr_loss_forward: pred and target must be equal [B, T, C, H, W] with T >= 3");
-  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), "vpfast::ddr_loss_forward: dtype mismatch");
+  ddr::check_inputs("vpfast::ddr_loss_forward", pred, target);
   const c10::cuda::CUDAGuard guard(pred.device());
   const auto P = pred.contiguous(), Y = target.contiguous();
   const int64_t B = P.size(0), T_ = P.size(1), D = P.numel() / std::max<int64_t>(1, B * T_), rows = B * (T_ - 1);
@@ -134,15 +132,12 @@ std::tuple<at::Tensor, at::Tensor> ddr_loss_forward_cuda(const at::Tensor& pred,
 std::tuple<at::Tensor, at::Tensor> ddr_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred,
                                                            const at::Tensor& target, const at::Tensor& stats,
                                                            double tau, double eps, bool need_target) {
-  TORCH_CHECK(pred.dim() == 5 && pred.sizes() == target.sizes() && pred.size(1) >= 3,
-              "vpfast::ddr_loss_backward: pred and target must be equal [B, T, C, H, W] with T >= 3");
-  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), "vpfast::ddr_loss_backward: dtype mismatch");
+  ddr::check_inputs("vpfast::ddr_loss_backward", pred, target);
+  ddr::check_stats("vpfast::ddr_loss_backward", stats, pred);
   const auto acc = at::toOpMathType(pred.scalar_type());
   const c10::cuda::CUDAGuard guard(pred.device());
   const auto P = pred.contiguous(), Y = target.contiguous(), S = stats.contiguous();
   const int64_t B = P.size(0), T_ = P.size(1), D = P.numel() / std::max<int64_t>(1, B * T_);
-  TORCH_CHECK(S.numel() == B * (T_ - 1) * ddr::kStats && S.scalar_type() == acc,
-              "vpfast::ddr_loss_backward: stats has the wrong size or dtype");
   // the incoming gradient is read in the arithmetic type (a float32 grad is not rounded to bf16 first)
   const auto G = grad.to(acc).contiguous();
   auto gp = at::empty_like(P);

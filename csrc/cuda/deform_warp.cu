@@ -117,15 +117,12 @@ __global__ void grad_input_kernel(const T* __restrict__ off, const T* __restrict
 
 at::Tensor deform_warp_forward_cuda(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
                                     const at::Tensor& weight) {
-  warp::check_deform_inputs("vpfast::deform_warp_forward", x, offset, mask, weight);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
-  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
+  const auto [X, OFF, M, Wm, B, C, H, W, O, k, N, HW, K] =
+      warp::deform_forward_operands(x, offset, mask, weight);
   auto out = at::empty({B, O, H, W}, X.options());
   if (out.numel() == 0) return out;
   if (K == 0) return out.zero_();
-  const auto Wm = weight.contiguous().view({O, K});
   const int64_t bc = warp::chunk_images(B, K * HW * static_cast<int64_t>(X.element_size()), 1, kColBytes);
   auto col = at::empty({bc, K, HW}, X.options());
   const Geo g{C, N, HW, (int32_t)H, (int32_t)W, (int32_t)k};
@@ -150,15 +147,11 @@ at::Tensor deform_warp_forward_cuda(const at::Tensor& x, const at::Tensor& offse
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_warp_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& offset, const at::Tensor& mask,
     const at::Tensor& weight, std::array<bool, 4> needs) {
-  warp::check_deform_inputs("vpfast::deform_warp_backward", x, offset, mask, weight);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto X = x.contiguous(), OFF = offset.contiguous(), M = mask.contiguous();
-  const int64_t B = X.size(0), C = X.size(1), H = X.size(2), W = X.size(3);
-  const int64_t O = weight.size(0), k = weight.size(2), N = k * k, HW = H * W, K = C * N;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B, O, H, W}), "vpfast::deform_warp_backward: grad must be [B, O, H, W]");
+  const auto [X, OFF, M, Wm, B, C, H, W, O, k, N, HW, K] =
+      warp::deform_backward_operands(grad, x, offset, mask, weight);
   if (needs[0]) at::globalContext().alertNotDeterministic("vpfast::deform_warp_backward (CUDA input gradient)");
   const auto G = grad.to(X.scalar_type()).contiguous();
-  const auto Wm = weight.contiguous().view({O, K});
   // the input and weight gradients accumulate in the arithmetic type (float for the half types)
   const auto acc = X.options().dtype(at::toOpMathType(X.scalar_type()));
   auto gx = needs[0] ? at::zeros(X.sizes(), acc) : at::empty({0}, acc);

@@ -120,8 +120,7 @@ at::Tensor flow_warp_forward_cuda(const at::Tensor& x, const at::Tensor& flow, b
 std::tuple<at::Tensor, at::Tensor> flow_warp_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                                            const at::Tensor& flow, bool border, bool align_corners,
                                                            bool need_x, bool need_flow) {
-  warp::check_flow_inputs("vpfast::flow_warp_backward", x, flow);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "vpfast::flow_warp_backward: grad must have the shape of x");
+  warp::check_flow_backward("vpfast::flow_warp_backward", grad, x, flow);
   const c10::cuda::CUDAGuard guard(x.device());
   if (need_x) at::globalContext().alertNotDeterministic("vpfast::flow_warp_backward (CUDA input gradient)");
   const auto X = x.contiguous(), FL = flow.contiguous(), G = grad.to(x.scalar_type()).contiguous();

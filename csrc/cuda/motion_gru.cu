@@ -86,7 +86,7 @@ __global__ void update_bwd_kernel(const T* __restrict__ g_f, const T* __restrict
 int64_t per_image(const at::Tensor& f) { return f.numel() / std::max<int64_t>(1, f.size(0)); }
 
 at::Tensor motion_gru_reset_cuda(const at::Tensor& gates, const at::Tensor& f_prev) {
-  mgru::check_pair("vpfast::motion_gru_reset", gates, f_prev);
+  mgru::check_reset(gates, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto Gt = gates.contiguous(), Fp = f_prev.contiguous();
   auto out = at::empty_like(Fp);
@@ -103,8 +103,7 @@ at::Tensor motion_gru_reset_cuda(const at::Tensor& gates, const at::Tensor& f_pr
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cuda(const at::Tensor& grad, const at::Tensor& gates,
                                                                   const at::Tensor& f_prev) {
-  mgru::check_pair("vpfast::motion_gru_reset_backward", gates, f_prev);
-  mgru::check_like("vpfast::motion_gru_reset_backward", "grad", grad, f_prev);
+  mgru::check_reset_backward(grad, gates, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto G = grad.contiguous(), Gt = gates.contiguous(), Fp = f_prev.contiguous();
   auto d_gates = at::empty_like(Gt);
@@ -123,9 +122,7 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_reset_backward_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> motion_gru_update_cuda(const at::Tensor& gates, const at::Tensor& o,
                                                           const at::Tensor& f_prev, const at::Tensor& d_prev) {
-  mgru::check_pair("vpfast::motion_gru_update", gates, f_prev);
-  mgru::check_like("vpfast::motion_gru_update", "o", o, f_prev);
-  mgru::check_like("vpfast::motion_gru_update", "d_prev", d_prev, f_prev);
+  mgru::check_update(gates, o, f_prev, d_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto Gt = gates.contiguous(), O = o.contiguous(), Fp = f_prev.contiguous(), Dp = d_prev.contiguous();
   auto f_out = at::empty_like(Fp);
@@ -145,11 +142,7 @@ std::tuple<at::Tensor, at::Tensor> motion_gru_update_cuda(const at::Tensor& gate
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> motion_gru_update_backward_cuda(
     const at::Tensor& grad_f, const at::Tensor& grad_d, const at::Tensor& gates, const at::Tensor& o,
     const at::Tensor& f_prev) {
-  const char* fn = "vpfast::motion_gru_update_backward";
-  mgru::check_pair(fn, gates, f_prev);
-  mgru::check_like(fn, "grad_f", grad_f, f_prev);
-  mgru::check_like(fn, "grad_d", grad_d, f_prev);
-  mgru::check_like(fn, "o", o, f_prev);
+  mgru::check_update_backward(grad_f, grad_d, gates, o, f_prev);
   const c10::cuda::CUDAGuard guard(f_prev.device());
   const auto GF = grad_f.contiguous(), GD = grad_d.contiguous(), Gt = gates.contiguous(), O = o.contiguous(),
              Fp = f_prev.contiguous();

@@ -155,106 +155,78 @@ __global__ void output_bwd_kernel(Planes<T> gh, Planes<T> o, Planes<T> ht, Plane
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cuda(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
     const at::Tensor& m_, double forget_bias, bool with_delta) {
-  const bool has_x = x_g_.has_value() && x_g_->defined();
-  lstm::check_stlstm_gates_forward(c_, h_g_, m_g_, m_, has_x ? &*x_g_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
-  const auto h_g = planar(h_g_), m_g = planar(m_g_), c = planar(c_), m = planar(m_);
-  const auto x_g = has_x ? planar(*x_g_) : at::Tensor();
-  auto cm = at::empty({B, 2 * C, H, W}, c.options());
-  auto o_part = at::empty({B, C, H, W}, c.options());
-  auto act = at::empty({B, 4 * C, H, W}, c.options());
-  auto delta = with_delta ? at::empty({B, 2 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  if (n == 0) return {cm, o_part, act, delta};
+  const auto a = lstm::stlstm_gates_forward_args(x_g_, h_g_, m_g_, c_, m_, with_delta, lstm::empty_alloc);
+  const int64_t n = a.B * a.C * a.HW;
+  if (n == 0) return {a.cm, a.o_part, a.act, a.delta};
   auto stream = at::cuda::getCurrentCUDAStream();
-  VPFAST_DISPATCH_LSTM(c.scalar_type(), "stlstm_gates_forward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(a.c.scalar_type(), "stlstm_gates_forward_cuda", [&] {
     using T = scalar_t;
     gates_fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes_opt<T>(has_x, x_g), planes<T>(h_g), planes<T>(m_g), planes<T>(c), planes<T>(m), planes<T>(cm),
-        planes<T>(o_part), planes<T>(act), planes_opt<T>(with_delta, delta), C, HW, n,
+        planes_opt<T>(a.has_x, a.x_g), planes<T>(a.h_g), planes<T>(a.m_g), planes<T>(a.c), planes<T>(a.m),
+        planes<T>(a.cm), planes<T>(a.o_part), planes<T>(a.act), planes_opt<T>(with_delta, a.delta), a.C, a.HW, n,
         static_cast<at::opmath_type<T>>(forget_bias));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {cm, o_part, act, delta};
+  return {a.cm, a.o_part, a.act, a.delta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_backward_cuda(
     const at::Tensor& grad_cm_, const at::Tensor& grad_op_, const std::optional<at::Tensor>& grad_delta_,
     const at::Tensor& act_, const at::Tensor& cm_, const at::Tensor& c_, const at::Tensor& m_, bool has_x) {
-  const bool with_delta = grad_delta_.has_value() && grad_delta_->defined();
-  lstm::check_stlstm_gates_backward(c_, grad_cm_, grad_op_, act_, cm_, m_, with_delta ? &*grad_delta_ : nullptr);
   const c10::cuda::CUDAGuard guard(c_.device());
-  const int64_t B = c_.size(0), C = c_.size(1), H = c_.size(2), W = c_.size(3), HW = H * W, n = B * C * HW;
-  const auto gcm = planar(grad_cm_), gop = planar(grad_op_), act = planar(act_), cm = planar(cm_), c = planar(c_),
-             m = planar(m_);
-  const auto gd = with_delta ? planar(*grad_delta_) : at::Tensor();
-  auto gx = has_x ? at::empty({B, 7 * C, H, W}, c.options()) : at::empty({0}, c.options());
-  auto gh = at::empty({B, 4 * C, H, W}, c.options());
-  auto gm = at::empty({B, 3 * C, H, W}, c.options());
-  auto gc = at::empty({B, C, H, W}, c.options());
-  auto gmp = at::empty({B, C, H, W}, c.options());
-  if (n == 0) return {gx, gh, gm, gc, gmp};
+  const auto a =
+      lstm::stlstm_gates_backward_args(grad_cm_, grad_op_, grad_delta_, act_, cm_, c_, m_, has_x, lstm::empty_alloc);
+  const int64_t n = a.B * a.C * a.HW;
+  if (n == 0) return {a.gx, a.gh, a.gm, a.gc, a.gmp};
   auto stream = at::cuda::getCurrentCUDAStream();
-  VPFAST_DISPATCH_LSTM(c.scalar_type(), "stlstm_gates_backward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(a.c.scalar_type(), "stlstm_gates_backward_cuda", [&] {
     using T = scalar_t;
     gates_bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes<T>(gcm), planes<T>(gop), planes_opt<T>(with_delta, gd), planes<T>(act), planes<T>(cm), planes<T>(c),
-        planes<T>(m), planes_opt<T>(has_x, gx), planes<T>(gh), planes<T>(gm), planes<T>(gc), planes<T>(gmp), C, HW, n);
+        planes<T>(a.gcm), planes<T>(a.gop), planes_opt<T>(a.with_delta, a.gd), planes<T>(a.act), planes<T>(a.cm),
+        planes<T>(a.c), planes<T>(a.m), planes_opt<T>(has_x, a.gx), planes<T>(a.gh), planes<T>(a.gm), planes<T>(a.gc),
+        planes<T>(a.gmp), a.C, a.HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gx, gh, gm, gc, gmp};
+  return {a.gx, a.gh, a.gm, a.gc, a.gmp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_forward_cuda(const at::Tensor& op_,
                                                                           const at::Tensor& om_,
                                                                           const at::Tensor& last_,
                                                                           const std::optional<at::Tensor>& hw_) {
-  const bool has_hw = hw_.has_value() && hw_->defined();
-  lstm::check_stlstm_output("vpfast::stlstm_output_forward", op_, "o_part", om_, "o_m", last_, "last",
-                            has_hw ? &*hw_ : nullptr);
   const c10::cuda::CUDAGuard guard(op_.device());
-  const int64_t B = op_.size(0), C = op_.size(1), H = op_.size(2), W = op_.size(3), HW = H * W, n = B * C * HW;
-  const auto op = planar(op_), om = planar(om_), last = planar(last_);
-  const auto hw = has_hw ? planar(*hw_) : at::Tensor();
-  auto h = at::empty({B, C, H, W}, op.options());
-  auto o = at::empty({B, C, H, W}, op.options());
-  auto tl = has_hw ? at::empty({B, C, H, W}, op.options()) : at::empty({0}, op.options());
-  if (n == 0) return {h, o, tl};
+  const auto a = lstm::stlstm_output_forward_args(op_, om_, last_, hw_, lstm::empty_alloc);
+  const int64_t n = a.B * a.C * a.HW;
+  if (n == 0) return {a.h, a.o, a.tl};
   auto stream = at::cuda::getCurrentCUDAStream();
-  VPFAST_DISPATCH_LSTM(op.scalar_type(), "stlstm_output_forward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(a.op.scalar_type(), "stlstm_output_forward_cuda", [&] {
     using T = scalar_t;
     output_fwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes<T>(op), planes<T>(om), planes<T>(last), planes_opt<T>(has_hw, hw), planes<T>(h), planes<T>(o),
-        planes_opt<T>(has_hw, tl), C, HW, n);
+        planes<T>(a.op), planes<T>(a.om), planes<T>(a.last), planes_opt<T>(a.has_hw, a.hw), planes<T>(a.h),
+        planes<T>(a.o), planes_opt<T>(a.has_hw, a.tl), a.C, a.HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {h, o, tl};
+  return {a.h, a.o, a.tl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stlstm_output_backward_cuda(const at::Tensor& gh_,
                                                                            const at::Tensor& o_,
                                                                            const at::Tensor& ht_,
                                                                            const std::optional<at::Tensor>& hw_) {
-  const bool has_hw = hw_.has_value() && hw_->defined();
-  lstm::check_stlstm_output("vpfast::stlstm_output_backward", o_, "o", gh_, "grad_h", ht_, "h_or_tl",
-                            has_hw ? &*hw_ : nullptr);
   const c10::cuda::CUDAGuard guard(o_.device());
-  const int64_t B = o_.size(0), C = o_.size(1), H = o_.size(2), W = o_.size(3), HW = H * W, n = B * C * HW;
-  const auto gh = planar(gh_), o = planar(o_), ht = planar(ht_);
-  const auto hw = has_hw ? planar(*hw_) : at::Tensor();
-  auto gpre = at::empty({B, C, H, W}, o.options());
-  auto glast = at::empty({B, C, H, W}, o.options());
-  auto ghw = has_hw ? at::empty({B, C, H, W}, o.options()) : at::empty({0}, o.options());
-  if (n == 0) return {gpre, glast, ghw};
+  const auto a = lstm::stlstm_output_backward_args(gh_, o_, ht_, hw_, lstm::empty_alloc);
+  const int64_t n = a.B * a.C * a.HW;
+  if (n == 0) return {a.gpre, a.glast, a.ghw};
   auto stream = at::cuda::getCurrentCUDAStream();
-  VPFAST_DISPATCH_LSTM(o.scalar_type(), "stlstm_output_backward_cuda", [&] {
+  VPFAST_DISPATCH_LSTM(a.o.scalar_type(), "stlstm_output_backward_cuda", [&] {
     using T = scalar_t;
     output_bwd_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        planes<T>(gh), planes<T>(o), planes<T>(ht), planes_opt<T>(has_hw, hw), planes<T>(gpre), planes<T>(glast),
-        planes_opt<T>(has_hw, ghw), C, HW, n);
+        planes<T>(a.gh), planes<T>(a.o), planes<T>(a.ht), planes_opt<T>(a.has_hw, a.hw), planes<T>(a.gpre),
+        planes<T>(a.glast), planes_opt<T>(a.has_hw, a.ghw), a.C, a.HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gpre, glast, ghw};
+  return {a.gpre, a.glast, a.ghw};
 }
 
 }  // namespace

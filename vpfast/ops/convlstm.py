@@ -169,6 +169,7 @@ def convlstm(x_g: Optional[torch.Tensor], h_g: torch.Tensor, c: torch.Tensor, fo
     x_g: Tensor[B, 4C, H, W] (conv_x output: i, f, g, o) or None (h_g from the merged convolution),
     h_g: Tensor[B, 4C, H, W], c: Tensor[B, C, H, W] -> (h: Tensor[B, C, H, W], c_new: Tensor[B, C, H, W])
     tanh_c: True gives h = o ⊙ tanh(c_new) (OpenSTL today), False h = o ⊙ g (OpenSTL <= v0.3.0).
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     x_g, h_g, c = OP.cast_inputs(x_g, h_g, c)

@@ -1,7 +1,8 @@
 """DDR loss: TAU's differential divergence regularisation (MODELS.md §6).
 
 Backends: torch (reference below), cpp and cuda (csrc/*/ddr_loss.*, one compiled op pair
-vpfast::ddr_loss_forward / ddr_loss_backward), triton (kernels/ddr_loss.py).
+vpfast::ddr_loss_forward / ddr_loss_backward; on CPU under autograd vpfast::ddr_loss_forward_grad),
+triton (kernels/ddr_loss.py).
 """
 from __future__ import annotations
 
@@ -78,6 +79,41 @@ def _ddr_compiled(pred, target, tau, eps):
     return torch.ops.vpfast.ddr_loss_forward(pred, target, tau, eps)[0]
 
 
+# ---- cpp under autograd: forward and gradient in one pass ---------------------------------------------
+# The CPU kernel computes the gradients while each row is in cache (csrc/cpu/ddr_loss.cpp,
+# ddr_loss_forward_grad): backward is then a scaling by the incoming gradient instead of a second sweep that
+# recomputes every exponential and log. What the graph keeps between the passes is those gradients
+# (pred-sized; target-sized too when target requires grad) rather than pred, target and the row statistics.
+if _ext.has_kernel("ddr_loss_forward_grad", "CPU"):
+
+    @torch.library.register_fake("vpfast::ddr_loss_forward_grad")
+    def _ddr_forward_grad_fake(pred, target, tau, eps, need_target):
+        return pred.new_empty(()), torch.empty_like(pred), (torch.empty_like(target) if need_target
+                                                           else pred.new_empty((0,)))
+
+    def _ddr_grad_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1], output[2])
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.need_target = inputs[4]
+        ctx.set_materialize_grads(False)  # the gradient outputs take no gradient: no zero tensors for them
+
+    def _ddr_grad_backward(ctx, grad_loss, _gp, _gy):
+        if grad_loss is None:  # grads are not materialized: an undefined incoming gradient is a zero one
+            return None, None, None, None, None
+        gp, gy = ctx.saved_tensors
+        # without need_target the kernel computed no target gradient (gy is empty): none is returned
+        return grad_loss * gp, (grad_loss * gy if ctx.need_target else None), None, None, None
+
+    torch.library.register_autograd("vpfast::ddr_loss_forward_grad", _ddr_grad_backward,
+                                    setup_context=_ddr_grad_setup)
+
+
+def _ddr_cpp(pred, target, tau, eps):
+    if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
+        return torch.ops.vpfast.ddr_loss_forward_grad(pred, target, tau, eps, target.requires_grad)[0]
+    return torch.ops.vpfast.ddr_loss_forward(pred, target, tau, eps)[0]
+
+
 # ---- triton: a Python custom op around the launchers in kernels/ddr_loss.py ---------------------------
 @torch.library.custom_op("vpfast::ddr_loss_forward_triton", mutates_args=())
 def _ddr_triton_forward(pred: torch.Tensor, target: torch.Tensor, tau: float,
@@ -118,7 +154,7 @@ def _check(backend, pred, target, tau, eps):
 OP = Op("ddr_loss", kernel="ddr_loss_forward", check=_check, autocast={"cuda": "float32", "cpu": "promote"},
         prefer={"cuda": ("cuda", "torch")})
 OP.register("torch", ddr_loss_reference)
-OP.register("cpp", _ddr_compiled)
+OP.register("cpp", _ddr_cpp)
 OP.register("cuda", _ddr_compiled)
 OP.register("triton", _ddr_triton)
 
@@ -134,6 +170,7 @@ def ddr_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = 0.1, eps: fl
     Differentiable in pred, and in target when it requires grad. bf16/fp16 inputs (cuda, triton) are computed
     in float32 and the loss and gradients returned in the input's dtype; under CUDA autocast the inputs are
     cast to float32 first, as for softmax.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     pred, target = OP.cast_inputs(pred, target)

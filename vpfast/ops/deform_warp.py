@@ -208,6 +208,7 @@ def deform_warp(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weigh
     the input gradient is scattered with atomic adds (the cuda backend reports itself to
     torch.use_deterministic_algorithms). bf16/fp16 inputs are sampled at float32 positions and return their
     own dtype.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     x, offset, mask, weight = OP.cast_inputs(x, offset, mask, weight)

@@ -229,6 +229,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     stride, dilation: int or (h, w) pair, >= 1. padding: int or pair >= 0 (zeros), "same", "valid", or None
     for dilation*(k//2) on each side (keeps H, W at stride 1). Same result as
     `F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`; differentiable in x, weight and bias.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     x, weight, bias = OP.cast_inputs(x, weight, bias)

@@ -168,6 +168,7 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros", 
     backward is deterministic, the CUDA and Triton input gradients are scattered with atomic adds (the
     cuda backend reports itself to torch.use_deterministic_algorithms). bf16/fp16 inputs are sampled at
     float32 positions and return their own dtype.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     x, flow = OP.cast_inputs(x, flow)

@@ -169,6 +169,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     (bitwise reproducible). bf16/fp16 inputs (cuda, triton; torch everywhere) give outputs and gradients in
     that dtype, computed in float32. Under CUDA autocast the op runs in float32, as group_norm does there;
     under CPU autocast it keeps x's dtype (float32 parameters are cast to it), as group_norm does there.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \

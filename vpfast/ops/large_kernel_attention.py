@@ -151,6 +151,7 @@ def large_kernel_attention(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor |
     The two depthwise stages are fused in the compiled backends. OpenSTL's AttentionModule is
     `large_kernel_attention(x, conv0.weight, conv0.bias, conv_spatial.weight, conv_spatial.bias, 3,
     conv1.weight, conv1.bias)` followed by its gating.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     x, w0, b0, w1, b1 = OP.cast_inputs(x, w0, b0, w1, b1)

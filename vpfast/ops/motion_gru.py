@@ -248,6 +248,7 @@ def motion_gru(x: torch.Tensor, f_prev: torch.Tensor, d_prev: torch.Tensor,
 
     u = σ(update([x, F_prev])), r = σ(reset([x, F_prev])),
     F' = F_prev (1 − u) + tanh(output([x, r F_prev])) u, D = D_prev + 0.5 (F_prev − D_prev), F = F' + D.
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     (x, f_prev, d_prev, update_weight, update_bias, reset_weight, reset_bias, output_weight,

@@ -314,6 +314,7 @@ def stlstm_gates(x_g: Optional[torch.Tensor], h_g: torch.Tensor, m_g: torch.Tens
     h_g: Tensor[B, 4C, H, W] (i, f, g, o); m_g: Tensor[B, 3C, H, W] (i', f', g'); c, m: Tensor[B, C, H, W]
     -> (cm: Tensor[B, 2C, H, W] = [c_t, m_t], o_part: Tensor[B, C, H, W] = o_x + o_h,
         delta: Tensor[B, 2C, H, W] = [i⊙g, i'⊙g'] if with_delta else None)
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     x_g, h_g, m_g, c, m = GATES.cast_inputs(x_g, h_g, m_g, c, m)
@@ -326,6 +327,7 @@ def stlstm_output(o_part: torch.Tensor, o_m: torch.Tensor, last: torch.Tensor,
     """Stage 2 of the ST-LSTM step: h = σ(o_part + o_m) ⊙ tanh(last) [+ (1 − o) ⊙ highway].
 
     o_part, o_m, last, highway: Tensor[B, C, H, W] -> h: Tensor[B, C, H, W]
+    Denormals (cpp): flushed to zero inside the CPU kernels, see docs/performance.md#denormals.
     backend: "torch" | "cpp" | "cuda" | "triton" | None ($VPFAST_BACKEND or "auto").
     """
     o_part, o_m, last, highway = OUTPUT.cast_inputs(o_part, o_m, last, highway)
