@@ -1,5 +1,5 @@
 """Video prediction models, weight-compatible with OpenSTL (ConvLSTM, PredRNN, PredRNN-v2, SimVP+IncepU,
-SimVP+gSTA, TAU) and thuml's MotionRNN.
+SimVP+gSTA, TAU, and the baselines PredRNN++, MIM, E3D-LSTM, PhyDNet) and thuml's MotionRNN.
 
     model = vpfast.models.create("tau", preset="mmnist")      # the published Moving-MNIST configuration
     model = vpfast.models.create("predrnn", preset="small")   # trains at a useful speed on a 2-core CPU
@@ -16,10 +16,13 @@ from torch import nn
 
 from ._base import VideoPredictionModel, patch, reverse_sampling_probs, scheduled_sampling_eta, unpatch  # noqa: F401
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: F401
+from .mim import MIM  # noqa: F401
+from .predrnnpp import PredRNNpp  # noqa: F401
 from .recurrent import ConvLSTM, MotionRNN, PredRNN, PredRNNv2  # noqa: F401
 from .simvp import TAU, SimVP, SimVP_gSTA, SimVP_IncepU  # noqa: F401
 
-NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau")
+NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau",
+         "predrnnpp", "mim")
 
 CLASSES = {
     "convlstm": ConvLSTM,
@@ -29,6 +32,8 @@ CLASSES = {
     "simvp_incepu": SimVP_IncepU,
     "simvp_gsta": SimVP_gSTA,
     "tau": TAU,
+    "predrnnpp": PredRNNpp,
+    "mim": MIM,
 }
 
 _MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
@@ -62,6 +67,9 @@ PRESETS = {
                    "small": dict(_SIMVP_SMALL, model_type="gSTA")},
     "tau": {"mmnist": dict(_SIMVP_MMNIST, model_type="tau", alpha=0.1),
             "small": dict(_SIMVP_SMALL, model_type="tau", alpha=0.1)},
+    # MODELS.md §14: OpenSTL's configs/mmnist/PredRNNpp.py and MIM.py (lr 1e-4 and 5e-4 are the trainer's)
+    "predrnnpp": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
+    "mim": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
 }
 
 
@@ -97,5 +105,5 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "PredRNNpp", "MIM", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]

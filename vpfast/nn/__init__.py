@@ -5,3 +5,5 @@ from .stlstm import SpatioTemporalLSTMCell  # noqa: F401
 from .depthwise import DepthwiseConv2d  # noqa: F401
 from .attention import AttentionModule, SpatialAttention, TemporalAttention, TemporalAttentionModule  # noqa: F401
 from .motion import MotionGRU, Warp  # noqa: F401
+from .causal_lstm import GHU, CausalLSTMCell  # noqa: F401
+from .mim import MIMN, MIMBlock  # noqa: F401

@@ -1,0 +1,386 @@
+"""The seed papers' other baselines (PredRNN++, MIM, PhyDNet, E3D-LSTM): state_dict contract against
+tests/data/keys/, the reference arithmetic rebuilt here step by step from MODELS.md §10-13 on tiny float64
+configurations, training losses, statelessness, checkpoints, autocast and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vpfast import models as M
+
+KEYS = Path(__file__).resolve().parent / "data" / "keys"
+KEY_FILES = dict(predrnnpp="predrnnpp_mmnist", mim="mim_mmnist", phydnet="phydnet_mmnist", e3dlstm="e3dlstm_mmnist")
+NEW = tuple(n for n in ("predrnnpp", "mim", "phydnet", "e3dlstm") if n in M.NAMES)
+RNNS = tuple(n for n in ("predrnnpp", "mim", "e3dlstm") if n in M.NAMES)
+
+
+def read_keys(name):
+    lines = (KEYS / f"{KEY_FILES[name]}.txt").read_text().splitlines()
+    count = int(re.search(r"parameters: ([\d,]+)", "\n".join(lines[:3])).group(1).replace(",", ""))
+    entries = []
+    for line in lines:
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.split(" ", 1)
+        entries.append((key, tuple(int(s) for s in re.findall(r"\d+", shape))))
+    return count, entries
+
+
+def tiny_config(name, **over):
+    """A tiny configuration (16x16 frames, 3 observed, 2 predicted; 3 recurrent layers where it matters)."""
+    kw = dict(in_shape=(3, 1, 16, 16), pre_seq_length=3, aft_seq_length=2)
+    if name in RNNS:
+        kw.update(num_hidden="4,4,4", filter_size=3, patch_size=2)
+    kw.update(over)
+    return kw
+
+
+def tiny(name, backend="torch", dtype=torch.float64, **over):
+    torch.manual_seed(0)
+    m = M.create(name, backend=backend, **tiny_config(name, **over)).to(dtype)
+    with torch.no_grad():  # break the zero initialisations (MIM's peepholes) so every path carries signal
+        for k, p in m.named_parameters():
+            if "norm" in k and k.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.6 / math.sqrt(max(1, p[0].numel() if p.dim() > 1 else 1)))
+    return m
+
+
+def ref_patch(frames, p):
+    """MODELS.md §3: [B,T,C,H,W] -> [B,T,H,W,C] -> reshape_patch -> channels first."""
+    x = frames.permute(0, 1, 3, 4, 2)
+    B, T, H, W, C = x.shape
+    a = x.reshape(B, T, H // p, p, W // p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
+    return a.reshape(B, T, H // p, W // p, p * p * C).permute(0, 1, 4, 2, 3)
+
+
+def step_input(t, frames, mask, x_gen, pre):
+    """§3's input at step t with a full-size scheduled-sampling mask (entry t - pre drives step t >= pre)."""
+    if t < pre:
+        return frames[:, t]
+    return mask[:, t - pre] * frames[:, t] + (1 - mask[:, t - pre]) * x_gen
+
+
+# ---- state_dict contract --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW)
+def test_mmnist_keys_shapes_and_parameter_count(name):
+    count, entries = read_keys(name)
+    with torch.device("meta"):
+        m = M.create(name, preset="mmnist", backend="torch")
+        again = M.create(m.name, backend="torch", **m.config)
+    assert [(k, tuple(v.shape)) for k, v in m.state_dict().items()] == entries
+    assert sum(p.numel() for p in m.parameters()) == count
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    with torch.device("meta"):
+        M.create(name, preset="small")
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_load_openstl_state_dict(name):
+    """A synthetic OpenSTL checkpoint (every reference key, reference shapes, Lightning container) loads
+    unchanged into the mmnist preset."""
+    _, entries = read_keys(name)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, shape in entries:
+        dt = torch.float64 if k.startswith("k2m.") else torch.float32
+        sd[k] = torch.randn(shape, generator=g, dtype=dt)
+    with torch.device("meta"):
+        model = M.create(name, preset="mmnist", backend="torch")
+    model = model.to_empty(device="cpu")
+    rep = M.load_checkpoint(model, {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 199})
+    assert not rep.missing and not rep.unexpected and not rep.mismatched
+    own = model.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(own[k].to(v.dtype), v), k
+
+
+# ---- PredRNN++ (MODELS.md §10) ----------------------------------------------------------------------------
+def ref_causal_lstm(P, pre, x, h, c, m, k):
+    C = h.shape[1]
+    conv = lambda t, n: F.conv2d(t, P[pre + n + ".0.weight"], padding=k // 2)  # noqa: E731
+    ix, fx, gx, ixp, fxp, gxp, ox = conv(x, "conv_x").split(C, 1)
+    ih, fh, gh, oh = conv(h, "conv_h").split(C, 1)
+    ic, fc, gc = conv(c, "conv_c").split(C, 1)
+    im, fm, mm = conv(m, "conv_m").split(C, 1)
+    i, f, g = torch.sigmoid(ix + ih + ic), torch.sigmoid(fx + fh + fc + 1), torch.tanh(gx + gh + gc)
+    c2 = f * c + i * g
+    ic2m, gc2m, fc2m, oc2m = conv(c2, "conv_c2m").split(C, 1)
+    ip, fp, gp = torch.sigmoid(ixp + im + ic2m), torch.sigmoid(fxp + fm + fc2m + 1), torch.tanh(gxp + gc2m)
+    m2 = fp * torch.tanh(mm) + ip * gp
+    o = torch.tanh(ox + oh + oc2m + conv(m2, "conv_om"))
+    h2 = o * torch.tanh(F.conv2d(torch.cat([c2, m2], 1), P[pre + "conv_last.weight"]))
+    return h2, c2, m2
+
+
+def ref_ghu(P, x, z, k):
+    C = z.shape[1]
+    s = (F.conv2d(x, P["gradient_highway.x_concat.0.weight"], padding=k // 2)
+         + F.conv2d(z, P["gradient_highway.z_concat.0.weight"], padding=k // 2))
+    p, u = s.split(C, 1)
+    u = torch.sigmoid(u)
+    return u * torch.tanh(p) + (1 - u) * z
+
+
+def ref_predrnnpp(model, fp, mask):
+    P = dict(model.state_dict())
+    cfg = model.config
+    k, pre, total, nh = cfg["filter_size"], cfg["pre_seq_length"], cfg["pre_seq_length"] + cfg["aft_seq_length"], \
+        cfg["num_hidden"]
+    B, _, _, Hp, Wp = fp.shape
+    h = [fp.new_zeros(B, n, Hp, Wp) for n in nh]
+    c = [fp.new_zeros(B, n, Hp, Wp) for n in nh]
+    mem, z = fp.new_zeros(B, nh[0], Hp, Wp), fp.new_zeros(B, nh[0], Hp, Wp)
+    preds, x_gen = [], None
+    for t in range(total - 1):
+        net = step_input(t, fp, mask, x_gen, pre)
+        for i in range(len(nh)):
+            inp = net if i == 0 else (z if i == 1 else h[i - 1])
+            h[i], c[i], mem = ref_causal_lstm(P, f"cell_list.{i}.", inp, h[i], c[i], mem, k)
+            if i == 0:
+                z = ref_ghu(P, h[0], z, k)
+        x_gen = F.conv2d(h[-1], P["conv_last.weight"])
+        preds.append(x_gen)
+    return torch.stack(preds, 1)
+
+
+# ---- MIM (MODELS.md §11) ------------------------------------------------------------------------------------
+def ref_lstmp(P, pre, x, h, c, k):
+    C = c.shape[1]
+    ih, gh, fh, oh = F.conv2d(h, P[pre + "conv_h_concat.0.weight"], padding=k // 2).split(C, 1)
+    ix, gx, fx, ox = F.conv2d(x, P[pre + "conv_x_concat.0.weight"], padding=k // 2).split(C, 1)
+    ct = P[pre + "ct_weight"]
+    c2 = torch.sigmoid(fh + fx + c * ct[C:] + 1) * c + torch.sigmoid(ih + ix + c * ct[:C]) * torch.tanh(gh + gx)
+    return torch.sigmoid(oh + ox + c2 * P[pre + "oc_weight"]) * torch.tanh(c2), c2
+
+
+def ref_stlstm(P, pre, x, h, c, m, k):
+    C = h.shape[1]
+    conv = lambda t, w: F.conv2d(t, P[pre + w], padding=k // 2)  # noqa: E731
+    ix, fx, gx, ixp, fxp, gxp, ox = conv(x, "conv_x.0.weight").split(C, 1)
+    ih, fh, gh, oh = conv(h, "conv_h.0.weight").split(C, 1)
+    im, fm, gm = conv(m, "conv_m.0.weight").split(C, 1)
+    c2 = torch.sigmoid(fx + fh + 1.0) * c + torch.sigmoid(ix + ih) * torch.tanh(gx + gh)
+    m2 = torch.sigmoid(fxp + fm + 1.0) * m + torch.sigmoid(ixp + im) * torch.tanh(gxp + gm)
+    cm = torch.cat([c2, m2], 1)
+    o = torch.sigmoid(ox + oh + conv(cm, "conv_o.0.weight"))
+    return o * torch.tanh(F.conv2d(cm, P[pre + "conv_last.weight"])), c2, m2
+
+
+def ref_mim_block(P, pre, x, d, h, c, m, s, k):
+    C = h.shape[1]
+    conv = lambda t, n: F.conv2d(t, P[pre + n + ".0.weight"], padding=k // 2)  # noqa: E731
+    it, gt, ot = conv(h, "conv_t_cc").split(C, 1)
+    is_, gs, fs, os_ = conv(m, "conv_s_cc").split(C, 1)
+    ix, gx, fx, ox = conv(x, "conv_x_cc").split(C, 1)
+    m2 = torch.sigmoid(fx + fs + 1) * m + torch.sigmoid(ix + is_) * torch.tanh(gx + gs)
+    T, S = ref_lstmp(P, pre, d, c, s, k)
+    c2 = T + torch.sigmoid(ix + it) * torch.tanh(gx + gt)
+    h2 = torch.sigmoid(ox + ot + os_) * torch.tanh(F.conv2d(torch.cat([c2, m2], 1), P[pre + "conv_last.weight"]))
+    return h2, c2, m2, S
+
+
+def ref_mim(model, fp, mask, s=None):
+    """The reference loop; `s` is the MIM-S state the call starts from (OpenSTL: what the last call left)."""
+    P = dict(model.state_dict())
+    cfg = model.config
+    k, pre, total, nh = cfg["filter_size"], cfg["pre_seq_length"], cfg["pre_seq_length"] + cfg["aft_seq_length"], \
+        cfg["num_hidden"]
+    L = len(nh)
+    B, _, _, Hp, Wp = fp.shape
+    z = lambda: fp.new_zeros(B, nh[0], Hp, Wp)  # noqa: E731
+    h, c = [z() for _ in nh], [z() for _ in nh]
+    hd, cd = [z() for _ in nh[1:]], [z() for _ in nh[1:]]
+    s = [z() for _ in nh[1:]] if s is None else list(s)
+    mem = z()
+    preds, x_gen = [], None
+    for t in range(total - 1):
+        net = step_input(t, fp, mask, x_gen, pre)
+        prev = h[0]
+        h[0], c[0], mem = ref_stlstm(P, "stlstm_layer.0.", net, h[0], c[0], mem, k)
+        for i in range(1, L):
+            if t > 0:
+                d_in = h[0] - prev if i == 1 else hd[i - 2]
+                hd[i - 1], cd[i - 1] = ref_lstmp(P, f"stlstm_layer_diff.{i - 1}.", d_in, hd[i - 1], cd[i - 1], k)
+            h[i], c[i], mem, s[i - 1] = ref_mim_block(P, f"stlstm_layer.{i}.", h[i - 1], hd[i - 1], h[i], c[i], mem,
+                                                      s[i - 1], k)
+        x_gen = F.conv2d(h[-1], P["conv_last.weight"])
+        preds.append(x_gen)
+    return torch.stack(preds, 1), s
+
+
+REF_RNN = {"predrnnpp": ref_predrnnpp, "mim": lambda m, fp, mask: ref_mim(m, fp, mask)[0]}
+
+
+@pytest.mark.parametrize("name", [n for n in ("predrnnpp", "mim") if n in M.NAMES])
+def test_rnn_reproduces_reference_arithmetic(name):
+    model = tiny(name).train()
+    cfg = model.config
+    p, pre, aft = cfg["patch_size"], cfg["pre_seq_length"], cfg["aft_seq_length"]
+    torch.manual_seed(1)
+    frames = torch.rand(2, pre + aft, 1, 16, 16, dtype=torch.float64)
+    fp = ref_patch(frames, p)
+    mask = (torch.rand(2, aft - 1, 1, 1, 1) < 0.5).double()
+    want = REF_RNN[name](model, fp, mask.expand(2, aft - 1, *fp.shape[2:]))
+    torch.testing.assert_close(model.rollout(fp, mask), want, rtol=1e-10, atol=1e-12)
+    # training loss: MSE over all T_total - 1 patch-space predictions, with the mask of iteration itr
+    loss, logs = model.training_loss(frames, itr=20000, generator=torch.Generator().manual_seed(5))
+    mk, probs = model.sampling_mask(2, 20000, frames, torch.Generator().manual_seed(5))
+    assert probs["eta"] == pytest.approx(1 - 2e-5 * 20001)
+    want_loss = F.mse_loss(REF_RNN[name](model, fp, mk.expand(2, aft - 1, *fp.shape[2:])), fp[:, 1:])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+    assert logs["loss"] == pytest.approx(loss.item())
+    # test time: own predictions after the observed frames; the future must not leak in
+    model.eval()
+    noisy = fp.clone()
+    noisy[:, pre:] = 123.0
+    want_test = REF_RNN[name](model, noisy, torch.zeros(2, aft - 1, *fp.shape[2:], dtype=torch.float64))
+    y = model(frames[:, :pre])
+    assert y.shape == (2, aft, 1, 16, 16)
+    torch.testing.assert_close(M.patch(y, p), want_test[:, pre - 1:], rtol=1e-10, atol=1e-12)
+
+
+def test_predrnnpp_ghu_init_and_layer_norm():
+    m = M.create("predrnnpp", **tiny_config("predrnnpp"))
+    for n in ("x_concat", "z_concat"):
+        w = getattr(m.gradient_highway, n)[0].weight
+        assert w.abs().max() <= 0.001
+    # OpenSTL's layer_norm configuration cannot run (its GHU norm is declared over C channels); ours does
+    ln = M.create("predrnnpp", layer_norm=True, **tiny_config("predrnnpp")).double()
+    assert ln.state_dict()["gradient_highway.z_concat.1.weight"].shape == (8, 8, 8)
+    assert ln.state_dict()["cell_list.0.conv_c2m.1.weight"].shape == (16, 8, 8)
+    y = ln(torch.rand(2, 3, 1, 16, 16, dtype=torch.float64))
+    assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        M.create("predrnnpp", num_hidden="8")
+
+
+def test_predrnnpp_unused_conv_gets_no_gradient():
+    m = tiny("predrnnpp").train()
+    loss, _ = m.training_loss(torch.rand(2, 5, 1, 16, 16, dtype=torch.float64), 0)
+    loss.backward()
+    assert m.cell_list[0].conv_o[0].weight.grad is None
+    assert m.cell_list[0].conv_c2m[0].weight.grad.abs().sum() > 0
+
+
+def test_mim_is_stateless_and_can_reproduce_the_carried_state():
+    model = tiny("mim").train()
+    p = model.config["patch_size"]
+    torch.manual_seed(3)
+    a, b = (torch.rand(2, 5, 1, 16, 16, dtype=torch.float64) for _ in range(2))
+    fa, fb = ref_patch(a, p), ref_patch(b, p)
+    mask = torch.zeros(2, 1, 1, 1, 1, dtype=torch.float64)
+    full = mask.expand(2, 1, *fa.shape[2:])
+    # same input twice: same output (OpenSTL's would differ: its S carries over)
+    torch.testing.assert_close(model.rollout(fa, mask), model.rollout(fa, mask), rtol=0, atol=0)
+    # a new batch size works (OpenSTL's carried S of batch 2 cannot take batch 3)
+    assert model.rollout(torch.cat([fa, fa[:1]]), torch.cat([mask, mask[:1]])).shape[0] == 3
+    # OpenSTL's two consecutive calls, S carried from the first into the second, rebuilt by threading the state
+    want_a, s_ref = ref_mim(model, fa, full)
+    want_b, _ = ref_mim(model, fb, full, s_ref)
+    got_a, s = model.rollout_with_state(fa, mask)
+    got_b, _ = model.rollout_with_state(fb, mask, s)
+    torch.testing.assert_close(got_a, want_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got_b, model.rollout(fb, mask))
+    y, s2 = model.eval().forward_with_state(b[:, :3], s)
+    assert y.shape == (2, 2, 1, 16, 16) and len(s2) == 2
+    with pytest.raises(ValueError, match="s_state"):
+        model.rollout_with_state(fa, mask, s[:1])
+
+
+def test_mim_s_bptt_option():
+    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
+    grads = []
+    for bptt in (False, True):
+        m = tiny("mim", s_bptt=bptt).train()
+        loss, _ = m.training_loss(frames, 60000)  # eta 0: no random mask
+        loss.backward()
+        grads.append((loss.detach(), m.stlstm_layer[1].conv_h_concat[0].weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=0)  # same forward
+    assert not torch.allclose(grads[0][1], grads[1][1])  # different gradients: BPTT through S
+    # MIM-N's conv_last is built but never used
+    m = tiny("mim").train()
+    m.training_loss(frames, 0)[0].backward()
+    assert m.stlstm_layer_diff[0].conv_last.weight.grad is None
+
+
+def test_mim_bad_config_and_input():
+    with pytest.raises(ValueError, match="layer_norm"):
+        M.create("mim", layer_norm=True, **tiny_config("mim"))
+    with pytest.raises(ValueError, match="equal num_hidden"):
+        M.create("mim", **tiny_config("mim", num_hidden="4,8"))
+    m = tiny("mim")
+    with pytest.raises(ValueError, match="16x16"):
+        m(torch.rand(1, 3, 1, 32, 32, dtype=torch.float64))
+
+
+# ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------
+@pytest.mark.parametrize("name", NEW)
+def test_default_backend_matches_torch(name):
+    ref = tiny(name, backend="torch").train()
+    fast = tiny(name, backend=None).train()
+    fast.load_state_dict(ref.state_dict())
+    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
+    outs = []
+    for m in (ref, fast):
+        g = torch.Generator().manual_seed(3)
+        loss, _ = m.training_loss(frames, 10, generator=g)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            y = m.eval()(frames[:, :3])
+        outs.append((loss.detach(), grads, y))
+    (l0, g0, y0), (l1, g1, y1) = outs
+    torch.testing.assert_close(l1, l0, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-11)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-8, atol=1e-10, msg=k)
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+@pytest.mark.parametrize("name", NEW)
+def test_cpu_bf16_autocast_training_step(name, backend):
+    """Under CPU bf16 autocast a training step gives a finite loss near the float32 one and float32 gradients
+    for every parameter that gets one in float32."""
+    torch.manual_seed(0)
+    m = M.create(name, preset="small", backend=backend, **tiny_config(name, num_hidden="8,8")
+                 if name in RNNS else tiny_config(name)).train()
+    frames = torch.rand(2, 5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    res = []
+    for amp in (False, True):
+        for p in m.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = m.training_loss(frames, 10, generator=torch.Generator().manual_seed(3))
+        loss.backward()
+        res.append((loss.detach().float(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+    (l32, g32), (l16, g16) = res
+    assert torch.isfinite(l16) and abs(l16 - l32) <= 0.05 * abs(l32) + 1e-3
+    assert g16.keys() == g32.keys()
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in g16.values())
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_cli_train_and_eval(tmp_path, name):
+    from vpfast import evaluate as ev
+    from vpfast import train as tr
+    arr = np.random.default_rng(0).random((8, 6, 1, 16, 16)).astype(np.float32)
+    f = str(tmp_path / "seqs.npy")
+    np.save(f, arr)
+    cfg = dict(tiny_config(name), in_shape=[3, 1, 16, 16], pre_seq_length=3, aft_seq_length=3)
+    out = str(tmp_path / "run")
+    assert tr.main(["--model", name, "--preset", "small", "--config", json.dumps(cfg), "--data", f, "--epochs", "1",
+                    "--batch-size", "4", "--no-progress", "--out", out]) == 0
+    assert tr.cli(["eval", str(Path(out) / "last.pt"), "--data", f, "--no-progress"]) == 0
+    net, meta = ev.load_model(str(Path(out) / "last.pt"))
+    assert meta["model"] == name and net(torch.from_numpy(arr[:2, :3])).shape == (2, 3, 1, 16, 16)
