@@ -92,7 +92,9 @@ def test_load_openstl_state_dict(name):
     sd = {}
     for k, shape in entries:
         dt = torch.float64 if k.startswith("k2m.") else torch.float32
-        sd[k] = torch.randn(shape, generator=g, dtype=dt)
+        alias = k[len("encoder."):]
+        # PhyDNet lists its recurrent modules twice (model.phycell is model.encoder.phycell): one tensor each
+        sd[k] = sd[alias] if alias in sd else torch.randn(shape, generator=g, dtype=dt)
     with torch.device("meta"):
         model = M.create(name, preset="mmnist", backend="torch")
     model = model.to_empty(device="cpu")
@@ -321,6 +323,153 @@ def test_mim_bad_config_and_input():
     m = tiny("mim")
     with pytest.raises(ValueError, match="16x16"):
         m(torch.rand(1, 3, 1, 32, 32, dtype=torch.float64))
+
+
+# ---- PhyDNet (MODELS.md §13) ---------------------------------------------------------------------------------
+def ref_block(P, pre, x, stride, up=False):
+    if up:
+        y = F.conv_transpose2d(x, P[pre + "main.0.weight"], P[pre + "main.0.bias"], stride=stride, padding=1,
+                               output_padding=1 if stride == 2 else 0)
+    else:
+        y = F.conv2d(x, P[pre + "main.0.weight"], P[pre + "main.0.bias"], stride=stride, padding=1)
+    return F.leaky_relu(F.group_norm(y, 16, P[pre + "main.1.weight"], P[pre + "main.1.bias"]), 0.2)
+
+
+def ref_phydnet_step(P, frame, state, p):
+    E = "encoder."
+    e = ref_block(P, E + "encoder_E.c3.", ref_block(P, E + "encoder_E.c2.", ref_block(
+        P, E + "encoder_E.c1.", frame, 2), 1), p // 2)
+    ep = ref_block(P, E + "encoder_Ep.c2.", ref_block(P, E + "encoder_Ep.c1.", e, 1), 1)
+    er = ref_block(P, E + "encoder_Er.c2.", ref_block(P, E + "encoder_Er.c1.", e, 1), 1)
+    Hp, hs, cs = state
+    q = "phycell.cell_list.0."
+    K = torch.sigmoid(F.conv2d(torch.cat([ep, Hp], 1), P[q + "convgate.weight"], P[q + "convgate.bias"], padding=1))
+    f = F.conv2d(Hp, P[q + "F.conv1.weight"], P[q + "F.conv1.bias"], padding=3)
+    f = F.group_norm(f, 7, P[q + "F.bn1.weight"], P[q + "F.bn1.bias"])
+    tilde = Hp + F.conv2d(f, P[q + "F.conv2.weight"], P[q + "F.conv2.bias"])
+    Hp = tilde + K * (ep - tilde)
+    hs, cs = list(hs), list(cs)
+    for j in range(3):
+        inp = er if j == 0 else hs[j - 1]
+        C = hs[j].shape[1]
+        i, f_, o, g = F.conv2d(torch.cat([inp, hs[j]], 1), P[f"convcell.cell_list.{j}.conv.weight"],
+                               P[f"convcell.cell_list.{j}.conv.bias"], padding=1).split(C, 1)
+        cs[j] = torch.sigmoid(f_) * cs[j] + torch.sigmoid(i) * torch.tanh(g)
+        hs[j] = torch.sigmoid(o) * torch.tanh(cs[j])
+    dp = ref_block(P, E + "decoder_Dp.upc2.", ref_block(P, E + "decoder_Dp.upc1.", Hp, 1, True), 1, True)
+    dr = ref_block(P, E + "decoder_Dr.upc2.", ref_block(P, E + "decoder_Dr.upc1.", hs[-1], 1, True), 1, True)
+    d = ref_block(P, E + "decoder_D.upc2.", ref_block(P, E + "decoder_D.upc1.", dp + dr, 2, True), 1, True)
+    s = p // 2
+    out = F.conv_transpose2d(d, P[E + "decoder_D.upc3.weight"], P[E + "decoder_D.upc3.bias"], stride=s, padding=1,
+                             output_padding=1 if s == 2 else 0)
+    return torch.sigmoid(out), (Hp, hs, cs)
+
+
+def ref_phydnet(model, frames, forced):
+    """(predictions of the decoder phase, L = Σ step MSEs + moment loss) as OpenSTL's forward computes them."""
+    P = dict(model.state_dict())
+    pre, aft, p = model.config["pre_seq_length"], model.config["aft_seq_length"], model.config["patch_size"]
+    B, _, _, H, W = frames.shape
+    z = lambda c: frames.new_zeros(B, c, H // p, W // p)  # noqa: E731
+    state = (z(64), [z(128), z(128), z(64)], [z(128), z(128), z(64)])
+    L = 0
+    for ei in range(pre - 1):
+        out, state = ref_phydnet_step(P, frames[:, ei], state, p)
+        L = L + F.mse_loss(out, frames[:, ei + 1])
+    inp, preds = frames[:, pre - 1], []
+    for di in range(aft):
+        out, state = ref_phydnet_step(P, inp, state, p)
+        preds.append(out)
+        L = L + F.mse_loss(out, frames[:, pre + di])
+        inp = frames[:, pre + di] if forced else out
+    # K2M: moment (a, b) of a 7x7 kernel k = Σ_ij k[i, j] (i - 3)^a (j - 3)^b / (a! b!); targets one-hot
+    r = torch.arange(7, dtype=torch.float64) - 3
+    Mm = torch.stack([r ** a / math.factorial(a) for a in range(7)])
+    Wt = P["phycell.cell_list.0.F.conv1.weight"]
+    for b in range(Wt.shape[1]):
+        mom = Mm @ Wt[:, b].double() @ Mm.t()
+        L = L + F.mse_loss(mom.to(Wt.dtype), torch.eye(49, dtype=Wt.dtype).view(49, 7, 7))
+    return torch.stack(preds, 1), L
+
+
+def test_phydnet_reproduces_reference_arithmetic():
+    model = tiny("phydnet").train()
+    torch.manual_seed(1)
+    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
+    # epoch 0: teacher forcing with probability 1; epoch 400: ratio max(0, 1 - 0.003 * 400) = 0
+    for epoch, forced in ((0, True), (400, False)):
+        preds, L = ref_phydnet(model, frames, forced)
+        loss, logs = model.training_loss(frames, itr=epoch * 625)
+        assert logs["teacher_forcing"] == float(forced) and logs["tf_ratio"] == max(0.0, 1 - 0.003 * epoch)
+        torch.testing.assert_close(loss, L, rtol=1e-10, atol=1e-12)
+        assert logs["phydnet_loss"] == pytest.approx(L.item())
+    assert model.teacher_forcing_ratio(100) == pytest.approx(0.7)
+    # test time: the decoder phase fed with its own outputs; future frames do not leak in
+    noisy = frames.clone()
+    noisy[:, 3:] = 123.0
+    want, _ = ref_phydnet(model, noisy, False)
+    torch.testing.assert_close(model.eval()(frames[:, :3]), want, rtol=1e-10, atol=1e-12)
+    # the moment loss alone: the vectorised form (fast backends) equals the reference's loop
+    fast = tiny("phydnet", backend=None)
+    torch.testing.assert_close(fast.moment_loss(), model.moment_loss(), rtol=1e-12, atol=0)
+
+
+def test_phydnet_openstl_objective_and_aliases():
+    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
+    grads = []
+    for openstl in (False, True):
+        m = tiny("phydnet", openstl_objective=openstl).train()
+        loss, logs = m.training_loss(frames, 0, epoch=1000)
+        loss.backward()
+        grads.append((logs["phydnet_loss"], loss.detach(), m.encoder.decoder_D.upc3.bias.grad.clone()))
+    (L, l0, g0), (L1, l1, g1) = grads
+    assert L == pytest.approx(L1) and l0.item() == pytest.approx(L)
+    y = frames[:, 3:]
+    assert l1.item() == pytest.approx(((L - y) ** 2).mean().item())
+    # OpenSTL's objective back-propagates 2 (L - mean(y)) times L's gradient
+    torch.testing.assert_close(g1, 2 * (L - y.mean()) * g0, rtol=1e-9, atol=1e-12)
+    # the recurrent modules are listed twice in the state_dict and counted once
+    sd = m.state_dict()
+    assert sd["phycell.cell_list.0.F.conv1.weight"].data_ptr() == sd["encoder.phycell.cell_list.0.F.conv1.weight"] \
+        .data_ptr()
+    assert m.encoder.convcell is m.convcell and sd["k2m._M0"].dtype == torch.float64
+    with pytest.raises(ValueError, match="patch_size must be 2 or 4"):
+        M.create("phydnet", patch_size=1)
+    assert M.create("phydnet", in_shape=(3, 1, 16, 16), patch_size=2)(torch.rand(1, 3, 1, 16, 16)).shape == \
+        (1, 3, 1, 16, 16)
+
+
+def test_accelerate_swaps_openstl_phydnet_convlstm_cell():
+    """An OpenSTL-style PhyD_ConvLSTM_Cell (same constructor, keys and forward(x, (h, c))) is swapped for
+    vpfast.nn.PhyDConvLSTMCell sharing its parameters; the step is unchanged."""
+    import vpfast
+    from torch import nn
+
+    class PhyD_ConvLSTM_Cell(nn.Module):  # MODELS.md §13's cell, as OpenSTL constructs it
+        def __init__(self, input_shape, input_dim, hidden_dim, kernel_size, bias=1):
+            super().__init__()
+            self.height, self.width = input_shape
+            self.input_dim, self.hidden_dim, self.kernel_size = input_dim, hidden_dim, kernel_size
+            self.conv = nn.Conv2d(input_dim + hidden_dim, 4 * hidden_dim, kernel_size,
+                                  padding=(kernel_size[0] // 2, kernel_size[1] // 2), bias=bool(bias))
+
+        def forward(self, x, hidden):
+            h, c = hidden
+            i, f, o, g = self.conv(torch.cat([x, h], 1)).split(self.hidden_dim, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.cell = PhyD_ConvLSTM_Cell((8, 8), 6, 4, (3, 3)).double()
+    x, h, c = (torch.randn(2, n, 8, 8, dtype=torch.float64) for n in (6, 4, 4))
+    want = holder.cell(x, (h, c))
+    w = holder.cell.conv.weight
+    rep = vpfast.accelerate(holder)
+    assert rep.swapped == [("cell", "PhyD_ConvLSTM_Cell", "PhyDConvLSTMCell")]
+    assert holder.cell.conv.weight is w
+    for a, b in zip(holder.cell(x, (h, c)), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 # ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------

@@ -8,8 +8,9 @@ working and checkpoints keep their keys). Recognised:
 - any depthwise `nn.Conv2d` (groups == in_channels == out_channels, odd kernel, zero padding)
   -> `vpfast.nn.DepthwiseConv2d`;
 - by class name and structure, the reference projects' modules: `SpatioTemporalLSTMCell` (OpenSTL PredRNN;
-  thuml's Motion-Highway variant, recognised by its 5-argument forward), `SpatioTemporalLSTMCellv2`
-  (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
+  thuml's Motion-Highway variant, recognised by its 5-argument forward; also layer 0 of OpenSTL's MIM),
+  `SpatioTemporalLSTMCellv2` (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `PhyD_ConvLSTM_Cell` (OpenSTL's
+  PhyDNet), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
   `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
   `BasicConv2d` (conv -> GroupNorm(2) -> SiLU, run with the fused `group_norm_silu`; layouts unchanged).
 
@@ -107,6 +108,17 @@ def _convlstm(m, backend):
     return vnn.ConvLSTMCell(cx.in_channels, C, H, W, cx.kernel_size[0], cx.stride[0], ln, backend=backend)
 
 
+def _phyd_convlstm(m, backend):
+    conv = _conv(m, "conv")
+    C = getattr(m, "hidden_dim", conv.out_channels // 4)
+    _need(conv.out_channels == 4 * C and conv.in_channels > C, "conv does not produce the 4 LSTM gates over [x, h]")
+    k = conv.kernel_size
+    _need(conv.padding == (k[0] // 2, k[1] // 2) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+          and conv.groups == 1 and conv.padding_mode == "zeros", "convolution options other than the reference's")
+    shape = (getattr(m, "height", 1), getattr(m, "width", 1))
+    return vnn.PhyDConvLSTMCell(shape, conv.in_channels - C, C, k, bias=conv.bias is not None, backend=backend)
+
+
 def _warp(m, backend):
     conv = _conv(m, "conv")
     _conv(m, "warp_gate")
@@ -183,6 +195,7 @@ _BY_NAME: dict[str, Callable] = {
     "SpatioTemporalLSTMCellv2": _stlstm_v2,
     "SpatioTemporalLSTMCell_v2": _stlstm_v2,
     "ConvLSTMCell": _convlstm,
+    "PhyD_ConvLSTM_Cell": _phyd_convlstm,
     "MotionGRU": _motion_gru,
     "Warp": _warp,
     "SpatialAttention": lambda m, b: _attention(m, b, False),
@@ -192,7 +205,7 @@ _BY_NAME: dict[str, Callable] = {
     "BasicConv2d": _basic_conv2d,
 }
 
-_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,
+_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,
                  vnn.TemporalAttention, vnn.AttentionModule, vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
                  BasicConv2d)  # SimVP's conv -> GroupNorm -> SiLU (fused group_norm_silu unless "torch")
 

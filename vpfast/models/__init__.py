@@ -17,12 +17,13 @@ from torch import nn
 from ._base import VideoPredictionModel, patch, reverse_sampling_probs, scheduled_sampling_eta, unpatch  # noqa: F401
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: F401
 from .mim import MIM  # noqa: F401
+from .phydnet import PhyDNet  # noqa: F401
 from .predrnnpp import PredRNNpp  # noqa: F401
 from .recurrent import ConvLSTM, MotionRNN, PredRNN, PredRNNv2  # noqa: F401
 from .simvp import TAU, SimVP, SimVP_gSTA, SimVP_IncepU  # noqa: F401
 
 NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau",
-         "predrnnpp", "mim")
+         "predrnnpp", "mim", "phydnet")
 
 CLASSES = {
     "convlstm": ConvLSTM,
@@ -34,6 +35,7 @@ CLASSES = {
     "tau": TAU,
     "predrnnpp": PredRNNpp,
     "mim": MIM,
+    "phydnet": PhyDNet,
 }
 
 _MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
@@ -70,6 +72,8 @@ PRESETS = {
     # MODELS.md §14: OpenSTL's configs/mmnist/PredRNNpp.py and MIM.py (lr 1e-4 and 5e-4 are the trainer's)
     "predrnnpp": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
     "mim": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
+    # PhyDNet's sizes are fixed in code (3.1M parameters, about 15 GFLOP per sequence): both presets are OpenSTL's
+    "phydnet": {"mmnist": dict(_MMNIST, patch_size=4), "small": dict(_MMNIST, patch_size=4)},
 }
 
 
@@ -105,5 +109,5 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "PredRNNpp", "MIM", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "PredRNNpp", "MIM", "PhyDNet", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]

@@ -7,3 +7,4 @@ from .attention import AttentionModule, SpatialAttention, TemporalAttention, Tem
 from .motion import MotionGRU, Warp  # noqa: F401
 from .causal_lstm import GHU, CausalLSTMCell  # noqa: F401
 from .mim import MIMN, MIMBlock  # noqa: F401
+from .phydnet import K2M, PhyCell, PhyCellCell, PhyDConvLSTM, PhyDConvLSTMCell, PhyDEncoderRNN  # noqa: F401
