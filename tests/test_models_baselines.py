@@ -219,10 +219,80 @@ def ref_mim(model, fp, mask, s=None):
     return torch.stack(preds, 1), s
 
 
-REF_RNN = {"predrnnpp": ref_predrnnpp, "mim": lambda m, fp, mask: ref_mim(m, fp, mask)[0]}
+# ---- E3D-LSTM (MODELS.md §12) ----------------------------------------------------------------------------
+def ref_tf_conv3d(x, w):
+    """Conv3d without temporal padding, its single time slice repeated to x's window (nearest upsampling)."""
+    y = F.conv3d(x, w, padding=(0, w.shape[3] // 2, w.shape[4] // 2))
+    return y.repeat(1, 1, x.shape[2] // y.shape[2], 1, 1)
 
 
-@pytest.mark.parametrize("name", [n for n in ("predrnnpp", "mim") if n in M.NAMES])
+def ref_e3d_cell(P, pre, x, h, c, m, hist):
+    B, C = h.shape[:2]
+    conv = lambda t, n: ref_tf_conv3d(t, P[pre + n + ".0.conv3d.weight"])  # noqa: E731
+    ix, gx, rx, ox, ixp, gxp, fxp = conv(x, "conv_x").split(C, 1)
+    ih, gh, rh, oh = conv(h, "conv_h").split(C, 1)
+    im, fm, gm, mm = conv(m, "conv_gm").split(C, 1)
+    i, r, g = torch.sigmoid(ix + ih), torch.sigmoid(rx + rh), torch.tanh(gx + gh)
+    # recall: rows of C consecutive values of the (C, T, H, W)-flattened maps; keys = values = the history
+    q, kv = r.flatten(1).unflatten(1, (-1, C)), hist.flatten(1).unflatten(1, (-1, C))
+    rec = (torch.softmax(torch.einsum("bnc,bkc->bnk", q, kv), dim=2) @ kv).flatten(1).view(r.shape)
+    c2 = F.layer_norm(c + rec, tuple(c.shape[1:]), P[pre + "_norm_c_t.weight"], P[pre + "_norm_c_t.bias"], 1e-5) \
+        + i * g
+    m2 = torch.sigmoid(fxp + fm + 1) * torch.tanh(mm) + torch.sigmoid(ixp + im) * torch.tanh(gxp + gm)
+    o = torch.tanh(ox + oh + conv(c2, "conv_new_cell") + conv(m2, "conv_new_gm"))
+    h2 = torch.tanh(ref_tf_conv3d(torch.cat([c2, m2], 1), P[pre + "conv_last.conv3d.weight"])) * torch.sigmoid(o)
+    return h2, c2, m  # the reference hands back the memory it was given
+
+
+def ref_e3dlstm(model, fp, mask):
+    P = dict(model.state_dict())
+    cfg = model.config
+    pre, total, nh = cfg["pre_seq_length"], cfg["pre_seq_length"] + cfg["aft_seq_length"], cfg["num_hidden"]
+    B, _, _, Hp, Wp = fp.shape
+    h = [fp.new_zeros(B, n, 2, Hp, Wp) for n in nh]
+    c = [fp.new_zeros(B, n, 2, Hp, Wp) for n in nh]
+    mem = fp.new_zeros(B, nh[0], 2, Hp, Wp)
+    hist = [None] * len(nh)
+    prev = torch.zeros_like(fp[:, 0])
+    preds, x_gen = [], None
+    for t in range(total - 1):
+        net = step_input(t, fp, mask, x_gen, pre)
+        window = torch.stack([prev, net], 2)
+        prev = net
+        for i in range(len(nh)):
+            hist[i] = c[i] if hist[i] is None else torch.cat([hist[i], c[i]], 1)
+            h[i], c[i], mem = ref_e3d_cell(P, f"cell_list.{i}.", window if i == 0 else h[i - 1], h[i], c[i], mem,
+                                           hist[i])
+        x_gen = F.conv3d(h[-1], P["conv_last.weight"], stride=(2, 1, 1)).squeeze(2)
+        preds.append(x_gen)
+    return torch.stack(preds, 1)
+
+
+def test_e3dlstm_memory_quirk_and_option():
+    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
+    grads = {}
+    for upd in (False, True):
+        m = tiny("e3dlstm", update_memory=upd).train()
+        m.training_loss(frames, 60000)[0].backward()
+        C = m.num_hidden[0]
+        grads[upd] = (m.cell_list[1].conv_gm[0].conv3d.weight.grad, m.cell_list[1].conv_x[0].conv3d.weight.grad)
+    gm, gx = grads[False]
+    # OpenSTL: the global memory stays zero, so conv_gm and the f' rows of conv_x learn nothing
+    assert gm.abs().max() == 0 and gx[6 * C:].abs().max() == 0 and gx[:6 * C].abs().max() > 0
+    gm, gx = grads[True]
+    assert gm.abs().max() > 0 and gx[6 * C:].abs().max() > 0
+    with pytest.raises(ValueError, match="layer_norm"):
+        M.create("e3dlstm", layer_norm=True, **tiny_config("e3dlstm"))
+    # both time slices of every gate are equal (the 2-frame kernel yields one slice, repeated)
+    cell = m.cell_list[0]
+    y = cell.conv_x(torch.rand(1, 4, 2, 8, 8, dtype=torch.float64))
+    assert torch.equal(y[:, :, 0], y[:, :, 1])
+
+
+REF_RNN = {"predrnnpp": ref_predrnnpp, "mim": lambda m, fp, mask: ref_mim(m, fp, mask)[0], "e3dlstm": ref_e3dlstm}
+
+
+@pytest.mark.parametrize("name", RNNS)
 def test_rnn_reproduces_reference_arithmetic(name):
     model = tiny(name).train()
     cfg = model.config
@@ -237,7 +307,10 @@ def test_rnn_reproduces_reference_arithmetic(name):
     loss, logs = model.training_loss(frames, itr=20000, generator=torch.Generator().manual_seed(5))
     mk, probs = model.sampling_mask(2, 20000, frames, torch.Generator().manual_seed(5))
     assert probs["eta"] == pytest.approx(1 - 2e-5 * 20001)
-    want_loss = F.mse_loss(REF_RNN[name](model, fp, mk.expand(2, aft - 1, *fp.shape[2:])), fp[:, 1:])
+    preds = REF_RNN[name](model, fp, mk.expand(2, aft - 1, *fp.shape[2:]))
+    want_loss = F.mse_loss(preds, fp[:, 1:])
+    if name == "e3dlstm":  # MSE + L1
+        want_loss = want_loss + F.l1_loss(preds, fp[:, 1:])
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
     assert logs["loss"] == pytest.approx(loss.item())
     # test time: own predictions after the observed frames; the future must not leak in

@@ -16,6 +16,7 @@ from torch import nn
 
 from ._base import VideoPredictionModel, patch, reverse_sampling_probs, scheduled_sampling_eta, unpatch  # noqa: F401
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: F401
+from .e3dlstm import E3DLSTM  # noqa: F401
 from .mim import MIM  # noqa: F401
 from .phydnet import PhyDNet  # noqa: F401
 from .predrnnpp import PredRNNpp  # noqa: F401
@@ -23,7 +24,7 @@ from .recurrent import ConvLSTM, MotionRNN, PredRNN, PredRNNv2  # noqa: F401
 from .simvp import TAU, SimVP, SimVP_gSTA, SimVP_IncepU  # noqa: F401
 
 NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau",
-         "predrnnpp", "mim", "phydnet")
+         "predrnnpp", "mim", "phydnet", "e3dlstm")
 
 CLASSES = {
     "convlstm": ConvLSTM,
@@ -36,6 +37,7 @@ CLASSES = {
     "predrnnpp": PredRNNpp,
     "mim": MIM,
     "phydnet": PhyDNet,
+    "e3dlstm": E3DLSTM,
 }
 
 _MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
@@ -74,6 +76,8 @@ PRESETS = {
     "mim": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
     # PhyDNet's sizes are fixed in code (3.1M parameters, about 15 GFLOP per sequence): both presets are OpenSTL's
     "phydnet": {"mmnist": dict(_MMNIST, patch_size=4), "small": dict(_MMNIST, patch_size=4)},
+    # configs/mmnist/E3DLSTM.py (filter_size is unused: the cell kernel (2, 5, 5) is fixed in code)
+    "e3dlstm": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
 }
 
 
@@ -109,5 +113,5 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "PredRNNpp", "MIM", "PhyDNet", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "PredRNNpp", "MIM", "PhyDNet", "E3DLSTM", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]

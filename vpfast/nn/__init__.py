@@ -8,3 +8,4 @@ from .motion import MotionGRU, Warp  # noqa: F401
 from .causal_lstm import GHU, CausalLSTMCell  # noqa: F401
 from .mim import MIMN, MIMBlock  # noqa: F401
 from .phydnet import K2M, PhyCell, PhyCellCell, PhyDConvLSTM, PhyDConvLSTMCell, PhyDEncoderRNN  # noqa: F401
+from .e3dlstm import Eidetic3DLSTMCell, TFConv3d  # noqa: F401
