@@ -21,6 +21,16 @@ NEW = tuple(n for n in ("predrnnpp", "mim", "phydnet", "e3dlstm") if n in M.NAME
 RNNS = tuple(n for n in ("predrnnpp", "mim", "e3dlstm") if n in M.NAMES)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these shapes are far too small for two threads; on a busy machine they only wait on each other (a tiny
+    # float64 Conv3d took 70 ms with two threads and 0.3 ms with one)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def read_keys(name):
     lines = (KEYS / f"{KEY_FILES[name]}.txt").read_text().splitlines()
     count = int(re.search(r"parameters: ([\d,]+)", "\n".join(lines[:3])).group(1).replace(",", ""))
@@ -606,3 +616,30 @@ def test_cli_train_and_eval(tmp_path, name):
     assert tr.cli(["eval", str(Path(out) / "last.pt"), "--data", f, "--no-progress"]) == 0
     net, meta = ev.load_model(str(Path(out) / "last.pt"))
     assert meta["model"] == name and net(torch.from_numpy(arr[:2, :3])).shape == (2, 3, 1, 16, 16)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_bad_input(name):
+    m = tiny(name).eval()
+    x = torch.rand(2, 3, 1, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="5 dimensions"):
+        m(x[0])
+    with pytest.raises(ValueError, match="pre_seq_length=3"):
+        m(torch.rand(2, 4, 1, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="C=1 channels"):
+        m(torch.rand(2, 3, 2, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="divisible by"):
+        m(torch.rand(2, 3, 1, 17, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        m(x.float())
+    with pytest.raises(ValueError, match="frames"):
+        m.training_loss(x, 0)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_layer_decisions_do_not_depend_on_the_fast_backend_name(name):
+    def decisions(backend):
+        with torch.device("meta"):
+            m = M.create(name, preset="mmnist", backend=backend)
+        return [(k, getattr(mod, "merge_convs", None), type(mod).__name__) for k, mod in m.named_modules()]
+    assert decisions("cuda") == decisions(None)
