@@ -616,6 +616,41 @@ def test_cli_train_and_eval(tmp_path, name):
     assert tr.cli(["eval", str(Path(out) / "last.pt"), "--data", f, "--no-progress"]) == 0
     net, meta = ev.load_model(str(Path(out) / "last.pt"))
     assert meta["model"] == name and net(torch.from_numpy(arr[:2, :3])).shape == (2, 3, 1, 16, 16)
+    if name == "phydnet":  # predict goes through the same loader for every model: once is enough
+        pred_dir = tmp_path / "pred"
+        assert tr.cli(["predict", str(Path(out) / "last.pt"), "--input", f, "--num", "2", "--out",
+                       str(pred_dir)]) == 0
+        assert np.load(pred_dir / "predictions.npy").shape == (2, 3, 1, 16, 16)
+
+
+# ---- GPU (skipped without CUDA) -------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NEW)
+def test_gpu_mmnist_training_step(name):
+    """The Moving-MNIST configuration on the GPU (batch 4): a training step with the default backend against
+    backend="torch" in float32 (TF32 off), loss and every gradient."""
+    from vpfast.testing import exact_float32
+    torch.manual_seed(0)
+    frames = torch.rand(4, 20, 1, 64, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    res = []
+    with exact_float32():
+        src = None
+        for backend in ("torch", None):
+            m = M.create(name, preset="mmnist", backend=backend).cuda().train()
+            if src is None:
+                src = m.state_dict()
+            else:
+                m.load_state_dict(src)
+            loss, _ = m.training_loss(frames, 10, generator=torch.Generator().manual_seed(3))
+            loss.backward()
+            res.append((loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+            del m
+    (l0, g0), (l1, g1) = res
+    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        err = (g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)
+        assert err < 1e-3, (k, err.item())
 
 
 @pytest.mark.parametrize("name", NEW)
