@@ -88,7 +88,8 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
       (fast on a 2-core CPU); `config` entries override the preset (the reference projects' vocabulary:
       in_shape=(T, C, H, W), pre_seq_length, aft_seq_length, num_hidden, filter_size, stride, patch_size,
       layer_norm, reverse_scheduled_sampling, decouple_beta, hid_S, hid_T, N_S, N_T, model_type, mlp_ratio,
-      drop, drop_path, spatio_kernel_enc, spatio_kernel_dec, ...).
+      drop, drop_path, spatio_kernel_enc, spatio_kernel_dec, ...; vpfast's options for the reference defects:
+      MIM s_bptt, E3D-LSTM update_memory, PhyDNet openstl_objective / teacher_forcing_decay / iters_per_epoch).
     backend: for the model's fused layers: "torch" (reference arithmetic), "cpp", "cuda", "triton", or None
       ($VPFAST_BACKEND or auto).
     `create(model.name, **model.config)` rebuilds the same architecture.
