@@ -299,6 +299,26 @@ def test_e3dlstm_memory_quirk_and_option():
     assert torch.equal(y[:, :, 0], y[:, :, 1])
 
 
+def test_e3dlstm_fused_recall_matches_bmm_softmax():
+    """The fast backends' recall (scaled_dot_product_attention, scale 1) against the written-out one: odd
+    sizes, values, gradients of both inputs, and under CPU bf16 autocast with a float32 history."""
+    from vpfast.nn.e3dlstm import recall
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 2, 5, 3, dtype=torch.float64, generator=g).requires_grad_()
+    hist = torch.randn(2, 9, 2, 5, 3, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(2, 3, 2, 5, 3, dtype=torch.float64, generator=g)
+    res = []
+    for fused in (False, True):
+        y = recall(q, hist, fused=fused)
+        res.append((y, *torch.autograd.grad((y * w).sum(), (q, hist))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = (recall(q.detach().to(torch.bfloat16), hist.detach().float(), fused=f) for f in (False, True))
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05)
+
+
 REF_RNN = {"predrnnpp": ref_predrnnpp, "mim": lambda m, fp, mask: ref_mim(m, fp, mask)[0], "e3dlstm": ref_e3dlstm}
 
 

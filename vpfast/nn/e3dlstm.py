@@ -1,7 +1,10 @@
 """Drop-in Eidetic 3D LSTM cell (OpenSTL's e3dlstm_modules), MODELS.md §12.
 
-Every state is 5-D, [B, C, window, H, W]. No fused kernel: every backend runs the reference arithmetic (the
-3-D convolutions dominate and stay with PyTorch).
+Every state is 5-D, [B, C, window, H, W]. The 3-D convolutions stay with PyTorch. The recall attention runs
+as written (bmm, softmax, bmm) with backend="torch"; every other backend hands it to PyTorch's
+scaled_dot_product_attention with scale 1, the same softmax(Q Kᵀ) V computed blockwise, without keeping the
+[B, N, n*N] attention matrix for backward. Measured here (1 thread, float32, B=4, C=16, N=512 rows, 5120
+keys): forward+backward 0.28 s vs 0.66 s; float64 results differ from the reference by rounding (3e-14).
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._dispatch import resolve
 
 
 def _triple(k):
@@ -33,17 +38,21 @@ class TFConv3d(nn.Module):
         return F.interpolate(self.conv3d(x), size=x.shape[-3:], mode="nearest")
 
 
-def recall(q: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+def recall(q: torch.Tensor, history: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """The eidetic recall as OpenSTL computes it: a raw-reshape attention.
 
     q: Tensor[B, C, T, H, W]; history: Tensor[B, n*C, T, H, W] (past cell states on the channel axis).
     Each sample's q, flattened in (C, T, H, W) order, is cut into T*H*W rows of C consecutive values; the
     history is cut the same way into n*T*H*W rows, which serve as keys and values; A = softmax over the keys
     of Q Kᵀ (no 1/sqrt(C) scale), and A V is folded back by the same flat layout -> Tensor[B, C, T, H, W].
+    fused: compute it with F.scaled_dot_product_attention (same arithmetic, blockwise; see the module docstring).
     """
     B, C = q.shape[:2]
     query = q.reshape(B, -1, C)
     keys = history.reshape(B, -1, C)
+    if fused:  # under autocast SDPA casts like bmm does (both to the autocast dtype on CPU and CUDA)
+        out = F.scaled_dot_product_attention(query[:, None], keys[:, None], keys[:, None], scale=1.0)
+        return out[:, 0].reshape(q.shape)
     attn = torch.softmax(torch.bmm(query, keys.transpose(1, 2)), dim=2)
     return torch.bmm(attn, keys).reshape(q.shape)
 
@@ -133,7 +142,7 @@ class Eidetic3DLSTMCell(nn.Module):
         i_t = torch.sigmoid(i_x + i_h)
         r_t = torch.sigmoid(r_x + r_h)
         g_t = torch.tanh(g_x + g_h)
-        c_new = self._norm_c_t(c + recall(r_t, history)) + i_t * g_t
+        c_new = self._norm_c_t(c + recall(r_t, history, fused=resolve(self.backend) != "torch")) + i_t * g_t
         i_tp = torch.sigmoid(i_xp + i_m)
         f_tp = torch.sigmoid(f_xp + f_m + self._forget_bias)
         g_tp = torch.tanh(g_xp + g_m)
