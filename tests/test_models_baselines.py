@@ -622,25 +622,62 @@ def test_cpu_bf16_autocast_training_step(name, backend):
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in g16.values())
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_cli_train_and_eval(tmp_path, name):
-    from vpfast import evaluate as ev
-    from vpfast import train as tr
+def _cli_data(tmp_path, name):
     arr = np.random.default_rng(0).random((8, 6, 1, 16, 16)).astype(np.float32)
     f = str(tmp_path / "seqs.npy")
     np.save(f, arr)
     cfg = dict(tiny_config(name), in_shape=[3, 1, 16, 16], pre_seq_length=3, aft_seq_length=3)
+    return arr, f, json.dumps(cfg)
+
+
+def _openstl_weights(net, path):
+    """Save net's weights the way an OpenSTL (Lightning) checkpoint holds them: "model."-prefixed keys."""
+    torch.save({"state_dict": {"model." + k: v for k, v in net.state_dict().items()}, "epoch": 3}, path)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_cli_train_eval_predict(tmp_path, name):
+    """In process: `train --preset small` for two steps, `eval` of its checkpoint, `predict` from the same
+    weights saved under OpenSTL's key names (loaded by --model/--preset/--config) equals the model's output."""
+    from vpfast import evaluate as ev
+    from vpfast import train as tr
+    arr, f, cfg = _cli_data(tmp_path, name)
+    out = tmp_path / "run"
+    assert tr.main(["--model", name, "--preset", "small", "--config", cfg, "--data", f, "--epochs", "1",
+                    "--max-steps", "2", "--batch-size", "4", "--test-size", "2", "--no-progress",
+                    "--out", str(out)]) == 0
+    assert tr.cli(["eval", str(out / "last.pt"), "--data", f, "--test-size", "2", "--no-progress"]) == 0
+    # the default peak learning rate is OpenSTL's for the model (MODELS.md §14)
+    lr = dict(predrnnpp=1e-4, mim=5e-4, e3dlstm=1e-4, phydnet=1e-3)[name]
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["train_args"]["lr"] == lr
+    net, meta = ev.load_model(str(out / "last.pt"))
+    assert meta["model"] == name
+    _openstl_weights(net, tmp_path / "openstl.ckpt")
+    assert tr.cli(["predict", str(tmp_path / "openstl.ckpt"), "--model", name, "--preset", "small", "--config",
+                   cfg, "--input", f, "--num", "2", "--out", str(tmp_path / "pred")]) == 0
+    with torch.no_grad():
+        want = net(torch.from_numpy(arr[:2, :3])).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "pred" / "predictions.npy"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_subprocess(tmp_path):
+    """The installed entry point (`python -m vpfast ...`) trains, evaluates and predicts a baseline."""
+    import os
+    import subprocess
+    import sys
+    name = "predrnnpp"
+    _, f, cfg = _cli_data(tmp_path, name)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     out = str(tmp_path / "run")
-    assert tr.main(["--model", name, "--preset", "small", "--config", json.dumps(cfg), "--data", f, "--epochs", "1",
-                    "--batch-size", "4", "--no-progress", "--out", out]) == 0
-    assert tr.cli(["eval", str(Path(out) / "last.pt"), "--data", f, "--no-progress"]) == 0
-    net, meta = ev.load_model(str(Path(out) / "last.pt"))
-    assert meta["model"] == name and net(torch.from_numpy(arr[:2, :3])).shape == (2, 3, 1, 16, 16)
-    if name == "phydnet":  # predict goes through the same loader for every model: once is enough
-        pred_dir = tmp_path / "pred"
-        assert tr.cli(["predict", str(Path(out) / "last.pt"), "--input", f, "--num", "2", "--out",
-                       str(pred_dir)]) == 0
-        assert np.load(pred_dir / "predictions.npy").shape == (2, 3, 1, 16, 16)
+    for cmd in (["train", "--model", name, "--preset", "small", "--config", cfg, "--data", f, "--epochs", "1",
+                 "--max-steps", "2", "--batch-size", "4", "--test-size", "2", "--no-progress", "--out", out],
+                ["eval", out + "/last.pt", "--data", f, "--test-size", "2", "--no-progress"],
+                ["predict", out + "/last.pt", "--input", f, "--num", "2", "--out", str(tmp_path / "pred")]):
+        res = subprocess.run([sys.executable, "-m", "vpfast", *cmd], capture_output=True, text=True, env=env,
+                             timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, (cmd[0], res.stdout[-2000:], res.stderr[-2000:])
+    assert np.load(tmp_path / "pred" / "predictions.npy").shape == (2, 3, 1, 16, 16)
 
 
 # ---- GPU (skipped without CUDA) -------------------------------------------------------------------------

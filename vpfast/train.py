@@ -40,7 +40,8 @@ RUN_DEFAULTS = {"preset": None, "config": None, "epochs": 10, "batch_size": 16, 
                 "max_steps": None, "seed": 0, "data": "mmnist", "pre": 10, "aft": 10, "dtype": "float32",
                 "precision": "32", "final_div_factor": 1e4, "weight_decay": 0.0, "clip_grad": None}
 # reference learning rates (MODELS.md section 8)
-DEFAULT_LR = {"convlstm": 5e-4, "predrnn": 5e-4, "predrnnv2": 5e-4, "motionrnn": 3e-4}
+DEFAULT_LR = {"convlstm": 5e-4, "predrnn": 5e-4, "predrnnv2": 5e-4, "motionrnn": 3e-4,
+              "predrnnpp": 1e-4, "mim": 5e-4, "e3dlstm": 1e-4}  # OpenSTL configs (MODELS.md §14)
 
 
 class UsageError(ValueError):
@@ -683,7 +684,8 @@ def _write_pictures(out, model, test_ds, pre, aft, device, dtype, history, loss_
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_train_arguments(p):
     p.add_argument("--model", help="model name (convlstm, predrnn, predrnnv2, motionrnn, simvp_incepu, "
-                                   "simvp_gsta, tau) or 'package.module:factory'")
+                                   "simvp_gsta, tau, predrnnpp, mim, phydnet, e3dlstm) or "
+                                   "'package.module:factory'")
     p.add_argument("--preset", help="model preset: mmnist (reference size) or small")
     p.add_argument("--config", help="JSON object of model config overrides, e.g. '{\"hid_S\": 16}'")
     p.add_argument("--backend", help="op backend for the model (torch, cpp, triton, cuda; default auto)")
