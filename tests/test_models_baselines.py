@@ -575,6 +575,62 @@ def test_accelerate_swaps_openstl_phydnet_convlstm_cell():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_accelerate_swaps_openstl_e3d_cell():
+    """An OpenSTL-structured Eidetic3DLSTMCell (tf_Conv3d in nn.Sequential, _norm_c_t; forward as MODELS.md
+    §12, the reference returning the memory it was given) is swapped for vpfast's, sharing its parameters:
+    outputs and gradients unchanged; gate LayerNorms (layer_norm=True) are left alone with a reason."""
+    import vpfast
+    from torch import nn
+
+    class tf_Conv3d(nn.Module):  # noqa: N801  (OpenSTL's name)
+        def __init__(self, cin, cout, k, stride, padding):
+            super().__init__()
+            self.conv3d = nn.Conv3d(cin, cout, k, stride=stride, padding=padding, bias=False)
+
+    class Eidetic3DLSTMCell(nn.Module):  # OpenSTL's constructor and structure
+        def __init__(self, in_channel, num_hidden, window_length, height, width, filter_size, stride, layer_norm):
+            super().__init__()
+            C, pad = num_hidden, (0, filter_size[1] // 2, filter_size[2] // 2)
+            self._norm_c_t = nn.LayerNorm([C, window_length, height, width])
+            self._forget_bias = 1.0
+
+            def conv(cin, cout):
+                ln = [nn.LayerNorm([cout, window_length, height, width])] if layer_norm else []
+                return nn.Sequential(tf_Conv3d(cin, cout, filter_size, stride, pad), *ln)
+            self.conv_x, self.conv_h, self.conv_gm = conv(in_channel, 7 * C), conv(C, 4 * C), conv(C, 4 * C)
+            self.conv_new_cell, self.conv_new_gm = conv(C, C), conv(C, C)
+            self.conv_last = tf_Conv3d(2 * C, C, (1, 1, 1), 1, 0)
+
+        def forward(self, x, h, c, m, history):
+            return ref_e3d_cell(self.state_dict(keep_vars=True), "", x, h, c, m, history)
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.cell = Eidetic3DLSTMCell(3, 4, 2, 6, 5, (2, 3, 3), 1, False).double()
+    holder.ln = Eidetic3DLSTMCell(3, 4, 2, 6, 5, (2, 3, 3), 1, True).double()
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.normal_(0, 0.5)
+    x, h, c, m = (torch.randn(2, n, 2, 6, 5, dtype=torch.float64) for n in (3, 4, 4, 4))
+    hist = torch.randn(2, 12, 2, 6, 5, dtype=torch.float64)
+    res = []
+    for swap in (False, True):
+        if swap:
+            w = holder.cell.conv_x[0].conv3d.weight
+            rep = vpfast.accelerate(holder)
+            assert rep.swapped == [("cell", "Eidetic3DLSTMCell", "Eidetic3DLSTMCell")]
+            assert [(p, why[:13]) for p, _, why in rep.left] == [("ln", "conv_x has ga")]
+            assert type(holder.cell).__module__ == "vpfast.nn.e3dlstm" and holder.cell.conv_x[0].conv3d.weight is w
+        outs = holder.cell(x, h, c, m, hist)
+        grads = torch.autograd.grad(sum(o.sum() for o in outs[:2]), list(holder.cell.parameters()), allow_unused=True)
+        res.append((outs, grads))
+    for a, b in zip(res[0][0] + res[0][1], res[1][0] + res[1][1]):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
+
+
 # ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------
 @pytest.mark.parametrize("name", NEW)
 def test_default_backend_matches_torch(name):

@@ -10,7 +10,8 @@ working and checkpoints keep their keys). Recognised:
 - by class name and structure, the reference projects' modules: `SpatioTemporalLSTMCell` (OpenSTL PredRNN;
   thuml's Motion-Highway variant, recognised by its 5-argument forward; also layer 0 of OpenSTL's MIM),
   `SpatioTemporalLSTMCellv2` (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `PhyD_ConvLSTM_Cell` (OpenSTL's
-  PhyDNet), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
+  PhyDNet), `Eidetic3DLSTMCell` (OpenSTL's E3D-LSTM, layer_norm off: the recall attention then runs blockwise
+  with scaled_dot_product_attention), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
   `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
   `BasicConv2d` (conv -> GroupNorm(2) -> SiLU, run with the fused `group_norm_silu`; layouts unchanged).
 
@@ -119,6 +120,23 @@ def _phyd_convlstm(m, backend):
     return vnn.PhyDConvLSTMCell(shape, conv.in_channels - C, C, k, bias=conv.bias is not None, backend=backend)
 
 
+def _e3d_cell(m, backend):
+    # OpenSTL's Eidetic3DLSTMCell: same keys; vpfast's runs the recall with scaled_dot_product_attention
+    seq = getattr(m, "conv_x", None)
+    _need(isinstance(seq, nn.Sequential) and len(seq) == 1, "conv_x has gate LayerNorms (layer_norm=True)")
+    conv = getattr(seq[0], "conv3d", None)
+    norm = getattr(m, "_norm_c_t", None)
+    _need(isinstance(conv, nn.Conv3d) and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 4,
+          "not the reference's tf_Conv3d / _norm_c_t structure")
+    _need(getattr(m, "_forget_bias", 1.0) == 1.0, "forget bias is not the reference's constant 1.0")
+    k = conv.kernel_size
+    _need(conv.padding == (0, k[1] // 2, k[2] // 2) and conv.dilation == (1, 1, 1) and conv.groups == 1
+          and conv.padding_mode == "zeros" and len(set(conv.stride)) == 1, "convolution options other than the "
+          "reference's")
+    C, win, H, W = norm.normalized_shape
+    return vnn.Eidetic3DLSTMCell(conv.in_channels, C, win, H, W, k, conv.stride[0], False, backend=backend)
+
+
 def _warp(m, backend):
     conv = _conv(m, "conv")
     _conv(m, "warp_gate")
@@ -196,6 +214,7 @@ _BY_NAME: dict[str, Callable] = {
     "SpatioTemporalLSTMCell_v2": _stlstm_v2,
     "ConvLSTMCell": _convlstm,
     "PhyD_ConvLSTM_Cell": _phyd_convlstm,
+    "Eidetic3DLSTMCell": _e3d_cell,
     "MotionGRU": _motion_gru,
     "Warp": _warp,
     "SpatialAttention": lambda m, b: _attention(m, b, False),
@@ -205,8 +224,9 @@ _BY_NAME: dict[str, Callable] = {
     "BasicConv2d": _basic_conv2d,
 }
 
-_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,
-                 vnn.TemporalAttention, vnn.AttentionModule, vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
+_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.Eidetic3DLSTMCell,
+                 vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention, vnn.TemporalAttention, vnn.AttentionModule,
+                 vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
                  BasicConv2d)  # SimVP's conv -> GroupNorm -> SiLU (fused group_norm_silu unless "torch")
 
 
