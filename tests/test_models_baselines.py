@@ -368,6 +368,28 @@ def test_predrnnpp_ghu_init_and_layer_norm():
         M.create("predrnnpp", num_hidden="8")
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_ghu_fused_output_matches_reference(monkeypatch, layer_norm):
+    """GHU on the fast backends runs stlstm_output (highway form): values and gradients equal the reference
+    arithmetic in float64 on an odd shape, and the fused op is what ran."""
+    import vpfast.nn.causal_lstm as cl
+    calls, op = [], cl.stlstm_output
+    monkeypatch.setattr(cl, "stlstm_output", lambda *a, **k: calls.append(1) or op(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=g), torch.randn(2, 4, 7, 5, dtype=torch.float64,
+                                                                                  generator=g)
+    res = []
+    for backend in ("torch", None):
+        torch.manual_seed(0)
+        ghu = cl.GHU(3, 4, 7, 5, 3, 1, layer_norm, initializer=0.3, backend=backend).double()
+        xi, zi = x.clone().requires_grad_(), z.clone().requires_grad_()
+        y = ghu(xi, zi)
+        res.append((y, *torch.autograd.grad((y * y).sum(), (xi, zi, *ghu.parameters()))))
+    assert len(calls) == 1
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+
+
 def test_predrnnpp_unused_conv_gets_no_gradient():
     m = tiny("predrnnpp").train()
     loss, _ = m.training_loss(torch.rand(2, 5, 1, 16, 16, dtype=torch.float64), 0)

@@ -1,7 +1,9 @@
 """Drop-in Causal LSTM cell and Gradient Highway Unit (OpenSTL's PredRNN++ modules), MODELS.md §10.
 
-No fused kernel exists for these cells yet: every backend runs the reference arithmetic below (the `backend`
-argument is kept so the models share one constructor vocabulary and a later fused op can slot in).
+No fused kernel exists for the Causal LSTM cell yet: every backend runs the reference arithmetic below (the
+`backend` argument is kept so the models share one constructor vocabulary and a later fused op can slot in).
+The GHU's pointwise step is the Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so
+the fast backends run it with the fused `vpfast.ops.stlstm_output` (backward keeps σ and tanh(p) only).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._recurrent import check_input, check_state, conv_block, out_size
+from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
+from ._recurrent import check_input, check_state, conv_block, fused_backend, out_size
 
 
 class CausalLSTMCell(nn.Module):
@@ -125,7 +128,13 @@ class GHU(nn.Module):
         check_input(x, self.in_channel, self.x_concat[0].weight)
         B, _, H, W = x.shape
         k = self.filter_size
-        check_state("z", z, "x", x, (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride)))
-        p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
-        u = torch.sigmoid(u)
-        return u * torch.tanh(p) + (1 - u) * z
+        shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
+        check_state("z", z, "x", x, shape)
+        if fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,)) == "torch":
+            p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
+            u = torch.sigmoid(u)
+            return u * torch.tanh(p) + (1 - u) * z
+        # the same sums, split before adding: u = u_x + u_z inside the op, p = p_x + p_z here
+        p_x, u_x = torch.split(self.x_concat(x), self.num_hidden, dim=1)
+        p_z, u_z = torch.split(self.z_concat(z), self.num_hidden, dim=1)
+        return stlstm_output(u_x, u_z, p_x + p_z, z, backend=self.backend)
