@@ -653,6 +653,48 @@ def test_accelerate_swaps_openstl_e3d_cell():
             torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
 
 
+def test_accelerate_swaps_openstl_ghu():
+    """OpenSTL's GHU (MODELS.md §10: x_concat / z_concat as nn.Sequential, forward(x, z)) is swapped for
+    vpfast.nn.GHU sharing its parameters, outputs and gradients unchanged; OpenSTL's layer_norm GHU (its
+    LayerNorm declared over C of the 2C channels) is left alone with the shapes as the reason."""
+    import vpfast
+    from torch import nn
+
+    class GHU(nn.Module):  # OpenSTL's constructor and structure
+        def __init__(self, in_channel, num_hidden, height, width, filter_size, stride, layer_norm,
+                     initializer=0.001):
+            super().__init__()
+            C, k = num_hidden, filter_size
+
+            def conv(cin):
+                ln = [nn.LayerNorm([C, height, width])] if layer_norm else []
+                return nn.Sequential(nn.Conv2d(cin, 2 * C, k, stride, k // 2, bias=False), *ln)
+            self.num_hidden, self.z_concat, self.x_concat = C, conv(C), conv(in_channel)
+
+        def forward(self, x, z):
+            p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
+            u = torch.sigmoid(u)
+            return u * torch.tanh(p) + (1 - u) * z
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.ghu, holder.ln = GHU(3, 4, 7, 5, 3, 1, False).double(), GHU(3, 4, 7, 5, 3, 1, True)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.normal_(0, 0.5)
+    x, z = torch.randn(2, 3, 7, 5, dtype=torch.float64), torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    res = []
+    for swap in (False, True):
+        if swap:
+            rep = vpfast.accelerate(holder)
+            assert rep.swapped == [("ghu", "GHU", "GHU")] and type(holder.ghu) is vpfast.nn.GHU
+            assert [(p, "shape" in why) for p, _, why in rep.left] == [("ln", True)]
+        y = holder.ghu(x, z)
+        res.append((y, *torch.autograd.grad(y.square().sum(), list(holder.ghu.parameters()))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+
+
 # ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------
 @pytest.mark.parametrize("name", NEW)
 def test_default_backend_matches_torch(name):

@@ -11,8 +11,9 @@ working and checkpoints keep their keys). Recognised:
   thuml's Motion-Highway variant, recognised by its 5-argument forward; also layer 0 of OpenSTL's MIM),
   `SpatioTemporalLSTMCellv2` (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `PhyD_ConvLSTM_Cell` (OpenSTL's
   PhyDNet), `Eidetic3DLSTMCell` (OpenSTL's E3D-LSTM, layer_norm off: the recall attention then runs blockwise
-  with scaled_dot_product_attention), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
-  `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
+  with scaled_dot_product_attention), `GHU` (OpenSTL's PredRNN++, run with the fused `stlstm_output`),
+  `MotionGRU` and `Warp` (thuml), `SpatialAttention`, `AttentionModule`, `TemporalAttention`,
+  `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
   `BasicConv2d` (conv -> GroupNorm(2) -> SiLU, run with the fused `group_norm_silu`; layouts unchanged).
 
 Everything else is left alone; the returned report lists what was swapped and which candidates were left
@@ -120,6 +121,24 @@ def _phyd_convlstm(m, backend):
     return vnn.PhyDConvLSTMCell(shape, conv.in_channels - C, C, k, bias=conv.bias is not None, backend=backend)
 
 
+def _ghu(m, backend):
+    # OpenSTL's PredRNN++ GHU: vpfast's runs the pointwise step with the fused stlstm_output
+    cz, cx = _conv(m, "z_concat"), _conv(m, "x_concat")
+    C = cz.in_channels
+    _need(cz.out_channels == cx.out_channels == 2 * C, "z_concat/x_concat do not produce [p, u] (2C channels)")
+    k = cz.kernel_size[0]
+    for conv in (cz, cx):
+        _need(conv.kernel_size == (k, k) and conv.padding == (k // 2, k // 2) and conv.stride == cz.stride
+              and conv.stride[0] == conv.stride[1] and conv.dilation == (1, 1) and conv.groups == 1
+              and conv.bias is None and conv.padding_mode == "zeros", "convolution options other than the reference's")
+    norm = m.z_concat[1] if len(m.z_concat) > 1 else None
+    _need(norm is None or isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 3,
+          "z_concat is not conv -> LayerNorm")
+    H, W = norm.normalized_shape[1:] if norm is not None else (1, 1)
+    # OpenSTL's layer_norm GHU declares LayerNorm([C, H, W]) on 2C channels: _share then reports the shapes
+    return vnn.GHU(cx.in_channels, C, H, W, k, cz.stride[0], norm is not None, initializer=0, backend=backend)
+
+
 def _e3d_cell(m, backend):
     # OpenSTL's Eidetic3DLSTMCell: same keys; vpfast's runs the recall with scaled_dot_product_attention
     seq = getattr(m, "conv_x", None)
@@ -215,6 +234,7 @@ _BY_NAME: dict[str, Callable] = {
     "ConvLSTMCell": _convlstm,
     "PhyD_ConvLSTM_Cell": _phyd_convlstm,
     "Eidetic3DLSTMCell": _e3d_cell,
+    "GHU": _ghu,
     "MotionGRU": _motion_gru,
     "Warp": _warp,
     "SpatialAttention": lambda m, b: _attention(m, b, False),
@@ -224,7 +244,7 @@ _BY_NAME: dict[str, Callable] = {
     "BasicConv2d": _basic_conv2d,
 }
 
-_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.Eidetic3DLSTMCell,
+_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.Eidetic3DLSTMCell, vnn.GHU,
                  vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention, vnn.TemporalAttention, vnn.AttentionModule,
                  vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
                  BasicConv2d)  # SimVP's conv -> GroupNorm -> SiLU (fused group_norm_silu unless "torch")
