@@ -368,26 +368,46 @@ def test_predrnnpp_ghu_init_and_layer_norm():
         M.create("predrnnpp", num_hidden="8")
 
 
-@pytest.mark.parametrize("layer_norm", [False, True])
-def test_ghu_fused_output_matches_reference(monkeypatch, layer_norm):
-    """GHU on the fast backends runs stlstm_output (highway form): values and gradients equal the reference
-    arithmetic in float64 on an odd shape, and the fused op is what ran."""
+def _fused_output_case(kind):
+    """(module maker, inputs, expected stlstm_output calls) for the layers whose output stage is fused."""
     import vpfast.nn.causal_lstm as cl
-    calls, op = [], cl.stlstm_output
-    monkeypatch.setattr(cl, "stlstm_output", lambda *a, **k: calls.append(1) or op(*a, **k))
+    import vpfast.nn.mim as mim
     g = torch.Generator().manual_seed(0)
-    x, z = torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=g), torch.randn(2, 4, 7, 5, dtype=torch.float64,
-                                                                                  generator=g)
+    state = lambda c: torch.randn(2, c, 7, 5, dtype=torch.float64, generator=g)  # noqa: E731
+    if kind.startswith("ghu"):
+        return cl, (lambda b: cl.GHU(3, 4, 7, 5, 3, 1, kind == "ghu_ln", initializer=0.3, backend=b)), \
+            (state(3), state(4)), 1
+    if kind == "mimn":
+        return mim, (lambda b: mim.MIMN(3, 4, 7, 5, 3, 1, backend=b)), (state(3), state(4), state(4)), 1
+    return mim, (lambda b: mim.MIMBlock(4, 4, 7, 5, 3, 1, backend=b)), tuple(state(4) for _ in range(6)), 2
+
+
+@pytest.mark.parametrize("kind", ["ghu", "ghu_ln", "mimn", "mim_block"])
+def test_fused_output_stage_matches_reference(monkeypatch, kind):
+    """GHU, MIM-N and the MIM block (its block output and its MIM-S) run stlstm_output on the fast backends:
+    values and gradients (inputs and parameters, peepholes included) equal the reference arithmetic in float64
+    on an odd shape, and the fused op is what ran."""
+    module, make, inputs, expected = _fused_output_case(kind)
+    calls, op = [], module.stlstm_output
+    monkeypatch.setattr(module, "stlstm_output", lambda *a, **k: calls.append(1) or op(*a, **k))
     res = []
     for backend in ("torch", None):
         torch.manual_seed(0)
-        ghu = cl.GHU(3, 4, 7, 5, 3, 1, layer_norm, initializer=0.3, backend=backend).double()
-        xi, zi = x.clone().requires_grad_(), z.clone().requires_grad_()
-        y = ghu(xi, zi)
-        res.append((y, *torch.autograd.grad((y * y).sum(), (xi, zi, *ghu.parameters()))))
-    assert len(calls) == 1
+        layer = make(backend).double()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.3)
+        xs = [t.clone().requires_grad_() for t in inputs]
+        ys = layer(*xs)
+        ys = ys if isinstance(ys, tuple) else (ys,)
+        loss = sum((y * y).sum() for y in ys)
+        res.append((*ys, *torch.autograd.grad(loss, xs + list(layer.parameters()), allow_unused=True)))
+    assert len(calls) == expected
     for a, b in zip(*res):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
 
 
 def test_predrnnpp_unused_conv_gets_no_gradient():

@@ -1,7 +1,9 @@
 """Drop-in MIM layers (OpenSTL's Memory In Memory modules), MODELS.md §11: the MIM-N module and the MIM block
 with its MIM-S cell.
 
-No fused kernel exists for these layers yet: every backend runs the reference arithmetic below. Unlike
+No fused kernel of their own: their output gates, h = σ(a + b) ⊙ tanh(y), are the ST-LSTM's output stage, which
+the fast backends run with the fused `vpfast.ops.stlstm_output` (same sums, in the same order); everything
+else is the reference arithmetic below on every backend. Unlike
 OpenSTL's MIMBlock, the MIM-S state S is an argument and a result of `MIMBlock.forward`, never an attribute:
 nothing is carried from one call to the next (the model decides what S a sequence starts from).
 """
@@ -12,10 +14,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._recurrent import check_input, check_state, conv_block, out_size
+from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
+from ._recurrent import check_input, check_state, conv_block, fused_backend, out_size
 
 
-def _peephole_lstm(conv_h, conv_x, ct_weight, oc_weight, x, h, c, forget_bias):
+def _output_gate(backend, o_part, o_m, y):
+    """σ(o_part + o_m) ⊙ tanh(y), all Tensor[B, C, H, W]: fused stlstm_output unless the backend is torch."""
+    if fused_backend(_STLSTM_OUTPUT, backend, y, [tuple(y.shape)] * 3, ()) == "torch":
+        return torch.sigmoid(o_part + o_m) * torch.tanh(y)
+    return stlstm_output(o_part, o_m, y, backend=backend)
+
+
+def _peephole_lstm(conv_h, conv_x, ct_weight, oc_weight, x, h, c, forget_bias, backend):
     """The peephole LSTM shared by MIM-N and MIM-S: gates split i, g, f, o; Hadamard peepholes."""
     C = c.shape[1]
     i_h, g_h, f_h, o_h = torch.split(conv_h(h), C, dim=1)
@@ -24,8 +34,7 @@ def _peephole_lstm(conv_h, conv_x, ct_weight, oc_weight, x, h, c, forget_bias):
     i_t = torch.sigmoid(i_h + i_x + i_c)
     f_t = torch.sigmoid(f_h + f_x + f_c + forget_bias)
     c_new = f_t * c + i_t * torch.tanh(g_h + g_x)
-    o_t = torch.sigmoid(o_h + o_x + c_new * oc_weight)
-    return o_t * torch.tanh(c_new), c_new
+    return _output_gate(backend, o_h + o_x, c_new * oc_weight, c_new), c_new
 
 
 def _check_layer_norm(layer_norm):
@@ -83,7 +92,7 @@ class MIMN(nn.Module):
         check_state("c", c, "x", x, shape)
         _check_map(shape, self.oc_weight)
         return _peephole_lstm(self.conv_h_concat, self.conv_x_concat, self.ct_weight, self.oc_weight, x, h, c,
-                              self._forget_bias)
+                              self._forget_bias, self.backend)
 
 
 def _check_map(shape, oc_weight):
@@ -157,7 +166,7 @@ class MIMBlock(nn.Module):
         m_new = (torch.sigmoid(f_x + f_s + self._forget_bias) * m
                  + torch.sigmoid(i_x + i_s) * torch.tanh(g_x + g_s))
         t_mem, s_new = _peephole_lstm(self.conv_h_concat, self.conv_x_concat, self.ct_weight, self.oc_weight,
-                                      diff_h, c, s, self._forget_bias)
+                                      diff_h, c, s, self._forget_bias, self.backend)
         c_new = t_mem + torch.sigmoid(i_x + i_t) * torch.tanh(g_x + g_t)
-        h_new = torch.sigmoid(o_x + o_t + o_s) * torch.tanh(self.conv_last(torch.cat((c_new, m_new), 1)))
+        h_new = _output_gate(self.backend, o_x + o_t, o_s, self.conv_last(torch.cat((c_new, m_new), 1)))
         return h_new, c_new, m_new, s_new
