@@ -673,11 +673,42 @@ def test_accelerate_swaps_openstl_e3d_cell():
             torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
 
 
+def _accelerate_unchanged(holder, name, inputs, swapped, left):
+    """vpfast.accelerate(holder) swaps holder.<name> as `swapped` says and leaves `left` (paths); the swapped
+    layer's outputs and parameter gradients equal the original's (float64)."""
+    import vpfast
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.normal_(0, 0.5)
+    res = []
+    for swap in (False, True):
+        if swap:
+            params = list(getattr(holder, name).parameters())
+            rep = vpfast.accelerate(holder)
+            assert rep.swapped == swapped and [p for p, _, _ in rep.left] == left, rep
+            assert all(a is b for a, b in zip(getattr(holder, name).parameters(), params))
+        ys = getattr(holder, name)(*inputs)
+        ys = ys if isinstance(ys, tuple) else (ys,)
+        res.append((*ys, *torch.autograd.grad(sum(y.square().sum() for y in ys),
+                                              list(getattr(holder, name).parameters()), allow_unused=True)))
+    for a, b in zip(*res):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    return rep
+
+
+def _openstl_conv_block(cin, cout, k, stride, norm_shape=None):
+    from torch import nn
+    ln = [nn.LayerNorm(norm_shape)] if norm_shape else []
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), *ln)
+
+
 def test_accelerate_swaps_openstl_ghu():
     """OpenSTL's GHU (MODELS.md §10: x_concat / z_concat as nn.Sequential, forward(x, z)) is swapped for
     vpfast.nn.GHU sharing its parameters, outputs and gradients unchanged; OpenSTL's layer_norm GHU (its
     LayerNorm declared over C of the 2C channels) is left alone with the shapes as the reason."""
-    import vpfast
     from torch import nn
 
     class GHU(nn.Module):  # OpenSTL's constructor and structure
@@ -685,34 +716,51 @@ def test_accelerate_swaps_openstl_ghu():
                      initializer=0.001):
             super().__init__()
             C, k = num_hidden, filter_size
-
-            def conv(cin):
-                ln = [nn.LayerNorm([C, height, width])] if layer_norm else []
-                return nn.Sequential(nn.Conv2d(cin, 2 * C, k, stride, k // 2, bias=False), *ln)
-            self.num_hidden, self.z_concat, self.x_concat = C, conv(C), conv(in_channel)
+            ln = [C, height, width] if layer_norm else None
+            self.num_hidden = C
+            self.z_concat = _openstl_conv_block(C, 2 * C, k, stride, ln)
+            self.x_concat = _openstl_conv_block(in_channel, 2 * C, k, stride, ln)
 
         def forward(self, x, z):
             p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
             u = torch.sigmoid(u)
             return u * torch.tanh(p) + (1 - u) * z
 
-    torch.manual_seed(0)
     holder = nn.Module()
     holder.ghu, holder.ln = GHU(3, 4, 7, 5, 3, 1, False).double(), GHU(3, 4, 7, 5, 3, 1, True)
-    with torch.no_grad():
-        for p in holder.parameters():
-            p.normal_(0, 0.5)
     x, z = torch.randn(2, 3, 7, 5, dtype=torch.float64), torch.randn(2, 4, 7, 5, dtype=torch.float64)
-    res = []
-    for swap in (False, True):
-        if swap:
-            rep = vpfast.accelerate(holder)
-            assert rep.swapped == [("ghu", "GHU", "GHU")] and type(holder.ghu) is vpfast.nn.GHU
-            assert [(p, "shape" in why) for p, _, why in rep.left] == [("ln", True)]
-        y = holder.ghu(x, z)
-        res.append((y, *torch.autograd.grad(y.square().sum(), list(holder.ghu.parameters()))))
-    for a, b in zip(*res):
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    rep = _accelerate_unchanged(holder, "ghu", (x, z), [("ghu", "GHU", "GHU")], ["ln"])
+    assert "shape" in rep.left[0][2] and type(holder.ghu).__module__ == "vpfast.nn.causal_lstm"
+
+
+def test_accelerate_swaps_openstl_mimn_and_leaves_mim_block():
+    """OpenSTL's MIMN (peephole LSTM, forward(x, h, c) -> (h, c), MODELS.md §11) is swapped for vpfast.nn.MIMN,
+    outputs and gradients unchanged; OpenSTL's MIMBlock, which keeps S on the module, is left with a reason."""
+    from torch import nn
+
+    class MIMN(nn.Module):  # OpenSTL's constructor and structure
+        def __init__(self, in_channel, num_hidden, height, width, filter_size, stride, layer_norm=False):
+            super().__init__()
+            C, k = num_hidden, filter_size
+            self.num_hidden, self._forget_bias = C, 1.0
+            self.ct_weight = nn.Parameter(torch.zeros(2 * C, height, width))
+            self.oc_weight = nn.Parameter(torch.zeros(C, height, width))
+            self.conv_h_concat = _openstl_conv_block(C, 4 * C, k, stride)
+            self.conv_x_concat = _openstl_conv_block(in_channel, 4 * C, k, stride)
+            self.conv_last = nn.Conv2d(2 * C, C, 1, 1, 0, bias=False)
+
+        def forward(self, x, h, c):
+            P = self.state_dict(keep_vars=True)
+            return ref_lstmp({"m." + k: v for k, v in P.items()}, "m.", x, h, c, self.conv_h_concat[0].kernel_size[0])
+
+    class MIMBlock(nn.Module):
+        pass
+
+    holder = nn.Module()
+    holder.mimn, holder.block = MIMN(3, 4, 7, 5, 3, 1).double(), MIMBlock()
+    x, h, c = (torch.randn(2, n, 7, 5, dtype=torch.float64) for n in (3, 4, 4))
+    rep = _accelerate_unchanged(holder, "mimn", (x, h, c), [("mimn", "MIMN", "MIMN")], ["block"])
+    assert "stateful" in rep.left[0][2] and type(holder.mimn).__module__ == "vpfast.nn.mim"
 
 
 # ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------
