@@ -8,9 +8,13 @@ working and checkpoints keep their keys). Recognised:
 - any depthwise `nn.Conv2d` (groups == in_channels == out_channels, odd kernel, zero padding)
   -> `vpfast.nn.DepthwiseConv2d`;
 - by class name and structure, the reference projects' modules: `SpatioTemporalLSTMCell` (OpenSTL PredRNN;
-  thuml's Motion-Highway variant, recognised by its 5-argument forward), `SpatioTemporalLSTMCellv2`
-  (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `MotionGRU` and `Warp` (thuml), `SpatialAttention`,
-  `AttentionModule`, `TemporalAttention`, `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
+  thuml's Motion-Highway variant, recognised by its 5-argument forward; also layer 0 of OpenSTL's MIM),
+  `SpatioTemporalLSTMCellv2` (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `PhyD_ConvLSTM_Cell` (OpenSTL's
+  PhyDNet), `Eidetic3DLSTMCell` (OpenSTL's E3D-LSTM, layer_norm off: the recall attention then runs blockwise
+  with scaled_dot_product_attention), `GHU` (OpenSTL's PredRNN++) and `MIMN` (OpenSTL's MIM; its
+  `MIMBlock` keeps state on the module and is left alone), both run with the fused `stlstm_output`,
+  `MotionGRU` and `Warp` (thuml), `SpatialAttention`, `AttentionModule`, `TemporalAttention`,
+  `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
   `BasicConv2d` (conv -> GroupNorm(2) -> SiLU, run with the fused `group_norm_silu`; layouts unchanged).
 
 Everything else is left alone; the returned report lists what was swapped and which candidates were left
@@ -107,6 +111,74 @@ def _convlstm(m, backend):
     return vnn.ConvLSTMCell(cx.in_channels, C, H, W, cx.kernel_size[0], cx.stride[0], ln, backend=backend)
 
 
+def _phyd_convlstm(m, backend):
+    conv = _conv(m, "conv")
+    C = getattr(m, "hidden_dim", conv.out_channels // 4)
+    _need(conv.out_channels == 4 * C and conv.in_channels > C, "conv does not produce the 4 LSTM gates over [x, h]")
+    k = conv.kernel_size
+    _need(conv.padding == (k[0] // 2, k[1] // 2) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+          and conv.groups == 1 and conv.padding_mode == "zeros", "convolution options other than the reference's")
+    shape = (getattr(m, "height", 1), getattr(m, "width", 1))
+    return vnn.PhyDConvLSTMCell(shape, conv.in_channels - C, C, k, bias=conv.bias is not None, backend=backend)
+
+
+def _plain_convs(*convs):
+    """(k, stride) of k x k convolutions without bias, zero 'same' padding, one square stride (the reference's
+    conv_block); anything else is left alone."""
+    k, stride = convs[0].kernel_size[0], convs[0].stride
+    for conv in convs:
+        _need(conv.kernel_size == (k, k) and conv.padding == (k // 2, k // 2) and conv.stride == stride
+              and stride[0] == stride[1] and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is None
+              and conv.padding_mode == "zeros", "convolution options other than the reference's")
+    return k, stride[0]
+
+
+def _ghu(m, backend):
+    # OpenSTL's PredRNN++ GHU: vpfast's runs the pointwise step with the fused stlstm_output
+    cz, cx = _conv(m, "z_concat"), _conv(m, "x_concat")
+    _need(isinstance(m.z_concat, nn.Sequential), "z_concat is not the reference's nn.Sequential")
+    C = cz.in_channels
+    _need(cz.out_channels == cx.out_channels == 2 * C, "z_concat/x_concat do not produce [p, u] (2C channels)")
+    k, stride = _plain_convs(cz, cx)
+    norm = m.z_concat[1] if len(m.z_concat) > 1 else None
+    _need(norm is None or isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 3,
+          "z_concat is not conv -> LayerNorm")
+    H, W = norm.normalized_shape[1:] if norm is not None else (1, 1)
+    # OpenSTL's layer_norm GHU declares LayerNorm([C, H, W]) on 2C channels: _share then reports the shapes
+    return vnn.GHU(cx.in_channels, C, H, W, k, stride, norm is not None, initializer=0, backend=backend)
+
+
+def _mimn(m, backend):
+    # OpenSTL's MIM-N (peephole LSTM): vpfast's runs its output gate with the fused stlstm_output
+    ch, cx = _conv(m, "conv_h_concat"), _conv(m, "conv_x_concat")
+    _need(all(isinstance(s, nn.Sequential) and len(s) == 1 for s in (m.conv_h_concat, m.conv_x_concat)),
+          "not a single convolution per gate block (layer_norm=True adds LayerNorms)")
+    C = ch.in_channels
+    _need(ch.out_channels == cx.out_channels == 4 * C, "conv_h_concat/conv_x_concat do not produce the 4 gates")
+    k, stride = _plain_convs(ch, cx)
+    _need(getattr(m, "_forget_bias", 1.0) == 1.0, "forget bias is not the reference's constant 1.0")
+    oc = getattr(m, "oc_weight", None)
+    _need(isinstance(oc, nn.Parameter) and oc.dim() == 3, "no oc_weight peephole [C, H, W]")
+    return vnn.MIMN(cx.in_channels, C, oc.shape[1], oc.shape[2], k, stride, False, backend=backend)
+
+
+def _e3d_cell(m, backend):
+    # OpenSTL's Eidetic3DLSTMCell: same keys; vpfast's runs the recall with scaled_dot_product_attention
+    seq = getattr(m, "conv_x", None)
+    _need(isinstance(seq, nn.Sequential) and len(seq) == 1, "conv_x has gate LayerNorms (layer_norm=True)")
+    conv = getattr(seq[0], "conv3d", None)
+    norm = getattr(m, "_norm_c_t", None)
+    _need(isinstance(conv, nn.Conv3d) and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 4,
+          "not the reference's tf_Conv3d / _norm_c_t structure")
+    _need(getattr(m, "_forget_bias", 1.0) == 1.0, "forget bias is not the reference's constant 1.0")
+    k = conv.kernel_size
+    _need(conv.padding == (0, k[1] // 2, k[2] // 2) and conv.dilation == (1, 1, 1) and conv.groups == 1
+          and conv.padding_mode == "zeros" and len(set(conv.stride)) == 1, "convolution options other than the "
+          "reference's")
+    C, win, H, W = norm.normalized_shape
+    return vnn.Eidetic3DLSTMCell(conv.in_channels, C, win, H, W, k, conv.stride[0], False, backend=backend)
+
+
 def _warp(m, backend):
     conv = _conv(m, "conv")
     _conv(m, "warp_gate")
@@ -183,6 +255,13 @@ _BY_NAME: dict[str, Callable] = {
     "SpatioTemporalLSTMCellv2": _stlstm_v2,
     "SpatioTemporalLSTMCell_v2": _stlstm_v2,
     "ConvLSTMCell": _convlstm,
+    "PhyD_ConvLSTM_Cell": _phyd_convlstm,
+    "Eidetic3DLSTMCell": _e3d_cell,
+    "GHU": _ghu,
+    "MIMN": _mimn,
+    # OpenSTL's block keeps its MIM-S state S on the module between calls; vpfast's takes and returns S
+    "MIMBlock": lambda m, b: _need(False, "stateful (S kept on the module): not a drop-in for vpfast.nn.MIMBlock; "
+                                          "use vpfast.models.MIM"),
     "MotionGRU": _motion_gru,
     "Warp": _warp,
     "SpatialAttention": lambda m, b: _attention(m, b, False),
@@ -192,8 +271,10 @@ _BY_NAME: dict[str, Callable] = {
     "BasicConv2d": _basic_conv2d,
 }
 
-_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention,
-                 vnn.TemporalAttention, vnn.AttentionModule, vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
+_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.Eidetic3DLSTMCell, vnn.GHU,
+                 vnn.MIMN, vnn.MIMBlock,
+                 vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention, vnn.TemporalAttention, vnn.AttentionModule,
+                 vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
                  BasicConv2d)  # SimVP's conv -> GroupNorm -> SiLU (fused group_norm_silu unless "torch")
 
 

@@ -32,8 +32,8 @@ from . import train as training
 
 def add_train_arguments(p):
     p.add_argument("--model", help="model name (convlstm, predrnn, predrnnv2, motionrnn, simvp_incepu, "
-                                   "simvp_gsta, tau; stochastic: diffusion, vae, gan; vptr_far, vptr_nar) or "
-                                   "'package.module:factory'")
+                                   "simvp_gsta, tau, predrnnpp, mim, phydnet, e3dlstm; stochastic: diffusion, "
+                                   "vae, gan, vptr_far, vptr_nar) or 'package.module:factory'")
     p.add_argument("--preset", help="model preset: mmnist (reference size) or small")
     p.add_argument("--config", help="JSON object of model config overrides, e.g. '{\"hid_S\": 16}'")
     p.add_argument("--backend", help="op backend for the model (torch, cpp, triton, cuda; default auto)")

@@ -43,7 +43,8 @@ RUN_DEFAULTS = {"preset": None, "config": None, "epochs": 10, "batch_size": 16, 
                 "max_steps": None, "seed": 0, "data": "mmnist", "test_data": None, "test_size": None, "pre": 10, "aft": 10, "dtype": "float32",
                 "precision": "32", "final_div_factor": 1e4, "weight_decay": 0.0, "clip_grad": None}
 # reference learning rates (MODELS.md section 8)
-DEFAULT_LR = {"convlstm": 5e-4, "predrnn": 5e-4, "predrnnv2": 5e-4, "motionrnn": 3e-4}
+DEFAULT_LR = {"convlstm": 5e-4, "predrnn": 5e-4, "predrnnv2": 5e-4, "motionrnn": 3e-4,
+              "predrnnpp": 1e-4, "mim": 5e-4, "e3dlstm": 1e-4}  # OpenSTL configs (MODELS.md §14)
 
 
 class _LossModule(nn.Module):

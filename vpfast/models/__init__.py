@@ -1,5 +1,5 @@
 """Video prediction models, weight-compatible with OpenSTL (ConvLSTM, PredRNN, PredRNN-v2, SimVP+IncepU,
-SimVP+gSTA, TAU) and thuml's MotionRNN.
+SimVP+gSTA, TAU, and the baselines PredRNN++, MIM, E3D-LSTM, PhyDNet) and thuml's MotionRNN.
 
     model = vpfast.models.create("tau", preset="mmnist")      # the published Moving-MNIST configuration
     model = vpfast.models.create("predrnn", preset="small")   # trains at a useful speed on a 2-core CPU
@@ -17,10 +17,15 @@ from torch import nn
 from .._dispatch import require_backend
 from ._base import VideoPredictionModel, patch, reverse_sampling_probs, scheduled_sampling_eta, unpatch  # noqa: F401
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: F401
+from .e3dlstm import E3DLSTM  # noqa: F401
+from .mim import MIM  # noqa: F401
+from .phydnet import PhyDNet  # noqa: F401
+from .predrnnpp import PredRNNpp  # noqa: F401
 from .recurrent import ConvLSTM, MotionRNN, PredRNN, PredRNNv2  # noqa: F401
 from .simvp import TAU, SimVP, SimVP_gSTA, SimVP_IncepU  # noqa: F401
 
-NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau")
+NAMES = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau",
+         "predrnnpp", "mim", "phydnet", "e3dlstm")
 
 CLASSES = {
     "convlstm": ConvLSTM,
@@ -30,6 +35,10 @@ CLASSES = {
     "simvp_incepu": SimVP_IncepU,
     "simvp_gsta": SimVP_gSTA,
     "tau": TAU,
+    "predrnnpp": PredRNNpp,
+    "mim": MIM,
+    "phydnet": PhyDNet,
+    "e3dlstm": E3DLSTM,
 }
 
 _MMNIST = dict(in_shape=(10, 1, 64, 64), pre_seq_length=10, aft_seq_length=10)
@@ -63,6 +72,13 @@ PRESETS = {
                    "small": dict(_SIMVP_SMALL, model_type="gSTA")},
     "tau": {"mmnist": dict(_SIMVP_MMNIST, model_type="tau", alpha=0.1),
             "small": dict(_SIMVP_SMALL, model_type="tau", alpha=0.1)},
+    # MODELS.md §14: OpenSTL's configs/mmnist/PredRNNpp.py and MIM.py (lr 1e-4 and 5e-4 are the trainer's)
+    "predrnnpp": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
+    "mim": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
+    # PhyDNet's sizes are fixed in code (3.1M parameters, about 15 GFLOP per sequence): both presets are OpenSTL's
+    "phydnet": {"mmnist": dict(_MMNIST, patch_size=4), "small": dict(_MMNIST, patch_size=4)},
+    # configs/mmnist/E3DLSTM.py (filter_size is unused: the cell kernel (2, 5, 5) is fixed in code)
+    "e3dlstm": {"mmnist": dict(_RNN_MMNIST), "small": dict(_RNN_SMALL)},
 }
 
 
@@ -73,7 +89,8 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
       (fast on a 2-core CPU); `config` entries override the preset (the reference projects' vocabulary:
       in_shape=(T, C, H, W), pre_seq_length, aft_seq_length, num_hidden, filter_size, stride, patch_size,
       layer_norm, reverse_scheduled_sampling, decouple_beta, hid_S, hid_T, N_S, N_T, model_type, mlp_ratio,
-      drop, drop_path, spatio_kernel_enc, spatio_kernel_dec, ...).
+      drop, drop_path, spatio_kernel_enc, spatio_kernel_dec, ...; vpfast's options for the reference defects:
+      MIM s_bptt, E3D-LSTM update_memory, PhyDNet openstl_objective / teacher_forcing_decay / iters_per_epoch).
     backend: for the model's fused layers: "torch" (reference arithmetic), "cpp", "cuda", "triton", or None
       ($VPFAST_BACKEND or auto).
     `create(model.name, **model.config)` rebuilds the same architecture.
@@ -100,7 +117,7 @@ def create(name: str, preset: Optional[str] = None, backend: Optional[str] = Non
 
 
 __all__ = ["NAMES", "PRESETS", "CLASSES", "create", "load_checkpoint", "LoadReport", "CheckpointError",
-           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
+           "ConvLSTM", "PredRNN", "PredRNNv2", "MotionRNN", "PredRNNpp", "MIM", "PhyDNet", "E3DLSTM", "SimVP", "SimVP_IncepU", "SimVP_gSTA", "TAU",
            "patch", "unpatch", "scheduled_sampling_eta", "reverse_sampling_probs"]
 
 

@@ -1,0 +1,126 @@
+"""MIM: Memory In Memory (OpenSTL), MODELS.md §11. The loop, patching, sampling masks and loss are PredRNN's
+(MODELS.md §3)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _base
+from .recurrent import _Recurrent
+from ._layers import MIMN, MIMBlock, SpatioTemporalLSTMCell
+
+
+class MIM(_Recurrent):
+    """MIM (OpenSTL MIM_Model): an ST-LSTM cell (`stlstm_layer.0`), then MIM blocks (`stlstm_layer.1..L-1`) fed
+    by a stack of MIM-N modules (`stlstm_layer_diff.0..L-2`) over the differences of layer 0's hidden state.
+
+    MIM(in_shape=(10, 1, 64, 64), pre_seq_length=None, aft_seq_length=None, num_hidden="128,128,128,128",
+        filter_size=5, stride=1, patch_size=4, layer_norm=False, scheduled sampling options..., s_bptt=False,
+        backend=None)
+
+    The MIM-S state S of every block starts at zero on every call. OpenSTL keeps S on the module instead and
+    carries it from one batch to the next (train, then validation, then test), so there the same input twice
+    gives two outputs and a new batch size fails; its published numbers were computed that way. To reproduce
+    that exactly, thread the state yourself: `preds, s = model.rollout_with_state(frames, mask, s)`.
+    s_bptt: False (OpenSTL) detaches S at every step, so no gradient flows through it across steps; True
+      back-propagates through S over the whole sequence, as the original TensorFlow code did.
+    layer_norm must be False (OpenSTL's MIM configurations); the maps must have in_shape's size (the
+    peephole weights are per position).
+    """
+
+    name = "mim"
+
+    def __init__(self, s_bptt: bool = False, backend: Optional[str] = None, **config):
+        super().__init__(extra=dict(s_bptt=bool(s_bptt)), backend=backend, **config)
+        self._same_hidden()
+        if self.num_layers < 2:
+            raise ValueError(f"MIM needs at least 2 layers (MIM blocks follow the first ST-LSTM layer), got "
+                             f"num_hidden={self.num_hidden}")
+        if self.config["layer_norm"]:
+            raise ValueError("MIM supports layer_norm=False only (OpenSTL's MIM configurations)")
+        nh, k, s = self.num_hidden, self.config["filter_size"], self.config["stride"]
+        Hp, Wp, L = self.patch_height, self.patch_width, self.num_layers
+        layers = [SpatioTemporalLSTMCell(self.frame_channel, nh[0], Hp, Wp, k, s, False, backend=self.backend)]
+        layers += [MIMBlock(nh[i - 1], nh[i], Hp, Wp, k, s, False, backend=self.backend) for i in range(1, L)]
+        self.stlstm_layer = nn.ModuleList(layers)
+        self.stlstm_layer_diff = nn.ModuleList(MIMN(nh[i], nh[i + 1], Hp, Wp, k, s, False, backend=self.backend)
+                                               for i in range(L - 1))
+        self.conv_last = nn.Conv2d(nh[-1], self.frame_channel, 1, bias=False)
+
+    def _check_spatial(self, H, W, what):
+        _, _, H0, W0 = self.config["in_shape"]
+        if (H, W) != (H0, W0):
+            raise ValueError(f"{what} must be {H0}x{W0}: MIM's peephole weights are built for in_shape, got {H}x{W}")
+
+    def _state_shape(self, frames):
+        B, _, _, Hp, Wp = frames.shape
+        return (B, self.num_hidden[0], Hp, Wp)
+
+    def initial_s_state(self, frames: torch.Tensor) -> list:
+        """Zero MIM-S states for `frames` (patched, Tensor[B, T, p*p*C, H/p, W/p]): one per MIM block."""
+        return [frames.new_zeros(self._state_shape(frames)) for _ in range(self.num_layers - 1)]
+
+    def _run(self, frames, mask, first_output, s_state):
+        B, _, _, Hp, Wp = frames.shape
+        L, bptt = self.num_layers, self.config["s_bptt"]
+        h = [frames.new_zeros(B, n, Hp, Wp) for n in self.num_hidden]
+        c = [frames.new_zeros(B, n, Hp, Wp) for n in self.num_hidden]
+        hd = [frames.new_zeros(B, n, Hp, Wp) for n in self.num_hidden[1:]]
+        cd = [frames.new_zeros(B, n, Hp, Wp) for n in self.num_hidden[1:]]
+        memory = frames.new_zeros(B, self.num_hidden[0], Hp, Wp)
+        s = list(s_state) if s_state is not None else self.initial_s_state(frames)
+        if not bptt:
+            s = [t.detach() for t in s]
+        preds, x_gen = [], None
+        with self.stlstm_layer[0].unroll():  # the ST-LSTM's merged weights, once per loop
+            for t in range(self.total_length - 1):
+                net = self._step_input(t, frames, mask, x_gen)
+                h_prev = h[0]
+                h[0], c[0], memory = self.stlstm_layer[0](net, h[0], c[0], memory)
+                for i in range(1, L):
+                    # OpenSTL also runs the MIM-N on zeros at t = 0 and discards the result: D stays 0 there
+                    if t > 0:
+                        d_in = h[0] - h_prev if i == 1 else hd[i - 2]
+                        hd[i - 1], cd[i - 1] = self.stlstm_layer_diff[i - 1](d_in, hd[i - 1], cd[i - 1])
+                    h[i], c[i], memory, s[i - 1] = self.stlstm_layer[i](h[i - 1], hd[i - 1], h[i], c[i], memory,
+                                                                        s[i - 1])
+                    if not bptt:
+                        s[i - 1] = s[i - 1].detach()
+                if t >= first_output or mask is not None:
+                    x_gen = self.conv_last(h[-1])
+                    preds.append(x_gen)
+        return torch.stack(preds, dim=1), s
+
+    def _rollout(self, frames, mask, with_aux, first_output=0):
+        return self._run(frames, mask, first_output, None)[0], {}
+
+    def rollout_with_state(self, frames: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                           s_state: Optional[Sequence[torch.Tensor]] = None):
+        """`rollout` starting the MIM-S states from `s_state` (a list of L-1 Tensor[B, C, H/p, W/p], None =
+        zeros); returns (predictions, the final MIM-S states). Passing each call's final states to the next
+        reproduces OpenSTL's carried state (detached between calls unless s_bptt)."""
+        self._check_mask(mask, frames)
+        if s_state is not None:
+            s_state = list(s_state)
+            if len(s_state) != self.num_layers - 1:
+                raise ValueError(f"s_state must hold {self.num_layers - 1} tensors (one per MIM block), got "
+                                 f"{len(s_state)}")
+            want = self._state_shape(frames)
+            for j, t in enumerate(s_state):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                    raise ValueError(f"s_state[{j}] must be a Tensor of shape {want}, got "
+                                     f"{getattr(t, 'shape', type(t).__name__)}")
+        return self._run(frames, mask, 0, s_state)
+
+    def forward_with_state(self, x: torch.Tensor, s_state: Optional[Sequence[torch.Tensor]] = None):
+        """`forward` (test-time prediction) starting the MIM-S states from `s_state`; returns (Tensor[B, aft, C,
+        H, W], the final states)."""
+        self.check_frames(x, self.pre_seq_length, "x")
+        p = self.patch_size
+        patched = _base.patch(x, p)
+        if s_state is not None:
+            s_state = list(s_state)
+        preds, s = self._run(patched, None, self.pre_seq_length - 1, s_state)
+        return _base.unpatch(preds, p, x.shape[2]), s

@@ -1,0 +1,140 @@
+"""Drop-in Causal LSTM cell and Gradient Highway Unit (OpenSTL's PredRNN++ modules), MODELS.md §10.
+
+No fused kernel exists for the Causal LSTM cell yet: every backend runs the reference arithmetic below (the
+`backend` argument is kept so the models share one constructor vocabulary and a later fused op can slot in).
+The GHU's pointwise step is the Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so
+the fast backends run it with the fused `vpfast.ops.stlstm_output` (backward keeps σ and tanh(p) only).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
+from ._recurrent import check_input, check_state, conv_block, fused_backend, out_size
+
+
+class CausalLSTMCell(nn.Module):
+    """Causal LSTM cell with OpenSTL's constructor and state_dict.
+
+    CausalLSTMCell(in_channel, num_hidden, height, width, filter_size, stride, layer_norm, backend=None)
+
+    Parameters (C = num_hidden, k = filter_size; no biases; k x k convolutions in a Sequential, `.0.weight`):
+      conv_x [7C, in_channel]   i, f, g, i', f', g', o from x
+      conv_h [4C, C]            i, f, g, o from h
+      conv_c [3C, C]            i, f, g from c_{t-1}
+      conv_m [3C, C]            i', f', m̂ from m_{t-1}
+      conv_o [C, 2C]            built by the reference and never used (kept for the state_dict)
+      conv_c2m [4C, C]          i', g', f', o from the new c_t (note the order)
+      conv_om [C, C]            o from the new m_t
+      conv_last.weight [C, 2C, 1, 1]
+      with layer_norm: LayerNorm([channels, height, width]) after each k x k convolution (`.1.*`)
+
+    forward(x: Tensor[B, in_channel, H, W], h, c, m: Tensor[B, C, H, W]) -> (h, c, m), all Tensor[B, C, H, W]:
+      i = σ(i_x + i_h + i_c), f = σ(f_x + f_h + f_c + 1), g = tanh(g_x + g_h + g_c), c_t = f ⊙ c + i ⊙ g
+      i' = σ(i'_x + i'_m + i'_c2m), f' = σ(f'_x + f'_m + f'_c2m + 1), g' = tanh(g'_x + g'_c2m)
+      m_t = f' ⊙ tanh(m̂) + i' ⊙ g',  o = tanh(o_x + o_h + o_c2m + conv_om(m_t)),
+      h_t = o ⊙ tanh(conv_last([c_t, m_t]))
+    """
+
+    def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
+                 layer_norm: bool, backend: Optional[str] = None):
+        super().__init__()
+        self.in_channel = in_channel
+        self.num_hidden = num_hidden
+        self.filter_size = filter_size
+        self.stride = stride
+        self.layer_norm = bool(layer_norm)
+        self.backend = backend
+        self._forget_bias = 1.0
+        C, k, ln = num_hidden, filter_size, self.layer_norm
+        self.conv_x = conv_block(in_channel, 7 * C, k, stride, ln, height, width)
+        self.conv_h = conv_block(C, 4 * C, k, stride, ln, height, width)
+        self.conv_c = conv_block(C, 3 * C, k, stride, ln, height, width)
+        self.conv_m = conv_block(C, 3 * C, k, stride, ln, height, width)
+        self.conv_o = conv_block(2 * C, C, k, stride, ln, height, width)  # unused by the reference's forward
+        self.conv_c2m = conv_block(C, 4 * C, k, stride, ln, height, width)
+        self.conv_om = conv_block(C, C, k, stride, ln, height, width)
+        self.conv_last = nn.Conv2d(2 * C, C, kernel_size=1, stride=1, padding=0, bias=False)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, layer_norm={self.layer_norm}"
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, m: torch.Tensor):
+        """h, c, m = cell(x, h, c, m); see the class docstring."""
+        check_input(x, self.in_channel, self.conv_x[0].weight)
+        B, _, H, W = x.shape
+        k = self.filter_size
+        shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
+        for name, t in (("h", h), ("c", c), ("m", m)):
+            check_state(name, t, "x", x, shape)
+        C = self.num_hidden
+        i_x, f_x, g_x, i_xp, f_xp, g_xp, o_x = torch.split(self.conv_x(x), C, dim=1)
+        i_h, f_h, g_h, o_h = torch.split(self.conv_h(h), C, dim=1)
+        i_c, f_c, g_c = torch.split(self.conv_c(c), C, dim=1)
+        i_m, f_m, m_m = torch.split(self.conv_m(m), C, dim=1)
+        i_t = torch.sigmoid(i_x + i_h + i_c)
+        f_t = torch.sigmoid(f_x + f_h + f_c + self._forget_bias)
+        g_t = torch.tanh(g_x + g_h + g_c)
+        c_new = f_t * c + i_t * g_t
+        i_c2m, g_c2m, f_c2m, o_c2m = torch.split(self.conv_c2m(c_new), C, dim=1)
+        i_tp = torch.sigmoid(i_xp + i_m + i_c2m)
+        f_tp = torch.sigmoid(f_xp + f_m + f_c2m + self._forget_bias)
+        g_tp = torch.tanh(g_xp + g_c2m)
+        m_new = f_tp * torch.tanh(m_m) + i_tp * g_tp
+        o_t = torch.tanh(o_x + o_h + o_c2m + self.conv_om(m_new))
+        h_new = o_t * torch.tanh(self.conv_last(torch.cat((c_new, m_new), 1)))
+        return h_new, c_new, m_new
+
+
+class GHU(nn.Module):
+    """Gradient Highway Unit with OpenSTL's constructor and state_dict.
+
+    GHU(in_channel, num_hidden, height, width, filter_size, stride, layer_norm, initializer=0.001, backend=None)
+
+    Parameters (C = num_hidden, no biases): z_concat.0.weight [2C, C, k, k] over z and x_concat.0.weight
+    [2C, in_channel, k, k] over x, both drawn from U(-initializer, initializer) as the reference does; with
+    layer_norm a LayerNorm([2C, height, width]) after each (`.1.*`). OpenSTL declares that LayerNorm over
+    [C, height, width], which cannot run on the 2C-channel outputs (its layer_norm configuration raises on the
+    first step); no checkpoint exists for it, so this layer builds the working [2C, H, W] norm.
+
+    forward(x: Tensor[B, in_channel, H, W], z: Tensor[B, C, H, W]) -> z_t: Tensor[B, C, H, W]
+      [p, u] = x_concat(x) + z_concat(z);  z_t = σ(u) ⊙ tanh(p) + (1 − σ(u)) ⊙ z
+    """
+
+    def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
+                 layer_norm: bool, initializer: float = 0.001, backend: Optional[str] = None):
+        super().__init__()
+        self.in_channel = in_channel
+        self.num_hidden = num_hidden
+        self.filter_size = filter_size
+        self.stride = stride
+        self.layer_norm = bool(layer_norm)
+        self.backend = backend
+        C, k = num_hidden, filter_size
+        self.z_concat = conv_block(C, 2 * C, k, stride, self.layer_norm, height, width)
+        self.x_concat = conv_block(in_channel, 2 * C, k, stride, self.layer_norm, height, width)
+        if initializer:
+            for conv in (self.z_concat[0], self.x_concat[0]):
+                nn.init.uniform_(conv.weight, -initializer, initializer)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, layer_norm={self.layer_norm}"
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """z_t = ghu(x, z); see the class docstring."""
+        check_input(x, self.in_channel, self.x_concat[0].weight)
+        B, _, H, W = x.shape
+        k = self.filter_size
+        shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
+        check_state("z", z, "x", x, shape)
+        if fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,)) == "torch":
+            p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
+            u = torch.sigmoid(u)
+            return u * torch.tanh(p) + (1 - u) * z
+        # the same sums, split before adding: u = u_x + u_z inside the op, p = p_x + p_z here
+        p_x, u_x = torch.split(self.x_concat(x), self.num_hidden, dim=1)
+        p_z, u_z = torch.split(self.z_concat(z), self.num_hidden, dim=1)
+        return stlstm_output(u_x, u_z, p_x + p_z, z, backend=self.backend)

@@ -1,0 +1,310 @@
+"""Drop-in PhyDNet layers (OpenSTL's phydnet_modules), MODELS.md §13: PhyCell, PhyDNet's ConvLSTM, the
+DCGAN-style encoder/decoder blocks, the encoder-predictor and K2M.
+
+Unlike OpenSTL, the recurrent modules keep no state: `PhyCell.forward(x, H)` and `PhyDConvLSTM.forward(x, H, C)`
+take and return their states (OpenSTL stores them as attributes and zeroes them when `first_timestep` is set).
+PhyDNet's ConvLSTM cell runs the fused `vpfast.ops.convlstm` step on the fast backends (same arithmetic: its
+gates i, f, o, g are the op's i, f, g, o after a permutation of the convolution's output channels).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.convlstm import OP as _CONVLSTM, convlstm
+from ._recurrent import MergedWeightsMixin, check_input, check_state, fused_backend
+
+
+def _pair(k):
+    return (k, k) if isinstance(k, int) else tuple(k)
+
+
+class PhyCellCell(nn.Module):
+    """One PhyCell layer (OpenSTL `PhyCell_Cell`).
+
+    PhyCellCell(input_dim, F_hidden_dim, kernel_size, bias=1)
+
+    Parameters: F.conv1 [F_hidden_dim, input_dim, k, k] (+bias), F.bn1 GroupNorm(7, F_hidden_dim),
+    F.conv2 [input_dim, F_hidden_dim, 1, 1] (+bias), convgate [input_dim, 2 input_dim, 3, 3] (+bias if `bias`).
+
+    forward(x: Tensor[B, input_dim, H, W], hidden: Tensor[B, input_dim, H, W]) -> Tensor[B, input_dim, H, W]:
+      K = σ(convgate([x, hidden])), H̃ = hidden + F(hidden), next = H̃ + K ⊙ (x − H̃)
+    """
+
+    def __init__(self, input_dim: int, F_hidden_dim: int, kernel_size, bias=1):
+        super().__init__()
+        self.input_dim = input_dim
+        self.F_hidden_dim = F_hidden_dim
+        self.kernel_size = _pair(kernel_size)
+        pad = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+        self.F = nn.Sequential()
+        self.F.add_module("conv1", nn.Conv2d(input_dim, F_hidden_dim, self.kernel_size, padding=pad))
+        self.F.add_module("bn1", nn.GroupNorm(7, F_hidden_dim))
+        self.F.add_module("conv2", nn.Conv2d(F_hidden_dim, input_dim, 1))
+        self.convgate = nn.Conv2d(2 * input_dim, input_dim, 3, padding=1, bias=bool(bias))
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.input_dim, self.convgate.weight)
+        check_state("hidden", hidden, "x", x, tuple(x.shape))
+        k = torch.sigmoid(self.convgate(torch.cat([x, hidden], dim=1)))
+        tilde = hidden + self.F(hidden)
+        return tilde + k * (x - tilde)
+
+
+class PhyCell(nn.Module):
+    """Stack of PhyCell layers (OpenSTL `PhyCell`), stateless.
+
+    PhyCell(input_shape, input_dim, F_hidden_dims, n_layers, kernel_size, device=None)   (device is ignored:
+    states are created where the input lives)
+
+    forward(x: Tensor[B, input_dim, H, W], H: list of n_layers Tensor[B, input_dim, H, W]) -> new H (list)
+    """
+
+    def __init__(self, input_shape, input_dim: int, F_hidden_dims: Sequence[int], n_layers: int, kernel_size,
+                 device=None):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.input_dim = input_dim
+        self.n_layers = n_layers
+        self.cell_list = nn.ModuleList(PhyCellCell(input_dim, F_hidden_dims[i], kernel_size)
+                                       for i in range(n_layers))
+
+    def init_hidden(self, x: torch.Tensor) -> list:
+        return [x.new_zeros(x.shape[0], self.input_dim, *x.shape[2:]) for _ in range(self.n_layers)]
+
+    def forward(self, x: torch.Tensor, H: Optional[list] = None) -> list:
+        H = self.init_hidden(x) if H is None else list(H)
+        for j, cell in enumerate(self.cell_list):
+            H[j] = cell(x if j == 0 else H[j - 1], H[j])
+        return H
+
+
+class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
+    """PhyDNet's ConvLSTM cell (OpenSTL `PhyD_ConvLSTM_Cell`).
+
+    PhyDConvLSTMCell(input_shape, input_dim, hidden_dim, kernel_size, bias=1, backend=None)
+
+    Parameters: conv [4 hidden_dim, input_dim + hidden_dim, k, k] (+bias) over [x, h], gates split i, f, o, g.
+
+    forward(x: Tensor[B, input_dim, H, W], hidden=(h, c): Tensor[B, hidden_dim, H, W] each) -> (h, c):
+      c = σ(f) ⊙ c + σ(i) ⊙ tanh(g), h = σ(o) ⊙ tanh(c)   (no forget bias)
+    backend: "torch" runs the reference verbatim; the fast backends run the fused convlstm step on the
+      convolution with its output channels reordered to i, f, g, o (derived once per `with cell.unroll():`).
+    """
+
+    def __init__(self, input_shape, input_dim: int, hidden_dim: int, kernel_size, bias=1,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.height, self.width = tuple(input_shape)
+        self.input_dim = input_dim
+        self.hidden_dim = hidden_dim
+        self.kernel_size = _pair(kernel_size)
+        self.padding = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+        self.backend = backend
+        self.conv = nn.Conv2d(input_dim + hidden_dim, 4 * hidden_dim, self.kernel_size, padding=self.padding,
+                              bias=bool(bias))
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+    def _derive_merged_weights(self):
+        C = self.hidden_dim
+
+        def order(t):  # i, f, o, g -> i, f, g, o
+            return torch.cat((t[: 2 * C], t[3 * C:], t[2 * C: 3 * C]), 0)
+
+        w = order(self.conv.weight)
+        return (w, order(self.conv.bias)) if self.conv.bias is not None else (w,)
+
+    def forward(self, x: torch.Tensor, hidden):
+        h, c = hidden
+        check_input(x, self.input_dim, self.conv.weight)
+        shape = (x.shape[0], self.hidden_dim) + tuple(x.shape[2:])
+        check_state("h", h, "x", x, shape)
+        check_state("c", c, "x", x, shape)
+        C = self.hidden_dim
+        backend = fused_backend(_CONVLSTM, self.backend, x, [(x.shape[0], 4 * C) + shape[2:]], (c,))
+        if backend == "torch":
+            cc_i, cc_f, cc_o, cc_g = torch.split(self.conv(torch.cat([x, h], dim=1)), C, dim=1)
+            c_new = torch.sigmoid(cc_f) * c + torch.sigmoid(cc_i) * torch.tanh(cc_g)
+            return torch.sigmoid(cc_o) * torch.tanh(c_new), c_new
+        wb = self.merged_weights()
+        gates = F.conv2d(torch.cat([x, h], dim=1), wb[0], wb[1] if len(wb) > 1 else None, padding=self.padding)
+        return convlstm(None, gates, c, 0.0, True, backend=self.backend)
+
+
+class PhyDConvLSTM(nn.Module):
+    """Stack of PhyDNet ConvLSTM cells (OpenSTL `PhyD_ConvLSTM`), stateless.
+
+    PhyDConvLSTM(input_shape, input_dim, hidden_dims, n_layers, kernel_size, device=None, backend=None)
+
+    forward(x, H, C) -> (H, C): lists of n_layers Tensor[B, hidden_dims[j], H, W]; None starts at zeros.
+    """
+
+    def __init__(self, input_shape, input_dim: int, hidden_dims: Sequence[int], n_layers: int, kernel_size,
+                 device=None, backend: Optional[str] = None):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.hidden_dims = list(hidden_dims)
+        self.n_layers = n_layers
+        self.cell_list = nn.ModuleList(
+            PhyDConvLSTMCell(input_shape, input_dim if i == 0 else hidden_dims[i - 1], hidden_dims[i], kernel_size,
+                             backend=backend) for i in range(n_layers))
+
+    def init_hidden(self, x: torch.Tensor):
+        z = [x.new_zeros(x.shape[0], d, *x.shape[2:]) for d in self.hidden_dims]
+        return z, [t.clone() for t in z]
+
+    def forward(self, x: torch.Tensor, H: Optional[list] = None, C: Optional[list] = None):
+        if H is None or C is None:
+            H, C = self.init_hidden(x)
+        H, C = list(H), list(C)
+        for j, cell in enumerate(self.cell_list):
+            H[j], C[j] = cell(x if j == 0 else H[j - 1], (H[j], C[j]))
+        return H, C
+
+
+class DCGANConv(nn.Module):
+    """3x3 conv (pad 1, bias) -> GroupNorm(16) -> LeakyReLU(0.2) (OpenSTL `dcgan_conv`, keys `main.0/1`)."""
+
+    def __init__(self, nin: int, nout: int, stride: int):
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(nin, nout, 3, stride, 1), nn.GroupNorm(16, nout),
+                                  nn.LeakyReLU(0.2, inplace=True))
+
+    def forward(self, x):
+        return self.main(x)
+
+
+class DCGANUpconv(nn.Module):
+    """3x3 transposed conv (pad 1, output_padding 1 when stride 2) -> GroupNorm(16) -> LeakyReLU(0.2)
+    (OpenSTL `dcgan_upconv`)."""
+
+    def __init__(self, nin: int, nout: int, stride: int):
+        super().__init__()
+        self.main = nn.Sequential(nn.ConvTranspose2d(nin, nout, 3, stride, 1, output_padding=1 if stride == 2 else 0),
+                                  nn.GroupNorm(16, nout), nn.LeakyReLU(0.2, inplace=True))
+
+    def forward(self, x):
+        return self.main(x)
+
+
+class EncoderE(nn.Module):
+    """nc -> 32 (stride 2) -> 32 -> 64 (stride patch_size / 2) (OpenSTL `encoder_E`)."""
+
+    def __init__(self, nc: int = 1, nf: int = 32, patch_size: int = 4):
+        super().__init__()
+        self.c1 = DCGANConv(nc, nf, 2)
+        self.c2 = DCGANConv(nf, nf, 1)
+        self.c3 = DCGANConv(nf, 2 * nf, patch_size // 2)
+
+    def forward(self, x):
+        return self.c3(self.c2(self.c1(x)))
+
+
+class DecoderD(nn.Module):
+    """64 -> 32 (stride 2) -> 32 -> nc (bare transposed conv, stride patch_size / 2) (OpenSTL `decoder_D`)."""
+
+    def __init__(self, nc: int = 1, nf: int = 32, patch_size: int = 4):
+        super().__init__()
+        s = patch_size // 2
+        self.upc1 = DCGANUpconv(2 * nf, nf, 2)
+        self.upc2 = DCGANUpconv(nf, nf, 1)
+        self.upc3 = nn.ConvTranspose2d(nf, nc, 3, s, 1, output_padding=1 if s == 2 else 0)
+
+    def forward(self, x):
+        return self.upc3(self.upc2(self.upc1(x)))
+
+
+class EncoderSpecific(nn.Module):
+    """Two 64 -> 64 conv blocks (OpenSTL `encoder_specific`)."""
+
+    def __init__(self, nc: int = 64, nf: int = 64):
+        super().__init__()
+        self.c1 = DCGANConv(nc, nf, 1)
+        self.c2 = DCGANConv(nf, nf, 1)
+
+    def forward(self, x):
+        return self.c2(self.c1(x))
+
+
+class DecoderSpecific(nn.Module):
+    """Two 64 -> 64 transposed conv blocks (OpenSTL `decoder_specific`)."""
+
+    def __init__(self, nc: int = 64, nf: int = 64):
+        super().__init__()
+        self.upc1 = DCGANUpconv(nf, nf, 1)
+        self.upc2 = DCGANUpconv(nf, nc, 1)
+
+    def forward(self, x):
+        return self.upc2(self.upc1(x))
+
+
+class PhyDEncoderRNN(nn.Module):
+    """PhyDNet's encoder-predictor-decoder (OpenSTL `PhyD_EncoderRNN`), stateless.
+
+    PhyDEncoderRNN(phycell, convcell, in_channel=1, patch_size=4); the two recurrent modules are registered
+    here and (by the model) again at the top level, as in OpenSTL.
+
+    forward(frame: Tensor[B, C, H, W], state=None) -> (next frame in (0, 1): Tensor[B, C, H, W], state),
+      e = encoder_E(frame), H = phycell(encoder_Ep(e)), h = convcell(encoder_Er(e)),
+      out = σ(decoder_D(decoder_Dp(H[-1]) + decoder_Dr(h[-1]))); state = (H, h list, c list), None = zeros.
+    OpenSTL also decodes each branch alone for visualisation; those outputs feed nothing and are skipped.
+    """
+
+    def __init__(self, phycell: PhyCell, convcell: PhyDConvLSTM, in_channel: int = 1, patch_size: int = 4):
+        super().__init__()
+        self.encoder_E = EncoderE(nc=in_channel, patch_size=patch_size)
+        self.encoder_Ep = EncoderSpecific()
+        self.encoder_Er = EncoderSpecific()
+        self.decoder_Dp = DecoderSpecific()
+        self.decoder_Dr = DecoderSpecific()
+        self.decoder_D = DecoderD(nc=in_channel, patch_size=patch_size)
+        self.phycell = phycell
+        self.convcell = convcell
+
+    def forward(self, frame: torch.Tensor, state=None):
+        e = self.encoder_E(frame)
+        H_p, H_c, C_c = state if state is not None else (None, None, None)
+        H_p = self.phycell(self.encoder_Ep(e), H_p)
+        H_c, C_c = self.convcell(self.encoder_Er(e), H_c, C_c)
+        out = torch.sigmoid(self.decoder_D(self.decoder_Dp(H_p[-1]) + self.decoder_Dr(H_c[-1])))
+        return out, (H_p, H_c, C_c)
+
+
+def moment_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
+    """M[i, j] = (j - (n-1)//2)^i / i!  (n x n): K2M(k) = M k Mᵀ gives the moments of a kernel."""
+    j = torch.arange(n, dtype=torch.float64) - (n - 1) // 2
+    rows = [j ** i / math.factorial(i) for i in range(n)]
+    return torch.stack(rows).to(dtype)
+
+
+class K2M(nn.Module):
+    """Kernel to moment matrix (OpenSTL `K2M`): K2M(shape=[7, 7]).
+
+    Buffers (float64, persistent, as OpenSTL saves them): _M0, _invM0, _M1, _invM1 (the inverses are unused).
+    forward(k: Tensor[..., s0, s1]) -> Tensor[..., s0, s1] in float64: M0 k M1ᵀ. The matrices are rebuilt in
+    float64 for every call rather than read from the buffers, which `model.to(torch.float32)` would round.
+    """
+
+    def __init__(self, shape=(7, 7)):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"K2M supports 2-D kernels, got shape {shape!r}")
+        for j, s in enumerate(self.shape):
+            M = moment_matrix(s)
+            self.register_buffer(f"_M{j}", M)
+            self.register_buffer(f"_invM{j}", torch.linalg.inv(M))
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        if tuple(k.shape[-2:]) != self.shape:
+            raise ValueError(f"k must end in {self.shape}, got shape {tuple(k.shape)}")
+        k = k.double()
+        m0 = moment_matrix(self.shape[0]).to(k.device)
+        m1 = moment_matrix(self.shape[1]).to(k.device)
+        return m0 @ k @ m1.transpose(0, 1)
