@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, so it must be set before any kernels module is
@@ -10,3 +11,15 @@ if not torch.cuda.is_available():
 from vpfast.testing import private_compile_cache  # noqa: E402  (after TRITON_INTERPRET)
 
 private_compile_cache()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    The model and training tests run tiny shapes that are far too small for two threads; on a busy machine the
+    threads only wait on each other (a tiny float64 Conv3d took 70 ms with two threads and 0.3 ms with one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from vpfast.models import diffusion as D
 from vpfast.models import vae as V
 from vpfast.models import vptr as P
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_DIFF = dict(in_shape=(2, 1, 8, 8), aft_seq_length=2, hid=8, channel_mult="1,2", num_steps=20,
