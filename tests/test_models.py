@@ -3,8 +3,6 @@ configurations), fast backend vs backend="torch", schedules, checkpoints, bad in
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from vpfast import models as M
 from vpfast.ops.ddr_loss import ddr_loss_reference
 from vpfast.testing import exact_float32
 
-from reference_keys import key_path
+from model_checks import check_bad_input, check_fast_matches_torch, ref_patch
+from reference_keys import key_list
 
 KEY_FILES = dict(convlstm="convlstm_mmnist", predrnn="predrnn_mmnist", predrnnv2="predrnnv2_mmnist",
                  motionrnn="motionrnn_64x4", simvp_incepu="simvp_incepu_mmnist", simvp_gsta="simvp_gsta_mmnist",
@@ -24,18 +23,6 @@ KEY_FILES = dict(convlstm="convlstm_mmnist", predrnn="predrnn_mmnist", predrnnv2
 ORIGINAL = ("convlstm", "predrnn", "predrnnv2", "motionrnn", "simvp_incepu", "simvp_gsta", "tau")
 RNNS = ("convlstm", "predrnn", "predrnnv2", "motionrnn")
 SIMVPS = ("simvp_incepu", "simvp_gsta", "tau")
-
-
-def read_keys(name):
-    lines = Path(key_path(f"{KEY_FILES[name]}.txt")).read_text().splitlines()
-    count = int(re.search(r"parameters: ([\d,]+)", "\n".join(lines[:3])).group(1).replace(",", ""))
-    entries = []
-    for line in lines:
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split(" ", 1)
-        entries.append((key, tuple(int(s) for s in re.findall(r"\d+", shape))))
-    return count, entries
 
 
 def tiny(name, backend="torch", dtype=torch.float64, **over):
@@ -69,7 +56,7 @@ def tiny(name, backend="torch", dtype=torch.float64, **over):
 # ---- state_dict contract --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ORIGINAL)
 def test_mmnist_keys_shapes_and_parameter_count(name):
-    count, entries = read_keys(name)
+    count, entries = key_list(f"{KEY_FILES[name]}.txt")
     with torch.device("meta"):  # shapes only: no allocation, no initialisation cost
         m = M.create(name, preset="mmnist", backend="torch")
         again = M.create(m.name, backend="torch", **m.config)  # config rebuilds the architecture
@@ -88,14 +75,6 @@ def test_names_and_classes():
 
 
 # ---- reference arithmetic, rebuilt from MODELS.md -------------------------------------------------------
-def ref_patch(frames, p):
-    """MODELS.md §3: [B,T,C,H,W] -> [B,T,H,W,C] -> reshape_patch -> channels first."""
-    x = frames.permute(0, 1, 3, 4, 2)
-    B, T, H, W, C = x.shape
-    a = x.reshape(B, T, H // p, p, W // p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
-    return a.reshape(B, T, H // p, W // p, p * p * C).permute(0, 1, 4, 2, 3)
-
-
 def ref_stlstm(P, pre, x, h, c, m, k, highway=None):
     C = h.shape[1]
     conv = lambda t, w: F.conv2d(t, P[pre + w], padding=k // 2)  # noqa: E731
@@ -380,26 +359,11 @@ def _available_fast_backend():
 
 @pytest.mark.parametrize("name", FAST)
 def test_fast_backend_matches_torch(name):
-    ref = tiny(name, backend="torch").train()
-    fast = tiny(name, backend=None).train()
-    fast.load_state_dict(ref.state_dict())
-    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
-    outs = []
-    for m in (ref, fast):
+    def loss_of(m, frames):
         torch.manual_seed(7)  # same DropPath draws
         g = torch.Generator().manual_seed(3)  # same sampling masks
-        loss, _ = (m.training_loss(frames, 10, generator=g) if name in RNNS else m.training_loss(frames, 10))
-        loss.backward()
-        outs.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
-        m.eval()
-        with torch.no_grad():
-            outs[-1] += (m(frames[:, :3]),)
-    (l0, g0, y0), (l1, g1, y1) = outs
-    torch.testing.assert_close(l1, l0, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-11)
-    assert g0.keys() == g1.keys()
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-8, atol=1e-10, msg=k)
+        return (m.training_loss(frames, 10, generator=g) if name in RNNS else m.training_loss(frames, 10))[0]
+    check_fast_matches_torch(tiny, name, loss_of)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -461,20 +425,7 @@ def test_convlstm_accepts_reference_unused_entries():
 # ---- bad input ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["predrnn", "motionrnn", "tau"])
 def test_bad_input(name):
-    m = tiny(name).eval()
-    x = torch.rand(2, 3, 1, 16, 16, dtype=torch.float64)
-    with pytest.raises(ValueError, match="5 dimensions"):
-        m(x[0])
-    with pytest.raises(ValueError, match="pre_seq_length=3"):
-        m(torch.rand(2, 4, 1, 16, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match="C=1 channels"):
-        m(torch.rand(2, 3, 2, 16, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match="divisible by"):
-        m(torch.rand(2, 3, 1, 17, 16, dtype=torch.float64))
-    with pytest.raises(TypeError, match="dtype"):
-        m(x.float())
-    with pytest.raises(ValueError, match="frames"):
-        m.training_loss(x, 0)
+    check_bad_input(tiny(name).eval())
 
 
 def test_bad_config():

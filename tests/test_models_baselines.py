@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,32 +14,14 @@ import torch.nn.functional as F
 
 from vpfast import models as M
 
-KEYS = Path(__file__).resolve().parent / "data" / "keys"
+from model_checks import check_bad_input, check_fast_matches_torch, ref_patch
+from reference_keys import key_list
+
 KEY_FILES = dict(predrnnpp="predrnnpp_mmnist", mim="mim_mmnist", phydnet="phydnet_mmnist", e3dlstm="e3dlstm_mmnist")
 NEW = tuple(n for n in ("predrnnpp", "mim", "phydnet", "e3dlstm") if n in M.NAMES)
 RNNS = tuple(n for n in ("predrnnpp", "mim", "e3dlstm") if n in M.NAMES)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these shapes are far too small for two threads; on a busy machine they only wait on each other (a tiny
-    # float64 Conv3d took 70 ms with two threads and 0.3 ms with one)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def read_keys(name):
-    lines = (KEYS / f"{KEY_FILES[name]}.txt").read_text().splitlines()
-    count = int(re.search(r"parameters: ([\d,]+)", "\n".join(lines[:3])).group(1).replace(",", ""))
-    entries = []
-    for line in lines:
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split(" ", 1)
-        entries.append((key, tuple(int(s) for s in re.findall(r"\d+", shape))))
-    return count, entries
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(name, **over):
@@ -64,14 +45,6 @@ def tiny(name, backend="torch", dtype=torch.float64, **over):
     return m
 
 
-def ref_patch(frames, p):
-    """MODELS.md §3: [B,T,C,H,W] -> [B,T,H,W,C] -> reshape_patch -> channels first."""
-    x = frames.permute(0, 1, 3, 4, 2)
-    B, T, H, W, C = x.shape
-    a = x.reshape(B, T, H // p, p, W // p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
-    return a.reshape(B, T, H // p, W // p, p * p * C).permute(0, 1, 4, 2, 3)
-
-
 def step_input(t, frames, mask, x_gen, pre):
     """§3's input at step t with a full-size scheduled-sampling mask (entry t - pre drives step t >= pre)."""
     if t < pre:
@@ -82,7 +55,7 @@ def step_input(t, frames, mask, x_gen, pre):
 # ---- state_dict contract --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NEW)
 def test_mmnist_keys_shapes_and_parameter_count(name):
-    count, entries = read_keys(name)
+    count, entries = key_list(f"{KEY_FILES[name]}.txt")
     with torch.device("meta"):
         m = M.create(name, preset="mmnist", backend="torch")
         again = M.create(m.name, backend="torch", **m.config)
@@ -97,7 +70,7 @@ def test_mmnist_keys_shapes_and_parameter_count(name):
 def test_load_openstl_state_dict(name):
     """A synthetic OpenSTL checkpoint (every reference key, reference shapes, Lightning container) loads
     unchanged into the mmnist preset."""
-    _, entries = read_keys(name)
+    _, entries = key_list(f"{KEY_FILES[name]}.txt")
     g = torch.Generator().manual_seed(0)
     sd = {}
     for k, shape in entries:
@@ -766,25 +739,8 @@ def test_accelerate_swaps_openstl_mimn_and_leaves_mim_block():
 # ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------
 @pytest.mark.parametrize("name", NEW)
 def test_default_backend_matches_torch(name):
-    ref = tiny(name, backend="torch").train()
-    fast = tiny(name, backend=None).train()
-    fast.load_state_dict(ref.state_dict())
-    frames = torch.rand(2, 5, 1, 16, 16, dtype=torch.float64)
-    outs = []
-    for m in (ref, fast):
-        g = torch.Generator().manual_seed(3)
-        loss, _ = m.training_loss(frames, 10, generator=g)
-        loss.backward()
-        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
-        with torch.no_grad():
-            y = m.eval()(frames[:, :3])
-        outs.append((loss.detach(), grads, y))
-    (l0, g0, y0), (l1, g1, y1) = outs
-    torch.testing.assert_close(l1, l0, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-11)
-    assert g0.keys() == g1.keys()
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-8, atol=1e-10, msg=k)
+    check_fast_matches_torch(tiny, name, lambda m, frames: m.training_loss(
+        frames, 10, generator=torch.Generator().manual_seed(3))[0])
 
 
 @pytest.mark.parametrize("backend", ["torch", None])
@@ -903,20 +859,7 @@ def test_gpu_mmnist_training_step(name):
 
 @pytest.mark.parametrize("name", NEW)
 def test_bad_input(name):
-    m = tiny(name).eval()
-    x = torch.rand(2, 3, 1, 16, 16, dtype=torch.float64)
-    with pytest.raises(ValueError, match="5 dimensions"):
-        m(x[0])
-    with pytest.raises(ValueError, match="pre_seq_length=3"):
-        m(torch.rand(2, 4, 1, 16, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match="C=1 channels"):
-        m(torch.rand(2, 3, 2, 16, 16, dtype=torch.float64))
-    with pytest.raises(ValueError, match="divisible by"):
-        m(torch.rand(2, 3, 1, 17, 16, dtype=torch.float64))
-    with pytest.raises(TypeError, match="dtype"):
-        m(x.float())
-    with pytest.raises(ValueError, match="frames"):
-        m.training_loss(x, 0)
+    check_bad_input(tiny(name).eval())
 
 
 @pytest.mark.parametrize("name", NEW)
