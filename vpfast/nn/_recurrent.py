@@ -1,4 +1,4 @@
-"""Helpers shared by the recurrent cells (SpatioTemporalLSTMCell, ConvLSTMCell)."""
+"""Helpers shared by the recurrent cells (SpatioTemporalLSTMCell, ConvLSTMCell and the baselines' cells)."""
 from __future__ import annotations
 
 import contextlib
@@ -63,6 +63,26 @@ def check_input(x, in_channel: int, weight: torch.Tensor) -> None:
 
 def out_size(n: int, k: int, stride: int) -> int:
     return (n + 2 * (k // 2) - k) // stride + 1
+
+
+def keep_cell_args(cell: nn.Module, in_channel: int, num_hidden: int, backend, **more) -> None:
+    """Store the constructor arguments a cell's forward and repr read (in_channel, num_hidden, backend and
+    `more`, e.g. filter_size=, stride=) and the reference's forget-gate bias of 1. Plain attributes only, so the
+    cell's parameters, their registration order and its state_dict keys do not depend on this call."""
+    cell.in_channel = in_channel
+    cell.num_hidden = num_hidden
+    cell.backend = backend
+    cell._forget_bias = 1.0
+    for name, value in more.items():
+        setattr(cell, name, value)
+
+
+def state_shape(cell: nn.Module, x: torch.Tensor) -> tuple:
+    """(B, C, H', W') of the states a 2-D cell (num_hidden C, k x k convolutions of `stride` with k // 2
+    padding) takes and returns for a step with input x: Tensor[B, in_channel, H, W]."""
+    B, _, H, W = x.shape
+    k, s = cell.filter_size, cell.stride
+    return (B, cell.num_hidden, out_size(H, k, s), out_size(W, k, s))
 
 
 # merge_convs=None merges up to this many elements of assembled weight (4 MiB in float32). Measured here with

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
-from ._recurrent import check_input, check_state, conv_block, fused_backend, out_size
+from ._recurrent import check_input, check_state, conv_block, fused_backend, keep_cell_args, state_shape
 
 
 class CausalLSTMCell(nn.Module):
@@ -42,13 +42,8 @@ class CausalLSTMCell(nn.Module):
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
                  layer_norm: bool, backend: Optional[str] = None):
         super().__init__()
-        self.in_channel = in_channel
-        self.num_hidden = num_hidden
-        self.filter_size = filter_size
-        self.stride = stride
-        self.layer_norm = bool(layer_norm)
-        self.backend = backend
-        self._forget_bias = 1.0
+        keep_cell_args(self, in_channel, num_hidden, backend, filter_size=filter_size, stride=stride,
+                       layer_norm=bool(layer_norm))
         C, k, ln = num_hidden, filter_size, self.layer_norm
         self.conv_x = conv_block(in_channel, 7 * C, k, stride, ln, height, width)
         self.conv_h = conv_block(C, 4 * C, k, stride, ln, height, width)
@@ -65,9 +60,7 @@ class CausalLSTMCell(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, m: torch.Tensor):
         """h, c, m = cell(x, h, c, m); see the class docstring."""
         check_input(x, self.in_channel, self.conv_x[0].weight)
-        B, _, H, W = x.shape
-        k = self.filter_size
-        shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
+        shape = state_shape(self, x)
         for name, t in (("h", h), ("c", c), ("m", m)):
             check_state(name, t, "x", x, shape)
         C = self.num_hidden
@@ -107,12 +100,8 @@ class GHU(nn.Module):
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
                  layer_norm: bool, initializer: float = 0.001, backend: Optional[str] = None):
         super().__init__()
-        self.in_channel = in_channel
-        self.num_hidden = num_hidden
-        self.filter_size = filter_size
-        self.stride = stride
-        self.layer_norm = bool(layer_norm)
-        self.backend = backend
+        keep_cell_args(self, in_channel, num_hidden, backend, filter_size=filter_size, stride=stride,
+                       layer_norm=bool(layer_norm))
         C, k = num_hidden, filter_size
         self.z_concat = conv_block(C, 2 * C, k, stride, self.layer_norm, height, width)
         self.x_concat = conv_block(in_channel, 2 * C, k, stride, self.layer_norm, height, width)
@@ -126,9 +115,7 @@ class GHU(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """z_t = ghu(x, z); see the class docstring."""
         check_input(x, self.in_channel, self.x_concat[0].weight)
-        B, _, H, W = x.shape
-        k = self.filter_size
-        shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
+        shape = state_shape(self, x)
         check_state("z", z, "x", x, shape)
         if fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,)) == "torch":
             p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)

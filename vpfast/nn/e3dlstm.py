@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import resolve
+from ._recurrent import keep_cell_args
 
 
 def _triple(k):
@@ -90,12 +91,8 @@ class Eidetic3DLSTMCell(nn.Module):
             raise ValueError("layer_norm=True is not supported by Eidetic3DLSTMCell (OpenSTL's E3D-LSTM "
                              "configurations run without the gate LayerNorms; _norm_c_t is always on)")
         k = _triple(filter_size)
-        self.in_channel = in_channel
-        self.num_hidden = num_hidden
-        self.window_length = window_length
-        self.update_memory = bool(update_memory)
-        self.backend = backend
-        self._forget_bias = 1.0
+        keep_cell_args(self, in_channel, num_hidden, backend, window_length=window_length,
+                       update_memory=bool(update_memory))
         C = num_hidden
         pad = (0, k[1] // 2, k[2] // 2)
 

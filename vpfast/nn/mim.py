@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
-from ._recurrent import check_input, check_state, conv_block, fused_backend, out_size
+from ._recurrent import check_input, check_state, conv_block, fused_backend, keep_cell_args, state_shape
 
 
 def _output_gate(backend, o_part, o_m, y):
@@ -35,6 +35,14 @@ def _peephole_lstm(conv_h, conv_x, ct_weight, oc_weight, x, h, c, forget_bias, b
     f_t = torch.sigmoid(f_h + f_x + f_c + forget_bias)
     c_new = f_t * c + i_t * torch.tanh(g_h + g_x)
     return _output_gate(backend, o_h + o_x, c_new * oc_weight, c_new), c_new
+
+
+def _peephole_cell_init(cell, in_channel, num_hidden, height, width, filter_size, stride, backend):
+    """What MIM-N and the MIM block build first: their arguments and the peephole weights ct_weight
+    [2C, height, width] and oc_weight [C, height, width], zeros, registered in the reference's order."""
+    keep_cell_args(cell, in_channel, num_hidden, backend, filter_size=filter_size, stride=stride)
+    cell.ct_weight = nn.Parameter(torch.zeros(2 * num_hidden, height, width))
+    cell.oc_weight = nn.Parameter(torch.zeros(num_hidden, height, width))
 
 
 def _check_layer_norm(layer_norm):
@@ -63,15 +71,8 @@ class MIMN(nn.Module):
                  layer_norm: bool = False, backend: Optional[str] = None):
         super().__init__()
         _check_layer_norm(layer_norm)
-        self.in_channel = in_channel
-        self.num_hidden = num_hidden
-        self.filter_size = filter_size
-        self.stride = stride
-        self.backend = backend
-        self._forget_bias = 1.0
+        _peephole_cell_init(self, in_channel, num_hidden, height, width, filter_size, stride, backend)
         C, k = num_hidden, filter_size
-        self.ct_weight = nn.Parameter(torch.zeros(2 * C, height, width))
-        self.oc_weight = nn.Parameter(torch.zeros(C, height, width))
         self.conv_h_concat = conv_block(C, 4 * C, k, stride, False, height, width)
         self.conv_x_concat = conv_block(in_channel, 4 * C, k, stride, False, height, width)
         self.conv_last = nn.Conv2d(2 * C, C, kernel_size=1, stride=1, padding=0, bias=False)  # unused
@@ -79,15 +80,10 @@ class MIMN(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
-    def _shape(self, x):
-        B, _, H, W = x.shape
-        k = self.filter_size
-        return (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
-
     def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """h', c' = mimn(x, h, c); see the class docstring."""
         check_input(x, self.in_channel, self.conv_x_concat[0].weight)
-        shape = self._shape(x)
+        shape = state_shape(self, x)
         check_state("h", h, "x", x, shape)
         check_state("c", c, "x", x, shape)
         _check_map(shape, self.oc_weight)
@@ -130,15 +126,8 @@ class MIMBlock(nn.Module):
         if in_channel != num_hidden:
             raise ValueError(f"MIMBlock needs in_channel == num_hidden (the reference declares conv_t_cc and "
                              f"conv_x_cc with their inputs swapped), got {in_channel} and {num_hidden}")
-        self.in_channel = in_channel
-        self.num_hidden = num_hidden
-        self.filter_size = filter_size
-        self.stride = stride
-        self.backend = backend
-        self._forget_bias = 1.0
+        _peephole_cell_init(self, in_channel, num_hidden, height, width, filter_size, stride, backend)
         C, k = num_hidden, filter_size
-        self.ct_weight = nn.Parameter(torch.zeros(2 * C, height, width))
-        self.oc_weight = nn.Parameter(torch.zeros(C, height, width))
         self.conv_t_cc = conv_block(in_channel, 3 * C, k, stride, False, height, width)
         self.conv_s_cc = conv_block(C, 4 * C, k, stride, False, height, width)
         self.conv_x_cc = conv_block(C, 4 * C, k, stride, False, height, width)
@@ -153,9 +142,7 @@ class MIMBlock(nn.Module):
                 s: torch.Tensor):
         """h, c, m, s = block(x, diff_h, h, c, m, s); see the class docstring."""
         check_input(x, self.in_channel, self.conv_x_cc[0].weight)
-        B, _, H, W = x.shape
-        k = self.filter_size
-        shape = (B, self.num_hidden, out_size(H, k, self.stride), out_size(W, k, self.stride))
+        shape = state_shape(self, x)
         for name, t in (("diff_h", diff_h), ("h", h), ("c", c), ("m", m), ("s", s)):
             check_state(name, t, "x", x, shape)
         _check_map(shape, self.oc_weight)
