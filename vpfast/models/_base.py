@@ -53,8 +53,8 @@ def _autocast_on(t: torch.Tensor) -> bool:
 class VideoPredictionModel(nn.Module):
     """Base of the vpfast models.
 
-    Subclasses set `name`, build their layers, and implement `forward(x)` (eval-time prediction) and
-    `training_loss(frames, itr)`. `config` holds every constructor argument except `backend`, so
+    Subclasses set `name`, build their layers, and implement `training_loss(frames, itr)` and either
+    `forward(x)` (eval-time prediction) or `_predict(x)`, which the default `forward` calls on checked input. `config` holds every constructor argument except `backend`, so
     `vpfast.models.create(model.name, **model.config)` rebuilds the same architecture.
     """
 
@@ -63,6 +63,11 @@ class VideoPredictionModel(nn.Module):
     def _init_config(self, config: dict, backend: Optional[str]) -> None:
         self.config = dict(config)
         self.backend = resolve(backend) if backend is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: Tensor[B, pre_seq_length, C, H, W] -> Tensor[B, aft_seq_length, C, H, W]."""
+        self.check_frames(x, self.pre_seq_length, "x")
+        return self._predict(x)
 
     # ---- checks -------------------------------------------------------------------------------------
     def _param_like(self) -> torch.Tensor:

@@ -405,11 +405,6 @@ class SimVP(_base.VideoPredictionModel):
             out.append(self.step(cur)[:, :aft % pre])
         return torch.cat(out, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: Tensor[B, pre_seq_length, C, H, W] -> Tensor[B, aft_seq_length, C, H, W]."""
-        self.check_frames(x, self.pre_seq_length, "x")
-        return self._predict(x)
-
     def training_loss(self, frames: torch.Tensor, itr: int = 0):
         """frames: Tensor[B, pre + aft, C, H, W] -> (loss: Tensor[], logs: dict of floats)."""
         pre, aft = self.pre_seq_length, self.aft_seq_length

@@ -243,11 +243,6 @@ class VPTR(_base.VideoPredictionModel):
             feats = torch.cat([feats, self._encode(preds[-1])[0]], dim=1)
         return torch.cat(preds, dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: Tensor[B, pre_seq_length, C, H, W] -> Tensor[B, aft_seq_length, C, H, W]."""
-        self.check_frames(x, self.pre_seq_length, "x")
-        return self._predict(x)
-
     def training_loss(self, frames: torch.Tensor, itr: int = 0):
         """frames: Tensor[B, pre + aft, C, H, W] -> (loss: Tensor[], logs: dict of floats)."""
         pre, aft = self.pre_seq_length, self.aft_seq_length
