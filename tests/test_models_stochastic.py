@@ -573,7 +573,7 @@ def test_vptr_float32_autocast_and_loss_falls_on_moving_mnist(name):
 def test_vptr_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         M.create("vptr_far", **dict(TINY_VPTR, **kw))
-    with pytest.raises(ValueError, match="mode 'nar'"):
+    with pytest.raises(ValueError, match="VPTR_NAR has mode 'nar', got 'far'"):
         M.create("vptr_nar", **dict(TINY_VPTR, mode="far"))
     m = tiny("vptr_far")
     with pytest.raises(ValueError, match="divisible by 4"):

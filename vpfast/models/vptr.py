@@ -254,24 +254,29 @@ class VPTR(_base.VideoPredictionModel):
         return loss, {"loss": loss.item(), "mse": loss.item()}
 
 
-class VPTR_FAR(VPTR):  # noqa: N801
+class _OneModeVPTR(VPTR):
+    """VPTR with its mode fixed by the subclass's `_mode` (the registry's vptr_far / vptr_nar): `mode` may be
+    left out or given as that mode (model.config, which records it, rebuilds the model)."""
+
+    _mode = ""
+
+    def __init__(self, **config):
+        config.setdefault("mode", self._mode)
+        if config["mode"] != self._mode:
+            raise ValueError(f"{type(self).__name__} has mode {self._mode!r}, got {config['mode']!r}")
+        super().__init__(**config)
+
+
+class VPTR_FAR(_OneModeVPTR):  # noqa: N801
     """VPTR, fully autoregressive (mode="far")."""
 
-    def __init__(self, **config):
-        config.setdefault("mode", "far")
-        if config["mode"] != "far":
-            raise ValueError(f"VPTR_FAR has mode 'far', got {config['mode']!r}")
-        super().__init__(**config)
+    _mode = "far"
 
 
-class VPTR_NAR(VPTR):  # noqa: N801
+class VPTR_NAR(_OneModeVPTR):  # noqa: N801
     """VPTR, non-autoregressive (mode="nar")."""
 
-    def __init__(self, **config):
-        config.setdefault("mode", "nar")
-        if config["mode"] != "nar":
-            raise ValueError(f"VPTR_NAR has mode 'nar', got {config['mode']!r}")
-        super().__init__(**config)
+    _mode = "nar"
 
 
 _MMNIST = _stochastic.MMNIST
