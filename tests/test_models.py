@@ -593,7 +593,7 @@ def test_gpu_mmnist_training_step_every_backend(name, precision, no_tf32):
     _mixed_precision_case(name, _gpu_backends(), "cuda", "mmnist", 16, amp, factor, floor)
 
 
-@pytest.mark.parametrize("name", ORIGINAL)
+@pytest.mark.parametrize("name", M.NAMES)
 def test_layer_decisions_do_not_depend_on_the_fast_backend_name(name, monkeypatch):
     """Whether cells merge their convolutions and whether SimVP's encoder/decoder run channels_last is decided
     by the configuration alone, never by a fast backend's name (nor by device): backend=None (auto) and

@@ -784,10 +784,10 @@ def test_cli_train_eval_predict(tmp_path, name):
     """In process: `train --preset small` (one step: 7 training sequences at batch 4), `eval` of its checkpoint, `predict` from the same
     weights saved under OpenSTL's key names (loaded by --model/--preset/--config) equals the model's output."""
     from vpfast import evaluate as ev
-    from vpfast import train as tr
+    from vpfast import commands as tr
     arr, f, cfg = _cli_data(tmp_path, name)
     out = tmp_path / "run"
-    assert tr.main(["--model", name, "--preset", "small", "--config", cfg, "--data", f, "--epochs", "1",
+    assert tr.train_main(["--model", name, "--preset", "small", "--config", cfg, "--data", f, "--epochs", "1",
                     "--batch-size", "4", "--test-size", "2", "--no-progress",
                     "--out", str(out)]) == 0
     assert tr.cli(["eval", str(out / "last.pt"), "--data", f, "--test-size", "2", "--no-progress"]) == 0
@@ -860,12 +860,3 @@ def test_gpu_mmnist_training_step(name):
 @pytest.mark.parametrize("name", NEW)
 def test_bad_input(name):
     check_bad_input(tiny(name).eval())
-
-
-@pytest.mark.parametrize("name", NEW)
-def test_layer_decisions_do_not_depend_on_the_fast_backend_name(name):
-    def decisions(backend):
-        with torch.device("meta"):
-            m = M.create(name, preset="mmnist", backend=backend)
-        return [(k, getattr(mod, "merge_convs", None), type(mod).__name__) for k, mod in m.named_modules()]
-    assert decisions("cuda") == decisions(None)
