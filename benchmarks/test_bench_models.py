@@ -12,6 +12,10 @@ The baselines (PredRNN++, MIM, E3D-LSTM, PhyDNet; test_baseline_train) are timed
 the small preset (PhyDNet's sizes are fixed in code: its small preset is OpenSTL's) and at the batch of
 BASELINE_BATCH, eager vs vpfast: a step of theirs at batch 16 takes 5-60 s on a 2-core CPU. Their smoke run
 (--benchmark-disable) uses batch 1 and 2 -> 2 frames.
+
+The stochastic predictors (diffusion, VAE, GAN, VPTR; test_stochastic_train) are timed the same way: a training
+step (their own training_loss: one noise level per sequence for diffusion, KL for the VAE, both GAN objectives)
+at the small preset and batch 8, eager vs vpfast; smoke run at batch 1.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ BASELINES = ("predrnnpp", "mim", "phydnet", "e3dlstm")
 ORIGINAL = tuple(n for n in M.NAMES if n not in BASELINES)
 # one training step of each, eager, at the small preset: about 3 s (measured on the 2-core CPU, loaded)
 BASELINE_BATCH = {"predrnnpp": 4, "mim": 8, "e3dlstm": 1, "phydnet": 1}
+STOCHASTIC_BATCH = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,3 +132,13 @@ def test_baseline_train(record, benchmark, name, provider):
     benchmark.extra_info["params"] = sum(p.numel() for p in model.parameters())
     gflops = None if benchmark.disabled else _gflops(name, "small", batch, "train")
     record(provider, _step(model, frames, "train", name, provider, record.autocast), gflops=gflops)
+
+
+@pytest.mark.parametrize("provider", ["eager", "vpfast"])
+@pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
+def test_stochastic_train(record, benchmark, name, provider):
+    batch = 1 if benchmark.disabled else STOCHASTIC_BATCH
+    model, frames = _setup(name, "small", batch, provider, record.device)
+    benchmark.group = f"{name} small-b{batch} train"
+    benchmark.extra_info["params"] = sum(p.numel() for p in model.parameters())
+    record(provider, _step(model, frames, "train", name, provider, record.autocast))
