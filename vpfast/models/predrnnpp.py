@@ -51,14 +51,16 @@ class PredRNNpp(_Recurrent):
         memory = frames.new_zeros(B, self.num_hidden[0], Hp, Wp)
         z = frames.new_zeros(B, self.num_hidden[0], Hp, Wp)
         preds, x_gen = [], None
-        for t in range(self.total_length - 1):
-            net = self._step_input(t, frames, mask, x_gen)
-            h[0], c[0], memory = self.cell_list[0](net, h[0], c[0], memory)
-            z = self.gradient_highway(h[0], z)
-            h[1], c[1], memory = self.cell_list[1](z, h[1], c[1], memory)
-            for i in range(2, self.num_layers):
-                h[i], c[i], memory = self.cell_list[i](h[i - 1], h[i], c[i], memory)
-            if t >= first_output or mask is not None:
-                x_gen = self.conv_last(h[-1])
-                preds.append(x_gen)
+        # merged convolution weights (fast backends) derived once for the whole time loop
+        with self._unrolled(), self.gradient_highway.unroll():
+            for t in range(self.total_length - 1):
+                net = self._step_input(t, frames, mask, x_gen)
+                h[0], c[0], memory = self.cell_list[0](net, h[0], c[0], memory)
+                z = self.gradient_highway(h[0], z)
+                h[1], c[1], memory = self.cell_list[1](z, h[1], c[1], memory)
+                for i in range(2, self.num_layers):
+                    h[i], c[i], memory = self.cell_list[i](h[i - 1], h[i], c[i], memory)
+                if t >= first_output or mask is not None:
+                    x_gen = self.conv_last(h[-1])
+                    preds.append(x_gen)
         return torch.stack(preds, dim=1), {}

@@ -184,42 +184,64 @@ def fused_backend(op, backend, ref: torch.Tensor, conv_shapes, states) -> str:
 
 
 class _CatConv(torch.autograd.Function):
-    """conv2d(cat([a, b], 1), weight) that does not keep the concatenation for backward.
+    """conv2d(cat(inputs, 1), weight) that does not keep the concatenation for backward.
 
-    Autograd would save the [B, Ca + Cb, H, W] concatenation of every step; a and b (the input and a state)
-    are alive anyway, so backward rebuilds the concatenation instead (one copy, no extra saved memory).
-    a, b and weight have one dtype (`cat_conv` casts them under autocast).
+    Autograd would save the [B, sum C_i, H, W] concatenation of every step; the inputs (the step's input and
+    states) are alive anyway, so backward rebuilds the concatenation instead (one copy, no extra saved memory).
+    The input gradient is computed only over the channels from the first to the last input that needs one
+    (the weight sliced to them): a cell's first input is often a data frame, which needs none.
+    The inputs and weight have one dtype (`cat_conv` casts them under autocast).
     """
 
     @staticmethod
-    def forward(ctx, a, b, weight, stride, padding):
-        ctx.save_for_backward(a, b, weight)
+    def forward(ctx, weight, stride, padding, *inputs):
+        ctx.save_for_backward(weight, *inputs)
         ctx.stride, ctx.padding = stride, padding
-        with torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") \
+        with torch.autocast(weight.device.type, enabled=False) if weight.device.type in ("cpu", "cuda") \
                 else contextlib.nullcontext():
-            return F.conv2d(torch.cat((a, b), 1), weight, None, stride, padding)
+            return F.conv2d(torch.cat(inputs, 1), weight, None, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
-        a, b, weight = ctx.saved_tensors
-        need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        gi, gw, _ = torch.ops.aten.convolution_backward(
-            grad.to(weight.dtype), torch.cat((a, b), 1), weight, None, [ctx.stride] * 2, [ctx.padding] * 2,
-            [1, 1], False, [0, 0], 1, [need_in, ctx.needs_input_grad[2], False])
-        ga = gb = None
-        if need_in:
-            ga, gb = gi.split((a.shape[1], b.shape[1]), 1)
-        return ga, gb, gw, None, None
+        weight, *inputs = ctx.saved_tensors
+        need = ctx.needs_input_grad[3:]
+        grad = grad.to(weight.dtype)
+        cat = torch.cat(inputs, 1)
+        conv_args = ([ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1)
+        grads = [None] * len(inputs)
+        lo = need.index(True) if any(need) else len(need)
+        hi = len(need) - need[::-1].index(True) if any(need) else len(need)
+        full = (lo, hi) == (0, len(inputs))
+        gi, gw, _ = torch.ops.aten.convolution_backward(grad, cat, weight, None, *conv_args,
+                                                        [full, ctx.needs_input_grad[0], False])
+        if lo < hi and not full:  # a separate call over the channels that need a gradient
+            sizes = [t.shape[1] for t in inputs]
+            start, width = sum(sizes[:lo]), sum(sizes[lo:hi])
+            gi = torch.ops.aten.convolution_backward(grad, cat.narrow(1, start, width),
+                                                     weight.narrow(1, start, width).contiguous(), None,
+                                                     *conv_args, [True, False, False])[0]
+        if lo < hi:
+            for j, g in zip(range(lo, hi), gi.split([t.shape[1] for t in inputs[lo:hi]], 1)):
+                grads[j] = g if need[j] else None
+        return (gw, None, None, *grads)
+
+
+def cat_conv_many(inputs, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """conv2d over the channel concatenation of `inputs` (no bias), saving the inputs, not the concatenation.
+
+    inputs: a sequence of Tensor[B, C_i, H, W], weight: Tensor[Cout, sum C_i, k, k] -> Tensor[B, Cout, Ho, Wo].
+    Under autocast, as F.conv2d: inputs and weight are cast to autocast's dtype (the casts are differentiable,
+    so gradients reach float32 parameters and states in float32), and so is the result.
+    """
+    dt = autocast_dtype(weight)
+    if dt is not None:
+        inputs, weight = [t.to(dt) for t in inputs], weight.to(dt)
+    return _CatConv.apply(weight, stride, padding, *inputs)
 
 
 def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """conv2d over the channel concatenation [a, b] (no bias), saving a and b rather than the concatenation.
+    """conv2d over the channel concatenation [a, b] (no bias): `cat_conv_many((a, b), ...)`.
 
     a: Tensor[B, Ca, H, W], b: Tensor[B, Cb, H, W], weight: Tensor[Cout, Ca + Cb, k, k] -> Tensor[B, Cout, Ho, Wo].
-    Under autocast, as F.conv2d: a, b and weight are cast to autocast's dtype (the casts are differentiable, so
-    gradients reach float32 parameters and states in float32), and so is the result.
     """
-    dt = autocast_dtype(a)
-    if dt is not None:
-        a, b, weight = a.to(dt), b.to(dt), weight.to(dt)
-    return _CatConv.apply(a, b, weight, stride, padding)
+    return cat_conv_many((a, b), weight, stride, padding)

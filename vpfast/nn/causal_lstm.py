@@ -1,9 +1,9 @@
 """Drop-in Causal LSTM cell and Gradient Highway Unit (OpenSTL's PredRNN++ modules), MODELS.md §10.
 
-No fused kernel exists for the Causal LSTM cell yet: every backend runs the reference arithmetic below (the
-`backend` argument is kept so the models share one constructor vocabulary and a later fused op can slot in).
-The GHU's pointwise step is the Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so
-the fast backends run it with the fused `vpfast.ops.stlstm_output` (backward keeps σ and tanh(p) only).
+The fast backends run the Causal LSTM step's pointwise work with the three fused `vpfast.ops.causal_lstm`
+stages and, with layer_norm off, merge its convolutions (see CausalLSTMCell). The GHU's pointwise step is the
+Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so the fast backends run it with the
+fused `vpfast.ops.stlstm_output` (backward keeps σ and tanh(p) only), its two convolutions merged into one.
 """
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.causal_lstm import CELL as _CELL, causal_lstm_cell, causal_lstm_memory, causal_lstm_output
 from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
-from ._recurrent import check_input, check_state, conv_block, fused_backend, keep_cell_args, state_shape
+from ._recurrent import (MergedWeightsMixin, cat_conv, cat_conv_many, check_input, check_state, choose_merge,
+                         conv_block, fused_backend, keep_cell_args, state_shape)
 
 
-class CausalLSTMCell(nn.Module):
+class CausalLSTMCell(MergedWeightsMixin, nn.Module):
     """Causal LSTM cell with OpenSTL's constructor and state_dict.
 
-    CausalLSTMCell(in_channel, num_hidden, height, width, filter_size, stride, layer_norm, backend=None)
+    CausalLSTMCell(in_channel, num_hidden, height, width, filter_size, stride, layer_norm, backend=None,
+                   merge_convs=None)
 
     Parameters (C = num_hidden, k = filter_size; no biases; k x k convolutions in a Sequential, `.0.weight`):
       conv_x [7C, in_channel]   i, f, g, i', f', g', o from x
@@ -37,14 +40,34 @@ class CausalLSTMCell(nn.Module):
       i' = σ(i'_x + i'_m + i'_c2m), f' = σ(f'_x + f'_m + f'_c2m + 1), g' = tanh(g'_x + g'_c2m)
       m_t = f' ⊙ tanh(m̂) + i' ⊙ g',  o = tanh(o_x + o_h + o_c2m + conv_om(m_t)),
       h_t = o ⊙ tanh(conv_last([c_t, m_t]))
+
+    backend: "torch" runs the reference arithmetic verbatim (seven convolutions, splits, adds, cat);
+      "cpp" / "cuda" / "triton" run the pointwise work as the three fused stages of vpfast.ops.causal_lstm
+      (cell, memory, output); None = $VPFAST_BACKEND or "auto".
+    merge_convs: with layer_norm off (and stride 1), compute the gates with four k x k convolutions instead of
+      six: one over [x, h, c_{t-1}] (i, f, g, o: the sums i_x + i_h + i_c happen inside the convolution; o gets
+      x and h, its c block is zero), conv_m over m, one over [x, c_t] (i', g', f' with their x terms, and o_c2m,
+      whose x block is zero) and conv_om; conv_last runs over [c_t, m_t] without keeping the concatenation.
+      The zero blocks cost (in_channel + C) C k^2 multiply-adds per pixel out of the cell's 7 in_channel C + 15 C^2
+      (about 4% at in_channel = C); merging i, f, g, o over [x, h] and [c] separately or adding the x terms of
+      i', f', g' to the first convolution instead would take more convolutions or more zero blocks. The assembled
+      weights are derived from conv_x/conv_h/conv_c/conv_c2m on every use (state_dict keys unchanged), once per
+      time loop inside `with cell.unroll():`. None = merge when layer_norm is off, stride is 1 and the assembled
+      weights have at most MERGE_AUTO_MAX_ELEMENTS elements (the `small` preset merges, the Moving-MNIST one
+      with C=128, k=5 does not: vpfast/nn/_recurrent.py says why).
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
-                 layer_norm: bool, backend: Optional[str] = None):
+                 layer_norm: bool, backend: Optional[str] = None, merge_convs: Optional[bool] = None):
         super().__init__()
         keep_cell_args(self, in_channel, num_hidden, backend, filter_size=filter_size, stride=stride,
                        layer_norm=bool(layer_norm))
         C, k, ln = num_hidden, filter_size, self.layer_norm
+        self.padding = k // 2
+        merged_elements = 4 * C * (2 * in_channel + 3 * C) * k * k
+        if merge_convs and stride != 1:
+            raise ValueError(f"merge_convs=True needs stride 1 (the [x, c_t] convolution), got stride={stride}")
+        self.merge_convs = choose_merge(merge_convs, ln, merged_elements) and stride == 1
         self.conv_x = conv_block(in_channel, 7 * C, k, stride, ln, height, width)
         self.conv_h = conv_block(C, 4 * C, k, stride, ln, height, width)
         self.conv_c = conv_block(C, 3 * C, k, stride, ln, height, width)
@@ -55,7 +78,7 @@ class CausalLSTMCell(nn.Module):
         self.conv_last = nn.Conv2d(2 * C, C, kernel_size=1, stride=1, padding=0, bias=False)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, layer_norm={self.layer_norm}"
+        return f"backend={self.backend!r}, merge_convs={self.merge_convs}, layer_norm={self.layer_norm}"
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, m: torch.Tensor):
         """h, c, m = cell(x, h, c, m); see the class docstring."""
@@ -63,6 +86,43 @@ class CausalLSTMCell(nn.Module):
         shape = state_shape(self, x)
         for name, t in (("h", h), ("c", c), ("m", m)):
             check_state(name, t, "x", x, shape)
+        B, C = shape[0], self.num_hidden
+        gate_shapes = [(B, k * C) + shape[2:] for k in ((4,) if self.merge_convs else (7, 4, 3))]
+        if fused_backend(_CELL, self.backend, x, gate_shapes, (c,)) == "torch":
+            return self._forward_reference(x, h, c, m)
+        return self._forward_fused(x, h, c, m)
+
+    # ---- the fused path --------------------------------------------------------------------------------
+    def _derive_merged_weights(self):
+        C = self.num_hidden
+        wx, wh, wc, wk = (self.conv_x[0].weight, self.conv_h[0].weight, self.conv_c[0].weight,
+                          self.conv_c2m[0].weight)
+        zero_c = wc.new_zeros((C,) + tuple(wc.shape[1:]))
+        zero_x = wx.new_zeros((C,) + tuple(wx.shape[1:]))
+        # [4C, in + 2C]: i, f, g over x, h, c; o over x and h (no c term)
+        w_xhc = torch.cat((torch.cat((wx[: 3 * C], wx[6 * C:]), 0), wh, torch.cat((wc, zero_c), 0)), 1)
+        # [4C, in + C] in conv_c2m's order i', g', f', o: the x terms of i', g', f' (o_x went to w_xhc)
+        w_xk = torch.cat((torch.cat((wx[3 * C: 4 * C], wx[5 * C: 6 * C], wx[4 * C: 5 * C], zero_x), 0), wk), 1)
+        return w_xhc, w_xk
+
+    def _forward_fused(self, x, h, c, m):
+        s, p, fb = self.stride, self.padding, self._forget_bias
+        if self.merge_convs:
+            w_xhc, w_xk = self.merged_weights()
+            x_g, h_g, c_g = None, cat_conv_many((x, h, c), w_xhc, s, p), None
+        else:
+            x_g, h_g, c_g = self.conv_x(x), self.conv_h(h), self.conv_c(c)
+        # the public ops, not their kernels: they cast by their autocast policy, run the kernel with autocast
+        # off, and auto picks by what they are actually handed (fused_backend predicted that choice)
+        c_new, carry = causal_lstm_cell(x_g, h_g, c_g, c, fb, backend=self.backend)
+        c2m_g = cat_conv(x, c_new, w_xk, s, p) if self.merge_convs else self.conv_c2m(c_new)
+        m_new, o_part = causal_lstm_memory(carry, self.conv_m(m), c2m_g, fb, backend=self.backend)
+        last = cat_conv(c_new, m_new, self.conv_last.weight, 1, 0)
+        h_new = causal_lstm_output(o_part, self.conv_om(m_new), last, backend=self.backend)
+        return h_new, c_new, m_new
+
+    # ---- the reference arithmetic, verbatim ------------------------------------------------------------
+    def _forward_reference(self, x, h, c, m):
         C = self.num_hidden
         i_x, f_x, g_x, i_xp, f_xp, g_xp, o_x = torch.split(self.conv_x(x), C, dim=1)
         i_h, f_h, g_h, o_h = torch.split(self.conv_h(h), C, dim=1)
@@ -82,10 +142,11 @@ class CausalLSTMCell(nn.Module):
         return h_new, c_new, m_new
 
 
-class GHU(nn.Module):
+class GHU(MergedWeightsMixin, nn.Module):
     """Gradient Highway Unit with OpenSTL's constructor and state_dict.
 
-    GHU(in_channel, num_hidden, height, width, filter_size, stride, layer_norm, initializer=0.001, backend=None)
+    GHU(in_channel, num_hidden, height, width, filter_size, stride, layer_norm, initializer=0.001, backend=None,
+        merge_convs=None)
 
     Parameters (C = num_hidden, no biases): z_concat.0.weight [2C, C, k, k] over z and x_concat.0.weight
     [2C, in_channel, k, k] over x, both drawn from U(-initializer, initializer) as the reference does; with
@@ -95,14 +156,23 @@ class GHU(nn.Module):
 
     forward(x: Tensor[B, in_channel, H, W], z: Tensor[B, C, H, W]) -> z_t: Tensor[B, C, H, W]
       [p, u] = x_concat(x) + z_concat(z);  z_t = σ(u) ⊙ tanh(p) + (1 − σ(u)) ⊙ z
+
+    merge_convs (fast backends): with layer_norm off and stride 1, one convolution over [x, z] yields [p, u]
+      (exact: the sum happens inside it), its weight assembled from x_concat/z_concat on use (once per time
+      loop inside `with ghu.unroll():`); None = merge when that weight is small (as CausalLSTMCell).
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
-                 layer_norm: bool, initializer: float = 0.001, backend: Optional[str] = None):
+                 layer_norm: bool, initializer: float = 0.001, backend: Optional[str] = None,
+                 merge_convs: Optional[bool] = None):
         super().__init__()
         keep_cell_args(self, in_channel, num_hidden, backend, filter_size=filter_size, stride=stride,
                        layer_norm=bool(layer_norm))
         C, k = num_hidden, filter_size
+        if merge_convs and stride != 1:
+            raise ValueError(f"merge_convs=True needs stride 1 (the [x, z] convolution), got stride={stride}")
+        self.merge_convs = choose_merge(merge_convs, self.layer_norm, 2 * C * (in_channel + C) * k * k) \
+            and stride == 1
         self.z_concat = conv_block(C, 2 * C, k, stride, self.layer_norm, height, width)
         self.x_concat = conv_block(in_channel, 2 * C, k, stride, self.layer_norm, height, width)
         if initializer:
@@ -110,7 +180,10 @@ class GHU(nn.Module):
                 nn.init.uniform_(conv.weight, -initializer, initializer)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, layer_norm={self.layer_norm}"
+        return f"backend={self.backend!r}, merge_convs={self.merge_convs}, layer_norm={self.layer_norm}"
+
+    def _derive_merged_weights(self):
+        return torch.cat((self.x_concat[0].weight, self.z_concat[0].weight), 1)  # [2C, in + C]: p, u over [x, z]
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """z_t = ghu(x, z); see the class docstring."""
@@ -121,6 +194,11 @@ class GHU(nn.Module):
             p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
             u = torch.sigmoid(u)
             return u * torch.tanh(p) + (1 - u) * z
+        if self.merge_convs:
+            p, u = torch.split(cat_conv(x, z, self.merged_weights(), self.stride, self.filter_size // 2),
+                               self.num_hidden, dim=1)
+            # the op sums two pre-activations of the gate; the merged convolution gave the whole sum
+            return stlstm_output(u, torch.zeros_like(u), p, z, backend=self.backend)
         # the same sums, split before adding: u = u_x + u_z inside the op, p = p_x + p_z here
         p_x, u_x = torch.split(self.x_concat(x), self.num_hidden, dim=1)
         p_z, u_z = torch.split(self.z_concat(z), self.num_hidden, dim=1)

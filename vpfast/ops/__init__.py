@@ -3,6 +3,8 @@ from .._dispatch import REGISTRY, BackendUnavailable  # noqa: F401
 from .convlstm import convlstm, convlstm_reference  # noqa: F401
 from .ddr_loss import ddr_loss, ddr_loss_reference  # noqa: F401
 from .stlstm import stlstm_gates, stlstm_gates_reference, stlstm_output, stlstm_output_reference  # noqa: F401
+from .causal_lstm import (causal_lstm_cell, causal_lstm_cell_reference, causal_lstm_memory,  # noqa: F401
+                          causal_lstm_memory_reference, causal_lstm_output, causal_lstm_output_reference)
 from .depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference  # noqa: F401
 from .large_kernel_attention import large_kernel_attention, large_kernel_attention_reference  # noqa: F401
 from .deform_warp import deform_warp, deform_warp_reference  # noqa: F401
