@@ -4,6 +4,8 @@ One program per BLOCK elements of the flattened [B, C, H, W] index space; a [B, 
 element (b, ch, p) sits at (b*K + j)*C*HW + ch*HW + p (kernels/_pointwise.py). Operands are made contiguous by
 the launchers. Gate orders: x_g i, f, g, i', f', g', o; h_g i, f, g, o; c_g i, f, g; m_g i', f', m̂;
 c2m_g i', g', f', o; carry [i'_x, f'_x, g'_x, o] (with x) or [o].
+Layouts: the kernels run on contiguous (planar) operands; a call whose layout operand is channels_last gets its
+outputs in channels_last (copies), as the compiled ops' contract says (vpfast/ops/causal_lstm.py).
 """
 from __future__ import annotations
 
@@ -175,25 +177,37 @@ def _maps(like, *ks):
     return tuple(like.new_empty((B, k * C, H, W)) if k else like.new_empty((0,)) for k in ks)
 
 
+def _in_layout(layout, outs):
+    """The outputs in the layout the op's contract gives them: channels_last when `layout` is (and not also
+    contiguous, as vpfast.ops.causal_lstm.channels_last says)."""
+    if not (layout.dim() == 4 and layout.is_contiguous(memory_format=torch.channels_last)
+            and not layout.is_contiguous()):
+        return outs
+    return tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in outs)
+
+
 def cell_forward(x_g, h_g, c_g, c, forget_bias):
+    layout = c
     x_g, h_g, c_g, c = contiguous(x_g, h_g, c_g, c)
     c_new, carry, act = _maps(c, 1, 4 if x_g is not None else 1, 2)
     C, HW = c.shape[1], c.shape[2] * c.shape[3]
     launch(_cell_fwd, c.numel(), x_g, h_g, c_g, c, c_new, carry, act, c.numel(), C, HW, float(forget_bias),
            HAS_X=x_g is not None, HAS_C=c_g is not None)
-    return c_new, carry, act
+    return _in_layout(layout, (c_new, carry, act))
 
 
 def cell_backward(g_cn, g_carry, act, c_new, c, has_x, has_c):
+    layout = act
     g_cn, g_carry, act, c_new, c = contiguous(g_cn, g_carry, act, c_new, c)
     gx, gh, gcg, gc = _maps(c, 7 if has_x else 0, 4, 3 if has_c else 0, 1)
     C, HW = c.shape[1], c.shape[2] * c.shape[3]
     launch(_cell_bwd, c.numel(), g_cn, g_carry, act, c_new, c, gx if has_x else None, gh, gcg if has_c else None,
            gc, c.numel(), C, HW, HAS_X=bool(has_x), HAS_C=bool(has_c))
-    return gx, gh, gcg, gc
+    return _in_layout(layout, (gx, gh, gcg, gc))
 
 
 def memory_forward(carry, m_g, c2m_g, forget_bias):
+    layout = m_g
     carry, m_g, c2m_g = contiguous(carry, m_g, c2m_g)
     C = m_g.shape[1] // 3
     ref = m_g[:, :C]
@@ -201,27 +215,30 @@ def memory_forward(carry, m_g, c2m_g, forget_bias):
     n = ref.numel()
     launch(_memory_fwd, n, carry, m_g, c2m_g, m_new, o_part, act, n, C, ref.shape[2] * ref.shape[3],
            float(forget_bias), CX=carry.shape[1] == 4 * C)
-    return m_new, o_part, act
+    return _in_layout(layout, (m_new, o_part, act))
 
 
 def memory_backward(g_mn, g_op, act, m_new, carry_x):
+    layout = act
     g_mn, g_op, act, m_new = contiguous(g_mn, g_op, act, m_new)
     g_carry, g_mg, g_c2m = _maps(m_new, 4 if carry_x else 1, 3, 4)
     C, HW = m_new.shape[1], m_new.shape[2] * m_new.shape[3]
     launch(_memory_bwd, m_new.numel(), g_mn, g_op, act, m_new, g_carry, g_mg, g_c2m, m_new.numel(), C, HW,
            CX=bool(carry_x))
-    return g_carry, g_mg, g_c2m
+    return _in_layout(layout, (g_carry, g_mg, g_c2m))
 
 
 def output_forward(o_part, o_m, last):
+    layout = o_part
     o_part, o_m, last = contiguous(o_part, o_m, last)
-    h, o, t = (torch.empty_like(o_part) for _ in range(3))
+    h, o, t = _maps(o_part, 1, 1, 1)
     launch(_output_fwd, o_part.numel(), o_part, o_m, last, h, o, t, o_part.numel())
-    return h, o, t
+    return _in_layout(layout, (h, o, t))
 
 
 def output_backward(g_h, o, t):
+    layout = o
     g_h, o, t = contiguous(g_h, o, t)
-    gpre, glast = torch.empty_like(o), torch.empty_like(o)
+    gpre, glast = _maps(o, 1, 1)
     launch(_output_bwd, o.numel(), g_h, o, t, gpre, glast, o.numel())
-    return gpre, glast
+    return _in_layout(layout, (gpre, glast))

@@ -54,6 +54,20 @@ def _stlstm(xg, hg, mg, c, m, om, gates, output):
     return cm, delta, output(o_part, om, cm[:, : c.shape[1]])  # c_t standing in for conv_last's output
 
 
+def _causal(xg, hg, cg, c, mg, k, om, cell, memory, output):
+    c_new, carry = cell(xg, hg, cg, c)
+    m_new, o_part = memory(carry, mg, k + c_new.repeat(1, 4, 1, 1))  # c_t standing in for conv_c2m's input
+    return c_new, carry, m_new, output(o_part, om, c_new - m_new)
+
+
+def _causal_case(backend):
+    ref = backend == "torch"
+    return lambda *a: _causal(
+        *a, cell=ops.causal_lstm_cell_reference if ref else lambda *g: ops.causal_lstm_cell(*g, backend="cpp"),
+        memory=ops.causal_lstm_memory_reference if ref else lambda *g: ops.causal_lstm_memory(*g, backend="cpp"),
+        output=ops.causal_lstm_output_reference if ref else lambda *g: ops.causal_lstm_output(*g, backend="cpp"))
+
+
 B, C, H, W = 2, 16, 64, 64  # one float64 map is 1 MiB: the smallest block the cache keeps
 CASES = {
     "depthwise_conv2d": (lambda *a: ops.depthwise_conv2d(*a, backend="cpp"), ops.depthwise_conv2d_reference,
@@ -71,6 +85,12 @@ CASES = {
                      lambda *a: ops.stlstm_gates_reference(*a, 1.0, True),
                      lambda: _maps((B, 7 * C, H, W), (B, 4 * C, H, W), (B, 3 * C, H, W), (B, C, H, W),
                                    (B, C, H, W))),
+    "causal_lstm": (_causal_case("cpp"), _causal_case("torch"),
+                    lambda: _maps((B, 7 * C, H, W), (B, 4 * C, H, W), (B, 3 * C, H, W), (B, C, H, W), (B, 3 * C, H, W),
+                                  (B, 4 * C, H, W), (B, C, H, W))),
+    "causal_lstm_merged": (_causal_case("cpp"), _causal_case("torch"),
+                           lambda: [None] + _maps((B, 4 * C, H, W)) + [None] + _maps(
+                               (B, C, H, W), (B, 3 * C, H, W), (B, 4 * C, H, W), (B, C, H, W), seed=1)),
     "convlstm": (lambda *a: ops.convlstm(*a, 0.0, True, backend="cpp"),
                  lambda *a: ops.convlstm_reference(*a, 0.0, True),
                  lambda: _maps((B, 4 * C, H, W), (B, 4 * C, H, W), (B, C, H, W))),

@@ -119,6 +119,22 @@ def _stlstm_output(m):
         yield Call(vops.stlstm_output, (m(*shape), m(*shape), m(*shape), _opt(m(*shape), hw)))
 
 
+def _causal_lstm_cell(m):
+    for (B, C, H, W), has_x, has_c in _variants([(1, 3, 5, 7)], [(2, 16, 16, 16)], [0, 1], [0, 1]):
+        yield Call(vops.causal_lstm_cell, (_opt(m(B, 7 * C, H, W), has_x), m(B, 4 * C, H, W),
+                                           _opt(m(B, 3 * C, H, W), has_c), m(B, C, H, W)))
+
+
+def _causal_lstm_memory(m):
+    for (B, C, H, W), carry in _variants([(1, 3, 5, 7)], [(2, 16, 16, 16)], [1, 4]):
+        yield Call(vops.causal_lstm_memory, (m(B, carry * C, H, W), m(B, 3 * C, H, W), m(B, 4 * C, H, W)))
+
+
+def _causal_lstm_output(m):
+    for (shape,) in _variants([(1, 3, 5, 7)], [(2, 16, 16, 16)]):
+        yield Call(vops.causal_lstm_output, (m(*shape), m(*shape), m(*shape)))
+
+
 def _depthwise_conv2d(m):
     # (kernel, stride, padding, dilation) at the models' maps (TAU/SimVP: 3x3, and large-kernel attention's 5x5
     # and dilated 7x7), then odd sizes with non-unit and unequal geometry
@@ -174,6 +190,9 @@ CASES = {
     "ddr_loss": _ddr_loss,
     "stlstm_gates": _stlstm_gates,
     "stlstm_output": _stlstm_output,
+    "causal_lstm_cell": _causal_lstm_cell,
+    "causal_lstm_memory": _causal_lstm_memory,
+    "causal_lstm_output": _causal_lstm_output,
     "depthwise_conv2d": _depthwise_conv2d,
     "large_kernel_attention": _large_kernel_attention,
     "deform_warp": _deform_warp,

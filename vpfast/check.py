@@ -158,6 +158,21 @@ def _cases() -> list[Case]:
     out.append(Case("stlstm_output", "stlstm_output", "B16 C128 16x16", "B2 C4 6x6",
                     lambda b, *a: S.stlstm_output(*a, backend=b), output))
 
+    from .ops import causal_lstm as CL
+
+    def causal_maps(*ks):
+        def make(tiny):
+            g = _gen()
+            B, C, H, W = (2, 4, 6, 6) if tiny else (16, 128, 16, 16)
+            return [(_randn(g, B, n * C, H, W, scale=0.5), True) for n in ks]
+        return make
+
+    # PredRNN++'s Moving-MNIST cell (C=128) at B=16, separate convolutions (its merge is off at that size)
+    for name, ks, fn in (("causal_lstm_cell", (7, 4, 3, 1), lambda b, *a: CL.causal_lstm_cell(*a, backend=b)),
+                         ("causal_lstm_memory", (4, 3, 4), lambda b, *a: CL.causal_lstm_memory(*a, backend=b)),
+                         ("causal_lstm_output", (1, 1, 1), lambda b, *a: CL.causal_lstm_output(*a, backend=b))):
+        out.append(Case(name, name, "B16 C128 16x16", "B2 C4 6x6", fn, causal_maps(*ks)))
+
     def cl(tiny):
         g = _gen()
         B, C, H, W = (2, 4, 6, 6) if tiny else (16, 128, 16, 16)

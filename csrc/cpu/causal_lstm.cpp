@@ -1,5 +1,6 @@
-// Fused Causal LSTM pointwise stages, CPU. One task per (b, channel) plane row of H*W elements, operands read
-// in place (strided batch/channel axes, contiguous H*W), the inner loops vectorised with common/math.h.
+// Fused Causal LSTM pointwise stages, CPU. The operands are walked as rows of contiguous elements (planar
+// layout: (b, channel) planes of H*W; channels_last: (b, pixel) runs of C channels; common/causal_lstm.h), read
+// in place, the inner loops vectorised with common/math.h.
 // Arithmetic: common/causal_lstm.h (shared with CUDA). Outputs that are plain copies of another output or of
 // an operand (the carried x slots, the gradients every summand of a pre-activation shares) are written by
 // memcpy after the row's arithmetic: few output streams per loop (see cpu/stlstm.cpp's backward).
@@ -19,21 +20,26 @@
 namespace vpfast {
 namespace {
 
-using lstm::Planes;
-using lstm::planes;
+using causal::Rows;
 
-// fn(b, ch) for every plane row of s, in parallel tasks of about 16K elements
+// fn(b, o) for every row (b, o) of the call, in parallel tasks of about 16K elements
 template <typename F>
-void for_rows(const lstm::Sizes& s, const F& fn) {
-  cpu::parallel_for(0, s.B * s.C, cpu::lstm_grain(s.HW), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) fn(r / s.C, r % s.C);
+void for_rows(const causal::Call& s, const F& fn) {
+  const int64_t outer = s.outer();
+  cpu::parallel_for(0, s.B * outer, cpu::lstm_grain(s.width()), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r / outer, r % outer);
   });
 }
 
-// out[j] = the row of slot first + j of a [B, K*C, H, W] operand, j < n
+// out[j] = row (b, o) of slot first + j, j < n
 template <typename T, typename P>
-void slot_rows(const Planes<T>& t, int64_t b, int64_t ch, int64_t C, int first, int n, P* out) {
-  for (int j = 0; j < n; ++j) out[j] = t.at(b, (first + j) * C + ch);
+void slot_rows(const Rows<T>& t, int64_t b, int64_t o, int first, int n, P* out) {
+  for (int j = 0; j < n; ++j) out[j] = t.row(b, o, first + j);
+}
+
+// the CPU allocator of the shared host code: the output cache, in the call's layout
+at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
+  return cpu::empty_output(sizes, options, format);
 }
 
 template <typename T>
@@ -87,25 +93,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_cell_forward_cpu(cons
                                                                             const at::Tensor& h_g,
                                                                             const std::optional<at::Tensor>& c_g,
                                                                             const at::Tensor& c, double forget_bias) {
-  const auto a = causal::cell_forward_args(x_g, h_g, c_g, c, cpu::lstm_alloc);
+  const auto a = causal::cell_forward_args(x_g, h_g, c_g, c, alloc);
   AT_DISPATCH_FLOATING_TYPES(a.c.scalar_type(), "causal_lstm_cell_forward_cpu", [&] {
     using T = scalar_t;
-    const auto ph = planes<T>(a.h_g), pc = planes<T>(a.c), pcn = planes<T>(a.c_new), pcar = planes<T>(a.carry),
-               pa = planes<T>(a.act);
-    const auto px = lstm::planes_opt<T>(a.has_x, a.x_g), pcg = lstm::planes_opt<T>(a.has_c, a.c_g);
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
+    const auto ph = R(a.h_g), pc = R(a.c), pcn = R(a.c_new), pcar = R(a.carry), pa = R(a.act), px = R(a.x_g),
+               pcg = R(a.c_g);
     const T fb = static_cast<T>(forget_bias);
     const int ko = a.has_x ? 3 : 0;  // the carry's o slot
     with_flags(a.has_x, a.has_c, [&](auto HX, auto HC) {
-      for_rows(a, [&](int64_t b, int64_t ch) {
+      for_rows(a, [&](int64_t b, int64_t o) {
         const T* in[15] = {};
-        slot_rows(ph, b, ch, a.C, 0, 4, in);
-        if (decltype(HX)::value) slot_rows(px, b, ch, a.C, 0, 7, in + 4);
-        if (decltype(HC)::value) slot_rows(pcg, b, ch, a.C, 0, 3, in + 11);
-        in[14] = pc.at(b, ch);
-        T* out[4] = {pcn.at(b, ch), pa.at(b, ch), pa.at(b, a.C + ch), pcar.at(b, ko * a.C + ch)};
-        cell_fwd_row<T, decltype(HX)::value, decltype(HC)::value>(in, out, fb, a.HW);
+        slot_rows(ph, b, o, 0, 4, in);
+        if (decltype(HX)::value) slot_rows(px, b, o, 0, 7, in + 4);
+        if (decltype(HC)::value) slot_rows(pcg, b, o, 0, 3, in + 11);
+        in[14] = pc.row(b, o, 0);
+        T* out[4] = {pcn.row(b, o, 0), pa.row(b, o, 0), pa.row(b, o, 1), pcar.row(b, o, ko)};
+        cell_fwd_row<T, decltype(HX)::value, decltype(HC)::value>(in, out, fb, a.width());
         if (decltype(HX)::value)  // carry i'_x, f'_x, g'_x for the memory stage
-          for (int j = 0; j < 3; ++j) copy_row(pcar.at(b, j * a.C + ch), in[7 + j], a.HW);
+          for (int j = 0; j < 3; ++j) copy_row(pcar.row(b, o, j), in[7 + j], a.width());
       });
     });
   });
@@ -131,26 +137,26 @@ VPFAST_CPU_CLONES void cell_bwd_row(const T* __restrict__ gcn, const T* __restri
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_lstm_cell_backward_cpu(
     const at::Tensor& grad_c_new, const at::Tensor& grad_carry, const at::Tensor& act, const at::Tensor& c_new,
     const at::Tensor& c, bool has_x, bool has_c) {
-  const auto a = causal::cell_backward_args(grad_c_new, grad_carry, act, c_new, c, has_x, has_c, cpu::lstm_alloc);
+  const auto a = causal::cell_backward_args(grad_c_new, grad_carry, act, c_new, c, has_x, has_c, alloc);
   AT_DISPATCH_FLOATING_TYPES(a.c.scalar_type(), "causal_lstm_cell_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pgcn = planes<T>(a.gcn), pgcar = planes<T>(a.gcar), pa = planes<T>(a.act), pcn = planes<T>(a.cn),
-               pc = planes<T>(a.c), pgh = planes<T>(a.gh), pgc = planes<T>(a.gc);
-    const auto pgx = lstm::planes_opt<T>(has_x, a.gx), pgcg = lstm::planes_opt<T>(has_c, a.gcg);
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
+    const auto pgcn = R(a.gcn), pgcar = R(a.gcar), pa = R(a.act), pcn = R(a.cn), pc = R(a.c), pgh = R(a.gh),
+               pgc = R(a.gc), pgx = R(a.gx), pgcg = R(a.gcg);
     const int ko = has_x ? 3 : 0;
-    for_rows(a, [&](int64_t b, int64_t ch) {
-      const int64_t C = a.C, n = a.HW;
+    for_rows(a, [&](int64_t b, int64_t o) {
+      const int64_t n = a.width();
       T* gh[4];
-      slot_rows(pgh, b, ch, C, 0, 4, gh);
-      cell_bwd_row<T>(pgcn.at(b, ch), pa.at(b, ch), pa.at(b, C + ch), pc.at(b, ch), pcn.at(b, ch), gh[0], gh[1],
-                      gh[2], pgc.at(b, ch), n);
-      const T* go = pgcar.at(b, ko * C + ch);
+      slot_rows(pgh, b, o, 0, 4, gh);
+      cell_bwd_row<T>(pgcn.row(b, o, 0), pa.row(b, o, 0), pa.row(b, o, 1), pc.row(b, o, 0), pcn.row(b, o, 0), gh[0],
+                      gh[1], gh[2], pgc.row(b, o, 0), n);
+      const T* go = pgcar.row(b, o, ko);
       copy_row(gh[3], go, n);  // o_h's gradient is o_part's
-      for (int j = 0; has_c && j < 3; ++j) copy_row(pgcg.at(b, j * C + ch), gh[j], n);
+      for (int j = 0; has_c && j < 3; ++j) copy_row(pgcg.row(b, o, j), gh[j], n);
       if (has_x) {
-        for (int j = 0; j < 3; ++j) copy_row(pgx.at(b, j * C + ch), gh[j], n);
-        for (int j = 0; j < 3; ++j) copy_row(pgx.at(b, (3 + j) * C + ch), pgcar.at(b, j * C + ch), n);
-        copy_row(pgx.at(b, 6 * C + ch), go, n);
+        for (int j = 0; j < 3; ++j) copy_row(pgx.row(b, o, j), gh[j], n);
+        for (int j = 0; j < 3; ++j) copy_row(pgx.row(b, o, 3 + j), pgcar.row(b, o, j), n);
+        copy_row(pgx.row(b, o, 6), go, n);
       }
     });
   });
@@ -189,23 +195,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_memory_forward_cpu(co
                                                                               const at::Tensor& m_g,
                                                                               const at::Tensor& c2m_g,
                                                                               double forget_bias) {
-  const auto a = causal::memory_forward_args(carry, m_g, c2m_g, cpu::lstm_alloc);
+  const auto a = causal::memory_forward_args(carry, m_g, c2m_g, alloc);
   AT_DISPATCH_FLOATING_TYPES(a.m_g.scalar_type(), "causal_lstm_memory_forward_cpu", [&] {
     using T = scalar_t;
-    const auto pcar = planes<T>(a.carry), pm = planes<T>(a.m_g), pk = planes<T>(a.c2m_g),
-               pmn = planes<T>(a.m_new), pop = planes<T>(a.o_part), pa = planes<T>(a.act);
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
+    const auto pcar = R(a.carry), pm = R(a.m_g), pk = R(a.c2m_g), pmn = R(a.m_new), pop = R(a.o_part),
+               pa = R(a.act);
     const T fb = static_cast<T>(forget_bias);
     const auto run = [&](auto CX) {
       constexpr bool cx = decltype(CX)::value;
-      for_rows(a, [&](int64_t b, int64_t ch) {
+      for_rows(a, [&](int64_t b, int64_t o) {
         const T* in[11] = {};
-        if (cx) slot_rows(pcar, b, ch, a.C, 0, 3, in);
-        in[3] = pcar.at(b, (cx ? 3 : 0) * a.C + ch);
-        slot_rows(pm, b, ch, a.C, 0, 3, in + 4);
-        slot_rows(pk, b, ch, a.C, 0, 4, in + 7);
-        T* out[5] = {pmn.at(b, ch), pop.at(b, ch)};
-        slot_rows(pa, b, ch, a.C, 0, 3, out + 2);
-        memory_fwd_row<T, cx>(in, out, fb, a.HW);
+        if (cx) slot_rows(pcar, b, o, 0, 3, in);
+        in[3] = pcar.row(b, o, cx ? 3 : 0);
+        slot_rows(pm, b, o, 0, 3, in + 4);
+        slot_rows(pk, b, o, 0, 4, in + 7);
+        T* out[5] = {pmn.row(b, o, 0), pop.row(b, o, 0)};
+        slot_rows(pa, b, o, 0, 3, out + 2);
+        memory_fwd_row<T, cx>(in, out, fb, a.width());
       });
     };
     if (a.carry_x) run(std::true_type{});
@@ -235,29 +242,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_memory_backward_cpu(c
                                                                                const at::Tensor& act,
                                                                                const at::Tensor& m_new,
                                                                                bool carry_x) {
-  const auto a = causal::memory_backward_args(grad_m_new, grad_o_part, act, m_new, carry_x, cpu::lstm_alloc);
+  const auto a = causal::memory_backward_args(grad_m_new, grad_o_part, act, m_new, carry_x, alloc);
   AT_DISPATCH_FLOATING_TYPES(a.mn.scalar_type(), "causal_lstm_memory_backward_cpu", [&] {
     using T = scalar_t;
-    const auto pgm = planes<T>(a.gm), pgop = planes<T>(a.gop), pa = planes<T>(a.act), pmn = planes<T>(a.mn),
-               pgcar = planes<T>(a.gcar), pgmg = planes<T>(a.gmg), pgk = planes<T>(a.gc2m);
-    for_rows(a, [&](int64_t b, int64_t ch) {
-      const int64_t C = a.C, n = a.HW;
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
+    const auto pgm = R(a.gm), pgop = R(a.gop), pa = R(a.act), pmn = R(a.mn), pgcar = R(a.gcar), pgmg = R(a.gmg),
+               pgk = R(a.gc2m);
+    for_rows(a, [&](int64_t b, int64_t o) {
+      const int64_t n = a.width();
       T* gmg[3];
-      slot_rows(pgmg, b, ch, C, 0, 3, gmg);
+      slot_rows(pgmg, b, o, 0, 3, gmg);
       T* gk[4];  // c2m order: i', g', f', o
-      slot_rows(pgk, b, ch, C, 0, 4, gk);
-      memory_bwd_row<T>(pgm.at(b, ch), pa.at(b, ch), pa.at(b, C + ch), pa.at(b, 2 * C + ch), pmn.at(b, ch), gmg[0],
-                        gmg[1], gk[1], gmg[2], n);
-      const T* gop = pgop.at(b, ch);
+      slot_rows(pgk, b, o, 0, 4, gk);
+      memory_bwd_row<T>(pgm.row(b, o, 0), pa.row(b, o, 0), pa.row(b, o, 1), pa.row(b, o, 2), pmn.row(b, o, 0),
+                        gmg[0], gmg[1], gk[1], gmg[2], n);
+      const T* gop = pgop.row(b, o, 0);
       copy_row(gk[0], gmg[0], n);
       copy_row(gk[2], gmg[1], n);
       copy_row(gk[3], gop, n);
       if (carry_x) {
-        copy_row(pgcar.at(b, ch), gmg[0], n);
-        copy_row(pgcar.at(b, C + ch), gmg[1], n);
-        copy_row(pgcar.at(b, 2 * C + ch), gk[1], n);
+        copy_row(pgcar.row(b, o, 0), gmg[0], n);
+        copy_row(pgcar.row(b, o, 1), gmg[1], n);
+        copy_row(pgcar.row(b, o, 2), gk[1], n);
       }
-      copy_row(pgcar.at(b, (carry_x ? 3 : 0) * C + ch), gop, n);
+      copy_row(pgcar.row(b, o, carry_x ? 3 : 0), gop, n);
     });
   });
   return {a.gcar, a.gmg, a.gc2m};
@@ -293,15 +301,14 @@ VPFAST_CPU_CLONES void output_bwd_row(const T* __restrict__ gh, const T* __restr
 template <typename Row>
 std::vector<at::Tensor> output_stage(const char* op, const at::Tensor& a_, const char* an, const at::Tensor& b_,
                                      const char* bn, const at::Tensor& c_, const char* cn, int outs, const Row& row) {
-  const auto a = causal::output_args(op, a_, an, b_, bn, c_, cn, outs, cpu::lstm_alloc);
+  const auto a = causal::output_args(op, a_, an, b_, bn, c_, cn, outs, outs == 3, alloc);
   AT_DISPATCH_FLOATING_TYPES(a.a.scalar_type(), "causal_lstm_output_cpu", [&] {
     using T = scalar_t;
-    const auto pa = planes<T>(a.a), pb = planes<T>(a.b), pc = planes<T>(a.c);
-    Planes<T> po[3];
-    for (int j = 0; j < 3; ++j) po[j] = lstm::planes_opt<T>(j < outs, a.out[j]);
-    for_rows(a, [&](int64_t b, int64_t ch) {
-      row(pa.at(b, ch), pb.at(b, ch), pc.at(b, ch), po[0].at(b, ch), po[1].at(b, ch),
-          outs > 2 ? po[2].at(b, ch) : nullptr, a.HW);
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
+    const auto pa = R(a.a), pb = R(a.b), pc = R(a.c), p0 = R(a.out[0]), p1 = R(a.out[1]), p2 = R(a.out[2]);
+    for_rows(a, [&](int64_t b, int64_t o) {
+      row(pa.row(b, o, 0), pb.row(b, o, 0), pc.row(b, o, 0), p0.row(b, o, 0), p1.row(b, o, 0),
+          outs > 2 ? p2.row(b, o, 0) : nullptr, a.width());
     });
   });
   return {a.out[0], a.out[1], a.out[2]};

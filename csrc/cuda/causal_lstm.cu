@@ -1,5 +1,6 @@
 // Fused Causal LSTM pointwise stages, CUDA: one thread per element of the [B, C, H, W] index space (grid-stride
-// loop), operands addressed as strided planes exactly as on the CPU. Arithmetic: common/causal_lstm.h.
+// loop), operands addressed in the call's layout (planar or channels_last rows, common/causal_lstm.h) exactly
+// as on the CPU. Arithmetic: common/causal_lstm.h.
 //
 // Storage type T (float, double, Half, BFloat16), arithmetic type A = at::opmath_type<T> (float for the half
 // types): each element is loaded, widened, run through the shared functions and rounded to T once on store.
@@ -18,153 +19,159 @@
 namespace vpfast {
 namespace {
 
-using lstm::Planes;
-using lstm::planes;
-using lstm::planes_opt;
+using causal::Rows;
 constexpr int kThreads = 256;
+
+// the allocator of the shared host code
+at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
+  return at::empty(sizes, options.memory_format(format));
+}
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
-// element p of plane (b, ch) of slot j of a [B, K*C, H, W] operand, widened / stored
+// element (b, ch, p) of slot j of a [B, K*C, H, W] operand in layout cl, widened / stored
 template <typename A, typename T>
-__device__ __forceinline__ A ld(const Planes<T>& t, int64_t b, int64_t j, int64_t C, int64_t ch, int64_t p) {
-  return static_cast<A>(t.at(b, j * C + ch)[p]);
+__device__ __forceinline__ A ld(bool cl, const Rows<T>& t, int64_t b, int64_t j, int64_t ch, int64_t p) {
+  return static_cast<A>(*t.at(cl, b, j, ch, p));
 }
 
 template <typename T, typename A>
-__device__ __forceinline__ void st(const Planes<T>& t, int64_t b, int64_t j, int64_t C, int64_t ch, int64_t p, A v) {
-  t.at(b, j * C + ch)[p] = static_cast<T>(v);
+__device__ __forceinline__ void st(bool cl, const Rows<T>& t, int64_t b, int64_t j, int64_t ch, int64_t p, A v) {
+  *t.at(cl, b, j, ch, p) = static_cast<T>(v);
 }
 
-// the grid-stride loop over the n = B*C*HW elements: body(b, ch, p)
-#define VPFAST_CAUSAL_LOOP(n, C, HW)                                                       \
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < (n);            \
-       idx += (int64_t)gridDim.x * blockDim.x)                                             \
-    if (const int64_t p = idx % (HW), r = idx / (HW), ch = r % (C), b = r / (C); true)
+// the grid-stride loop over the n = B*C*HW elements: body(b, ch, p), in the layout's order (consecutive threads
+// on consecutive addresses: pixels in planar operands, channels in channels_last ones)
+#define VPFAST_CAUSAL_LOOP(n, C, HW)                                                                      \
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < (n);                           \
+       idx += (int64_t)gridDim.x * blockDim.x)                                                            \
+    if (const int64_t in_ = cl ? (C) : (HW), r = idx / in_, p = cl ? r % (HW) : idx % in_,                \
+        ch = cl ? idx % in_ : r % (C), b = cl ? r / (HW) : r / (C);                                       \
+        true)
 
 template <typename T>
-__global__ void cell_fwd_kernel(Planes<T> x, Planes<T> hg, Planes<T> cg, Planes<T> c, Planes<T> cn, Planes<T> car,
-                                Planes<T> act, int64_t C, int64_t HW, int64_t n, at::opmath_type<T> fb) {
+__global__ void cell_fwd_kernel(Rows<T> x, Rows<T> hg, Rows<T> cg, Rows<T> c, Rows<T> cn, Rows<T> car,
+                                Rows<T> act, bool cl, int64_t C, int64_t HW, int64_t n, at::opmath_type<T> fb) {
   using A = at::opmath_type<T>;
   VPFAST_CAUSAL_LOOP(n, C, HW) {
-    A pi = ld<A>(hg, b, 0, C, ch, p), pf = ld<A>(hg, b, 1, C, ch, p), pg = ld<A>(hg, b, 2, C, ch, p),
-      po = ld<A>(hg, b, 3, C, ch, p);
+    A pi = ld<A>(cl, hg, b, 0, ch, p), pf = ld<A>(cl, hg, b, 1, ch, p), pg = ld<A>(cl, hg, b, 2, ch, p),
+      po = ld<A>(cl, hg, b, 3, ch, p);
     if (x.ptr) {
-      pi = ld<A>(x, b, 0, C, ch, p) + pi;
-      pf = ld<A>(x, b, 1, C, ch, p) + pf;
-      pg = ld<A>(x, b, 2, C, ch, p) + pg;
-      po = ld<A>(x, b, 6, C, ch, p) + po;
-      for (int j = 0; j < 3; ++j) st(car, b, j, C, ch, p, ld<A>(x, b, 3 + j, C, ch, p));
+      pi = ld<A>(cl, x, b, 0, ch, p) + pi;
+      pf = ld<A>(cl, x, b, 1, ch, p) + pf;
+      pg = ld<A>(cl, x, b, 2, ch, p) + pg;
+      po = ld<A>(cl, x, b, 6, ch, p) + po;
+      for (int j = 0; j < 3; ++j) st(cl, car, b, j, ch, p, ld<A>(cl, x, b, 3 + j, ch, p));
     }
     if (cg.ptr) {
-      pi += ld<A>(cg, b, 0, C, ch, p);
-      pf += ld<A>(cg, b, 1, C, ch, p);
-      pg += ld<A>(cg, b, 2, C, ch, p);
+      pi += ld<A>(cl, cg, b, 0, ch, p);
+      pf += ld<A>(cl, cg, b, 1, ch, p);
+      pg += ld<A>(cl, cg, b, 2, ch, p);
     }
     A i, f, g, c_;
-    lstm::cell_forward<A>(pi, pf, pg, ld<A>(c, b, 0, C, ch, p), fb, i, f, g, c_);
-    st(cn, b, 0, C, ch, p, c_);
-    st(act, b, 0, C, ch, p, i);
-    st(act, b, 1, C, ch, p, f);
-    st(car, b, x.ptr ? 3 : 0, C, ch, p, po);
+    lstm::cell_forward<A>(pi, pf, pg, ld<A>(cl, c, b, 0, ch, p), fb, i, f, g, c_);
+    st(cl, cn, b, 0, ch, p, c_);
+    st(cl, act, b, 0, ch, p, i);
+    st(cl, act, b, 1, ch, p, f);
+    st(cl, car, b, x.ptr ? 3 : 0, ch, p, po);
   }
 }
 
 // Backward reads the saved gates and memories as stored (in T): g is recovered from the rounded c_t, so its error
 // is about one rounding of c_t in T (common/stlstm.h).
 template <typename T>
-__global__ void cell_bwd_kernel(Planes<T> gcn, Planes<T> gcar, Planes<T> act, Planes<T> cn, Planes<T> c,
-                                Planes<T> gx, Planes<T> gh, Planes<T> gcg, Planes<T> gc, int64_t C, int64_t HW,
+__global__ void cell_bwd_kernel(Rows<T> gcn, Rows<T> gcar, Rows<T> act, Rows<T> cn, Rows<T> c,
+                                Rows<T> gx, Rows<T> gh, Rows<T> gcg, Rows<T> gc, int64_t C, int64_t HW,
                                 int64_t n) {
   using A = at::opmath_type<T>;
   VPFAST_CAUSAL_LOOP(n, C, HW) {
     A g[3], gcp;
-    lstm::stlstm_cell_backward<A>(ld<A>(act, b, 0, C, ch, p), ld<A>(act, b, 1, C, ch, p), ld<A>(c, b, 0, C, ch, p),
-                                  ld<A>(cn, b, 0, C, ch, p), ld<A>(gcn, b, 0, C, ch, p), A(0), g[0], g[1], g[2],
+    lstm::stlstm_cell_backward<A>(ld<A>(cl, act, b, 0, ch, p), ld<A>(cl, act, b, 1, ch, p), ld<A>(cl, c, b, 0, ch, p),
+                                  ld<A>(cl, cn, b, 0, ch, p), ld<A>(cl, gcn, b, 0, ch, p), A(0), g[0], g[1], g[2],
                                   gcp);
-    const A go = ld<A>(gcar, b, gx.ptr ? 3 : 0, C, ch, p);
+    const A go = ld<A>(cl, gcar, b, gx.ptr ? 3 : 0, ch, p);
     for (int j = 0; j < 3; ++j) {
-      st(gh, b, j, C, ch, p, g[j]);
-      if (gcg.ptr) st(gcg, b, j, C, ch, p, g[j]);
+      st(cl, gh, b, j, ch, p, g[j]);
+      if (gcg.ptr) st(cl, gcg, b, j, ch, p, g[j]);
       if (gx.ptr) {
-        st(gx, b, j, C, ch, p, g[j]);
-        st(gx, b, 3 + j, C, ch, p, ld<A>(gcar, b, j, C, ch, p));
+        st(cl, gx, b, j, ch, p, g[j]);
+        st(cl, gx, b, 3 + j, ch, p, ld<A>(cl, gcar, b, j, ch, p));
       }
     }
-    st(gh, b, 3, C, ch, p, go);
-    if (gx.ptr) st(gx, b, 6, C, ch, p, go);
-    st(gc, b, 0, C, ch, p, gcp);
+    st(cl, gh, b, 3, ch, p, go);
+    if (gx.ptr) st(cl, gx, b, 6, ch, p, go);
+    st(cl, gc, b, 0, ch, p, gcp);
   }
 }
 
 template <typename T>
-__global__ void memory_fwd_kernel(Planes<T> car, Planes<T> mg, Planes<T> k, Planes<T> mn, Planes<T> op,
-                                  Planes<T> act, bool carry_x, int64_t C, int64_t HW, int64_t n,
+__global__ void memory_fwd_kernel(Rows<T> car, Rows<T> mg, Rows<T> k, Rows<T> mn, Rows<T> op,
+                                  Rows<T> act, bool carry_x, bool cl, int64_t C, int64_t HW, int64_t n,
                                   at::opmath_type<T> fb) {
   using A = at::opmath_type<T>;
   VPFAST_CAUSAL_LOOP(n, C, HW) {
-    A qi = ld<A>(mg, b, 0, C, ch, p), qf = ld<A>(mg, b, 1, C, ch, p), qg = ld<A>(k, b, 1, C, ch, p);
+    A qi = ld<A>(cl, mg, b, 0, ch, p), qf = ld<A>(cl, mg, b, 1, ch, p), qg = ld<A>(cl, k, b, 1, ch, p);
     if (carry_x) {  // (x + m) + c2m, as the reference sums
-      qi = ld<A>(car, b, 0, C, ch, p) + qi;
-      qf = ld<A>(car, b, 1, C, ch, p) + qf;
-      qg = ld<A>(car, b, 2, C, ch, p) + qg;
+      qi = ld<A>(cl, car, b, 0, ch, p) + qi;
+      qf = ld<A>(cl, car, b, 1, ch, p) + qf;
+      qg = ld<A>(cl, car, b, 2, ch, p) + qg;
     }
-    qi += ld<A>(k, b, 0, C, ch, p);
-    qf += ld<A>(k, b, 2, C, ch, p);
-    const A t = fast_tanh<A>(ld<A>(mg, b, 2, C, ch, p));
+    qi += ld<A>(cl, k, b, 0, ch, p);
+    qf += ld<A>(cl, k, b, 2, ch, p);
+    const A t = fast_tanh<A>(ld<A>(cl, mg, b, 2, ch, p));
     A i, f, g, m_;
     lstm::cell_forward<A>(qi, qf, qg, t, fb, i, f, g, m_);
-    st(mn, b, 0, C, ch, p, m_);
-    st(op, b, 0, C, ch, p, ld<A>(car, b, carry_x ? 3 : 0, C, ch, p) + ld<A>(k, b, 3, C, ch, p));
-    st(act, b, 0, C, ch, p, i);
-    st(act, b, 1, C, ch, p, f);
-    st(act, b, 2, C, ch, p, t);
+    st(cl, mn, b, 0, ch, p, m_);
+    st(cl, op, b, 0, ch, p, ld<A>(cl, car, b, carry_x ? 3 : 0, ch, p) + ld<A>(cl, k, b, 3, ch, p));
+    st(cl, act, b, 0, ch, p, i);
+    st(cl, act, b, 1, ch, p, f);
+    st(cl, act, b, 2, ch, p, t);
   }
 }
 
 template <typename T>
-__global__ void memory_bwd_kernel(Planes<T> gm, Planes<T> gop, Planes<T> act, Planes<T> mn, Planes<T> gcar,
-                                  Planes<T> gmg, Planes<T> gk, bool carry_x, int64_t C, int64_t HW, int64_t n) {
+__global__ void memory_bwd_kernel(Rows<T> gm, Rows<T> gop, Rows<T> act, Rows<T> mn, Rows<T> gcar,
+                                  Rows<T> gmg, Rows<T> gk, bool carry_x, bool cl, int64_t C, int64_t HW, int64_t n) {
   using A = at::opmath_type<T>;
   VPFAST_CAUSAL_LOOP(n, C, HW) {
     A gi, gf, gg, gmh;
-    causal::memory_backward<A>(ld<A>(act, b, 0, C, ch, p), ld<A>(act, b, 1, C, ch, p), ld<A>(act, b, 2, C, ch, p),
-                               ld<A>(mn, b, 0, C, ch, p), ld<A>(gm, b, 0, C, ch, p), gi, gf, gg, gmh);
-    const A go = ld<A>(gop, b, 0, C, ch, p);
-    st(gmg, b, 0, C, ch, p, gi);
-    st(gmg, b, 1, C, ch, p, gf);
-    st(gmg, b, 2, C, ch, p, gmh);
-    st(gk, b, 0, C, ch, p, gi);
-    st(gk, b, 1, C, ch, p, gg);
-    st(gk, b, 2, C, ch, p, gf);
-    st(gk, b, 3, C, ch, p, go);
+    causal::memory_backward<A>(ld<A>(cl, act, b, 0, ch, p), ld<A>(cl, act, b, 1, ch, p), ld<A>(cl, act, b, 2, ch, p),
+                               ld<A>(cl, mn, b, 0, ch, p), ld<A>(cl, gm, b, 0, ch, p), gi, gf, gg, gmh);
+    const A go = ld<A>(cl, gop, b, 0, ch, p);
+    st(cl, gmg, b, 0, ch, p, gi);
+    st(cl, gmg, b, 1, ch, p, gf);
+    st(cl, gmg, b, 2, ch, p, gmh);
+    st(cl, gk, b, 0, ch, p, gi);
+    st(cl, gk, b, 1, ch, p, gg);
+    st(cl, gk, b, 2, ch, p, gf);
+    st(cl, gk, b, 3, ch, p, go);
     if (carry_x) {
-      st(gcar, b, 0, C, ch, p, gi);
-      st(gcar, b, 1, C, ch, p, gf);
-      st(gcar, b, 2, C, ch, p, gg);
+      st(cl, gcar, b, 0, ch, p, gi);
+      st(cl, gcar, b, 1, ch, p, gf);
+      st(cl, gcar, b, 2, ch, p, gg);
     }
-    st(gcar, b, carry_x ? 3 : 0, C, ch, p, go);
+    st(cl, gcar, b, carry_x ? 3 : 0, ch, p, go);
   }
 }
 
 // forward: (a, b, c) = (o_part, o_m, last) -> (h, o, tl); backward: (grad_h, o, tl) -> (grad_pre, grad_last)
 template <typename T, bool FWD>
-__global__ void output_kernel(Planes<T> x, Planes<T> y, Planes<T> z, Planes<T> o0, Planes<T> o1, Planes<T> o2,
-                              int64_t C, int64_t HW, int64_t n) {
+__global__ void output_kernel(Rows<T> x, Rows<T> y, Rows<T> z, Rows<T> o0, Rows<T> o1, Rows<T> o2,
+                              bool cl, int64_t C, int64_t HW, int64_t n) {
   using A = at::opmath_type<T>;
   VPFAST_CAUSAL_LOOP(n, C, HW) {
-    const A a = ld<A>(x, b, 0, C, ch, p), bb = ld<A>(y, b, 0, C, ch, p), c = ld<A>(z, b, 0, C, ch, p);
+    const A a = ld<A>(cl, x, b, 0, ch, p), bb = ld<A>(cl, y, b, 0, ch, p), c = ld<A>(cl, z, b, 0, ch, p);
     if constexpr (FWD) {
       A o, tl, h;
       causal::output_forward<A>(a + bb, c, o, tl, h);
-      st(o0, b, 0, C, ch, p, h);
-      st(o1, b, 0, C, ch, p, o);
-      st(o2, b, 0, C, ch, p, tl);
+      st(cl, o0, b, 0, ch, p, h);
+      st(cl, o1, b, 0, ch, p, o);
+      st(cl, o2, b, 0, ch, p, tl);
     } else {
       A gp, gl;
       causal::output_backward<A>(a, bb, c, gp, gl);
-      st(o0, b, 0, C, ch, p, gp);
-      st(o1, b, 0, C, ch, p, gl);
+      st(cl, o0, b, 0, ch, p, gp);
+      st(cl, o1, b, 0, ch, p, gl);
     }
   }
 }
@@ -178,14 +185,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_cell_forward_cuda(con
                                                                              const std::optional<at::Tensor>& c_g,
                                                                              const at::Tensor& c, double forget_bias) {
   const c10::cuda::CUDAGuard guard(c.device());
-  const auto a = causal::cell_forward_args(x_g, h_g, c_g, c, lstm::empty_alloc);
+  const auto a = causal::cell_forward_args(x_g, h_g, c_g, c, alloc);
   const int64_t n = a.B * a.C * a.HW;
   if (n == 0) return {a.c_new, a.carry, a.act};
   VPFAST_DISPATCH_CAUSAL(a.c.scalar_type(), "causal_lstm_cell_forward_cuda", [&] {
     using T = scalar_t;
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
     cell_fwd_kernel<T><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        planes_opt<T>(a.has_x, a.x_g), planes<T>(a.h_g), planes_opt<T>(a.has_c, a.c_g), planes<T>(a.c),
-        planes<T>(a.c_new), planes<T>(a.carry), planes<T>(a.act), a.C, a.HW, n,
+        R(a.x_g), R(a.h_g), R(a.c_g), R(a.c),
+        R(a.c_new), R(a.carry), R(a.act), a.cl, a.C, a.HW, n,
         static_cast<at::opmath_type<T>>(forget_bias));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -197,14 +205,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_lstm_cell_back
     const at::Tensor& c, bool has_x, bool has_c) {
   const c10::cuda::CUDAGuard guard(c.device());
   const auto a =
-      causal::cell_backward_args(grad_c_new, grad_carry, act, c_new, c, has_x, has_c, lstm::empty_alloc);
+      causal::cell_backward_args(grad_c_new, grad_carry, act, c_new, c, has_x, has_c, alloc);
   const int64_t n = a.B * a.C * a.HW;
   if (n == 0) return {a.gx, a.gh, a.gcg, a.gc};
   VPFAST_DISPATCH_CAUSAL(a.c.scalar_type(), "causal_lstm_cell_backward_cuda", [&] {
     using T = scalar_t;
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
     cell_bwd_kernel<T><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        planes<T>(a.gcn), planes<T>(a.gcar), planes<T>(a.act), planes<T>(a.cn), planes<T>(a.c),
-        planes_opt<T>(has_x, a.gx), planes<T>(a.gh), planes_opt<T>(has_c, a.gcg), planes<T>(a.gc), a.C, a.HW, n);
+        R(a.gcn), R(a.gcar), R(a.act), R(a.cn), R(a.c),
+        R(a.gx), R(a.gh), R(a.gcg), R(a.gc), a.cl, a.C, a.HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {a.gx, a.gh, a.gcg, a.gc};
@@ -215,14 +224,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_memory_forward_cuda(c
                                                                                const at::Tensor& c2m_g,
                                                                                double forget_bias) {
   const c10::cuda::CUDAGuard guard(m_g.device());
-  const auto a = causal::memory_forward_args(carry, m_g, c2m_g, lstm::empty_alloc);
+  const auto a = causal::memory_forward_args(carry, m_g, c2m_g, alloc);
   const int64_t n = a.B * a.C * a.HW;
   if (n == 0) return {a.m_new, a.o_part, a.act};
   VPFAST_DISPATCH_CAUSAL(a.m_g.scalar_type(), "causal_lstm_memory_forward_cuda", [&] {
     using T = scalar_t;
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
     memory_fwd_kernel<T><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        planes<T>(a.carry), planes<T>(a.m_g), planes<T>(a.c2m_g), planes<T>(a.m_new), planes<T>(a.o_part),
-        planes<T>(a.act), a.carry_x, a.C, a.HW, n, static_cast<at::opmath_type<T>>(forget_bias));
+        R(a.carry), R(a.m_g), R(a.c2m_g), R(a.m_new), R(a.o_part),
+        R(a.act), a.carry_x, a.cl, a.C, a.HW, n, static_cast<at::opmath_type<T>>(forget_bias));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {a.m_new, a.o_part, a.act};
@@ -234,14 +244,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_memory_backward_cuda(
                                                                                 const at::Tensor& m_new,
                                                                                 bool carry_x) {
   const c10::cuda::CUDAGuard guard(m_new.device());
-  const auto a = causal::memory_backward_args(grad_m_new, grad_o_part, act, m_new, carry_x, lstm::empty_alloc);
+  const auto a = causal::memory_backward_args(grad_m_new, grad_o_part, act, m_new, carry_x, alloc);
   const int64_t n = a.B * a.C * a.HW;
   if (n == 0) return {a.gcar, a.gmg, a.gc2m};
   VPFAST_DISPATCH_CAUSAL(a.mn.scalar_type(), "causal_lstm_memory_backward_cuda", [&] {
     using T = scalar_t;
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
     memory_bwd_kernel<T><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        planes<T>(a.gm), planes<T>(a.gop), planes<T>(a.act), planes<T>(a.mn), planes<T>(a.gcar), planes<T>(a.gmg),
-        planes<T>(a.gc2m), carry_x, a.C, a.HW, n);
+        R(a.gm), R(a.gop), R(a.act), R(a.mn), R(a.gcar), R(a.gmg),
+        R(a.gc2m), carry_x, a.cl, a.C, a.HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {a.gcar, a.gmg, a.gc2m};
@@ -251,14 +262,15 @@ template <bool FWD>
 causal::Output output_stage(const char* op, const at::Tensor& x, const char* xn, const at::Tensor& y, const char* yn,
                             const at::Tensor& z, const char* zn) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto a = causal::output_args(op, x, xn, y, yn, z, zn, FWD ? 3 : 2, lstm::empty_alloc);
+  auto a = causal::output_args(op, x, xn, y, yn, z, zn, FWD ? 3 : 2, FWD, alloc);
   const int64_t n = a.B * a.C * a.HW;
   if (n == 0) return a;
   VPFAST_DISPATCH_CAUSAL(a.a.scalar_type(), "causal_lstm_output_cuda", [&] {
     using T = scalar_t;
+    const auto R = [&](const at::Tensor& t) { return causal::rows<T>(t, a.C, a.cl); };
     output_kernel<T, FWD><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        planes<T>(a.a), planes<T>(a.b), planes<T>(a.c), planes<T>(a.out[0]), planes<T>(a.out[1]),
-        planes_opt<T>(FWD, a.out[2]), a.C, a.HW, n);
+        R(a.a), R(a.b), R(a.c), R(a.out[0]), R(a.out[1]),
+        R(a.out[2]), a.cl, a.C, a.HW, n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return a;

@@ -107,6 +107,11 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
 
     def _forward_fused(self, x, h, c, m):
         s, p, fb = self.stride, self.padding, self._forget_bias
+        if x.device.type == "cpu":
+            # channels_last on the CPU: oneDNN's convolutions at these sizes ran 12-13% faster in it (the six
+            # of a `small` cell step, fwd+bwd, interleaved runs), the fused stages run in it too, and the
+            # returned states stay in it, so a time loop converts its inputs once (no copy when they already are)
+            x, h, c, m = (t.contiguous(memory_format=torch.channels_last) for t in (x, h, c, m))
         if self.merge_convs:
             w_xhc, w_xk = self.merged_weights()
             x_g, h_g, c_g = None, cat_conv_many((x, h, c), w_xhc, s, p), None

@@ -91,26 +91,39 @@ def causal_lstm_output_reference(o_part: torch.Tensor, o_m: torch.Tensor, last: 
 
 
 # ---- cpp / cuda: compiled ops, fake kernels and autograd ------------------------------------------------
-def _maps(like, C, *ks):
-    """[B, k*C, H, W] tensors shaped after `like`'s batch and planes; k = 0 gives an empty tensor."""
-    B, _, H, W = like.shape
-    return tuple(like.new_empty((B, k * C, H, W)) if k else like.new_empty((0,)) for k in ks)
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether an op call whose layout operand is t runs in channels_last (else planar): t is channels_last and
+    not also contiguous (csrc/common/causal_lstm.h decides the same way)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _maps(layout, C, *ks):
+    """[B, k*C, H, W] outputs with `layout`'s batch, planes and layout (channels_last or contiguous); k = 0 gives
+    an empty tensor."""
+    B, _, H, W = layout.shape
+    fmt = torch.channels_last if channels_last(layout) else torch.contiguous_format
+    return tuple(torch.empty((B, k * C, H, W), dtype=layout.dtype, device=layout.device, memory_format=fmt)
+                 if k else layout.new_empty((0,)) for k in ks)
 
 
 def _cell_fake(x_g, h_g, c_g, c):
     return _maps(c, c.shape[1], 1, 4 if x_g is not None else 1, 2)
 
 
-def _cell_bwd_fake(c, has_x, has_c):
-    return _maps(c, c.shape[1], 7 if has_x else 0, 4, 3 if has_c else 0, 1)
+def _cell_bwd_fake(act, c, has_x, has_c):
+    return _maps(act, c.shape[1], 7 if has_x else 0, 4, 3 if has_c else 0, 1)
 
 
 def _memory_fake(carry, m_g):
     return _maps(m_g, m_g.shape[1] // 3, 1, 1, 3)
 
 
-def _memory_bwd_fake(m_new, carry_x):
-    return _maps(m_new, m_new.shape[1], 4 if carry_x else 1, 3, 4)
+def _memory_bwd_fake(act, m_new, carry_x):
+    return _maps(act, m_new.shape[1], 4 if carry_x else 1, 3, 4)
+
+
+def _output_fake(layout, n):
+    return _maps(layout, layout.shape[1], *(1,) * n)
 
 
 def _zeros_if_none(g, like):
@@ -131,7 +144,7 @@ def _make_autograd(cell_bwd, memory_bwd, output_bwd):
     def cell_backward(ctx, g_cn, g_carry, _g_act):
         act, c_new, c = ctx.saved_tensors
         if g_carry is None:
-            g_carry = _maps(c, c.shape[1], 4 if ctx.has_x else 1)[0].zero_()
+            g_carry = _maps(act, c.shape[1], 4 if ctx.has_x else 1)[0].zero_()
         gx, gh, gcg, gc = cell_bwd(_zeros_if_none(g_cn, c), g_carry, act, c_new, c, ctx.has_x, ctx.has_c)
         need = ctx.needs_input_grad
         return (gx if ctx.has_x and need[0] else None, gh if need[1] else None,
@@ -182,7 +195,7 @@ if _ext.has_kernel("causal_lstm_cell_forward", "CPU") or _ext.has_kernel("causal
 
     @torch.library.register_fake("vpfast::causal_lstm_cell_backward")
     def _(g_cn, g_carry, act, c_new, c, has_x, has_c):
-        return _cell_bwd_fake(c, has_x, has_c)
+        return _cell_bwd_fake(act, c, has_x, has_c)
 
     @torch.library.register_fake("vpfast::causal_lstm_memory_forward")
     def _(carry, m_g, c2m_g, forget_bias):
@@ -190,15 +203,15 @@ if _ext.has_kernel("causal_lstm_cell_forward", "CPU") or _ext.has_kernel("causal
 
     @torch.library.register_fake("vpfast::causal_lstm_memory_backward")
     def _(g_mn, g_op, act, m_new, carry_x):
-        return _memory_bwd_fake(m_new, carry_x)
+        return _memory_bwd_fake(act, m_new, carry_x)
 
     @torch.library.register_fake("vpfast::causal_lstm_output_forward")
     def _(o_part, o_m, last):
-        return tuple(torch.empty_like(o_part) for _ in range(3))
+        return _output_fake(o_part, 3)
 
     @torch.library.register_fake("vpfast::causal_lstm_output_backward")
     def _(g_h, o, tl):
-        return torch.empty_like(o), torch.empty_like(o)
+        return _output_fake(o, 2)
 
     _register_autograd(lambda op, bwd, setup: torch.library.register_autograd(op, bwd, setup_context=setup),
                        [f"vpfast::causal_lstm_{s}_forward" for s in ("cell", "memory", "output")],
@@ -229,7 +242,7 @@ def _cell_triton_bwd(g_cn: torch.Tensor, g_carry: torch.Tensor, act: torch.Tenso
 
 @_cell_triton_bwd.register_fake
 def _(g_cn, g_carry, act, c_new, c, has_x, has_c):
-    return _cell_bwd_fake(c, has_x, has_c)
+    return _cell_bwd_fake(act, c, has_x, has_c)
 
 
 @torch.library.custom_op("vpfast::causal_lstm_memory_forward_triton", mutates_args=())
@@ -253,7 +266,7 @@ def _memory_triton_bwd(g_mn: torch.Tensor, g_op: torch.Tensor, act: torch.Tensor
 
 @_memory_triton_bwd.register_fake
 def _(g_mn, g_op, act, m_new, carry_x):
-    return _memory_bwd_fake(m_new, carry_x)
+    return _memory_bwd_fake(act, m_new, carry_x)
 
 
 @torch.library.custom_op("vpfast::causal_lstm_output_forward_triton", mutates_args=())
@@ -265,7 +278,7 @@ def _output_triton_fwd(o_part: torch.Tensor, o_m: torch.Tensor,
 
 @_output_triton_fwd.register_fake
 def _(o_part, o_m, last):
-    return tuple(torch.empty_like(o_part) for _ in range(3))
+    return _output_fake(o_part, 3)
 
 
 @torch.library.custom_op("vpfast::causal_lstm_output_backward_triton", mutates_args=())
@@ -276,7 +289,7 @@ def _output_triton_bwd(g_h: torch.Tensor, o: torch.Tensor, tl: torch.Tensor) -> 
 
 @_output_triton_bwd.register_fake
 def _(g_h, o, tl):
-    return torch.empty_like(o), torch.empty_like(o)
+    return _output_fake(o, 2)
 
 
 _register_autograd(lambda op, bwd, setup: op.register_autograd(bwd, setup_context=setup),
