@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.causal_lstm import CELL as _CELL, causal_lstm_cell, causal_lstm_memory, causal_lstm_output
@@ -94,36 +95,56 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
 
     # ---- the fused path --------------------------------------------------------------------------------
     def _derive_merged_weights(self):
+        """The fused path's convolution weights (no LayerNorm): merged or the reference's own, channels_last on
+        the CPU (a convolution of channels_last input would otherwise copy its NCHW weight on every call)."""
         C = self.num_hidden
-        wx, wh, wc, wk = (self.conv_x[0].weight, self.conv_h[0].weight, self.conv_c[0].weight,
-                          self.conv_c2m[0].weight)
-        zero_c = wc.new_zeros((C,) + tuple(wc.shape[1:]))
-        zero_x = wx.new_zeros((C,) + tuple(wx.shape[1:]))
-        # [4C, in + 2C]: i, f, g over x, h, c; o over x and h (no c term)
-        w_xhc = torch.cat((torch.cat((wx[: 3 * C], wx[6 * C:]), 0), wh, torch.cat((wc, zero_c), 0)), 1)
-        # [4C, in + C] in conv_c2m's order i', g', f', o: the x terms of i', g', f' (o_x went to w_xhc)
-        w_xk = torch.cat((torch.cat((wx[3 * C: 4 * C], wx[5 * C: 6 * C], wx[4 * C: 5 * C], zero_x), 0), wk), 1)
-        return w_xhc, w_xk
+        wx, wh, wc, wm, wk, wo, wl = (self.conv_x[0].weight, self.conv_h[0].weight, self.conv_c[0].weight,
+                                      self.conv_m[0].weight, self.conv_c2m[0].weight, self.conv_om[0].weight,
+                                      self.conv_last.weight)
+        if self.merge_convs:
+            zero_c = wc.new_zeros((C,) + tuple(wc.shape[1:]))
+            zero_x = wx.new_zeros((C,) + tuple(wx.shape[1:]))
+            # [4C, in + 2C]: i, f, g over x, h, c; o over x and h (no c term)
+            w_xhc = torch.cat((torch.cat((wx[: 3 * C], wx[6 * C:]), 0), wh, torch.cat((wc, zero_c), 0)), 1)
+            # [4C, in + C] in conv_c2m's order i', g', f', o: the x terms of i', g', f' (o_x went to w_xhc)
+            w_xk = torch.cat((torch.cat((wx[3 * C: 4 * C], wx[5 * C: 6 * C], wx[4 * C: 5 * C], zero_x), 0), wk), 1)
+            ws = (w_xhc, wm, w_xk, wo, wl)
+        else:
+            ws = (wx, wh, wc, wm, wk, wo, wl)
+        if wx.device.type == "cpu":
+            ws = tuple(w.contiguous(memory_format=torch.channels_last) for w in ws)
+        return ws
 
     def _forward_fused(self, x, h, c, m):
         s, p, fb = self.stride, self.padding, self._forget_bias
-        if x.device.type == "cpu":
-            # channels_last on the CPU: oneDNN's convolutions at these sizes ran 12-13% faster in it (the six
-            # of a `small` cell step, fwd+bwd, interleaved runs), the fused stages run in it too, and the
-            # returned states stay in it, so a time loop converts its inputs once (no copy when they already are)
-            x, h, c, m = (t.contiguous(memory_format=torch.channels_last) for t in (x, h, c, m))
-        if self.merge_convs:
-            w_xhc, w_xk = self.merged_weights()
-            x_g, h_g, c_g = None, cat_conv_many((x, h, c), w_xhc, s, p), None
-        else:
+
+        def conv(t, w):
+            return F.conv2d(t, w, None, s, p)
+
+        if self.layer_norm:  # the reference's conv -> LayerNorm blocks, planar
             x_g, h_g, c_g = self.conv_x(x), self.conv_h(h), self.conv_c(c)
+            conv_m, conv_c2m, conv_om, w_last = self.conv_m, self.conv_c2m, self.conv_om, self.conv_last.weight
+        else:
+            if x.device.type == "cpu":
+                # channels_last on the CPU: oneDNN's convolutions at these sizes ran 12-13% faster in it (the
+                # six of a `small` cell step, fwd+bwd, interleaved runs), the fused stages run in it too, and
+                # the returned states stay in it, so a time loop converts its inputs once (no copy after that)
+                x, h, c, m = (t.contiguous(memory_format=torch.channels_last) for t in (x, h, c, m))
+            ws = self.merged_weights()
+            if self.merge_convs:
+                w_xhc, w_m, w_xk, w_om, w_last = ws
+                x_g, h_g, c_g = None, cat_conv_many((x, h, c), w_xhc, s, p), None
+            else:
+                w_x, w_h, w_c, w_m, w_k, w_om, w_last = ws
+                x_g, h_g, c_g = conv(x, w_x), conv(h, w_h), conv(c, w_c)
+            conv_m, conv_om = (lambda t: conv(t, w_m)), (lambda t: conv(t, w_om))
+            conv_c2m = (lambda t: cat_conv(x, t, w_xk, s, p)) if self.merge_convs else (lambda t: conv(t, w_k))
         # the public ops, not their kernels: they cast by their autocast policy, run the kernel with autocast
         # off, and auto picks by what they are actually handed (fused_backend predicted that choice)
         c_new, carry = causal_lstm_cell(x_g, h_g, c_g, c, fb, backend=self.backend)
-        c2m_g = cat_conv(x, c_new, w_xk, s, p) if self.merge_convs else self.conv_c2m(c_new)
-        m_new, o_part = causal_lstm_memory(carry, self.conv_m(m), c2m_g, fb, backend=self.backend)
-        last = cat_conv(c_new, m_new, self.conv_last.weight, 1, 0)
-        h_new = causal_lstm_output(o_part, self.conv_om(m_new), last, backend=self.backend)
+        m_new, o_part = causal_lstm_memory(carry, conv_m(m), conv_c2m(c_new), fb, backend=self.backend)
+        last = cat_conv(c_new, m_new, w_last, 1, 0)
+        h_new = causal_lstm_output(o_part, conv_om(m_new), last, backend=self.backend)
         return h_new, c_new, m_new
 
     # ---- the reference arithmetic, verbatim ------------------------------------------------------------
