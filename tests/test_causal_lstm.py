@@ -1,5 +1,6 @@
 """Fused Causal LSTM pointwise ops and vpfast.nn.CausalLSTMCell / GHU vs the reference arithmetic (MODELS.md §10)."""
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -65,16 +66,21 @@ def _chain(backend, ins, dtype=None, dev="cpu", grads=True):
 @pytest.mark.parametrize("has_x,has_c", [(True, True), (False, False), (True, False), (False, True)],
                          ids=["separate", "merged", "x-only", "c-only"])
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 5, 4, 17)], ids=["b1", "b2"])
-def test_stages_vs_reference(backend, dtype, has_x, has_c, shape):
-    if _interpreted(backend) and shape != (1, 3, 5, 7):
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_stages_vs_reference(backend, dtype, has_x, has_c, shape, layout):
+    if _interpreted(backend) and (shape != (1, 3, 5, 7) or dtype == torch.float32):
         pytest.skip("Triton interpreter: one small shape is enough")
     dev = device_for(backend)
     ins = _case(*shape, has_x=has_x, has_c=has_c)
+    if layout == "channels_last":  # the CPU cell's layout; c2m_g (from c_new) and the carry follow it
+        ins = [None if t is None else t.contiguous(memory_format=torch.channels_last) for t in ins]
     with exact_float32():
         ref = _chain("torch", ins, dtype, dev)
         out = _chain(backend, ins, dtype, dev)
     for name, a, b in zip(NAMES, out, ref):
         torch.testing.assert_close(a, b, **tol(dtype), msg=lambda s: f"{name}: {s}")
+    if layout == "channels_last" and backend != "torch":  # outputs in the call's layout (the ops' contract)
+        assert all(S.channels_last(t) for t in out[:5]), [t.stride() for t in out[:5]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,14 +138,18 @@ def test_gradcheck(backend, has_x):
 
 
 def _opcheck_cases(dev):
-    for has_x, has_c in ((True, True), (False, False), (True, False)):
-        x_g, h_g, c_g, c, m_g = [None if t is None else t.float().to(dev).requires_grad_()
+    for (has_x, has_c), cl in itertools.product(((True, True), (False, False), (True, False)), (False, True)):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        x_g, h_g, c_g, c, m_g = [None if t is None else
+                                 t.float().to(dev).contiguous(memory_format=fmt).requires_grad_()
                                  for t in _case(2, 2, 3, 4, has_x=has_x, has_c=has_c, seed=2)]
         yield "cell", (x_g, h_g, c_g, c, 1.0)
-        carry = torch.randn(2, 8 if has_x else 2, 3, 4, device=dev, requires_grad=True)
-        yield "memory", (carry, m_g, torch.randn(2, 8, 3, 4, device=dev, requires_grad=True), 1.0)
-    a, b, c = (torch.randn(2, 3, 4, 5, device=dev, requires_grad=True) for _ in range(3))
-    yield "output", (a, b, c)
+        carry = torch.randn(2, 8 if has_x else 2, 3, 4, device=dev).contiguous(memory_format=fmt).requires_grad_()
+        c2m = torch.randn(2, 8, 3, 4, device=dev).contiguous(memory_format=fmt).requires_grad_()
+        yield "memory", (carry, m_g, c2m, 1.0)
+        a, b, c = (torch.randn(2, 3, 4, 5, device=dev).contiguous(memory_format=fmt).requires_grad_()
+                   for _ in range(3))
+        yield "output", (a, b, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -250,10 +260,11 @@ def test_state_dict_keys_and_merge_choice():
     want = entries("predrnnpp_mmnist.txt", "cell_list.1.")
     big = CausalLSTMCell(128, 128, 16, 16, 5, 1, False)
     assert {k: tuple(v.shape) for k, v in big.state_dict().items()} == want
-    # the Moving-MNIST cells' assembled weights would be 8.2M elements: separate convolutions; `small` merges
-    assert not big.merge_convs and CausalLSTMCell(16, 16, 16, 16, 3, 1, False).merge_convs
-    assert not CausalLSTMCell(16, 16, 16, 16, 3, 2, False).merge_convs  # stride 2: no [x, c_t] convolution
+    # separate convolutions unless asked (measured faster on the CPU); the GHU's exact [x, z] merge when small
+    assert not big.merge_convs and not CausalLSTMCell(16, 16, 16, 16, 3, 1, False).merge_convs
+    assert CausalLSTMCell(16, 16, 16, 16, 3, 1, False, merge_convs=True).merge_convs
     assert GHU(16, 16, 16, 16, 3, 1, False).merge_convs and not GHU(16, 16, 16, 16, 3, 1, True).merge_convs
+    assert not GHU(128, 128, 16, 16, 5, 1, False).merge_convs and not GHU(16, 16, 16, 16, 3, 2, False).merge_convs
 
 
 def test_bad_inputs():

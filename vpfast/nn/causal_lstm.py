@@ -48,14 +48,16 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
     merge_convs: with layer_norm off (and stride 1), compute the gates with four k x k convolutions instead of
       six: one over [x, h, c_{t-1}] (i, f, g, o: the sums i_x + i_h + i_c happen inside the convolution; o gets
       x and h, its c block is zero), conv_m over m, one over [x, c_t] (i', g', f' with their x terms, and o_c2m,
-      whose x block is zero) and conv_om; conv_last runs over [c_t, m_t] without keeping the concatenation.
-      The zero blocks cost (in_channel + C) C k^2 multiply-adds per pixel out of the cell's 7 in_channel C + 15 C^2
-      (about 4% at in_channel = C); merging i, f, g, o over [x, h] and [c] separately or adding the x terms of
-      i', f', g' to the first convolution instead would take more convolutions or more zero blocks. The assembled
-      weights are derived from conv_x/conv_h/conv_c/conv_c2m on every use (state_dict keys unchanged), once per
-      time loop inside `with cell.unroll():`. None = merge when layer_norm is off, stride is 1 and the assembled
-      weights have at most MERGE_AUTO_MAX_ELEMENTS elements (the `small` preset merges, the Moving-MNIST one
-      with C=128, k=5 does not: vpfast/nn/_recurrent.py says why).
+      whose x block is zero) and conv_om. The zero blocks cost (in_channel + C) C k^2 multiply-adds per pixel out
+      of the cell's 7 in_channel C + 15 C^2 (about 4% at in_channel = C); merging without zero blocks would take
+      more convolutions. The assembled weights are derived from conv_x/conv_h/conv_c/conv_c2m on every use
+      (state_dict keys unchanged), once per time loop inside `with cell.unroll():`. None (default) = separate
+      convolutions: on this package's 2-core CPU a 10-step unrolled `small` cell (B=4, C=16, 16x16, k=3, fwd+bwd,
+      interleaved rounds) ran 1.06x the reference merged and 1.10x separate (the concatenations and the zero
+      blocks cost more than the fewer, larger convolutions save); not measured on a GPU yet.
+    CPU layout: with layer_norm off the fused path runs in channels_last on the CPU (oneDNN's convolutions at
+      these sizes ran 12-13% faster in it) and returns channels_last states; its convolution weights are
+      converted once per `unroll()` (values and state_dict unchanged).
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
@@ -65,10 +67,11 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
                        layer_norm=bool(layer_norm))
         C, k, ln = num_hidden, filter_size, self.layer_norm
         self.padding = k // 2
-        merged_elements = 4 * C * (2 * in_channel + 3 * C) * k * k
         if merge_convs and stride != 1:
             raise ValueError(f"merge_convs=True needs stride 1 (the [x, c_t] convolution), got stride={stride}")
-        self.merge_convs = choose_merge(merge_convs, ln, merged_elements) and stride == 1
+        # None = separate convolutions: merged ones measured slower on the CPU at the `small` preset (see the
+        # class docstring); choose_merge still refuses merge_convs=True with layer_norm
+        self.merge_convs = choose_merge(bool(merge_convs), ln, 0)
         self.conv_x = conv_block(in_channel, 7 * C, k, stride, ln, height, width)
         self.conv_h = conv_block(C, 4 * C, k, stride, ln, height, width)
         self.conv_c = conv_block(C, 3 * C, k, stride, ln, height, width)
