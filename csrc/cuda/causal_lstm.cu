@@ -81,8 +81,8 @@ __global__ void cell_fwd_kernel(Rows<T> x, Rows<T> hg, Rows<T> cg, Rows<T> c, Ro
 // is about one rounding of c_t in T (common/stlstm.h).
 template <typename T>
 __global__ void cell_bwd_kernel(Rows<T> gcn, Rows<T> gcar, Rows<T> act, Rows<T> cn, Rows<T> c,
-                                Rows<T> gx, Rows<T> gh, Rows<T> gcg, Rows<T> gc, int64_t C, int64_t HW,
-                                int64_t n) {
+                                Rows<T> gx, Rows<T> gh, Rows<T> gcg, Rows<T> gc, bool cl, int64_t C,
+                                int64_t HW, int64_t n) {
   using A = at::opmath_type<T>;
   VPFAST_CAUSAL_LOOP(n, C, HW) {
     A g[3], gcp;
