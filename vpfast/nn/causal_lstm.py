@@ -227,7 +227,12 @@ class GHU(MergedWeightsMixin, nn.Module):
             p, u = torch.split(cat_conv(x, z, self.merged_weights(), self.stride, self.filter_size // 2),
                                self.num_hidden, dim=1)
             # the op sums two pre-activations of the gate; the merged convolution gave the whole sum
-            return stlstm_output(u, torch.zeros_like(u), p, z, backend=self.backend)
+            z_new = stlstm_output(u, torch.zeros_like(u), p, z, backend=self.backend)
+            if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+                # next to channels_last Causal LSTM cells (their CPU layout): hand z on in it, so that the cell
+                # and this unit's next step keep one copy of it for backward, not one per layout
+                z_new = z_new.contiguous(memory_format=torch.channels_last)
+            return z_new
         # the same sums, split before adding: u = u_x + u_z inside the op, p = p_x + p_z here
         p_x, u_x = torch.split(self.x_concat(x), self.num_hidden, dim=1)
         p_z, u_z = torch.split(self.z_concat(z), self.num_hidden, dim=1)
