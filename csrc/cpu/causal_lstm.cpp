@@ -76,17 +76,6 @@ VPFAST_CPU_CLONES void copy_rows(T* __restrict__ dst, int64_t ds, const T* __res
   }
 }
 
-template <typename F>
-void with_flags(bool a, bool b, const F& f) {
-  if (a) {
-    if (b) f(std::true_type{}, std::true_type{});
-    else f(std::true_type{}, std::false_type{});
-  } else {
-    if (b) f(std::false_type{}, std::true_type{});
-    else f(std::false_type{}, std::false_type{});
-  }
-}
-
 // ---- stage 1: cell -------------------------------------------------------------------------------------
 // in: h_g i f g o | x_g i f g i' f' g' o (HAS_X) | c_g i f g (HAS_C) | c_prev;  out: c_new, i, f, carry[o]
 template <typename T, bool HAS_X, bool HAS_C>
@@ -134,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_lstm_cell_forward_cpu(cons
                pcg = R(a.c_g);
     const T fb = static_cast<T>(forget_bias);
     const int ko = a.has_x ? 3 : 0;  // the carry's o slot
-    with_flags(a.has_x, a.has_c, [&](auto HX, auto HC) {
+    cpu::with_flags(a.has_x, a.has_c, [&](auto HX, auto HC) {
       for_blocks(a, [&](int64_t b, int64_t o, int64_t count) {
         Block<const T, 15> in;
         slot_rows(ph, b, o, 0, 4, in, 0);

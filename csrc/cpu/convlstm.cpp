@@ -73,17 +73,6 @@ VPFAST_CPU_CLONES void bwd_row(const T* const* in, T* const* out, int64_t n) {
   }
 }
 
-template <typename F>
-void with_flags(bool a, bool b, F&& f) {
-  if (a) {
-    if (b) f(std::true_type{}, std::true_type{});
-    else f(std::true_type{}, std::false_type{});
-  } else {
-    if (b) f(std::false_type{}, std::true_type{});
-    else f(std::false_type{}, std::false_type{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::optional<at::Tensor>& x_g_,
                                                                     const at::Tensor& h_g_, const at::Tensor& c_,
                                                                     double forget_bias, bool tanh_c) {
@@ -94,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_forward_cpu(const std::o
                pa = planes<T>(a.act);
     const auto px = planes_opt<T>(a.has_x, a.x_g);
     const T fb = static_cast<T>(forget_bias);
-    with_flags(a.has_x, tanh_c, [&](auto HX, auto TC) {
+    cpu::with_flags(a.has_x, tanh_c, [&](auto HX, auto TC) {
       cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t s, int64_t e) {
         for (int64_t r = s; r < e; ++r) {
           const int64_t b = r / a.C, ch = r % a.C;
@@ -124,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convlstm_backward_cpu(const std::
     const auto pgh = planes_opt<T>(a.has_gh, a.gh);
     const auto pgc = planes_opt<T>(a.has_gc, a.gc);
     const auto pgx = planes_opt<T>(has_x, a.gx);
-    with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
+    cpu::with_flags(has_x, tanh_c, [&](auto HX, auto TC) {
       cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t s, int64_t e) {
         for (int64_t r = s; r < e; ++r) {
           const int64_t b = r / a.C, ch = r % a.C;

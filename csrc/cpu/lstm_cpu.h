@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/output_cache.h"
 
@@ -16,6 +17,18 @@ inline at::Tensor lstm_alloc(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 // plane rows (H*W elements each) per parallel task: about 16K elements, so small planes are not one task each
 inline int64_t lstm_grain(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, hw)); }
+
+// f(A, B) with two run-time flags as std::true_type / std::false_type: the row kernels' template flags
+template <typename F>
+void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
+}
 
 }  // namespace cpu
 }  // namespace vpfast

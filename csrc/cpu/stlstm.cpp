@@ -107,17 +107,6 @@ VPFAST_CPU_CLONES void gates_bwd_row(const T* const* in, T* const* out, int64_t 
   }
 }
 
-template <typename F>
-void with_flags(bool a, bool b, F&& f) {
-  if (a) {
-    if (b) f(std::true_type{}, std::true_type{});
-    else f(std::true_type{}, std::false_type{});
-  } else {
-    if (b) f(std::false_type{}, std::true_type{});
-    else f(std::false_type{}, std::false_type{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_cpu(
     const std::optional<at::Tensor>& x_g_, const at::Tensor& h_g_, const at::Tensor& m_g_, const at::Tensor& c_,
     const at::Tensor& m_, double forget_bias, bool with_delta) {
@@ -129,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_gates_forward_
     const auto pcm = planes<T>(a.cm), pop = planes<T>(a.o_part), pa = planes<T>(a.act);
     const auto pd = planes_opt<T>(with_delta, a.delta);
     const T fb = static_cast<T>(forget_bias);
-    with_flags(a.has_x, with_delta, [&](auto HX, auto DL) {
+    cpu::with_flags(a.has_x, with_delta, [&](auto HX, auto DL) {
       cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / a.C, ch = r % a.C;
@@ -166,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stlstm_ga
     const auto pgd = planes_opt<T>(a.with_delta, a.gd);
     const auto pgx = planes_opt<T>(has_x, a.gx);
     const auto pgh = planes<T>(a.gh), pgm = planes<T>(a.gm), pgc = planes<T>(a.gc), pgmm = planes<T>(a.gmp);
-    with_flags(has_x, a.with_delta, [&](auto HX, auto DL) {
+    cpu::with_flags(has_x, a.with_delta, [&](auto HX, auto DL) {
       cpu::parallel_for(0, a.B * a.C, cpu::lstm_grain(a.HW), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / a.C, ch = r % a.C;

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..ops.causal_lstm import CELL as _CELL, causal_lstm_cell, causal_lstm_memory, causal_lstm_output
 from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
-from ._recurrent import (MergedWeightsMixin, cat_conv, cat_conv_many, check_input, check_state, choose_merge,
+from ._recurrent import (MERGE_AUTO_MAX_ELEMENTS, MergedWeightsMixin, cat_conv, cat_conv_many, check_input, check_state, choose_merge,
                          conv_block, fused_backend, keep_cell_args, state_shape)
 
 
@@ -55,9 +55,12 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
       convolutions: on this package's 2-core CPU a 10-step unrolled `small` cell (B=4, C=16, 16x16, k=3, fwd+bwd,
       interleaved rounds) ran 1.06x the reference merged and 1.10x separate (the concatenations and the zero
       blocks cost more than the fewer, larger convolutions save); not measured on a GPU yet.
-    CPU layout: with layer_norm off the fused path runs in channels_last on the CPU (oneDNN's convolutions at
-      these sizes ran 12-13% faster in it) and returns channels_last states; its convolution weights are
-      converted once per `unroll()` (values and state_dict unchanged).
+    CPU layout: with layer_norm off and small weights (at most MERGE_AUTO_MAX_ELEMENTS in all: the `small`
+      preset) the fused path runs in channels_last on the CPU (oneDNN's convolutions at these sizes ran 12-13%
+      faster in it) and returns channels_last states; its convolution weights are converted once per
+      `unroll()` (values and state_dict unchanged). The Moving-MNIST cells (C=128, k=5: 9M weight elements)
+      stay planar: there the converted copies and their gradients cost more memory than the fused stages
+      save (a B=1 training step peaked at 357 MiB against eager's 294) and the step ran 0.92x.
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
@@ -72,6 +75,8 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
         # None = separate convolutions: merged ones measured slower on the CPU at the `small` preset (see the
         # class docstring); choose_merge still refuses merge_convs=True with layer_norm
         self.merge_convs = choose_merge(bool(merge_convs), ln, 0)
+        # channels_last on the CPU only where the per-loop weight copies are small (class docstring)
+        self._cpu_channels_last = (7 * in_channel + 15 * C) * C * k * k <= MERGE_AUTO_MAX_ELEMENTS
         self.conv_x = conv_block(in_channel, 7 * C, k, stride, ln, height, width)
         self.conv_h = conv_block(C, 4 * C, k, stride, ln, height, width)
         self.conv_c = conv_block(C, 3 * C, k, stride, ln, height, width)
@@ -114,7 +119,7 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
             ws = (w_xhc, wm, w_xk, wo, wl)
         else:
             ws = (wx, wh, wc, wm, wk, wo, wl)
-        if wx.device.type == "cpu":
+        if wx.device.type == "cpu" and self._cpu_channels_last:
             ws = tuple(w.contiguous(memory_format=torch.channels_last) for w in ws)
         return ws
 
@@ -128,7 +133,7 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
             x_g, h_g, c_g = self.conv_x(x), self.conv_h(h), self.conv_c(c)
             conv_m, conv_c2m, conv_om, w_last = self.conv_m, self.conv_c2m, self.conv_om, self.conv_last.weight
         else:
-            if x.device.type == "cpu":
+            if x.device.type == "cpu" and self._cpu_channels_last:
                 # channels_last on the CPU: oneDNN's convolutions at these sizes ran 12-13% faster in it (the
                 # six of a `small` cell step, fwd+bwd, interleaved runs), the fused stages run in it too, and
                 # the returned states stay in it, so a time loop converts its inputs once (no copy after that)
