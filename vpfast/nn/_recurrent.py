@@ -143,7 +143,7 @@ class MergedWeightsMixin:
     def _cast_merged(w, dt):
         if dt is None:
             return w
-        return tuple(t.to(dt) for t in w) if isinstance(w, tuple) else w.to(dt)
+        return tuple(t if t is None else t.to(dt) for t in w) if isinstance(w, tuple) else w.to(dt)
 
 
 def _policy_dtype(op, device: str, dtypes) -> torch.dtype:
@@ -184,42 +184,77 @@ def fused_backend(op, backend, ref: torch.Tensor, conv_shapes, states) -> str:
 
 
 class _CatConv(torch.autograd.Function):
-    """conv2d(cat([a, b], 1), weight) that does not keep the concatenation for backward.
+    """conv2d(cat([a, b], 1), weight, bias) that does not keep the concatenation for backward.
 
     Autograd would save the [B, Ca + Cb, H, W] concatenation of every step; a and b (the input and a state)
     are alive anyway, so backward rebuilds the concatenation instead (one copy, no extra saved memory).
-    a, b and weight have one dtype (`cat_conv` casts them under autocast).
+    a, b, weight (and bias) have one dtype (`cat_conv` casts them under autocast); stride and padding are pairs.
     """
 
     @staticmethod
-    def forward(ctx, a, b, weight, stride, padding):
+    def forward(ctx, a, b, weight, bias, stride, padding):
         ctx.save_for_backward(a, b, weight)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
         with torch.autocast(a.device.type, enabled=False) if a.device.type in ("cpu", "cuda") \
                 else contextlib.nullcontext():
-            return F.conv2d(torch.cat((a, b), 1), weight, None, stride, padding)
+            return F.conv2d(torch.cat((a, b), 1), weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
         a, b, weight = ctx.saved_tensors
         need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        gi, gw, _ = torch.ops.aten.convolution_backward(
-            grad.to(weight.dtype), torch.cat((a, b), 1), weight, None, [ctx.stride] * 2, [ctx.padding] * 2,
-            [1, 1], False, [0, 0], 1, [need_in, ctx.needs_input_grad[2], False])
-        ga = gb = None
+        need_bias = ctx.has_bias and ctx.needs_input_grad[3]
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            grad.to(weight.dtype), torch.cat((a, b), 1), weight, [weight.shape[0]] if ctx.has_bias else None,
+            list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], 1,
+            [need_in, ctx.needs_input_grad[2], need_bias])
+        ga = gb_ = None
         if need_in:
-            ga, gb = gi.split((a.shape[1], b.shape[1]), 1)
-        return ga, gb, gw, None, None
+            ga, gb_ = gi.split((a.shape[1], b.shape[1]), 1)
+        return ga, gb_, gw, gb if need_bias else None, None, None
 
 
-def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """conv2d over the channel concatenation [a, b] (no bias), saving a and b rather than the concatenation.
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
-    a: Tensor[B, Ca, H, W], b: Tensor[B, Cb, H, W], weight: Tensor[Cout, Ca + Cb, k, k] -> Tensor[B, Cout, Ho, Wo].
-    Under autocast, as F.conv2d: a, b and weight are cast to autocast's dtype (the casts are differentiable, so
-    gradients reach float32 parameters and states in float32), and so is the result.
+
+def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride, padding,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d over the channel concatenation [a, b] (+ bias), saving a and b rather than the concatenation.
+
+    a: Tensor[B, Ca, H, W], b: Tensor[B, Cb, H, W], weight: Tensor[Cout, Ca + Cb, kh, kw], bias: Tensor[Cout] or
+    None; stride, padding: int or pair -> Tensor[B, Cout, Ho, Wo].
+    Under autocast, as F.conv2d: a, b, weight and bias are cast to autocast's dtype (the casts are
+    differentiable, so gradients reach float32 parameters and states in float32), and so is the result.
     """
     dt = autocast_dtype(a)
     if dt is not None:
         a, b, weight = a.to(dt), b.to(dt), weight.to(dt)
-    return _CatConv.apply(a, b, weight, stride, padding)
+        bias = bias.to(dt) if bias is not None else None
+    return _CatConv.apply(a, b, weight, bias, _pair(stride), _pair(padding))
+
+
+class _PermuteBlocks(torch.autograd.Function):
+    """cat([t[j*size:(j+1)*size] for j in order]) along dim 0, whose backward is the inverse permutation (one
+    cat). Autograd's own slice-then-cat would back-propagate each block through a zero-filled gradient of t's
+    full size and add them up: for a ConvLSTM's weight (4.7 MB at 128 hidden channels) that was ~3% of a
+    PhyDNet training step here."""
+
+    @staticmethod
+    def forward(ctx, t, order, size):
+        ctx.order, ctx.size = order, size
+        return torch.cat([t.narrow(0, j * size, size) for j in order], 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pieces = grad.split(ctx.size, 0)
+        inverse = sorted(range(len(ctx.order)), key=ctx.order.__getitem__)
+        return torch.cat([pieces[i] for i in inverse], 0), None, None
+
+
+def permute_blocks(t: torch.Tensor, order, size: int) -> torch.Tensor:
+    """t: Tensor[len(order) * size, ...] with its blocks of `size` rows reordered: block i of the result is block
+    order[i] of t (order a permutation of range(len(order)))."""
+    if sorted(order) != list(range(len(order))) or t.shape[0] != len(order) * size:
+        raise ValueError(f"permute_blocks: order {order!r} must permute the {t.shape[0]} // {size} blocks of t")
+    return _PermuteBlocks.apply(t, tuple(order), size)

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._dispatch import resolve
 from ..ops.convlstm import OP as _CONVLSTM, convlstm
-from ._recurrent import MergedWeightsMixin, check_input, check_state, fused_backend
+from ._recurrent import (MergedWeightsMixin, autocast_dtype, cat_conv, check_input, check_state, fused_backend,
+                         permute_blocks)
+from ._weight_grad import defer_weight_grad, stash_conv
 
 
 def _pair(k):
@@ -26,17 +29,20 @@ def _pair(k):
 class PhyCellCell(nn.Module):
     """One PhyCell layer (OpenSTL `PhyCell_Cell`).
 
-    PhyCellCell(input_dim, F_hidden_dim, kernel_size, bias=1)
+    PhyCellCell(input_dim, F_hidden_dim, kernel_size, bias=1, backend=None)
 
     Parameters: F.conv1 [F_hidden_dim, input_dim, k, k] (+bias), F.bn1 GroupNorm(7, F_hidden_dim),
     F.conv2 [input_dim, F_hidden_dim, 1, 1] (+bias), convgate [input_dim, 2 input_dim, 3, 3] (+bias if `bias`).
 
     forward(x: Tensor[B, input_dim, H, W], hidden: Tensor[B, input_dim, H, W]) -> Tensor[B, input_dim, H, W]:
       K = σ(convgate([x, hidden])), H̃ = hidden + F(hidden), next = H̃ + K ⊙ (x − H̃)
+    backend: "torch" runs the reference verbatim; otherwise convgate runs as `cat_conv`, which saves x and
+      hidden (alive anyway) for backward instead of their [B, 2 input_dim, H, W] concatenation.
     """
 
-    def __init__(self, input_dim: int, F_hidden_dim: int, kernel_size, bias=1):
+    def __init__(self, input_dim: int, F_hidden_dim: int, kernel_size, bias=1, backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend
         self.input_dim = input_dim
         self.F_hidden_dim = F_hidden_dim
         self.kernel_size = _pair(kernel_size)
@@ -50,7 +56,11 @@ class PhyCellCell(nn.Module):
     def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         check_input(x, self.input_dim, self.convgate.weight)
         check_state("hidden", hidden, "x", x, tuple(x.shape))
-        k = torch.sigmoid(self.convgate(torch.cat([x, hidden], dim=1)))
+        if resolve(self.backend) == "torch":
+            k = torch.sigmoid(self.convgate(torch.cat([x, hidden], dim=1)))
+        else:
+            g = self.convgate
+            k = torch.sigmoid(cat_conv(x, hidden, g.weight, g.stride, g.padding, g.bias))
         tilde = hidden + self.F(hidden)
         return tilde + k * (x - tilde)
 
@@ -58,19 +68,19 @@ class PhyCellCell(nn.Module):
 class PhyCell(nn.Module):
     """Stack of PhyCell layers (OpenSTL `PhyCell`), stateless.
 
-    PhyCell(input_shape, input_dim, F_hidden_dims, n_layers, kernel_size, device=None)   (device is ignored:
-    states are created where the input lives)
+    PhyCell(input_shape, input_dim, F_hidden_dims, n_layers, kernel_size, device=None, backend=None)   (device
+    is ignored: states are created where the input lives)
 
     forward(x: Tensor[B, input_dim, H, W], H: list of n_layers Tensor[B, input_dim, H, W]) -> new H (list)
     """
 
     def __init__(self, input_shape, input_dim: int, F_hidden_dims: Sequence[int], n_layers: int, kernel_size,
-                 device=None):
+                 device=None, backend: Optional[str] = None):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.input_dim = input_dim
         self.n_layers = n_layers
-        self.cell_list = nn.ModuleList(PhyCellCell(input_dim, F_hidden_dims[i], kernel_size)
+        self.cell_list = nn.ModuleList(PhyCellCell(input_dim, F_hidden_dims[i], kernel_size, backend=backend)
                                        for i in range(n_layers))
 
     def init_hidden(self, x: torch.Tensor) -> list:
@@ -93,7 +103,9 @@ class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
     forward(x: Tensor[B, input_dim, H, W], hidden=(h, c): Tensor[B, hidden_dim, H, W] each) -> (h, c):
       c = σ(f) ⊙ c + σ(i) ⊙ tanh(g), h = σ(o) ⊙ tanh(c)   (no forget bias)
     backend: "torch" runs the reference verbatim; the fast backends run the fused convlstm step on the
-      convolution with its output channels reordered to i, f, g, o (derived once per `with cell.unroll():`).
+      convolution with its output channels reordered to i, f, g, o (derived once per `with cell.unroll():`),
+      computed by `cat_conv` (backward keeps x and h, alive anyway, rather than their concatenation: at
+      PhyDNet's sizes 640 channel maps per step over the three layers, ~11% of a training step's peak).
     """
 
     def __init__(self, input_shape, input_dim: int, hidden_dim: int, kernel_size, bias=1,
@@ -112,13 +124,9 @@ class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
         return f"backend={self.backend!r}"
 
     def _derive_merged_weights(self):
-        C = self.hidden_dim
-
-        def order(t):  # i, f, o, g -> i, f, g, o
-            return torch.cat((t[: 2 * C], t[3 * C:], t[2 * C: 3 * C]), 0)
-
-        w = order(self.conv.weight)
-        return (w, order(self.conv.bias)) if self.conv.bias is not None else (w,)
+        C, b = self.hidden_dim, self.conv.bias
+        w = permute_blocks(self.conv.weight, (0, 1, 3, 2), C)  # i, f, o, g -> i, f, g, o
+        return defer_weight_grad(w, permute_blocks(b, (0, 1, 3, 2), C) if b is not None else None)
 
     def forward(self, x: torch.Tensor, hidden):
         h, c = hidden
@@ -132,8 +140,8 @@ class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
             cc_i, cc_f, cc_o, cc_g = torch.split(self.conv(torch.cat([x, h], dim=1)), C, dim=1)
             c_new = torch.sigmoid(cc_f) * c + torch.sigmoid(cc_i) * torch.tanh(cc_g)
             return torch.sigmoid(cc_o) * torch.tanh(c_new), c_new
-        wb = self.merged_weights()
-        gates = F.conv2d(torch.cat([x, h], dim=1), wb[0], wb[1] if len(wb) > 1 else None, padding=self.padding)
+        w, b = self.merged_weights()
+        gates = stash_conv(x, h, w, b, 1, self.padding)
         return convlstm(None, gates, c, 0.0, True, backend=self.backend)
 
 
@@ -166,6 +174,79 @@ class PhyDConvLSTM(nn.Module):
         for j, cell in enumerate(self.cell_list):
             H[j], C[j] = cell(x if j == 0 else H[j - 1], (H[j], C[j]))
         return H, C
+
+
+class _NormActConv(torch.autograd.Function):
+    """conv(leaky_relu(group_norm(x))) that keeps only x for backward: the normalised, activated map (the
+    convolution's input) is recomputed in backward from x by the same ops, so it is bitwise the forward's.
+
+    In a chain of DCGAN blocks autograd keeps two maps per block (the convolution's output, which GroupNorm
+    saves, and the activation, which the next convolution saves); this keeps one. In PhyDNet's encoder and
+    decoder (11 blocks per step) that is ~15% of a training step's saved memory, for the price of one GroupNorm
+    and LeakyReLU forward per block in backward.
+    conv: (weight, bias or None, stride, padding, transposed, output_padding), a Conv2d's or ConvTranspose2d's.
+    """
+
+    @staticmethod
+    def _norm_act(x, gn_weight, gn_bias, groups, eps, slope):
+        """(leaky_relu(group_norm(x)), group_norm(x), mean, rstd), by the kernels F.group_norm runs."""
+        N, C = x.shape[:2]
+        z, mean, rstd = torch.ops.aten.native_group_norm(x, gn_weight, gn_bias, N, C, x[0, 0].numel(), groups, eps)
+        return F.leaky_relu(z, slope), z, mean, rstd
+
+    @staticmethod
+    def forward(ctx, x, gn_weight, gn_bias, weight, bias, groups, eps, slope, conv):
+        stride, padding, transposed, output_padding = conv
+        y = _NormActConv._norm_act(x, gn_weight, gn_bias, groups, eps, slope)[0]
+        ctx.save_for_backward(x, gn_weight, gn_bias, weight)
+        ctx.norm, ctx.conv, ctx.has_bias = (groups, eps, slope), conv, bias is not None
+        return torch.ops.aten.convolution(y, weight, bias, stride, padding, [1, 1], transposed, output_padding, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gn_weight, gn_bias, weight = ctx.saved_tensors
+        groups, eps, slope = ctx.norm
+        stride, padding, transposed, output_padding = ctx.conv
+        need = ctx.needs_input_grad
+        y, z, mean, rstd = _NormActConv._norm_act(x, gn_weight, gn_bias, groups, eps, slope)
+        out_channels = weight.shape[1] if transposed else weight.shape[0]
+        gy, gw, gb = torch.ops.aten.convolution_backward(
+            grad, y, weight, [out_channels] if ctx.has_bias else None, stride, padding, [1, 1], transposed,
+            output_padding, 1, [any(need[:3]), need[3], ctx.has_bias and need[4]])
+        gx = gnw = gnb = None
+        if any(need[:3]):
+            gz = torch.ops.aten.leaky_relu_backward(gy, z, slope, False)
+            N, C = x.shape[:2]
+            gx, gnw, gnb = torch.ops.aten.native_group_norm_backward(
+                gz, x, mean, rstd, gn_weight, N, C, x[0, 0].numel(), groups, list(need[:3]))
+        return gx, gnw, gnb, gw, gb, None, None, None, None
+
+
+def _conv_args(conv) -> tuple:
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    return conv.stride, conv.padding, transposed, conv.output_padding if transposed else (0, 0)
+
+
+def dcgan_chain(blocks: Sequence[nn.Module], x: torch.Tensor, tail: Optional[nn.Module] = None) -> torch.Tensor:
+    """x through the DCGAN blocks (DCGANConv / DCGANUpconv: conv -> GroupNorm -> LeakyReLU), then through the
+    bare convolution `tail` if given; the same arithmetic as calling them in turn, with each GroupNorm ->
+    LeakyReLU -> next convolution run by _NormActConv (one saved map per block instead of two). Under autocast
+    the modules are called as they are (autocast casts their convolutions)."""
+    follow = list(blocks[1:]) + ([tail] if tail is not None else [])
+    if autocast_dtype(x) is not None or any(b.main[1].weight is None for b in blocks):  # not affine
+        for b in [blocks[0]] + follow:
+            x = b(x)
+        return x
+    h = blocks[0].main[0](x)
+    for prev, nxt in zip(blocks, follow):
+        conv = nxt.main[0] if isinstance(nxt, (DCGANConv, DCGANUpconv)) else nxt
+        gn, act = prev.main[1], prev.main[2]
+        h = _NormActConv.apply(h, gn.weight, gn.bias, conv.weight, conv.bias, gn.num_groups, gn.eps,
+                               act.negative_slope, _conv_args(conv))
+    if tail is None:
+        last = blocks[-1].main
+        h = last[2](last[1](h))
+    return h
 
 
 class DCGANConv(nn.Module):
@@ -247,17 +328,21 @@ class DecoderSpecific(nn.Module):
 class PhyDEncoderRNN(nn.Module):
     """PhyDNet's encoder-predictor-decoder (OpenSTL `PhyD_EncoderRNN`), stateless.
 
-    PhyDEncoderRNN(phycell, convcell, in_channel=1, patch_size=4); the two recurrent modules are registered
-    here and (by the model) again at the top level, as in OpenSTL.
+    PhyDEncoderRNN(phycell, convcell, in_channel=1, patch_size=4, backend=None); the two recurrent modules are
+    registered here and (by the model) again at the top level, as in OpenSTL.
 
     forward(frame: Tensor[B, C, H, W], state=None) -> (next frame in (0, 1): Tensor[B, C, H, W], state),
       e = encoder_E(frame), H = phycell(encoder_Ep(e)), h = convcell(encoder_Er(e)),
       out = σ(decoder_D(decoder_Dp(H[-1]) + decoder_Dr(h[-1]))); state = (H, h list, c list), None = zeros.
     OpenSTL also decodes each branch alone for visualisation; those outputs feed nothing and are skipped.
+    backend: "torch" calls the encoder and decoder blocks as they are; otherwise they run as `dcgan_chain`s
+      (same arithmetic, one saved map per block instead of two).
     """
 
-    def __init__(self, phycell: PhyCell, convcell: PhyDConvLSTM, in_channel: int = 1, patch_size: int = 4):
+    def __init__(self, phycell: PhyCell, convcell: PhyDConvLSTM, in_channel: int = 1, patch_size: int = 4,
+                 backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend
         self.encoder_E = EncoderE(nc=in_channel, patch_size=patch_size)
         self.encoder_Ep = EncoderSpecific()
         self.encoder_Er = EncoderSpecific()
@@ -268,12 +353,35 @@ class PhyDEncoderRNN(nn.Module):
         self.convcell = convcell
 
     def forward(self, frame: torch.Tensor, state=None):
-        e = self.encoder_E(frame)
+        return self.decode(*self.recur(*self.encode(frame), state))
+
+    # The step in its three parts. Only `recur` carries state, so a caller that knows several steps' frames in
+    # advance (the observed frames; the targets under teacher forcing) may encode them in one batch, and decode
+    # the outputs that are not fed back in one batch (vpfast.models.PhyDNet does, on the fast backends).
+    def encode(self, frame: torch.Tensor):
+        """frame: Tensor[N, C, H, W] -> (PhyCell input, ConvLSTM input): Tensor[N, 64, H/p, W/p] each."""
+        if resolve(self.backend) == "torch":
+            e = self.encoder_E(frame)
+            return self.encoder_Ep(e), self.encoder_Er(e)
+        E = self.encoder_E
+        e = dcgan_chain([E.c1, E.c2, E.c3], frame)
+        return (dcgan_chain([self.encoder_Ep.c1, self.encoder_Ep.c2], e),
+                dcgan_chain([self.encoder_Er.c1, self.encoder_Er.c2], e))
+
+    def recur(self, e_p: torch.Tensor, e_r: torch.Tensor, state=None):
+        """One recurrent step -> (PhyCell's last layer, ConvLSTM's last hidden, the new state)."""
         H_p, H_c, C_c = state if state is not None else (None, None, None)
-        H_p = self.phycell(self.encoder_Ep(e), H_p)
-        H_c, C_c = self.convcell(self.encoder_Er(e), H_c, C_c)
-        out = torch.sigmoid(self.decoder_D(self.decoder_Dp(H_p[-1]) + self.decoder_Dr(H_c[-1])))
-        return out, (H_p, H_c, C_c)
+        H_p = self.phycell(e_p, H_p)
+        H_c, C_c = self.convcell(e_r, H_c, C_c)
+        return H_p[-1], H_c[-1], (H_p, H_c, C_c)
+
+    def decode(self, h_p: torch.Tensor, h_c: torch.Tensor, state=None):
+        """-> (σ(decoder_D(decoder_Dp(h_p) + decoder_Dr(h_c))): Tensor[N, C, H, W], state passed through)."""
+        if resolve(self.backend) == "torch":
+            return torch.sigmoid(self.decoder_D(self.decoder_Dp(h_p) + self.decoder_Dr(h_c))), state
+        Dp, Dr, D = self.decoder_Dp, self.decoder_Dr, self.decoder_D
+        s = dcgan_chain([Dp.upc1, Dp.upc2], h_p) + dcgan_chain([Dr.upc1, Dr.upc2], h_c)
+        return torch.sigmoid(dcgan_chain([D.upc1, D.upc2], s, tail=D.upc3)), state
 
 
 def moment_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
