@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .._dispatch import resolve
 from ..ops.convlstm import OP as _CONVLSTM, convlstm
@@ -106,6 +107,8 @@ class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
       convolution with its output channels reordered to i, f, g, o (derived once per `with cell.unroll():`),
       computed by `cat_conv` (backward keeps x and h, alive anyway, rather than their concatenation: at
       PhyDNet's sizes 640 channel maps per step over the three layers, ~11% of a training step's peak).
+    defer_weight_grad (attribute, default True): inside `with cell.unroll():` the fast path computes the
+      convolution's weight gradient once for all steps (vpfast.nn._weight_grad), not per step.
     """
 
     def __init__(self, input_shape, input_dim: int, hidden_dim: int, kernel_size, bias=1,
@@ -117,6 +120,7 @@ class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
         self.kernel_size = _pair(kernel_size)
         self.padding = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
         self.backend = backend
+        self.defer_weight_grad = True
         self.conv = nn.Conv2d(input_dim + hidden_dim, 4 * hidden_dim, self.kernel_size, padding=self.padding,
                               bias=bool(bias))
 
@@ -126,7 +130,8 @@ class PhyDConvLSTMCell(MergedWeightsMixin, nn.Module):
     def _derive_merged_weights(self):
         C, b = self.hidden_dim, self.conv.bias
         w = permute_blocks(self.conv.weight, (0, 1, 3, 2), C)  # i, f, o, g -> i, f, g, o
-        return defer_weight_grad(w, permute_blocks(b, (0, 1, 3, 2), C) if b is not None else None)
+        b = permute_blocks(b, (0, 1, 3, 2), C) if b is not None else None
+        return defer_weight_grad(w, b) if self.defer_weight_grad else (w, b)
 
     def forward(self, x: torch.Tensor, hidden):
         h, c = hidden
@@ -177,45 +182,52 @@ class PhyDConvLSTM(nn.Module):
 
 
 class _NormActConv(torch.autograd.Function):
-    """conv(leaky_relu(group_norm(x))) that keeps only x for backward: the normalised, activated map (the
-    convolution's input) is recomputed in backward from x by the same ops, so it is bitwise the forward's.
+    """conv(leaky_relu(group_norm(x))), or leaky_relu(group_norm(x)) alone (weight None), keeping only x for
+    backward: the normalised, activated map is recomputed in backward from x by the same kernels, so it is
+    bitwise the forward's.
 
     In a chain of DCGAN blocks autograd keeps two maps per block (the convolution's output, which GroupNorm
     saves, and the activation, which the next convolution saves); this keeps one. In PhyDNet's encoder and
     decoder (11 blocks per step) that is ~15% of a training step's saved memory, for the price of one GroupNorm
     and LeakyReLU forward per block in backward.
-    conv: (weight, bias or None, stride, padding, transposed, output_padding), a Conv2d's or ConvTranspose2d's.
+    conv: (stride, padding, transposed, output_padding) of a Conv2d or ConvTranspose2d, or None.
     """
 
     @staticmethod
     def _norm_act(x, gn_weight, gn_bias, groups, eps, slope):
-        """(leaky_relu(group_norm(x)), group_norm(x), mean, rstd), by the kernels F.group_norm runs."""
+        """(leaky_relu(group_norm(x)), mean, rstd), by the kernels F.group_norm and F.leaky_relu run."""
         N, C = x.shape[:2]
         z, mean, rstd = torch.ops.aten.native_group_norm(x, gn_weight, gn_bias, N, C, x[0, 0].numel(), groups, eps)
-        return F.leaky_relu(z, slope), z, mean, rstd
+        return F.leaky_relu(z, slope, inplace=True), mean, rstd
 
     @staticmethod
     def forward(ctx, x, gn_weight, gn_bias, weight, bias, groups, eps, slope, conv):
-        stride, padding, transposed, output_padding = conv
         y = _NormActConv._norm_act(x, gn_weight, gn_bias, groups, eps, slope)[0]
         ctx.save_for_backward(x, gn_weight, gn_bias, weight)
         ctx.norm, ctx.conv, ctx.has_bias = (groups, eps, slope), conv, bias is not None
+        if conv is None:
+            return y
+        stride, padding, transposed, output_padding = conv
         return torch.ops.aten.convolution(y, weight, bias, stride, padding, [1, 1], transposed, output_padding, 1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, gn_weight, gn_bias, weight = ctx.saved_tensors
         groups, eps, slope = ctx.norm
-        stride, padding, transposed, output_padding = ctx.conv
         need = ctx.needs_input_grad
-        y, z, mean, rstd = _NormActConv._norm_act(x, gn_weight, gn_bias, groups, eps, slope)
-        out_channels = weight.shape[1] if transposed else weight.shape[0]
-        gy, gw, gb = torch.ops.aten.convolution_backward(
-            grad, y, weight, [out_channels] if ctx.has_bias else None, stride, padding, [1, 1], transposed,
-            output_padding, 1, [any(need[:3]), need[3], ctx.has_bias and need[4]])
+        y, mean, rstd = _NormActConv._norm_act(x, gn_weight, gn_bias, groups, eps, slope)
+        gy, gw, gb = grad, None, None
+        if ctx.conv is not None:
+            stride, padding, transposed, output_padding = ctx.conv
+            out_channels = weight.shape[1] if transposed else weight.shape[0]
+            gy, gw, gb = torch.ops.aten.convolution_backward(
+                grad, y, weight, [out_channels] if ctx.has_bias else None, stride, padding, [1, 1], transposed,
+                output_padding, 1, [any(need[:3]), need[3], ctx.has_bias and need[4]])
         gx = gnw = gnb = None
-        if any(need[:3]):
-            gz = torch.ops.aten.leaky_relu_backward(gy, z, slope, False)
+        if any(need[:3]):  # the leaky ReLU's gradient from its output (slope > 0): one map fewer alive
+            gz = torch.ops.aten.leaky_relu_backward(gy, y, slope, True)
+            del gy, y
             N, C = x.shape[:2]
             gx, gnw, gnb = torch.ops.aten.native_group_norm_backward(
                 gz, x, mean, rstd, gn_weight, N, C, x[0, 0].numel(), groups, list(need[:3]))
@@ -227,26 +239,38 @@ def _conv_args(conv) -> tuple:
     return conv.stride, conv.padding, transposed, conv.output_padding if transposed else (0, 0)
 
 
-def dcgan_chain(blocks: Sequence[nn.Module], x: torch.Tensor, tail: Optional[nn.Module] = None) -> torch.Tensor:
+def dcgan_chain(blocks: Sequence[nn.Module], x: torch.Tensor, tail: Optional[nn.Module] = None,
+                pre: Optional[nn.Module] = None, raw: bool = False) -> torch.Tensor:
     """x through the DCGAN blocks (DCGANConv / DCGANUpconv: conv -> GroupNorm -> LeakyReLU), then through the
-    bare convolution `tail` if given; the same arithmetic as calling them in turn, with each GroupNorm ->
-    LeakyReLU -> next convolution run by _NormActConv (one saved map per block instead of two). Under autocast
-    the modules are called as they are (autocast casts their convolutions)."""
-    follow = list(blocks[1:]) + ([tail] if tail is not None else [])
-    if autocast_dtype(x) is not None or any(b.main[1].weight is None for b in blocks):  # not affine
-        for b in [blocks[0]] + follow:
-            x = b(x)
+    bare convolution `tail` if given: the same arithmetic as calling them in turn, with every GroupNorm ->
+    LeakyReLU (-> next convolution) run by _NormActConv, which saves only its input.
+    pre: a block whose GroupNorm -> LeakyReLU x has yet to go through (x is that block's convolution output);
+    raw: stop before the last block's GroupNorm (return its convolution output), for a chain continued by
+      several others with pre= (each recomputes the activation; it is saved by none).
+    Under autocast, or with GroupNorms without affine parameters, the modules are called as they are."""
+    steps = [("norm", pre)] if pre is not None else []
+    for b in blocks:
+        steps += [("conv", b.main[0]), ("norm", b)]
+    steps += [("conv", tail)] if tail is not None else []
+    if raw:
+        steps.pop()
+    if autocast_dtype(x) is not None or any(b.main[1].weight is None for kind, b in steps if kind == "norm"):
+        for kind, m in steps:
+            x = m(x) if kind == "conv" else m.main[2](m.main[1](x))
         return x
-    h = blocks[0].main[0](x)
-    for prev, nxt in zip(blocks, follow):
-        conv = nxt.main[0] if isinstance(nxt, (DCGANConv, DCGANUpconv)) else nxt
-        gn, act = prev.main[1], prev.main[2]
-        h = _NormActConv.apply(h, gn.weight, gn.bias, conv.weight, conv.bias, gn.num_groups, gn.eps,
-                               act.negative_slope, _conv_args(conv))
-    if tail is None:
-        last = blocks[-1].main
-        h = last[2](last[1](h))
-    return h
+    i = 0
+    while i < len(steps):
+        kind, m = steps[i]
+        if kind == "conv":
+            x, i = m(x), i + 1
+            continue
+        gn, act = m.main[1], m.main[2]
+        conv = steps[i + 1][1] if i + 1 < len(steps) else None  # a norm is followed by a conv or nothing
+        x = _NormActConv.apply(x, gn.weight, gn.bias, None if conv is None else conv.weight,
+                               None if conv is None else conv.bias, gn.num_groups, gn.eps, act.negative_slope,
+                               None if conv is None else _conv_args(conv))
+        i += 2
+    return x
 
 
 class DCGANConv(nn.Module):
@@ -364,9 +388,9 @@ class PhyDEncoderRNN(nn.Module):
             e = self.encoder_E(frame)
             return self.encoder_Ep(e), self.encoder_Er(e)
         E = self.encoder_E
-        e = dcgan_chain([E.c1, E.c2, E.c3], frame)
-        return (dcgan_chain([self.encoder_Ep.c1, self.encoder_Ep.c2], e),
-                dcgan_chain([self.encoder_Er.c1, self.encoder_Er.c2], e))
+        e = dcgan_chain([E.c1, E.c2, E.c3], frame, raw=True)  # encoder_E's output, before its last norm
+        return (dcgan_chain([self.encoder_Ep.c1, self.encoder_Ep.c2], e, pre=E.c3),
+                dcgan_chain([self.encoder_Er.c1, self.encoder_Er.c2], e, pre=E.c3))
 
     def recur(self, e_p: torch.Tensor, e_r: torch.Tensor, state=None):
         """One recurrent step -> (PhyCell's last layer, ConvLSTM's last hidden, the new state)."""
