@@ -50,16 +50,62 @@ def _peephole_lstm(conv_h, conv_x, ct_weight, oc_weight, x, h, c, forget_bias, b
     return _output_gate(backend, o_h + o_x, c_new * oc_weight, c_new), c_new
 
 
-def _add_peepholes(gates, c, ct_weight):
-    """gates [B, 4C, H, W] (i, f, g, o) with c ⊙ ct_weight[:C] added to i and c ⊙ ct_weight[C:] to f, in place when
-    the dtypes allow (the convolution's output is not needed by its backward); per half, so that no repeated c
-    is saved. Under autocast the bf16 gates are promoted first, as the reference's sum would be."""
-    C = c.shape[1]
-    if gates.dtype != torch.promote_types(gates.dtype, c.dtype):
-        gates = gates.to(torch.promote_types(gates.dtype, c.dtype))
-    gates[:, :C].addcmul_(c, ct_weight[:C])
-    gates[:, C: 2 * C].addcmul_(c, ct_weight[C:])
-    return gates
+class _Peepholes(torch.autograd.Function):
+    """gates [B, 4C, H, W] (i, f, g, o) with c ⊙ ct_weight[:C] added to i and c ⊙ ct_weight[C:] to f, in place
+    (the convolution's output is not needed by its backward), and optionally a copy of the o gates.
+
+    One node instead of autograd's in-place-on-slice (CopySlices) and slice nodes, whose backward zero-fills a
+    full-size gradient per slice and adds them up (~6% of a MIM training step here); backward saves c and
+    ct_weight only (c is alive anyway)."""
+
+    @staticmethod
+    def forward(ctx, gates, c, ct_weight, with_o):
+        C = c.shape[1]
+        gates[:, :C].addcmul_(c, ct_weight[:C])
+        gates[:, C: 2 * C].addcmul_(c, ct_weight[C:])
+        ctx.mark_dirty(gates)
+        ctx.save_for_backward(c, ct_weight)
+        return (gates, gates[:, 3 * C:].clone()) if with_o else gates
+
+    @staticmethod
+    def backward(ctx, g, g_o=None):
+        c, ct_weight = ctx.saved_tensors
+        C = c.shape[1]
+        g_i, g_f = g[:, :C], g[:, C: 2 * C]
+        g_c = g_ct = None
+        if ctx.needs_input_grad[1]:
+            g_c = g_i * ct_weight[:C] + g_f * ct_weight[C:]
+        if ctx.needs_input_grad[2]:
+            g_ct = torch.cat(((g_i * c).sum(0), (g_f * c).sum(0)), 0)
+        if g_o is not None:
+            g = torch.cat((g[:, :3 * C], g[:, 3 * C:] + g_o), 1)
+        return g, g_c, g_ct, None
+
+
+def _add_peepholes(gates, c, ct_weight, with_o=False):
+    """_Peepholes; under autocast the bf16 gates are promoted first, as the reference's sums would be."""
+    dt = torch.promote_types(gates.dtype, torch.promote_types(c.dtype, ct_weight.dtype))
+    return _Peepholes.apply(gates.to(dt), c.to(dt), ct_weight.to(dt), with_o)
+
+
+class _BlockGates(torch.autograd.Function):
+    """The MIM block's sums of its three convolutions (x_g: i, f, g, o over x; s_g: i, f, g, o over m; t_g: i, g, o
+    over h_{t-1}) -> (memory gates [i_x+i_s, f_x+f_s, g_x+g_s], i_x+i_t, g_x+g_t, o_x+o_t, o_s). One node whose
+    backward writes each convolution's gradient with one cat (autograd's slices would zero-fill a full-size
+    gradient per slice and add them)."""
+
+    @staticmethod
+    def forward(ctx, x_g, s_g, t_g):
+        C = t_g.shape[1] // 3
+        x_i, _, x_gg, x_o = x_g.split(C, 1)
+        t_i, t_gg, t_o = t_g.split(C, 1)
+        return x_g[:, :3 * C] + s_g[:, :3 * C], x_i + t_i, x_gg + t_gg, x_o + t_o, s_g[:, 3 * C:].clone()
+
+    @staticmethod
+    def backward(ctx, g_m, g_i, g_g, g_o, g_os):
+        gm_i, gm_f, gm_g = g_m.chunk(3, 1)
+        return (torch.cat((gm_i + g_i, gm_f, gm_g + g_g, g_o), 1), torch.cat((g_m, g_os), 1),
+                torch.cat((g_i, g_g, g_o), 1))
 
 
 def _derive_peephole_weights(cell, conv_x, conv_h):
@@ -70,14 +116,14 @@ def _derive_peephole_weights(cell, conv_x, conv_h):
     return permute_blocks(wx, _IGFO_TO_IFGO, C), permute_blocks(wh, _IGFO_TO_IFGO, C)
 
 
-def _peephole_gates(cell, weights, x, h, c):
-    """The peephole LSTM's pre-activations (i, f, g, o, peepholes included) from `_derive_peephole_weights`."""
+def _peephole_gates(cell, weights, x, h):
+    """The peephole LSTM's convolutions (i, f, g, o, without peepholes) from `_derive_peephole_weights`."""
     pad = cell.filter_size // 2
     if len(weights) == 1:
         gates = cat_conv(x, h, weights[0], cell.stride, pad)
     else:
         gates = F.conv2d(x, weights[0], None, cell.stride, pad) + F.conv2d(h, weights[1], None, cell.stride, pad)
-    return _add_peepholes(gates, c, cell.ct_weight)
+    return gates
 
 
 def _peephole_cell_init(cell, in_channel, num_hidden, height, width, filter_size, stride, backend):
@@ -142,9 +188,9 @@ class MIMN(MergedWeightsMixin, nn.Module):
         if fused_backend(_CONVLSTM, self.backend, x, [(shape[0], 4 * C) + shape[2:]], (c,)) == "torch":
             return _peephole_lstm(self.conv_h_concat, self.conv_x_concat, self.ct_weight, self.oc_weight, x, h, c,
                                   self._forget_bias, self.backend)
-        gates = _peephole_gates(self, self.merged_weights(), x, h, c)
+        gates, o = _add_peepholes(_peephole_gates(self, self.merged_weights(), x, h), c, self.ct_weight, True)
         _, c_new = convlstm(None, gates, c, self._forget_bias, True, backend=self.backend)
-        return _output_gate(self.backend, gates[:, 3 * C:], c_new * self.oc_weight, c_new), c_new
+        return _output_gate(self.backend, o, c_new * self.oc_weight, c_new), c_new
 
 
 def _check_map(shape, oc_weight):
@@ -213,13 +259,14 @@ class MIMBlock(MergedWeightsMixin, nn.Module):
         x_g = F.conv2d(x, w_x, None, st, k // 2)  # i, f, g, o
         s_g = F.conv2d(m, w_s, None, st, k // 2)  # i, f, g, o
         t_g = self.conv_t_cc(h)  # i, g, o (the reference's order)
-        sm, o_mims, _ = stlstm_gates(None, _peephole_gates(self, w_mims, diff_h, c, s), x_g[:, :3 * C] + s_g[:, :3 * C],
-                                     s, m, self._forget_bias, False, backend=self.backend)
-        s_new, m_new = sm[:, :C], sm[:, C:]
+        m_g, a_i, a_g, o_xt, o_s = _BlockGates.apply(x_g, s_g, t_g)
+        s_g = _add_peepholes(_peephole_gates(self, w_mims, diff_h, c), s, self.ct_weight)
+        sm, o_mims, _ = stlstm_gates(None, s_g, m_g, s, m, self._forget_bias, False, backend=self.backend)
+        s_new, m_new = sm.split(C, 1)
         t_mem = _output_gate(self.backend, o_mims, s_new * self.oc_weight, s_new)
-        c_new = t_mem + torch.sigmoid(x_g[:, :C] + t_g[:, :C]) * torch.tanh(x_g[:, 2 * C: 3 * C] + t_g[:, C: 2 * C])
+        c_new = t_mem + torch.sigmoid(a_i) * torch.tanh(a_g)
         last = cat_conv(c_new, m_new, self.conv_last.weight, 1, 0)
-        h_new = _output_gate(self.backend, x_g[:, 3 * C:] + t_g[:, 2 * C:], s_g[:, 3 * C:], last)
+        h_new = _output_gate(self.backend, o_xt, o_s, last)
         return h_new, c_new, m_new, s_new
 
     def forward(self, x: torch.Tensor, diff_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor, m: torch.Tensor,
