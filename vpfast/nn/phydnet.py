@@ -38,7 +38,10 @@ class PhyCellCell(nn.Module):
     forward(x: Tensor[B, input_dim, H, W], hidden: Tensor[B, input_dim, H, W]) -> Tensor[B, input_dim, H, W]:
       K = σ(convgate([x, hidden])), H̃ = hidden + F(hidden), next = H̃ + K ⊙ (x − H̃)
     backend: "torch" runs the reference verbatim; otherwise convgate runs as `cat_conv`, which saves x and
-      hidden (alive anyway) for backward instead of their [B, 2 input_dim, H, W] concatenation.
+      hidden (alive anyway) for backward instead of their [B, 2 input_dim, H, W] concatenation, and F's
+      GroupNorm -> conv2 as `_NormActConv` (slope 1: no activation; the normalised map is recomputed in backward,
+      not saved). Deferring convgate's and F.conv1's weight gradients (vpfast.nn._weight_grad) was measured
+      too: within this machine's noise in time, +1.9 MiB of peak memory in PhyDNet's step; not done.
     """
 
     def __init__(self, input_dim: int, F_hidden_dim: int, kernel_size, bias=1, backend: Optional[str] = None):
@@ -57,12 +60,14 @@ class PhyCellCell(nn.Module):
     def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         check_input(x, self.input_dim, self.convgate.weight)
         check_state("hidden", hidden, "x", x, tuple(x.shape))
-        if resolve(self.backend) == "torch":
+        if resolve(self.backend) == "torch" or autocast_dtype(x) is not None:
             k = torch.sigmoid(self.convgate(torch.cat([x, hidden], dim=1)))
+            tilde = hidden + self.F(hidden)
         else:
-            g = self.convgate
+            g, gn, c2 = self.convgate, self.F.bn1, self.F.conv2
             k = torch.sigmoid(cat_conv(x, hidden, g.weight, g.stride, g.padding, g.bias))
-        tilde = hidden + self.F(hidden)
+            tilde = hidden + _NormActConv.apply(self.F.conv1(hidden), gn.weight, gn.bias, c2.weight, c2.bias,
+                                                gn.num_groups, gn.eps, 1.0, _conv_args(c2))
         return tilde + k * (x - tilde)
 
 
