@@ -11,9 +11,12 @@ owns a stash. `stash_conv(a, b, w, bias, ...)` (every step) computes conv2d(cat(
 the input gradient, stashing (a, b, grad_output) instead of computing the weight gradient. The alias's node runs
 after every step that uses it (autograd runs a node once all its consumers are done) and computes the weight
 and bias gradients of all stashed steps with one convolution_backward. Memory: each step's a and b are kept
-until then (instead of being freed after that step's backward) and the output gradients are stashed: during
-backward, while the forward's saved tensors are being freed, so a step's peak is unchanged where those
-dominate (measured for PhyDNet, see docs/performance.md).
+until then (instead of being freed after that step's backward) and the output gradients are stashed. That
+happens during backward, while the forward's saved tensors are being freed, so whether it raises a step's
+peak depends on the sizes: in PhyDNet (small preset, batch 1) deferring two of the three ConvLSTM layers left
+the peak where it was, deferring all three moved it late into backward and raised it 81.5 -> 86.9 MiB; in MIM
+(batch 8, C=16) the stash would be ~50 MB for a gain of 1-5% of its convolutions' backward, so MIM does not
+use it. Measure before using it elsewhere.
 
 Not used under autocast (the casts sit between the alias and the convolution: `stash_conv` then runs the
 plain `cat_conv`) nor without grad. Backward is not differentiable twice (create_graph=True raises).
