@@ -37,6 +37,9 @@ class PhyDNet(_base.VideoPredictionModel):
       probability max(0, 1 - teacher_forcing_decay * epoch) (one draw per batch, from `generator`);
       epoch defaults to itr // iters_per_epoch (625: 10,000 Moving-MNIST sequences at batch 16; the original
       code's decay is 0.01).
+    backend: "torch" runs OpenSTL's step loop verbatim; the fast backends encode the frames known in advance (the
+      observed ones; the targets too under teacher forcing) in one batch and decode the outputs that are not fed
+      back in one batch, the recurrence alone running step by step (same arithmetic, batched convolutions).
     openstl_objective: False (default) back-propagates that loss L, as the original PhyDNet does. True
       back-propagates what OpenSTL's training_step does, mean((L - y)^2) over the target frames y: L's
       gradient rescaled by 2 (L - mean(y)) per batch. Either way logs["phydnet_loss"] is L.

@@ -5,6 +5,16 @@ Unlike OpenSTL, the recurrent modules keep no state: `PhyCell.forward(x, H)` and
 take and return their states (OpenSTL stores them as attributes and zeroes them when `first_timestep` is set).
 PhyDNet's ConvLSTM cell runs the fused `vpfast.ops.convlstm` step on the fast backends (same arithmetic: its
 gates i, f, o, g are the op's i, f, g, o after a permutation of the convolution's output channels).
+
+The other fast-backend changes are about what backward keeps and how convolutions are batched, never about
+the arithmetic (backend="torch" runs the reference verbatim):
+- the gate convolutions over [x, h] (ConvLSTM, PhyCell) save x and h, not their concatenation (`cat_conv`);
+- GroupNorm -> LeakyReLU (-> convolution) in the encoder and decoder saves only its input and recomputes the
+  activation in backward (`_NormActConv`, `dcgan_chain`);
+- `PhyDEncoderRNN.encode / recur / decode` split the step so that the model can encode the frames it knows in
+  advance, and decode the outputs it does not feed back, in one batch (vpfast.models.PhyDNet);
+- the ConvLSTM's weight gradient can be computed once per unrolled loop (vpfast.nn._weight_grad).
+Measurements: docs/performance.md, "Baselines: MIM and PhyDNet".
 """
 from __future__ import annotations
 
