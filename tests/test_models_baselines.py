@@ -3,6 +3,7 @@ tests/data/keys/, the reference arithmetic rebuilt here step by step from MODELS
 configurations, training losses, statelessness, checkpoints, autocast and the CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -443,6 +444,57 @@ def test_mim_bad_config_and_input():
         m(torch.rand(1, 3, 1, 32, 32, dtype=torch.float64))
 
 
+def _mim_cell(kind, backend, merge):
+    import vpfast.nn.mim as mim
+    if kind == "mimn":
+        return mim.MIMN(3, 4, 7, 5, 3, 1, backend=backend, merge_convs=merge)
+    return mim.MIMBlock(4, 4, 7, 5, 3, 1, backend=backend, merge_convs=merge)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("kind", ["mimn", "mim_block"])
+def test_mim_fast_cells_match_reference(kind, merge):
+    """MIM-N and the MIM block on the fast path (merged or separate convolutions, reordered gates, in-place
+    peepholes, convlstm / stlstm_gates / stlstm_output) against backend="torch" in float64 on an odd shape:
+    every output and the gradients of every input and parameter; inside and outside an unroll."""
+    g = torch.Generator().manual_seed(0)
+    n_in, C = (3, 4) if kind == "mimn" else (4, 4)
+    states = [torch.randn(2, n_in if j == 0 else C, 7, 5, dtype=torch.float64, generator=g)
+              for j in range(3 if kind == "mimn" else 6)]
+    res = []
+    for backend, unroll in (("torch", False), (None, False), (None, True)):
+        torch.manual_seed(0)
+        cell = _mim_cell(kind, backend, merge).double()
+        assert backend == "torch" or cell.merge_convs == merge
+        with torch.no_grad():
+            for p in cell.parameters():
+                p.normal_(0, 0.3)
+        xs = [t.clone().requires_grad_() for t in states]
+        with cell.unroll() if unroll else contextlib.nullcontext():
+            ys = cell(*xs)
+            # a second step from the first's states (inside the unroll: the cached weights are reused)
+            ys2 = cell(xs[0], xs[1], *ys) if kind == "mim_block" else cell(xs[0], *ys)
+        loss = sum((y * y.sin()).sum() for y in (*ys, *ys2))
+        params = [p for k, p in cell.named_parameters() if "conv_last" not in k or kind == "mim_block"]
+        res.append((*ys2, *torch.autograd.grad(loss, xs + params)))
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_mim_fast_model_matches_torch_merge_on_off(merge):
+    """The MIM model's fast path with its MIM cells' convolutions merged or not (the small presets merge, the
+    Moving-MNIST ones do not): training loss, every parameter's gradient and the prediction equal backend="torch"."""
+    def build(name, backend="torch"):
+        m = tiny(name, backend=backend)
+        for cell in (*m.stlstm_layer[1:], *m.stlstm_layer_diff):
+            cell.merge_convs = merge
+        return m
+    check_fast_matches_torch(build, "mim", lambda m, frames: m.training_loss(
+        frames, 10, generator=torch.Generator().manual_seed(3))[0])
+
+
 # ---- PhyDNet (MODELS.md §13) ---------------------------------------------------------------------------------
 def ref_block(P, pre, x, stride, up=False):
     if up:
@@ -530,6 +582,56 @@ def test_phydnet_reproduces_reference_arithmetic():
     # the moment loss alone: the vectorised form (fast backends) equals the reference's loop
     fast = tiny("phydnet", backend=None)
     torch.testing.assert_close(fast.moment_loss(), model.moment_loss(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", ["forced", "free", "defer_all", "defer_none"])
+def test_phydnet_fast_path_matches_torch(case, monkeypatch):
+    """The fast path (frames known in advance encoded in one batch, outputs not fed back decoded in one batch,
+    DCGAN chains, ConvLSTM weight gradients batched over the steps) against backend="torch": loss, every
+    parameter's gradient and the prediction, with and without teacher forcing (free: the decoder phase feeds its
+    own outputs back) and with the deferred weight gradients in every / no ConvLSTM layer."""
+    import vpfast.nn.phydnet as ph
+    encodes = []
+    encode = ph.PhyDEncoderRNN.encode
+    monkeypatch.setattr(ph.PhyDEncoderRNN, "encode", lambda self, f: encodes.append(f.shape[0]) or encode(self, f))
+
+    def build(name, backend="torch"):
+        m = tiny(name, backend=backend)
+        for cell in m.convcell.cell_list:
+            cell.defer_weight_grad = {"defer_all": True, "defer_none": False}.get(case, cell.defer_weight_grad)
+        return m
+    epoch = 400 if case == "free" else 0  # teacher forcing with probability max(0, 1 - 0.003 epoch)
+    check_fast_matches_torch(build, "phydnet", lambda m, frames: m.training_loss(frames, 0, epoch=epoch)[0])
+    # the reference encodes frame by frame (2 x 4 steps, 2 x 4 eval); the fast path encodes the frames known in
+    # advance at once: all 4 steps when forced, else the 3 observed ones and then each fed-back output
+    B = 2
+    fast = encodes[8:]
+    assert encodes[:8] == [B] * 8
+    train = [4 * B] if case != "free" else [3 * B, B]
+    assert fast == train + [3 * B, B]  # eval: 3 observed frames, then 1 fed-back prediction
+
+
+def test_phydnet_fast_path_saves_less():
+    """The fast path's training step keeps less for backward than the reference's (small preset, batch 1): the
+    unique bytes of the saved tensors (autograd's saved-tensor hooks)."""
+    frames = torch.rand(1, 20, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    saved = []
+    for backend in ("torch", None):
+        torch.manual_seed(0)
+        m = M.create("phydnet", preset="small", in_shape=(10, 1, 64, 64), backend=backend).train()
+        seen = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        total = [0]
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total[0] += st.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.training_loss(frames, 0)
+        saved.append(total[0])
+    assert saved[1] < 0.8 * saved[0], saved
 
 
 def test_phydnet_openstl_objective_and_aliases():

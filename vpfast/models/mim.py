@@ -2,6 +2,7 @@
 (MODELS.md §3)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -74,7 +75,9 @@ class MIM(_Recurrent):
         if not bptt:
             s = [t.detach() for t in s]
         preds, x_gen = [], None
-        with self.stlstm_layer[0].unroll():  # the ST-LSTM's merged weights, once per loop
+        with contextlib.ExitStack() as unrolled:  # every cell's derived weights, once per loop
+            for cell in (*self.stlstm_layer, *self.stlstm_layer_diff):
+                unrolled.enter_context(cell.unroll())
             for t in range(self.total_length - 1):
                 net = self._step_input(t, frames, mask, x_gen)
                 h_prev = h[0]

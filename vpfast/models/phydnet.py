@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _base
+from .._dispatch import resolve
 from ..nn.phydnet import K2M, PhyCell, PhyDConvLSTM, PhyDEncoderRNN
 
 
@@ -36,6 +37,9 @@ class PhyDNet(_base.VideoPredictionModel):
       probability max(0, 1 - teacher_forcing_decay * epoch) (one draw per batch, from `generator`);
       epoch defaults to itr // iters_per_epoch (625: 10,000 Moving-MNIST sequences at batch 16; the original
       code's decay is 0.01).
+    backend: "torch" runs OpenSTL's step loop verbatim; the fast backends encode the frames known in advance (the
+      observed ones; the targets too under teacher forcing) in one batch and decode the outputs that are not fed
+      back in one batch, the recurrence alone running step by step (same arithmetic, batched convolutions).
     openstl_objective: False (default) back-propagates that loss L, as the original PhyDNet does. True
       back-propagates what OpenSTL's training_step does, mean((L - y)^2) over the target frames y: L's
       gradient rescaled by 2 (L - mean(y)) per batch. Either way logs["phydnet_loss"] is L.
@@ -64,9 +68,14 @@ class PhyDNet(_base.VideoPredictionModel):
         self.patch_size = patch_size
         latent = (H // patch_size, W // patch_size)
         # registration order = OpenSTL's state_dict order: phycell, convcell, encoder (which holds them again), k2m
-        self.phycell = PhyCell(latent, 64, [49], 1, (7, 7))
+        self.phycell = PhyCell(latent, 64, [49], 1, (7, 7), backend=self.backend)
         self.convcell = PhyDConvLSTM(latent, 64, [128, 128, 64], 3, (3, 3), backend=self.backend)
-        self.encoder = PhyDEncoderRNN(self.phycell, self.convcell, in_channel=C, patch_size=patch_size)
+        # batched weight gradients (fast backends) in ConvLSTM layers 1 and 2 only. Measured here (small preset,
+        # batch 1, 1 thread): deferring layer 0 too was ~3% faster again but its stashed output gradients
+        # moved the step's peak memory from early to late in backward, 81.5 -> 86.9 MiB
+        self.convcell.cell_list[0].defer_weight_grad = False
+        self.encoder = PhyDEncoderRNN(self.phycell, self.convcell, in_channel=C, patch_size=patch_size,
+                                      backend=self.backend)
         self.k2m = K2M([7, 7])
 
     def _spatial_divisor(self):
@@ -93,6 +102,36 @@ class PhyDNet(_base.VideoPredictionModel):
         m = self.k2m(w.transpose(0, 1)).to(w.dtype)  # [64, 49, 7, 7]
         return (m - cst).pow(2).mean(dim=(1, 2, 3)).sum()
 
+    def _batches_steps(self) -> bool:
+        """The fast backends encode the frames known in advance in one batch and decode the outputs that are not
+        fed back in one batch (same arithmetic; measured here at the small preset, batch 1: the encoder and
+        decoder convolutions of 19 steps took 0.56x their per-step time, forward + backward); backend="torch"
+        runs the reference's step loop verbatim."""
+        return resolve(self.backend) != "torch"
+
+    def _run_batched(self, frames: torch.Tensor, n_known: int, n_steps: int, first_out: int) -> torch.Tensor:
+        """The loop of `n_steps` steps whose step t is fed frames[:, t] for t < n_known and the previous output
+        afterwards -> the outputs of steps first_out..n_steps-1, Tensor[B, n_steps - first_out, C, H, W].
+        Only the recurrence (PhyCell, ConvLSTM) runs step by step, and the decoder for outputs fed back."""
+        enc, B = self.encoder, frames.shape[0]
+        known = frames[:, :n_known].transpose(0, 1).flatten(0, 1)  # step-major: [n_known * B, C, H, W]
+        # unbind: one backward node that stacks the steps' gradients (indexing would zero-fill a full-size
+        # gradient per step)
+        e_p, e_r = (t.unflatten(0, (n_known, B)).unbind(0) for t in enc.encode(known))
+        state, outs, pending, inp = None, {}, [], None
+        for t in range(n_steps):
+            h_p, h_c, state = enc.recur(*((e_p[t], e_r[t]) if t < n_known else enc.encode(inp)), state)
+            if n_known <= t + 1 < n_steps:  # the next step's input: decoded now
+                inp, _ = enc.decode(h_p, h_c)
+                if t >= first_out:
+                    outs[t] = inp
+            elif t >= first_out:
+                pending.append((t, h_p, h_c))
+        if pending:
+            dec, _ = enc.decode(torch.cat([p[1] for p in pending]), torch.cat([p[2] for p in pending]))
+            outs.update(zip((p[0] for p in pending), dec.split(B)))
+        return torch.stack([outs[t] for t in range(first_out, n_steps)], 1)
+
     def teacher_forcing_ratio(self, epoch: int) -> float:
         return max(0.0, 1.0 - self.config["teacher_forcing_decay"] * epoch)
 
@@ -100,6 +139,10 @@ class PhyDNet(_base.VideoPredictionModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: Tensor[B, pre_seq_length, C, H, W] -> Tensor[B, aft_seq_length, C, H, W] (test-time)."""
         self.check_frames(x, self.pre_seq_length, "x")
+        pre, aft = self.pre_seq_length, self.aft_seq_length
+        if self._batches_steps():  # the encoder phase's outputs are discarded: not decoded
+            with self._unrolled():
+                return self._run_batched(x, pre, pre - 1 + aft, pre - 1)
         state = None
         preds = []
         with self._unrolled():
@@ -123,18 +166,26 @@ class PhyDNet(_base.VideoPredictionModel):
         u = torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu")
         forced = bool(u.item() < ratio)
         x, y = frames[:, :pre], frames[:, pre:]
-        state = None
-        mse = 0
+        n = pre - 1 + aft
         with self._unrolled():
-            for ei in range(pre - 1):
-                out, state = self.encoder(x[:, ei], state)
-                mse = mse + F.mse_loss(out, x[:, ei + 1])
-            inp = x[:, -1]
-            for di in range(aft):
-                out, state = self.encoder(inp, state)
-                mse = mse + F.mse_loss(out, y[:, di])
-                inp = y[:, di] if forced else out
-        moment = self.moment_loss()
+            if self._batches_steps():  # step t predicts frames[:, t + 1] and is fed frames[:, t] when known
+                # the moment loss first: autograd runs later-recorded nodes first, so its backward (float64
+                # moments of all filters, ~5 MB) then runs last, after the loop's saved tensors are freed
+                moment = self.moment_loss()
+                outs = self._run_batched(frames, n if forced else pre, n, 0)
+                mse = F.mse_loss(outs, frames[:, 1:], reduction="none").mean(dim=(0, 2, 3, 4)).sum()
+            else:  # the reference's loop
+                state = None
+                mse = 0
+                for ei in range(pre - 1):
+                    out, state = self.encoder(x[:, ei], state)
+                    mse = mse + F.mse_loss(out, x[:, ei + 1])
+                inp = x[:, -1]
+                for di in range(aft):
+                    out, state = self.encoder(inp, state)
+                    mse = mse + F.mse_loss(out, y[:, di])
+                    inp = y[:, di] if forced else out
+                moment = self.moment_loss()
         total = mse + moment
         loss = (total - y).pow(2).mean() if self.config["openstl_objective"] else total
         logs = {"mse": mse.item(), "moment": moment.item(), "phydnet_loss": total.item(),

@@ -113,25 +113,28 @@ class MergedWeightsMixin:
 
     _unroll_depth = 0
     _merged_cache = None
+    _unroll_params = None
 
     @contextlib.contextmanager
     def unroll(self):
         """Context for a time loop: derive the merged weights once for all steps inside it."""
+        if self._unroll_depth == 0:  # listed once per loop: walking the modules every step cost ~2% of a MIM step
+            self._unroll_params = tuple(self.parameters())
         self._unroll_depth += 1
         try:
             yield self
         finally:
             self._unroll_depth -= 1
             if self._unroll_depth == 0:
-                self._merged_cache = None
+                self._merged_cache = self._unroll_params = None
 
     def merged_weights(self):
         """The merged weights; under autocast already in autocast's dtype (cast once per unrolled loop, not once
         per step: autocast's own weight cache only covers leaf parameters, and these are derived tensors)."""
-        ref = next(self.parameters())
-        dt = autocast_dtype(ref)
+        params = self._unroll_params if self._unroll_depth > 0 else tuple(self.parameters())
+        dt = autocast_dtype(params[0])
         if self._unroll_depth > 0:
-            key = (torch.is_grad_enabled(), dt) + tuple(p._version for p in self.parameters())
+            key = (torch.is_grad_enabled(), dt) + tuple(p._version for p in params)
             if self._merged_cache is not None and self._merged_cache[0] == key:
                 return self._merged_cache[1]
             w = self._cast_merged(self._derive_merged_weights(), dt)
@@ -143,7 +146,7 @@ class MergedWeightsMixin:
     def _cast_merged(w, dt):
         if dt is None:
             return w
-        return tuple(t.to(dt) for t in w) if isinstance(w, tuple) else w.to(dt)
+        return tuple(t if t is None else t.to(dt) for t in w) if isinstance(w, tuple) else w.to(dt)
 
 
 def _policy_dtype(op, device: str, dtypes) -> torch.dtype:
@@ -184,36 +187,39 @@ def fused_backend(op, backend, ref: torch.Tensor, conv_shapes, states) -> str:
 
 
 class _CatConv(torch.autograd.Function):
-    """conv2d(cat(inputs, 1), weight) that does not keep the concatenation for backward.
+    """conv2d(cat(inputs, 1), weight, bias) that does not keep the concatenation for backward.
 
     Autograd would save the [B, sum C_i, H, W] concatenation of every step; the inputs (the step's input and
     states) are alive anyway, so backward rebuilds the concatenation instead (one copy, no extra saved memory).
     The input gradient is computed only over the channels from the first to the last input that needs one
     (the weight sliced to them): a cell's first input is often a data frame, which needs none.
-    The inputs and weight have one dtype (`cat_conv` casts them under autocast).
+    The inputs, weight (and bias) have one dtype (`cat_conv_many` casts them under autocast); stride and
+    padding are pairs.
     """
 
     @staticmethod
-    def forward(ctx, weight, stride, padding, *inputs):
+    def forward(ctx, weight, bias, stride, padding, *inputs):
         ctx.save_for_backward(weight, *inputs)
-        ctx.stride, ctx.padding = stride, padding
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
         with torch.autocast(weight.device.type, enabled=False) if weight.device.type in ("cpu", "cuda") \
                 else contextlib.nullcontext():
-            return F.conv2d(torch.cat(inputs, 1), weight, None, stride, padding)
+            return F.conv2d(torch.cat(inputs, 1), weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
         weight, *inputs = ctx.saved_tensors
-        need = ctx.needs_input_grad[3:]
+        need = ctx.needs_input_grad[4:]
+        need_bias = ctx.has_bias and ctx.needs_input_grad[1]
         grad = grad.to(weight.dtype)
         cat = torch.cat(inputs, 1)
-        conv_args = ([ctx.stride] * 2, [ctx.padding] * 2, [1, 1], False, [0, 0], 1)
+        conv_args = (list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], 1)
         grads = [None] * len(inputs)
         lo = need.index(True) if any(need) else len(need)
         hi = len(need) - need[::-1].index(True) if any(need) else len(need)
         full = (lo, hi) == (0, len(inputs))
-        gi, gw, _ = torch.ops.aten.convolution_backward(grad, cat, weight, None, *conv_args,
-                                                        [full, ctx.needs_input_grad[0], False])
+        gi, gw, gb = torch.ops.aten.convolution_backward(
+            grad, cat, weight, [weight.shape[0]] if ctx.has_bias else None, *conv_args,
+            [full, ctx.needs_input_grad[0], need_bias])
         if lo < hi and not full:  # a separate call over the channels that need a gradient
             sizes = [t.shape[1] for t in inputs]
             start, width = sum(sizes[:lo]), sum(sizes[lo:hi])
@@ -223,25 +229,59 @@ class _CatConv(torch.autograd.Function):
         if lo < hi:
             for j, g in zip(range(lo, hi), gi.split([t.shape[1] for t in inputs[lo:hi]], 1)):
                 grads[j] = g if need[j] else None
-        return (gw, None, None, *grads)
+        return (gw, gb if need_bias else None, None, None, *grads)
 
 
-def cat_conv_many(inputs, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """conv2d over the channel concatenation of `inputs` (no bias), saving the inputs, not the concatenation.
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
-    inputs: a sequence of Tensor[B, C_i, H, W], weight: Tensor[Cout, sum C_i, k, k] -> Tensor[B, Cout, Ho, Wo].
-    Under autocast, as F.conv2d: inputs and weight are cast to autocast's dtype (the casts are differentiable,
-    so gradients reach float32 parameters and states in float32), and so is the result.
+
+def cat_conv_many(inputs, weight: torch.Tensor, stride, padding, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d over the channel concatenation of `inputs` (+ bias), saving the inputs, not the concatenation.
+
+    inputs: a sequence of Tensor[B, C_i, H, W], weight: Tensor[Cout, sum C_i, kh, kw], bias: Tensor[Cout] or None;
+    stride, padding: int or pair -> Tensor[B, Cout, Ho, Wo].
+    Under autocast, as F.conv2d: inputs, weight and bias are cast to autocast's dtype (the casts are
+    differentiable, so gradients reach float32 parameters and states in float32), and so is the result.
     """
     dt = autocast_dtype(weight)
     if dt is not None:
         inputs, weight = [t.to(dt) for t in inputs], weight.to(dt)
-    return _CatConv.apply(weight, stride, padding, *inputs)
+        bias = bias.to(dt) if bias is not None else None
+    return _CatConv.apply(weight, bias, _pair(stride), _pair(padding), *inputs)
 
 
-def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """conv2d over the channel concatenation [a, b] (no bias): `cat_conv_many((a, b), ...)`.
+def cat_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, stride, padding,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d over the channel concatenation [a, b] (+ bias): `cat_conv_many((a, b), ...)`.
 
-    a: Tensor[B, Ca, H, W], b: Tensor[B, Cb, H, W], weight: Tensor[Cout, Ca + Cb, k, k] -> Tensor[B, Cout, Ho, Wo].
+    a: Tensor[B, Ca, H, W], b: Tensor[B, Cb, H, W], weight: Tensor[Cout, Ca + Cb, kh, kw], bias: Tensor[Cout] or
+    None; stride, padding: int or pair -> Tensor[B, Cout, Ho, Wo].
     """
-    return cat_conv_many((a, b), weight, stride, padding)
+    return cat_conv_many((a, b), weight, stride, padding, bias)
+
+
+class _PermuteBlocks(torch.autograd.Function):
+    """cat([t[j*size:(j+1)*size] for j in order]) along dim 0, whose backward is the inverse permutation (one
+    cat). Autograd's own slice-then-cat would back-propagate each block through a zero-filled gradient of t's
+    full size and add them up: for a ConvLSTM's weight (4.7 MB at 128 hidden channels) that was ~3% of a
+    PhyDNet training step here."""
+
+    @staticmethod
+    def forward(ctx, t, order, size):
+        ctx.order, ctx.size = order, size
+        return torch.cat([t.narrow(0, j * size, size) for j in order], 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pieces = grad.split(ctx.size, 0)
+        inverse = sorted(range(len(ctx.order)), key=ctx.order.__getitem__)
+        return torch.cat([pieces[i] for i in inverse], 0), None, None
+
+
+def permute_blocks(t: torch.Tensor, order, size: int) -> torch.Tensor:
+    """t: Tensor[len(order) * size, ...] with its blocks of `size` rows reordered: block i of the result is block
+    order[i] of t (order a permutation of range(len(order)))."""
+    if sorted(order) != list(range(len(order))) or t.shape[0] != len(order) * size:
+        raise ValueError(f"permute_blocks: order {order!r} must permute the {t.shape[0]} // {size} blocks of t")
+    return _PermuteBlocks.apply(t, tuple(order), size)
