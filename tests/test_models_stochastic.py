@@ -464,9 +464,13 @@ def test_gan_each_network_gets_its_own_objective():
 
 def test_gan_sample_and_forward():
     m = tiny("gan")
+    with torch.no_grad():  # streams near mid-grey, so that the [0, 1] clamp of the predictions cuts little
+        m.generator.fg_out.bias.fill_(0.5)
+        m.generator.background[-1].bias.fill_(0.5)
     x = torch.rand(2, 2, 1, 8, 8, dtype=torch.float64)
     a = m.sample(x, n=3, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 3, 2, 1, 8, 8)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1 and 0 < float(a.mean()) < 1
     assert torch.equal(a, m.sample(x, n=3, generator=torch.Generator().manual_seed(1)))
     assert not torch.equal(a[:, 0], a[:, 1])
     assert torch.equal(m(x), m(x))  # z = 0
@@ -489,6 +493,14 @@ def test_gan_reconstruction_falls_on_moving_mnist():
         opt.step()
         mses.append(logs["mse"])
     assert sum(mses[-5:]) < 0.7 * sum(mses[:5]), mses
+    # and not by collapsing to a black future (sigmoid streams did: their logits ran off to -inf under Adam,
+    # the prediction equalled the predict-zeros baseline and no gradient was left to leave it)
+    with torch.no_grad():
+        past, future = batches[0][:, :2], batches[0][:, 2:]
+        pred = m(past)
+    ink = future > 0.5
+    assert float(((pred - future) ** 2).mean()) < 0.7 * float((future ** 2).mean())
+    assert float(pred[ink].mean()) > 3 * float(pred[~ink].mean())
 
 
 # ---- VPTR -------------------------------------------------------------------------------------------------

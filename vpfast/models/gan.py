@@ -5,7 +5,11 @@ features f: [B, hid, H/4, W/4]. Two streams decode them:
 - background: a 2-D decoder -> one image b: [B, C, H, W], shared by every future frame (static by construction);
 - foreground: f -> [B, hid, aft, H/4, W/4] -> 3-D convolutions with spatial upsampling -> a moving clip
   fg: [B, C, aft, H, W] and a spatio-temporal mask m: [B, 1, aft, H, W] in [0, 1] (sigmoid);
-video = m * fg + (1 - m) * b (frames in [0, 1]: b and fg through a sigmoid).
+video = m * fg + (1 - m) * b, with b and fg linear; predictions (forward, sample) are the video clamped to [0, 1].
+The streams are linear because sigmoid streams saturate on Moving MNIST: the reconstruction term first pulls
+every pixel towards the black background, and Adam keeps moving the logits at its step size however small
+their gradient gets (measured: after 600 steps of the small preset the foreground logits were near -200, the
+future all black, equal to the predict-zeros baseline to 1e-6, and no gradient left to leave it).
 Discriminator: 3-D convolutions over the whole clip (observed frames followed by real or generated future
 frames) -> one logit per clip.
 
@@ -52,17 +56,18 @@ class Generator(nn.Module):
         foreground Tensor[B, aft, C, H, W], background Tensor[B, C, H, W], mask Tensor[B, aft, 1, H, W]."""
         B = past.shape[0]
         f = self.enc(torch.cat([2 * past.flatten(1, 2) - 1, z.to(past.dtype)], 1))
-        bg = torch.sigmoid(self.background(f))
+        bg = self.background(f)
         g = self.to_time(f).view(B, self.hid, self.aft, *f.shape[-2:])
         g = self.foreground(g)
-        fg = torch.sigmoid(self.fg_out(g)).transpose(1, 2)
+        fg = self.fg_out(g).transpose(1, 2)
         m = torch.sigmoid(self.mask_out(g)).transpose(1, 2)
         video = m * fg + (1 - m) * bg[:, None]
         return {"video": video, "foreground": fg, "background": bg, "mask": m}
 
 
 class Discriminator(nn.Module):
-    """clip: Tensor[B, T, C, H, W] in [0, 1] -> Tensor[B] of logits (real vs generated)."""
+    """clip: Tensor[B, T, C, H, W] (real frames in [0, 1], generated ones unclamped) -> Tensor[B] of logits
+    (real vs generated)."""
 
     def __init__(self, C: int, hid: int):
         super().__init__()
@@ -84,9 +89,10 @@ class TwoStreamGAN(_base.VideoPredictionModel):
                  z_dim=4, recon_weight=1.0, adv_weight=0.01, backend=None)
 
     in_shape: (T, C, H, W), T = pre_seq_length; H, W divisible by 4.
-    forward(x: Tensor[B, pre, C, H, W]) -> Tensor[B, aft, C, H, W]: the generator at z = 0 (deterministic);
-    sample(x, n=1, generator=None) -> Tensor[B, n, aft, C, H, W] with z ~ N(0, I);
-    generate(x, z) -> the streams (dict: video, foreground, background, mask).
+    forward(x: Tensor[B, pre, C, H, W]) -> Tensor[B, aft, C, H, W] in [0, 1]: the generator at z = 0
+      (deterministic);
+    sample(x, n=1, generator=None) -> Tensor[B, n, aft, C, H, W] in [0, 1] with z ~ N(0, I);
+    generate(x, z) -> the streams (dict: video, foreground, background, mask), unclamped (as trained).
     training_loss(frames: Tensor[B, pre + aft, C, H, W], itr) -> (loss, logs with mse, g_adv, d_loss, loss).
     backend: accepted for the package's interface; the layers are PyTorch's.
     """
@@ -153,7 +159,7 @@ class TwoStreamGAN(_base.VideoPredictionModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: Tensor[B, pre_seq_length, C, H, W] -> Tensor[B, aft_seq_length, C, H, W] (z = 0)."""
-        return self.generate(x, self._noise(x, x.shape[0], zero=True))["video"]
+        return self.generate(x, self._noise(x, x.shape[0], zero=True))["video"].clamp(0, 1)
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, n: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -161,7 +167,8 @@ class TwoStreamGAN(_base.VideoPredictionModel):
         _base.positive_int("n", n)
         self.check_frames(x, self.pre_seq_length, "x")
         xs = x.repeat_interleave(n, dim=0)
-        return self.generate(xs, self._noise(xs, xs.shape[0], generator))["video"].unflatten(0, (x.shape[0], n))
+        video = self.generate(xs, self._noise(xs, xs.shape[0], generator))["video"].clamp(0, 1)
+        return video.unflatten(0, (x.shape[0], n))
 
 
 _MMNIST = _stochastic.MMNIST
