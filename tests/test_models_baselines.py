@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vpfast import models as M
+from vpfast.testing import backend_params, device_for
 
 from model_checks import check_bad_input, check_fast_matches_torch, ref_patch
 from reference_keys import key_list
@@ -748,9 +749,9 @@ def test_accelerate_swaps_openstl_e3d_cell():
             torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12)
 
 
-def _accelerate_unchanged(holder, name, inputs, swapped, left):
-    """vpfast.accelerate(holder) swaps holder.<name> as `swapped` says and leaves `left` (paths); the swapped
-    layer's outputs and parameter gradients equal the original's (float64)."""
+def _accelerate_unchanged(holder, name, inputs, swapped, left, backend=None):
+    """vpfast.accelerate(holder, backend) swaps holder.<name> as `swapped` says and leaves `left` (paths); the
+    swapped layer's outputs and parameter gradients equal the original's (float64)."""
     import vpfast
     torch.manual_seed(0)
     with torch.no_grad():
@@ -760,7 +761,7 @@ def _accelerate_unchanged(holder, name, inputs, swapped, left):
     for swap in (False, True):
         if swap:
             params = list(getattr(holder, name).parameters())
-            rep = vpfast.accelerate(holder)
+            rep = vpfast.accelerate(holder, backend=backend)
             assert rep.swapped == swapped and [p for p, _, _ in rep.left] == left, rep
             assert all(a is b for a, b in zip(getattr(holder, name).parameters(), params))
         ys = getattr(holder, name)(*inputs)
@@ -836,6 +837,61 @@ def test_accelerate_swaps_openstl_mimn_and_leaves_mim_block():
     x, h, c = (torch.randn(2, n, 7, 5, dtype=torch.float64) for n in (3, 4, 4))
     rep = _accelerate_unchanged(holder, "mimn", (x, h, c), [("mimn", "MIMN", "MIMN")], ["block"])
     assert "stateful" in rep.left[0][2] and type(holder.mimn).__module__ == "vpfast.nn.mim"
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("backend", [None] + backend_params("causal_lstm_cell"))
+def test_accelerate_swaps_openstl_causal_lstm_cell(backend, layer_norm):
+    """OpenSTL's PredRNN++ CausalLSTMCell (MODELS.md §10: seven k x k convolutions in nn.Sequential, with or
+    without their LayerNorms, the unused conv_o, a 1x1 conv_last; forward(x, h, c, m) -> (h, c, m)) is swapped
+    for vpfast.nn.CausalLSTMCell sharing its parameters, outputs and gradients unchanged with the default backend
+    and each fused one; a cell whose convolution has a bias (the TF original's) is left alone with a reason."""
+    from torch import nn
+
+    class CausalLSTMCell(nn.Module):  # OpenSTL's constructor and structure
+        def __init__(self, in_channel, num_hidden, height, width, filter_size, stride, layer_norm):
+            super().__init__()
+            C, k = num_hidden, filter_size
+            self.num_hidden, self._forget_bias = C, 1.0
+
+            def block(cin, cout):
+                return _openstl_conv_block(cin, cout, k, stride, [cout, height, width] if layer_norm else None)
+            self.conv_x, self.conv_h, self.conv_c = block(in_channel, 7 * C), block(C, 4 * C), block(C, 3 * C)
+            self.conv_m, self.conv_o = block(C, 3 * C), block(2 * C, C)
+            self.conv_c2m, self.conv_om = block(C, 4 * C), block(C, C)
+            self.conv_last = nn.Conv2d(2 * C, C, 1, 1, 0, bias=False)
+
+        def forward(self, x_t, h_t, c_t, m_t):
+            C, fb = self.num_hidden, self._forget_bias
+            i_x, f_x, g_x, i_xp, f_xp, g_xp, o_x = torch.split(self.conv_x(x_t), C, dim=1)
+            i_h, f_h, g_h, o_h = torch.split(self.conv_h(h_t), C, dim=1)
+            i_c, f_c, g_c = torch.split(self.conv_c(c_t), C, dim=1)
+            i_m, f_m, m_hat = torch.split(self.conv_m(m_t), C, dim=1)
+            c_new = torch.sigmoid(f_x + f_h + f_c + fb) * c_t + torch.sigmoid(i_x + i_h + i_c) * torch.tanh(
+                g_x + g_h + g_c)
+            i_k, g_k, f_k, o_k = torch.split(self.conv_c2m(c_new), C, dim=1)  # i', g', f', o
+            m_new = torch.sigmoid(f_xp + f_m + f_k + fb) * torch.tanh(m_hat) + torch.sigmoid(
+                i_xp + i_m + i_k) * torch.tanh(g_xp + g_k)
+            o_t = torch.tanh(o_x + o_h + o_k + self.conv_om(m_new))
+            h_new = o_t * torch.tanh(self.conv_last(torch.cat([c_new, m_new], 1)))
+            return h_new, c_new, m_new
+
+    dev = device_for(backend or "cpp")
+    holder = nn.Module()
+    holder.cell = CausalLSTMCell(3, 4, 7, 5, 3, 1, layer_norm)
+    holder.tf = CausalLSTMCell(3, 4, 7, 5, 3, 1, layer_norm)
+    holder.tf.conv_h[0] = nn.Conv2d(4, 16, 3, 1, 1, bias=True)  # the TF original's biased convolutions
+    holder = holder.double().to(dev)
+    x, h, c, m = (torch.randn(3, n, 7, 5, dtype=torch.float64, device=dev) for n in (3, 4, 4, 4))
+    rep = _accelerate_unchanged(holder, "cell", (x, h, c, m), [("cell", "CausalLSTMCell", "CausalLSTMCell")],
+                                ["tf"], backend)
+    assert "convolution options" in rep.left[0][2], rep
+    assert type(holder.cell).__module__ == "vpfast.nn.causal_lstm" and holder.cell.backend == backend
+    assert holder.cell.layer_norm == layer_norm and type(holder.tf).__module__ == __name__
+    assert "CausalLSTMCell -> vpfast.nn.CausalLSTMCell" in str(rep)
+    import vpfast  # a second call recognises vpfast's cell: not swapped again, its backend set
+    again = vpfast.accelerate(holder, backend="torch")
+    assert again.swapped == [] and holder.cell.backend == "torch" and [p for p, _, _ in again.left] == ["tf"]
 
 
 # ---- fast backend vs torch, autocast, CLI ---------------------------------------------------------------

@@ -11,8 +11,9 @@ working and checkpoints keep their keys). Recognised:
   thuml's Motion-Highway variant, recognised by its 5-argument forward; also layer 0 of OpenSTL's MIM),
   `SpatioTemporalLSTMCellv2` (PredRNN-v2), `ConvLSTMCell` (OpenSTL), `PhyD_ConvLSTM_Cell` (OpenSTL's
   PhyDNet), `Eidetic3DLSTMCell` (OpenSTL's E3D-LSTM, layer_norm off: the recall attention then runs blockwise
-  with scaled_dot_product_attention), `GHU` (OpenSTL's PredRNN++) and `MIMN` (OpenSTL's MIM; its
-  `MIMBlock` keeps state on the module and is left alone), both run with the fused `stlstm_output`,
+  with scaled_dot_product_attention), `CausalLSTMCell` (OpenSTL's PredRNN++, with or without its gate
+  LayerNorms; run with the three fused `causal_lstm` stages), `GHU` (OpenSTL's PredRNN++) and `MIMN` (OpenSTL's
+  MIM; its `MIMBlock` keeps state on the module and is left alone), both run with the fused `stlstm_output`,
   `MotionGRU` and `Warp` (thuml), `SpatialAttention`, `AttentionModule`, `TemporalAttention`,
   `TemporalAttentionModule` (OpenSTL gSTA / TAU), and SimVP's
   `BasicConv2d` (conv -> GroupNorm(2) -> SiLU, run with the fused `group_norm_silu`; layouts unchanged).
@@ -148,6 +149,42 @@ def _ghu(m, backend):
     return vnn.GHU(cx.in_channels, C, H, W, k, stride, norm is not None, initializer=0, backend=backend)
 
 
+def _causal_lstm(m, backend):
+    # OpenSTL's PredRNN++ CausalLSTMCell (MODELS.md §10): same keys; vpfast's runs the pointwise work with the
+    # three fused causal_lstm stages
+    names = ("conv_x", "conv_h", "conv_c", "conv_m", "conv_o", "conv_c2m", "conv_om")
+    seqs = [getattr(m, n, None) for n in names]
+    _need(all(isinstance(s, nn.Sequential) and len(s) in (1, 2) for s in seqs),
+          "conv_x/h/c/m/o/c2m/om are not the reference's nn.Sequential(conv[, LayerNorm])")
+    convs = [_conv(m, n) for n in names]
+    last = getattr(m, "conv_last", None)
+    _need(isinstance(last, nn.Conv2d), "no 1x1 convolution 'conv_last'")
+    cx, ch, cc, cm, co, ck, com = convs
+    C = last.out_channels
+    _need(_forward_arity(m) == 4, "forward does not take (x, h, c, m)")
+    _need(getattr(m, "_forget_bias", 1.0) == 1.0, "forget bias is not the reference's constant 1.0")
+    chans = [(cx, cx.in_channels, 7 * C), (ch, C, 4 * C), (cc, C, 3 * C), (cm, C, 3 * C), (co, 2 * C, C),
+             (ck, C, 4 * C), (com, C, C)]
+    _need(all(conv.in_channels == i and conv.out_channels == o for conv, i, o in chans),
+          "channels are not the reference's (conv_x 7C, conv_h 4C, conv_c 3C, conv_m 3C, conv_o 2C->C, "
+          "conv_c2m 4C, conv_om C)")
+    k, stride = _plain_convs(*convs)
+    _need(last.in_channels == 2 * C and last.kernel_size == (1, 1) and last.stride == (1, 1)
+          and last.padding == (0, 0) and last.dilation == (1, 1) and last.groups == 1 and last.bias is None,
+          "conv_last is not the reference's 1x1 convolution without bias over [c, m]")
+    norms = [s[1] if len(s) > 1 else None for s in seqs]
+    _need(all(n is None for n in norms) or all(isinstance(n, nn.LayerNorm) for n in norms),
+          "some gate convolutions are followed by a LayerNorm and some not")
+    ln, H, W = norms[0] is not None, 1, 1
+    if ln:
+        _need(len(norms[0].normalized_shape) == 3, "conv_x's LayerNorm is not over [7C, H, W]")
+        H, W = norms[0].normalized_shape[1:]
+        _need(all(tuple(n.normalized_shape) == (conv.out_channels, H, W) and n.elementwise_affine
+                  for n, conv in zip(norms, convs)), "the LayerNorms are not the reference's over [channels, H, W]")
+        _need(all(n.eps == 1e-5 for n in norms), "LayerNorm eps other than the reference's")
+    return vnn.CausalLSTMCell(cx.in_channels, C, H, W, k, stride, ln, backend=backend)
+
+
 def _mimn(m, backend):
     # OpenSTL's MIM-N (peephole LSTM): vpfast's runs its output gate with the fused stlstm_output
     ch, cx = _conv(m, "conv_h_concat"), _conv(m, "conv_x_concat")
@@ -257,6 +294,7 @@ _BY_NAME: dict[str, Callable] = {
     "ConvLSTMCell": _convlstm,
     "PhyD_ConvLSTM_Cell": _phyd_convlstm,
     "Eidetic3DLSTMCell": _e3d_cell,
+    "CausalLSTMCell": _causal_lstm,
     "GHU": _ghu,
     "MIMN": _mimn,
     # OpenSTL's block keeps its MIM-S state S on the module between calls; vpfast's takes and returns S
@@ -271,7 +309,8 @@ _BY_NAME: dict[str, Callable] = {
     "BasicConv2d": _basic_conv2d,
 }
 
-_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.Eidetic3DLSTMCell, vnn.GHU,
+_VPFAST_TYPES = (vnn.SpatioTemporalLSTMCell, vnn.ConvLSTMCell, vnn.PhyDConvLSTMCell, vnn.Eidetic3DLSTMCell,
+                 vnn.CausalLSTMCell, vnn.GHU,
                  vnn.MIMN, vnn.MIMBlock,
                  vnn.MotionGRU, vnn.Warp, vnn.SpatialAttention, vnn.TemporalAttention, vnn.AttentionModule,
                  vnn.TemporalAttentionModule, vnn.DepthwiseConv2d,
