@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from vpfast.bench import backend_of, grad_step, providers
+from vpfast.bench import backend_of, op_step, providers
 from vpfast.nn import GHU, CausalLSTMCell
 
 S = importlib.import_module("vpfast.ops.causal_lstm")
@@ -107,13 +107,7 @@ def test_pointwise(benchmark, record, request, provider, shape, mode):
     # saved), 3C: 18C; backward reads about 14C and writes 22C (7C+4C+3C+C, 4C, 3C+4C less the carry reuse)
     gbytes = n * (29 + 13 + ((5 + 14 + 22) if train else 0))
 
-    if train:
-        fn = grad_step(fn_, args)
-    else:
-        def fn():
-            with torch.no_grad():
-                return fn_(*args)
-    record(provider, fn, gbytes=gbytes)
+    record(provider, op_step(fn_, args, train), gbytes=gbytes)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

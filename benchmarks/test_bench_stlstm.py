@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from vpfast.bench import backend_of, grad_step, providers
+from vpfast.bench import backend_of, op_step, providers
 from vpfast.nn import SpatioTemporalLSTMCell
 
 S = importlib.import_module("vpfast.ops.stlstm")
@@ -119,13 +119,7 @@ def test_pointwise(benchmark, record, request, provider, shape, mode):
     # predecessors 4C) and writes ~16C
     gbytes = n * ((16 + 3 + 3 + 1) + ((4 + 1) + 27 if train else 0))
 
-    if train:
-        fn = grad_step(fn_, args)
-    else:
-        def fn():
-            with torch.no_grad():
-                return fn_(*args)
-    record(provider, fn, gbytes=gbytes)
+    record(provider, op_step(fn_, args, train), gbytes=gbytes)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vpfast.testing import private_compile_cache  # noqa: E402  (after TRITON_INTERPRET)
+from vpfast.testing import exact_float32, private_compile_cache  # noqa: E402  (after TRITON_INTERPRET)
 
 private_compile_cache()
 
@@ -23,3 +23,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 convolutions and matmuls in float32 (PyTorch's CUDA default is TF32), so that float32
+    comparisons are tight (merged and separate convolutions round differently under TF32); restored after."""
+    with exact_float32():
+        yield

@@ -201,12 +201,6 @@ def _unroll(mods, xs, steps):
     return outs, loss
 
 
-@pytest.fixture
-def no_tf32():
-    """Exact float32 convolutions on CUDA: the merged and separate convolutions round differently under TF32."""
-    with exact_float32():
-        yield
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer_norm,merge", [(False, True), (False, False), (True, False)],

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vpfast
-from vpfast.testing import (assert_close_bounded, backend_params, device_for, exact_float32, low_precision_params,
+from vpfast.testing import (assert_close_bounded, backend_params, device_for, low_precision_params,
                             tolerances as tol, assert_keeps_fp_state)
 from vpfast.nn import ConvLSTMCell
 
@@ -113,12 +113,6 @@ def _unroll(cell, xs):
             loss = loss + (h * torch.cos(h)).mean() + (c ** 2).mean() * 0.1
     return outs, loss
 
-
-@pytest.fixture
-def no_tf32():
-    """Exact float32 convolutions on CUDA: the merged and separate convolutions round differently under TF32."""
-    with exact_float32():
-        yield
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

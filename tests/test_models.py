@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import vpfast
 from vpfast import models as M
 from vpfast.ops.ddr_loss import ddr_loss_reference
-from vpfast.testing import exact_float32
 
 from model_checks import check_bad_input, check_fast_matches_torch, ref_patch
 from reference_keys import key_list
@@ -572,13 +571,6 @@ def _gpu_backends():
         out.append("triton")
     return out + [None]
 
-
-@pytest.fixture
-def no_tf32():
-    """float32 convolutions and matmuls in float32 (PyTorch's CUDA default is TF32), so that the float32
-    comparison is tight; restored afterwards."""
-    with exact_float32():
-        yield
 
 
 @needs_cuda

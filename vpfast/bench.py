@@ -188,6 +188,18 @@ def grad_step(fn, args):
     return step
 
 
+def op_step(fn, args, train: bool):
+    """What a benchmark times for an op: `grad_step(fn, args)` when train (forward and backward), else fn(*args)
+    under no_grad (forward only)."""
+    if train:
+        return grad_step(fn, args)
+
+    def step():
+        with torch.no_grad():
+            return fn(*args)
+    return step
+
+
 def _timed(fn, repeats: int, clock=time.perf_counter) -> float:
     t = clock()
     for _ in range(repeats):
