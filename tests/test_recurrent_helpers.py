@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vpfast.nn import phydnet as P
-from vpfast.nn._recurrent import cat_conv, permute_blocks
+from vpfast.nn._recurrent import cat_conv, cat_conv_many, permute_blocks
 from vpfast.nn._weight_grad import defer_weight_grad, stash_conv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,6 +29,24 @@ def test_cat_conv_bias_and_pair_padding(bias):
     assert torch.autograd.gradcheck(lambda *t: cat_conv(t[0], t[1], t[2], (2, 1), (1, 0), t[3] if bias else None),
                                     ins)
 
+
+
+@pytest.mark.parametrize("needs", [(False, True, True), (True, False, True), (False, True, False)],
+                         ids=["frame-first", "middle-frozen", "middle-only"])
+def test_cat_conv_many_bias_partial_input_grads(needs):
+    """Three inputs, a bias and pair stride/padding with only some inputs needing a gradient (the narrowed
+    input-gradient call): outputs and gradients equal F.conv2d over the concatenation."""
+    xs = [_rand(3, c, 6, 5, seed=10 + i, grad=g) for i, (c, g) in enumerate(zip((2, 3, 1), needs))]
+    w, bi = _rand(4, 6, 3, 2, seed=20), _rand(4, seed=21)
+    out = cat_conv_many(xs, w, (1, 2), (1, 1), bi)
+    want = F.conv2d(torch.cat(xs, 1), w, bi, (1, 2), (1, 1))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    g = _rand(*out.shape, seed=22, grad=False)
+    leaves = [t for t in xs if t.requires_grad] + [w, bi]
+    got = torch.autograd.grad(out, leaves, g)
+    torch.testing.assert_close(got, torch.autograd.grad(want, leaves, g))
+    assert torch.autograd.gradcheck(lambda *t: cat_conv_many(list(t[:3]), t[3], (1, 2), (1, 1), t[4]),
+                                    tuple(xs) + (w, bi))
 
 def test_permute_blocks():
     t = _rand(8, 3, 2)
