@@ -199,8 +199,9 @@ def test_fewer_ddim_steps_run_the_ddpm_trained_model():
     assert m(x).shape == (1, 2, 1, 8, 8)  # forward: one sample with the configured sampler and steps
 
 
-def test_diffusion_training_loss_is_noise_mse():
-    m = tiny_diffusion()
+@pytest.mark.parametrize("prediction", D.PREDICTIONS)
+def test_diffusion_training_loss_is_target_mse(prediction):
+    m = tiny_diffusion(prediction=prediction)
     frames = torch.rand(3, 4, 1, 8, 8, dtype=torch.float64)
     torch.manual_seed(5)
     loss, logs = m.training_loss(frames)
@@ -208,10 +209,26 @@ def test_diffusion_training_loss_is_noise_mse():
     t = torch.randint(0, 20, (3,))
     eps = torch.randn(3, 2, 1, 8, 8, dtype=torch.float64)
     ab = torch.cumprod(1 - D.beta_schedule_of(m.config), 0)[t].view(3, 1, 1, 1, 1)
-    xt = ab.sqrt() * (2 * frames[:, 2:] - 1) + (1 - ab).sqrt() * eps
+    x0 = 2 * frames[:, 2:] - 1
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
     pred = m.denoiser(xt.flatten(1, 2), t, (2 * frames[:, :2] - 1).flatten(1, 2)).view_as(eps)
-    torch.testing.assert_close(loss, ((pred - eps) ** 2).mean())
+    target = {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction]
+    torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
     assert logs["loss"] == pytest.approx(loss.item())
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_diffusion_parameterisations_give_the_same_noise_estimate(prediction):
+    """A v- or x0-network that outputs the value its target takes for a given (x0, eps) must yield eps itself
+    through predict_noise, at every step (the conversion the samplers rely on)."""
+    m = tiny_diffusion(prediction=prediction)
+    g = torch.Generator().manual_seed(2)
+    x0, eps = (torch.randn(20, 2, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.arange(20)
+    ab = m.alphas_cumprod[t].view(20, 1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    m.network = lambda xt_, t_, past: ab.sqrt() * eps - (1 - ab).sqrt() * x0 if prediction == "v" else x0
+    torch.testing.assert_close(m.predict_noise(xt, t, None), eps, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", M.STOCHASTIC_NAMES)
@@ -265,6 +282,23 @@ def test_diffusion_loss_falls_on_moving_mnist():
     assert after < 0.7 * before, (before, after, first, last)
 
 
+def test_diffusion_samples_beat_the_zeros_baseline_after_training():
+    """What a user checks first: samples of a briefly trained model look like the data. Mostly-black Moving MNIST
+    makes 'predict zeros' a strong baseline; an x0-predicting denoiser (the presets') beats it ~4x here after
+    80 steps (1 thread, ~20 s), where the eps-predicting one (DDPM's parameterisation) still drew grey noise
+    (sample MSE 0.23 vs zeros' 0.084 after 150 steps; see docs/STOCHASTIC.md)."""
+    torch.manual_seed(0)
+    m = M.create("diffusion", in_shape=(2, 1, 32, 32), aft_seq_length=2, hid=8, channel_mult="1,2",
+                 num_steps=100, prediction="x0", backend="torch")
+    batches = mmnist_batches(4, 8, 2, 2)
+    fit(m, batches, 80, 3e-3)
+    frames = torch.cat(batches)
+    past, future = frames[:, :2], frames[:, 2:]
+    samples = m.sample(past, n=1, steps=10, generator=torch.Generator().manual_seed(0))[:, 0]
+    mse, zeros = float(((samples - future) ** 2).mean()), float((future ** 2).mean())
+    assert mse < 0.5 * zeros, (mse, zeros)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(sampler="ddpx"), "sampler"),
     (dict(eta=1.5), "eta"),
@@ -288,6 +322,7 @@ def test_diffusion_sample_bad_arguments(kw, match):
     (dict(num_steps=0), "num_steps"),
     (dict(sample_steps=50), "steps"),
     (dict(hid=0), "hid"),
+    (dict(prediction="noise"), "prediction"),
 ])
 def test_diffusion_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
