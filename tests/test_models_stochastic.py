@@ -285,7 +285,7 @@ def test_diffusion_loss_falls_on_moving_mnist():
 def test_diffusion_samples_beat_the_zeros_baseline_after_training():
     """What a user checks first: samples of a briefly trained model look like the data. Mostly-black Moving MNIST
     makes 'predict zeros' a strong baseline; an x0-predicting denoiser (the presets') beats it ~4x here after
-    80 steps (1 thread, ~20 s), where the eps-predicting one (DDPM's parameterisation) still drew grey noise
+    80 steps (1 thread, a few seconds), where the eps-predicting one (DDPM's parameterisation) still drew grey noise
     (sample MSE 0.23 vs zeros' 0.084 after 150 steps; see docs/STOCHASTIC.md)."""
     torch.manual_seed(0)
     m = M.create("diffusion", in_shape=(2, 1, 32, 32), aft_seq_length=2, hid=8, channel_mult="1,2",
