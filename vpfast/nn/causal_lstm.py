@@ -97,9 +97,28 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
             check_state(name, t, "x", x, shape)
         B, C = shape[0], self.num_hidden
         gate_shapes = [(B, k * C) + shape[2:] for k in ((4,) if self.merge_convs else (7, 4, 3))]
-        if fused_backend(_CELL, self.backend, x, gate_shapes, (c,)) == "torch":
+        name = fused_backend(_CELL, self.backend, x, gate_shapes, (c,))
+        if name == "torch":
             return self._forward_reference(x, h, c, m)
+        if name in ("cpp", "cuda") and self._one_node_ok(x):
+            return self._forward_one_node(x, h, c, m)
         return self._forward_fused(x, h, c, m)
+
+    # ---- the fused path as one autograd node per step ----------------------------------------------------
+    def _one_node_ok(self, x) -> bool:
+        """Whether this step can run as one `_CausalStep` node: separate convolutions without LayerNorm, the
+        compiled kernels (cpp / cuda), no autocast (its casts belong to the public ops) and not under
+        torch.compile (which traces the per-stage ops, whose fake kernels it knows)."""
+        dev = x.device.type
+        return (not self.layer_norm and not self.merge_convs and not torch.is_autocast_enabled(dev)
+                and not torch.compiler.is_compiling())
+
+    def _forward_one_node(self, x, h, c, m):
+        if x.device.type == "cpu" and self._cpu_channels_last:
+            # as in _forward_fused; x itself is left as given: the convolution converts it on the fly (and again
+            # in backward), so a frame slice is saved as the view it is, not as a channels_last copy per step
+            h, c, m = (t.contiguous(memory_format=torch.channels_last) for t in (h, c, m))
+        return _CausalStep.apply(x, h, c, m, self.stride, self.padding, self._forget_bias, *self.merged_weights())
 
     # ---- the fused path --------------------------------------------------------------------------------
     def _derive_merged_weights(self):
@@ -174,6 +193,86 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
         o_t = torch.tanh(o_x + o_h + o_c2m + self.conv_om(m_new))
         h_new = o_t * torch.tanh(self.conv_last(torch.cat((c_new, m_new), 1)))
         return h_new, c_new, m_new
+
+
+def _conv_backward(grad, inp, weight, stride, padding, need_input: bool, need_weight: bool):
+    """(grad of inp, grad of weight) of conv2d(inp, weight, None, stride, padding); None where not needed."""
+    if not (need_input or need_weight):
+        return None, None
+    gi, gw, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, stride, padding, [1, 1], False,
+                                                    [0, 0], 1, [need_input, need_weight, False])
+    return gi, gw
+
+
+class _CausalStep(torch.autograd.Function):
+    """One Causal LSTM step (separate convolutions, no LayerNorm, compiled kernels) as a single autograd node.
+
+    Why: at the `small` preset (B=4, C=16, 16x16) a step is ~1.5 ms of convolutions and kernels, and the
+    per-stage path (three torch.library ops with Python autograd bridges, their public checks and backend
+    selection, seven ConvolutionBackward nodes and a _CatConv node) added ~0.5 ms of overhead to each
+    forward+backward. Here backward calls the stage kernels and aten.convolution_backward directly.
+
+    Saved: x, h, c, m (the step's inputs, alive anyway as frames / earlier states), c_t, m_t (its outputs,
+    alive as the next step's states), the weights, the kernels' gates (i, f; i', f', tanh(m̂); o: 6 maps) and
+    nothing else: tanh(conv_last([c_t, m_t])) is recomputed in backward (a 1x1 convolution, 2C -> C, plus a
+    tanh: ~1% of the step) instead of being kept, one C-sized map per step less than the per-stage ops keep.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, c, m, stride, padding, forget_bias, w_x, w_h, w_c, w_m, w_k, w_om, w_last):
+        s, p = [stride, stride], [padding, padding]
+        ops = torch.ops.vpfast
+        conv = torch.ops.aten.convolution
+        x_g = conv(x, w_x, None, s, p, [1, 1], False, [0, 0], 1)
+        h_g = conv(h, w_h, None, s, p, [1, 1], False, [0, 0], 1)
+        c_g = conv(c, w_c, None, s, p, [1, 1], False, [0, 0], 1)
+        c_new, carry, act1 = ops.causal_lstm_cell_forward(x_g, h_g, c_g, c, forget_bias)
+        del x_g, h_g, c_g
+        m_g = conv(m, w_m, None, s, p, [1, 1], False, [0, 0], 1)
+        c2m_g = conv(c_new, w_k, None, s, p, [1, 1], False, [0, 0], 1)
+        m_new, o_part, act2 = ops.causal_lstm_memory_forward(carry, m_g, c2m_g, forget_bias)
+        del carry, m_g, c2m_g
+        last = conv(torch.cat((c_new, m_new), 1), w_last, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+        o_m = conv(m_new, w_om, None, s, p, [1, 1], False, [0, 0], 1)
+        h_new, o, _tl = ops.causal_lstm_output_forward(o_part, o_m, last)
+        ctx.save_for_backward(x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last)
+        ctx.conv = (s, p)
+        ctx.set_materialize_grads(False)
+        return h_new, c_new, m_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_h, g_c, g_m):
+        x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s, p = ctx.conv
+        ops = torch.ops.vpfast
+        C = c.shape[1]
+        cm = torch.cat((c_new, m_new), 1)
+        if g_h is None:  # h_t unused (e.g. the last step's upper states)
+            g_pre = g_last = torch.zeros_like(o)
+        else:
+            tl = torch.tanh(torch.ops.aten.convolution(cm, w_last, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1))
+            g_pre, g_last = ops.causal_lstm_output_backward(g_h, o, tl)
+            del tl
+        # o = tanh(o_part + conv_om(m_t)), last = conv_last([c_t, m_t]): both reach m_t, last also c_t
+        g_m_om, g_w_om = _conv_backward(g_pre, m_new, w_om, s, p, True, need[12])
+        g_cm, g_w_last = _conv_backward(g_last, cm, w_last, [1, 1], [0, 0], True, need[13])
+        del cm
+        g_cn_last, g_mn_last = g_cm.split(C, 1)
+        g_mn = g_m_om + g_mn_last if g_m is None else g_m + g_m_om + g_mn_last
+        g_carry, g_mg, g_c2m = ops.causal_lstm_memory_backward(g_mn, g_pre, act2, m_new, True)
+        del g_mn
+        g_m_prev, g_w_m = _conv_backward(g_mg, m, w_m, s, p, need[3], need[10])
+        g_cn_k, g_w_k = _conv_backward(g_c2m, c_new, w_k, s, p, True, need[11])
+        g_cn = g_cn_k + g_cn_last if g_c is None else g_c + g_cn_k + g_cn_last
+        g_xg, g_hg, g_cg, g_c_direct = ops.causal_lstm_cell_backward(g_cn, g_carry, act1, c_new, c, True, True)
+        g_x, g_w_x = _conv_backward(g_xg, x, w_x, s, p, need[0], need[7])
+        g_h_prev, g_w_h = _conv_backward(g_hg, h, w_h, s, p, need[1], need[8])
+        g_c_conv, g_w_c = _conv_backward(g_cg, c, w_c, s, p, need[2], need[9])
+        g_c_prev = g_c_direct + g_c_conv if need[2] else None
+        return (g_x, g_h_prev, g_c_prev, g_m_prev, None, None, None,
+                g_w_x, g_w_h, g_w_c, g_w_m, g_w_k, g_w_om, g_w_last)
 
 
 class GHU(MergedWeightsMixin, nn.Module):
