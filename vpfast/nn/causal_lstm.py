@@ -275,6 +275,47 @@ class _CausalStep(torch.autograd.Function):
                 g_w_x, g_w_h, g_w_c, g_w_m, g_w_k, g_w_om, g_w_last)
 
 
+class _GHUStep(torch.autograd.Function):
+    """One GHU step with its merged [x, z] convolution (stride 1) and the compiled stlstm_output kernels
+    (cpp / cuda), as a single autograd node.
+
+    Why: the per-op path (a _CatConv node, the public stlstm_output with its checks, backend selection and
+    Python autograd bridge, a zero-filled second pre-activation) cost ~0.3 ms of overhead per forward+backward
+    at PredRNN++'s `small` preset, a few % of a training step. Saved: x, z (alive anyway as the cell's output
+    and the previous highway state), the merged weight, σ(u) and tanh(p) (the kernel's o and tl): what the
+    per-op path keeps, without the [x, z] concatenation (rebuilt in backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, padding, w):
+        C = z.shape[1]
+        pu = torch.ops.aten.convolution(torch.cat((x, z), 1), w, None, [1, 1], [padding, padding], [1, 1], False,
+                                        [0, 0], 1)
+        p, u = pu.narrow(1, 0, C), pu.narrow(1, C, C)
+        # the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum
+        z_new, sg, tp = torch.ops.vpfast.stlstm_output_forward(u, torch.zeros_like(z), p, z)
+        ctx.save_for_backward(x, z, w, sg, tp)
+        ctx.padding = padding
+        if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+            # as GHU.forward's per-op path: hand z on in the Causal LSTM cells' CPU layout
+            z_new = z_new.contiguous(memory_format=torch.channels_last)
+        return z_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, z, w, sg, tp = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_u, g_p, g_z = torch.ops.vpfast.stlstm_output_backward(g, sg, tp, z)
+        need_in = need[0] or need[1]
+        g_xz, g_w = _conv_backward(torch.cat((g_p, g_u), 1), torch.cat((x, z), 1), w, [1, 1],
+                                   [ctx.padding, ctx.padding], need_in, need[3])
+        g_x = g_z_conv = None
+        if need_in:
+            g_x, g_z_conv = g_xz.split((x.shape[1], z.shape[1]), 1)
+        return (g_x if need[0] else None, g_z + g_z_conv if need[1] else None, None, g_w)
+
+
 class GHU(MergedWeightsMixin, nn.Module):
     """Gradient Highway Unit with OpenSTL's constructor and state_dict.
 
@@ -323,10 +364,14 @@ class GHU(MergedWeightsMixin, nn.Module):
         check_input(x, self.in_channel, self.x_concat[0].weight)
         shape = state_shape(self, x)
         check_state("z", z, "x", x, shape)
-        if fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,)) == "torch":
+        name = fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,))
+        if name == "torch":
             p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
             u = torch.sigmoid(u)
             return u * torch.tanh(p) + (1 - u) * z
+        if self.merge_convs and name in ("cpp", "cuda") and not torch.is_autocast_enabled(x.device.type) \
+                and not torch.compiler.is_compiling():
+            return _GHUStep.apply(x, z, self.filter_size // 2, self.merged_weights())
         if self.merge_convs:
             p, u = torch.split(cat_conv(x, z, self.merged_weights(), self.stride, self.filter_size // 2),
                                self.num_hidden, dim=1)
