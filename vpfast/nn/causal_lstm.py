@@ -289,14 +289,19 @@ class _GHUStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, padding, w):
         C = z.shape[1]
+        ctx.cl = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+        if ctx.cl:
+            # next to channels_last cells: the weight in their layout too, or oneDNN reorders it on every call
+            w = w.contiguous(memory_format=torch.channels_last)
         pu = torch.ops.aten.convolution(torch.cat((x, z), 1), w, None, [1, 1], [padding, padding], [1, 1], False,
                                         [0, 0], 1)
         p, u = pu.narrow(1, 0, C), pu.narrow(1, C, C)
-        # the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum
-        z_new, sg, tp = torch.ops.vpfast.stlstm_output_forward(u, torch.zeros_like(z), p, z)
+        # the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum. The CPU
+        # kernel reads contiguous H*W planes: a planar zero map is one copy fewer than a channels_last one
+        z_new, sg, tp = torch.ops.vpfast.stlstm_output_forward(u, z.new_zeros(z.shape), p, z)
         ctx.save_for_backward(x, z, w, sg, tp)
         ctx.padding = padding
-        if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+        if ctx.cl:
             # as GHU.forward's per-op path: hand z on in the Causal LSTM cells' CPU layout
             z_new = z_new.contiguous(memory_format=torch.channels_last)
         return z_new
@@ -308,7 +313,15 @@ class _GHUStep(torch.autograd.Function):
         need = ctx.needs_input_grad
         g_u, g_p, g_z = torch.ops.vpfast.stlstm_output_backward(g, sg, tp, z)
         need_in = need[0] or need[1]
-        g_xz, g_w = _conv_backward(torch.cat((g_p, g_u), 1), torch.cat((x, z), 1), w, [1, 1],
+        if ctx.cl:  # in the convolution's layout (else convolution_backward converts it): one copy, not two
+            C = z.shape[1]
+            g_pu = torch.empty((g.shape[0], 2 * C) + tuple(g.shape[2:]), dtype=g.dtype, device=g.device,
+                               memory_format=torch.channels_last)
+            g_pu.narrow(1, 0, C).copy_(g_p)
+            g_pu.narrow(1, C, C).copy_(g_u)
+        else:
+            g_pu = torch.cat((g_p, g_u), 1)
+        g_xz, g_w = _conv_backward(g_pu, torch.cat((x, z), 1), w, [1, 1],
                                    [ctx.padding, ctx.padding], need_in, need[3])
         g_x = g_z_conv = None
         if need_in:
