@@ -1,9 +1,12 @@
 """Drop-in Causal LSTM cell and Gradient Highway Unit (OpenSTL's PredRNN++ modules), MODELS.md §10.
 
 The fast backends run the Causal LSTM step's pointwise work with the three fused `vpfast.ops.causal_lstm`
-stages and, with layer_norm off, merge its convolutions (see CausalLSTMCell). The GHU's pointwise step is the
-Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so the fast backends run it with the
-fused `vpfast.ops.stlstm_output` (backward keeps σ and tanh(p) only), its two convolutions merged into one.
+stages and, with layer_norm off, can merge its convolutions (merge_convs=True, see CausalLSTMCell). The GHU's
+pointwise step is the Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so the fast
+backends run it with the fused `vpfast.ops.stlstm_output` kernels (backward keeps σ and tanh(p) only), its two
+convolutions merged into one. On the compiled kernels (cpp / cuda) the default configurations run each cell or
+GHU step as a single autograd node (`_CausalStep`, `_GHUStep`): at PredRNN++'s `small` preset the per-op
+autograd bridges, checks and ConvolutionBackward nodes cost more than the kernels (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -44,7 +47,10 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
 
     backend: "torch" runs the reference arithmetic verbatim (seven convolutions, splits, adds, cat);
       "cpp" / "cuda" / "triton" run the pointwise work as the three fused stages of vpfast.ops.causal_lstm
-      (cell, memory, output); None = $VPFAST_BACKEND or "auto".
+      (cell, memory, output); None = $VPFAST_BACKEND or "auto". With separate convolutions, no LayerNorm, the
+      compiled kernels (cpp / cuda), outside autocast and torch.compile, the whole step is one autograd node
+      (`_CausalStep`: the stage kernels and aten.convolution_backward called directly, tanh(conv_last) recomputed
+      in backward rather than kept); otherwise the public stage ops run, each its own node.
     merge_convs: with layer_norm off (and stride 1), compute the gates with four k x k convolutions instead of
       six: one over [x, h, c_{t-1}] (i, f, g, o: the sums i_x + i_h + i_c happen inside the convolution; o gets
       x and h, its c block is zero), conv_m over m, one over [x, c_t] (i', g', f' with their x terms, and o_c2m,
@@ -290,11 +296,11 @@ class _GHUStep(torch.autograd.Function):
     def forward(ctx, x, z, padding, w):
         C = z.shape[1]
         ctx.cl = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
-        if ctx.cl:
-            # next to channels_last cells: the weight in their layout too, or oneDNN reorders it on every call
-            w = w.contiguous(memory_format=torch.channels_last)
-        pu = torch.ops.aten.convolution(torch.cat((x, z), 1), w, None, [1, 1], [padding, padding], [1, 1], False,
-                                        [0, 0], 1)
+        # next to channels_last cells: the weight in their layout too, or oneDNN reorders it on every call; the
+        # copy is made again in backward rather than saved (a saved copy per step was 0.6 MiB of the peak)
+        w_run = w.contiguous(memory_format=torch.channels_last) if ctx.cl else w
+        pu = torch.ops.aten.convolution(torch.cat((x, z), 1), w_run, None, [1, 1], [padding, padding], [1, 1],
+                                        False, [0, 0], 1)
         p, u = pu.narrow(1, 0, C), pu.narrow(1, C, C)
         # the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum. The CPU
         # kernel reads contiguous H*W planes: a planar zero map is one copy fewer than a channels_last one
@@ -321,6 +327,8 @@ class _GHUStep(torch.autograd.Function):
             g_pu.narrow(1, C, C).copy_(g_u)
         else:
             g_pu = torch.cat((g_p, g_u), 1)
+        if ctx.cl:
+            w = w.contiguous(memory_format=torch.channels_last)
         g_xz, g_w = _conv_backward(g_pu, torch.cat((x, z), 1), w, [1, 1],
                                    [ctx.padding, ctx.padding], need_in, need[3])
         g_x = g_z_conv = None
@@ -346,7 +354,8 @@ class GHU(MergedWeightsMixin, nn.Module):
 
     merge_convs (fast backends): with layer_norm off and stride 1, one convolution over [x, z] yields [p, u]
       (exact: the sum happens inside it), its weight assembled from x_concat/z_concat on use (once per time
-      loop inside `with ghu.unroll():`); None = merge when that weight is small (as CausalLSTMCell).
+      loop inside `with ghu.unroll():`); None = merge when that weight is small (as CausalLSTMCell). Merged, on
+      the compiled kernels and outside autocast and torch.compile, the step is one autograd node (`_GHUStep`).
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
