@@ -210,6 +210,39 @@ def _conv_backward(grad, inp, weight, stride, padding, need_input: bool, need_we
     return gi, gw
 
 
+def _pixels(t: torch.Tensor) -> torch.Tensor | None:
+    """[B, K, H, W] in channels_last as its [B*H*W, K] matrix (a view), or None when t is not channels_last."""
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _unpixels(mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The [B*H*W, K] matrix `mat` as a channels_last [B, K, H, W] tensor with like's B, H, W (a view)."""
+    B, _, H, W = like.shape
+    return mat.view(B, H, W, mat.shape[1]).permute(0, 3, 1, 2)
+
+
+def _conv1x1(cm: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """conv2d(cm, w) for a 1x1 weight w: [Cout, K, 1, 1]. With channels_last cm it is one matrix product over the
+    pixels: the CPU ran this convolution (2C -> C at B=4, 16x16) through the im2col `slow_conv2d` at ~30-55 us a
+    call, the product takes a few us."""
+    mat = _pixels(cm)
+    if mat is None:
+        return torch.ops.aten.convolution(cm, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    return _unpixels(mat @ w.view(w.shape[0], w.shape[1]).t(), cm)
+
+
+def _conv1x1_backward(grad: torch.Tensor, cm: torch.Tensor, w: torch.Tensor, need_weight: bool):
+    """(grad of cm, grad of w) of _conv1x1(cm, w)."""
+    mat = _pixels(cm)
+    if mat is None:
+        return _conv_backward(grad, cm, w, [1, 1], [0, 0], True, need_weight)
+    g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when grad is channels_last, else a copy
+    w2 = w.view(w.shape[0], w.shape[1])
+    return _unpixels(g @ w2, cm), (g.t() @ mat).view(w.shape) if need_weight else None
+
+
 class _CausalStep(torch.autograd.Function):
     """One Causal LSTM step (separate convolutions, no LayerNorm, compiled kernels) as a single autograd node.
 
@@ -238,7 +271,7 @@ class _CausalStep(torch.autograd.Function):
         c2m_g = conv(c_new, w_k, None, s, p, [1, 1], False, [0, 0], 1)
         m_new, o_part, act2 = ops.causal_lstm_memory_forward(carry, m_g, c2m_g, forget_bias)
         del carry, m_g, c2m_g
-        last = conv(torch.cat((c_new, m_new), 1), w_last, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+        last = _conv1x1(torch.cat((c_new, m_new), 1), w_last)
         o_m = conv(m_new, w_om, None, s, p, [1, 1], False, [0, 0], 1)
         h_new, o, _tl = ops.causal_lstm_output_forward(o_part, o_m, last)
         ctx.save_for_backward(x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last)
@@ -258,12 +291,12 @@ class _CausalStep(torch.autograd.Function):
         if g_h is None:  # h_t unused (e.g. the last step's upper states)
             g_pre = g_last = torch.zeros_like(o)
         else:
-            tl = torch.tanh(torch.ops.aten.convolution(cm, w_last, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1))
+            tl = torch.tanh(_conv1x1(cm, w_last))
             g_pre, g_last = ops.causal_lstm_output_backward(g_h, o, tl)
             del tl
         # o = tanh(o_part + conv_om(m_t)), last = conv_last([c_t, m_t]): both reach m_t, last also c_t
         g_m_om, g_w_om = _conv_backward(g_pre, m_new, w_om, s, p, True, need[12])
-        g_cm, g_w_last = _conv_backward(g_last, cm, w_last, [1, 1], [0, 0], True, need[13])
+        g_cm, g_w_last = _conv1x1_backward(g_last, cm, w_last, need[13])
         del cm
         g_cn_last, g_mn_last = g_cm.split(C, 1)
         g_mn = g_m_om + g_mn_last if g_m is None else g_m + g_m_om + g_mn_last
