@@ -291,7 +291,7 @@ class _CausalStep(torch.autograd.Function):
         if g_h is None:  # h_t unused (e.g. the last step's upper states)
             g_pre = g_last = torch.zeros_like(o)
         else:
-            tl = torch.tanh(_conv1x1(cm, w_last))
+            tl = _conv1x1(cm, w_last).tanh_()
             g_pre, g_last = ops.causal_lstm_output_backward(g_h, o, tl)
             del tl
         # o = tanh(o_part + conv_om(m_t)), last = conv_last([c_t, m_t]): both reach m_t, last also c_t
