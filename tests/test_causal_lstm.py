@@ -234,6 +234,112 @@ def test_cell_unroll_matches_reference(backend, layer_norm, merge, k, no_tf32):
             torch.testing.assert_close(pf.grad, pr.grad, **t, msg=lambda s: f"{n}: {s}")
 
 
+_CPP_ONLY = pytest.mark.skipif(bool(S.CELL.static_reasons("cpp")), reason="the cpp kernels are not built")
+
+
+def _one_node_layers(C=3, Cin=2, H=7, W=5):
+    """A reference cell and GHU and fast (cpp) ones with the same float64 weights (not small: |w| ~ 0.3)."""
+    torch.manual_seed(1)
+    ref = [CausalLSTMCell(Cin, C, H, W, 3, 1, False, backend="torch"),
+           GHU(C, C, H, W, 3, 1, False, initializer=0.3, backend="torch")]
+    fast = [CausalLSTMCell(Cin, C, H, W, 3, 1, False, backend="cpp"),
+            GHU(C, C, H, W, 3, 1, False, initializer=0.3, backend="cpp")]
+    for r, f in zip(ref, fast):
+        with torch.no_grad():
+            for q in r.parameters():
+                q.normal_(0, 0.3)
+        f.load_state_dict(r.state_dict())
+    return [m.double() for m in ref], [m.double() for m in fast]
+
+
+@_CPP_ONLY
+def test_one_node_steps_are_used():
+    # the separate-convolution cell and the merged GHU run as one autograd node each on the compiled kernels;
+    # LayerNorm, merged cell convolutions and autocast keep the per-stage ops
+    _, (cell, ghu) = _one_node_layers()
+    x, h = torch.randn(2, 2, 7, 5, dtype=torch.float64), torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    assert type(cell(x, h, h, h)[0].grad_fn).__name__ == "_CausalStepBackward"
+    assert type(ghu(h, h).grad_fn).__name__ == "_GHUStepBackward"
+    merged = CausalLSTMCell(2, 3, 7, 5, 3, 1, False, backend="cpp", merge_convs=True).double()
+    assert type(merged(x, h, h, h)[0].grad_fn).__name__ != "_CausalStepBackward"
+    ln = CausalLSTMCell(2, 3, 7, 5, 3, 1, True, backend="cpp").double()
+    assert type(ln(x, h, h, h)[0].grad_fn).__name__ != "_CausalStepBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(cell.float()(x.float(), h.float(), h.float(), h.float())[0].grad_fn).__name__ \
+            != "_CausalStepBackward"
+
+
+@_CPP_ONLY
+def test_one_node_steps_gradcheck():
+    # float64 gradcheck of the cell step over its inputs, states and every weight (functional_call swaps the
+    # parameters, from which the fused path derives its channels_last weights), and of the GHU step
+    _, (cell, ghu) = _one_node_layers(C=2, Cin=1, H=4, W=3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 4, 3, dtype=torch.float64, generator=g)
+    st = [torch.randn(2, 2, 4, 3, dtype=torch.float64, generator=g) * 0.5 for _ in range(3)]
+    names = [n for n, _ in cell.named_parameters() if "conv_o." not in n]
+    ps = [dict(cell.named_parameters())[n].detach() for n in names]
+
+    def f_cell(x, h, c, m, *w):
+        return torch.func.functional_call(cell, dict(zip(names, w)), (x, h, c, m))
+
+    ins = [t.clone().requires_grad_() for t in [x] + st + ps]
+    assert torch.autograd.gradcheck(f_cell, ins[:4])  # inputs and states: every entry
+    assert torch.autograd.gradcheck(f_cell, ins, fast_mode=True)  # with the weights: random projections
+    gn = [n for n, _ in ghu.named_parameters()]
+    gp = [q.detach() for q in ghu.parameters()]
+
+    def f_ghu(x, z, *w):
+        return torch.func.functional_call(ghu, dict(zip(gn, w)), (x, z))
+
+    h, z = torch.randn(2, 2, 4, 3, dtype=torch.float64, generator=g), torch.randn(2, 2, 4, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(f_ghu, [t.clone().requires_grad_() for t in [h, z] + gp])
+
+
+@_CPP_ONLY
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("used", ["all", "h", "c", "m"])
+def test_one_node_steps_layouts_and_unused_outputs(layout, used):
+    # channels_last or non-contiguous inputs and states; outputs left out of the loss (gradients None inside
+    # the node); frozen weights; against the reference arithmetic in float64
+    ref, fast = _one_node_layers()
+    g = torch.Generator().manual_seed(3)
+
+    def mk(c):
+        t = torch.randn(2, c, 7, 5, dtype=torch.float64, generator=g)
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        return torch.randn(2, 2 * c, 5, 7, dtype=torch.float64, generator=g)[:, ::2].transpose(2, 3)
+
+    ins = [mk(2), mk(3), mk(3), mk(3)]
+    fast[0].conv_h[0].weight.requires_grad_(False)
+    ref[0].conv_h[0].weight.requires_grad_(False)
+    res = []
+    for cell, ghu in (ref, fast):
+        xs = [t.clone().requires_grad_() for t in ins]
+        h, c, m = cell(*xs)
+        z = ghu(h, xs[1])
+        pick = {"all": (h, c, m), "h": (h,), "c": (c,), "m": (m,)}[used]
+        loss = sum((t * torch.cos(t)).sum() for t in pick) + (z * z).sum()
+        params = [q for q in list(cell.parameters()) + list(ghu.parameters()) if q.requires_grad]
+        res.append((h, c, m, z, *torch.autograd.grad(loss, xs + params, allow_unused=True)))
+    for k, (a, b) in enumerate(zip(*res)):
+        if a is None:
+            assert b is None or not b.abs().sum(), k
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda s: f"result {k}: {s}")
+
+
+@_CPP_ONLY
+def test_one_node_steps_are_once_differentiable():
+    _, (cell, _) = _one_node_layers()
+    x, h = torch.randn(2, 2, 7, 5, dtype=torch.float64), torch.randn(2, 3, 7, 5, dtype=torch.float64,
+                                                                      requires_grad=True)
+    (gh,) = torch.autograd.grad(cell(x, h, h, h)[0].sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        gh.sum().backward()
+
+
 def test_merged_weights_follow_optimizer_steps():
     backend = "cpp" if not S.CELL.static_reasons("cpp") else "torch"
     ref, fast = _cells(backend, False, 3, True, torch.float64)

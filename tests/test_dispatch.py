@@ -102,6 +102,48 @@ def test_every_reason_is_listed():
     assert msg.count(";") >= 1 + len(OP.static_reasons("cpp"))
 
 
+def test_select_cache_keys(monkeypatch):
+    """select caches its answer per input signature: the answer still follows shapes, dtypes, devices, scalar
+    arguments, $VPFAST_BACKEND and re-registration, a backend asked for by name still raises with every
+    reason on each call, and arguments of other kinds run the check each time."""
+    seen = []
+
+    def check(backend, x, k=1):
+        seen.append((backend, tuple(x.shape), k))
+        return ["x has more than 4 elements"] if backend == "cpp" and x.numel() > 4 else []
+
+    op = _dispatch.Op("_test_cached_op", check=check, prefer={"cpu": ("cpp", "torch")})
+    try:
+        for b in _dispatch.BACKENDS:
+            op.register(b, lambda x, k=1, b=b: b)
+        op._static.update({b: [] for b in _dispatch.BACKENDS})  # every backend "built", on any machine
+        small, big = torch.rand(2, 2), torch.rand(3, 2)
+        assert op.select("auto", small)[0] == "cpp" and op.select("auto", big)[0] == "torch"
+        n = len(seen)
+        assert op.select("auto", small)[0] == "cpp" and op.select("auto", big)[0] == "torch"
+        assert len(seen) == n  # answered from the cache
+        for _ in range(2):
+            with pytest.raises(vpfast.BackendUnavailable, match="more than 4 elements"):
+                op.select("cpp", big)
+        assert op.select("auto", small.double())[0] == "cpp"  # a new dtype is a new key
+        assert op.select("auto", torch.rand(2, 2, dtype=torch.bfloat16))[0] == "torch"
+        n = len(seen)
+        op.select("auto", small, k=2), op.select("auto", small, k=2.0), op.select("auto", small, k=True)
+        assert [s[2] for s in seen[n:]] == [2, 2.0, True]  # 2, 2.0 and True are different keys
+        monkeypatch.setenv("VPFAST_BACKEND", "torch")
+        assert op.select(None, small)[0] == "torch"
+        monkeypatch.delenv("VPFAST_BACKEND")
+        assert op.select(None, small)[0] == "cpp"
+        n = len(seen)
+        op.select("auto", small, k=object()), op.select("auto", small, k=object())
+        assert len(seen) == n + 2  # not summarised: never cached
+        op.register("cpp", lambda x, k=1: "cpp2")
+        op._static.update({b: [] for b in _dispatch.BACKENDS})
+        assert op.select("auto", small)[1](small) == "cpp2"  # register() drops the cached answers
+    finally:
+        _dispatch.REGISTRY.pop("_test_cached_op", None)
+
+
 def test_import_without_extension_warns_once_and_falls_back():
     code = (
         "import sys, warnings\n"

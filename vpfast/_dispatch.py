@@ -125,12 +125,14 @@ class Op:
         self.autocast = pol
         self.impls: dict[str, Callable] = {}
         self._static: dict[str, list[str]] = {}
+        self._selected: dict = {}  # select's answers by input signature (see _signature)
         REGISTRY[name] = self
 
     def register(self, backend: str, fn: Callable) -> Callable:
         assert backend in BACKENDS, backend
         self.impls[backend] = fn
         self._static.clear()
+        self._selected.clear()
         return fn
 
     # ---- why a backend cannot run -------------------------------------------------------------------
@@ -174,15 +176,34 @@ class Op:
 
     def select(self, backend: str | None, *args, **kwargs) -> tuple[str, Callable]:
         name = resolve(backend)
+        key = _signature(args, kwargs)
+        if key is not None:
+            # Cached by what the reasons can depend on: the resolved name, each tensor's device type, dtype and
+            # shape, the other arguments' values, the check function and the Triton interpreter switch (which
+            # decides where Triton runs). Selecting anew cost ~10-17 us a call (building the tensor lists, the
+            # reasons and the check), paid by every fused op call: ~250 calls in a PredRNN++ training step.
+            key = (name, self.check, _ext.triton_interpret()) + key
+            hit = self._selected.get(key)
+            if hit is None:
+                hit = self._select(name, args, kwargs)
+                if len(self._selected) >= _SELECT_CACHE_SIZE:  # shapes vary without bound in some programs
+                    self._selected.clear()
+                self._selected[key] = hit
+        else:
+            hit = self._select(name, args, kwargs)
+        chosen, why = hit
+        if why:
+            raise BackendUnavailable(f"vpfast.{self.name}: backend {name!r} cannot run: " + "; ".join(why))
+        return chosen, self.impls[chosen]
+
+    def _select(self, name: str, args: tuple, kwargs: dict) -> tuple[str, tuple]:
+        """(the backend that runs, ()) or (name, reasons) when the backend asked for by name cannot run."""
         if name != "auto":
-            why = self.reasons(name, args, kwargs)
-            if why:
-                raise BackendUnavailable(f"vpfast.{self.name}: backend {name!r} cannot run: " + "; ".join(why))
-            return name, self.impls[name]
+            return name, tuple(self.reasons(name, args, kwargs))
         for cand in self.auto_order(args, kwargs):
             if cand in self.impls and not self.reasons(cand, args, kwargs, auto=True):
-                return cand, self.impls[cand]
-        return "torch", self.impls["torch"]
+                return cand, ()
+        return "torch", ()
 
     def auto_order(self, args: tuple = (), kwargs: dict | None = None, device: str | None = None) -> tuple:
         """auto's candidates, best first, for inputs on `device` (default: the inputs' device type)."""
@@ -211,6 +232,38 @@ class Op:
         reference included, sees what autocast would hand PyTorch's own layers.
         """
         return autocast_inputs(self.autocast, *tensors)
+
+
+_SELECT_CACHE_SIZE = 1024
+_SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _signature(args, kwargs):
+    """A hashable summary of an op call's arguments for select's cache: (device type, dtype, shape) of each
+    tensor, (type, value) of each scalar (so 1, 1.0 and True differ), sequences element by element; None when an
+    argument is of another kind (select then runs uncached). Every Op check here depends on no more than that
+    (shapes, element counts and scalar arguments); a check reading tensor values or strides would need its op
+    to opt out of the cache."""
+    # one pass, no call per tensor: this runs on every fused op call (~1 us per tensor here)
+    key = [(a.device.type, a.dtype, a.shape) if isinstance(a, torch.Tensor) else _arg_signature(a) for a in args]
+    if kwargs:
+        key += [(n, _arg_signature(kwargs[n])) for n in sorted(kwargs)]
+        if any(k[1] is None for k in key[len(args):]):
+            return None
+    if None in key:
+        return None
+    return tuple(key)
+
+
+def _arg_signature(a):
+    if isinstance(a, torch.Tensor):
+        return (a.device.type, a.dtype, a.shape)
+    if isinstance(a, _SCALARS):
+        return (type(a), a)
+    if isinstance(a, (tuple, list)):
+        parts = tuple(_arg_signature(x) for x in a)
+        return None if None in parts else (type(a), parts)
+    return None
 
 
 def _device_type(args, kwargs) -> str | None:

@@ -1,9 +1,12 @@
 """Drop-in Causal LSTM cell and Gradient Highway Unit (OpenSTL's PredRNN++ modules), MODELS.md §10.
 
 The fast backends run the Causal LSTM step's pointwise work with the three fused `vpfast.ops.causal_lstm`
-stages and, with layer_norm off, merge its convolutions (see CausalLSTMCell). The GHU's pointwise step is the
-Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so the fast backends run it with the
-fused `vpfast.ops.stlstm_output` (backward keeps σ and tanh(p) only), its two convolutions merged into one.
+stages and, with layer_norm off, can merge its convolutions (merge_convs=True, see CausalLSTMCell). The GHU's
+pointwise step is the Motion-Highway output of the ST-LSTM (σ(a + b) ⊙ tanh(p) + (1 − σ) ⊙ z), so the fast
+backends run it with the fused `vpfast.ops.stlstm_output` kernels (backward keeps σ and tanh(p) only), its two
+convolutions merged into one. On the compiled kernels (cpp / cuda) the default configurations run each cell or
+GHU step as a single autograd node (`_CausalStep`, `_GHUStep`): at PredRNN++'s `small` preset the per-op
+autograd bridges, checks and ConvolutionBackward nodes cost more than the kernels (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -44,7 +47,10 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
 
     backend: "torch" runs the reference arithmetic verbatim (seven convolutions, splits, adds, cat);
       "cpp" / "cuda" / "triton" run the pointwise work as the three fused stages of vpfast.ops.causal_lstm
-      (cell, memory, output); None = $VPFAST_BACKEND or "auto".
+      (cell, memory, output); None = $VPFAST_BACKEND or "auto". With separate convolutions, no LayerNorm, the
+      compiled kernels (cpp / cuda), outside autocast and torch.compile, the whole step is one autograd node
+      (`_CausalStep`: the stage kernels and aten.convolution_backward called directly, tanh(conv_last) recomputed
+      in backward rather than kept); otherwise the public stage ops run, each its own node.
     merge_convs: with layer_norm off (and stride 1), compute the gates with four k x k convolutions instead of
       six: one over [x, h, c_{t-1}] (i, f, g, o: the sums i_x + i_h + i_c happen inside the convolution; o gets
       x and h, its c block is zero), conv_m over m, one over [x, c_t] (i', g', f' with their x terms, and o_c2m,
@@ -97,9 +103,28 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
             check_state(name, t, "x", x, shape)
         B, C = shape[0], self.num_hidden
         gate_shapes = [(B, k * C) + shape[2:] for k in ((4,) if self.merge_convs else (7, 4, 3))]
-        if fused_backend(_CELL, self.backend, x, gate_shapes, (c,)) == "torch":
+        name = fused_backend(_CELL, self.backend, x, gate_shapes, (c,))
+        if name == "torch":
             return self._forward_reference(x, h, c, m)
+        if name in ("cpp", "cuda") and self._one_node_ok(x):
+            return self._forward_one_node(x, h, c, m)
         return self._forward_fused(x, h, c, m)
+
+    # ---- the fused path as one autograd node per step ----------------------------------------------------
+    def _one_node_ok(self, x) -> bool:
+        """Whether this step can run as one `_CausalStep` node: separate convolutions without LayerNorm, the
+        compiled kernels (cpp / cuda), no autocast (its casts belong to the public ops) and not under
+        torch.compile (which traces the per-stage ops, whose fake kernels it knows)."""
+        dev = x.device.type
+        return (not self.layer_norm and not self.merge_convs and not torch.is_autocast_enabled(dev)
+                and not torch.compiler.is_compiling())
+
+    def _forward_one_node(self, x, h, c, m):
+        if x.device.type == "cpu" and self._cpu_channels_last:
+            # as in _forward_fused; x itself is left as given: the convolution converts it on the fly (and again
+            # in backward), so a frame slice is saved as the view it is, not as a channels_last copy per step
+            h, c, m = (t.contiguous(memory_format=torch.channels_last) for t in (h, c, m))
+        return _CausalStep.apply(x, h, c, m, self.stride, self.padding, self._forget_bias, *self.merged_weights())
 
     # ---- the fused path --------------------------------------------------------------------------------
     def _derive_merged_weights(self):
@@ -176,6 +201,175 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
         return h_new, c_new, m_new
 
 
+def _conv_backward(grad, inp, weight, stride, padding, need_input: bool, need_weight: bool):
+    """(grad of inp, grad of weight) of conv2d(inp, weight, None, stride, padding); None where not needed."""
+    if not (need_input or need_weight):
+        return None, None
+    gi, gw, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, stride, padding, [1, 1], False,
+                                                    [0, 0], 1, [need_input, need_weight, False])
+    return gi, gw
+
+
+def _pixels(t: torch.Tensor) -> torch.Tensor | None:
+    """[B, K, H, W] in channels_last as its [B*H*W, K] matrix (a view), or None when t is not channels_last."""
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _unpixels(mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The [B*H*W, K] matrix `mat` as a channels_last [B, K, H, W] tensor with like's B, H, W (a view)."""
+    B, _, H, W = like.shape
+    return mat.view(B, H, W, mat.shape[1]).permute(0, 3, 1, 2)
+
+
+def _conv1x1(cm: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """conv2d(cm, w) for a 1x1 weight w: [Cout, K, 1, 1]. With channels_last cm it is one matrix product over the
+    pixels: the CPU ran this convolution (2C -> C at B=4, 16x16) through the im2col `slow_conv2d` at ~30-55 us a
+    call, the product takes a few us."""
+    mat = _pixels(cm)
+    if mat is None:
+        return torch.ops.aten.convolution(cm, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    return _unpixels(mat @ w.view(w.shape[0], w.shape[1]).t(), cm)
+
+
+def _conv1x1_backward(grad: torch.Tensor, cm: torch.Tensor, w: torch.Tensor, need_weight: bool):
+    """(grad of cm, grad of w) of _conv1x1(cm, w)."""
+    mat = _pixels(cm)
+    if mat is None:
+        return _conv_backward(grad, cm, w, [1, 1], [0, 0], True, need_weight)
+    g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when grad is channels_last, else a copy
+    w2 = w.view(w.shape[0], w.shape[1])
+    return _unpixels(g @ w2, cm), (g.t() @ mat).view(w.shape) if need_weight else None
+
+
+class _CausalStep(torch.autograd.Function):
+    """One Causal LSTM step (separate convolutions, no LayerNorm, compiled kernels) as a single autograd node.
+
+    Why: at the `small` preset (B=4, C=16, 16x16) a step is ~1.5 ms of convolutions and kernels, and the
+    per-stage path (three torch.library ops with Python autograd bridges, their public checks and backend
+    selection, seven ConvolutionBackward nodes and a _CatConv node) added ~0.5 ms of overhead to each
+    forward+backward. Here backward calls the stage kernels and aten.convolution_backward directly.
+
+    Saved: x, h, c, m (the step's inputs, alive anyway as frames / earlier states), c_t, m_t (its outputs,
+    alive as the next step's states), the weights, the kernels' gates (i, f; i', f', tanh(m̂); o: 6 maps) and
+    nothing else: tanh(conv_last([c_t, m_t])) is recomputed in backward (a 1x1 convolution, 2C -> C, plus a
+    tanh: ~1% of the step) instead of being kept, one C-sized map per step less than the per-stage ops keep.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, c, m, stride, padding, forget_bias, w_x, w_h, w_c, w_m, w_k, w_om, w_last):
+        s, p = [stride, stride], [padding, padding]
+        ops = torch.ops.vpfast
+        conv = torch.ops.aten.convolution
+        x_g = conv(x, w_x, None, s, p, [1, 1], False, [0, 0], 1)
+        h_g = conv(h, w_h, None, s, p, [1, 1], False, [0, 0], 1)
+        c_g = conv(c, w_c, None, s, p, [1, 1], False, [0, 0], 1)
+        c_new, carry, act1 = ops.causal_lstm_cell_forward(x_g, h_g, c_g, c, forget_bias)
+        del x_g, h_g, c_g
+        m_g = conv(m, w_m, None, s, p, [1, 1], False, [0, 0], 1)
+        c2m_g = conv(c_new, w_k, None, s, p, [1, 1], False, [0, 0], 1)
+        m_new, o_part, act2 = ops.causal_lstm_memory_forward(carry, m_g, c2m_g, forget_bias)
+        del carry, m_g, c2m_g
+        last = _conv1x1(torch.cat((c_new, m_new), 1), w_last)
+        o_m = conv(m_new, w_om, None, s, p, [1, 1], False, [0, 0], 1)
+        h_new, o, _tl = ops.causal_lstm_output_forward(o_part, o_m, last)
+        ctx.save_for_backward(x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last)
+        ctx.conv = (s, p)
+        ctx.set_materialize_grads(False)
+        return h_new, c_new, m_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_h, g_c, g_m):
+        x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s, p = ctx.conv
+        ops = torch.ops.vpfast
+        C = c.shape[1]
+        cm = torch.cat((c_new, m_new), 1)
+        if g_h is None:  # h_t unused (e.g. the last step's upper states)
+            g_pre = g_last = torch.zeros_like(o)
+        else:
+            tl = _conv1x1(cm, w_last).tanh_()
+            g_pre, g_last = ops.causal_lstm_output_backward(g_h, o, tl)
+            del tl
+        # o = tanh(o_part + conv_om(m_t)), last = conv_last([c_t, m_t]): both reach m_t, last also c_t
+        g_m_om, g_w_om = _conv_backward(g_pre, m_new, w_om, s, p, True, need[12])
+        g_cm, g_w_last = _conv1x1_backward(g_last, cm, w_last, need[13])
+        del cm
+        g_cn_last, g_mn_last = g_cm.split(C, 1)
+        g_mn = g_m_om + g_mn_last if g_m is None else g_m + g_m_om + g_mn_last
+        g_carry, g_mg, g_c2m = ops.causal_lstm_memory_backward(g_mn, g_pre, act2, m_new, True)
+        del g_mn
+        g_m_prev, g_w_m = _conv_backward(g_mg, m, w_m, s, p, need[3], need[10])
+        g_cn_k, g_w_k = _conv_backward(g_c2m, c_new, w_k, s, p, True, need[11])
+        g_cn = g_cn_k + g_cn_last if g_c is None else g_c + g_cn_k + g_cn_last
+        g_xg, g_hg, g_cg, g_c_direct = ops.causal_lstm_cell_backward(g_cn, g_carry, act1, c_new, c, True, True)
+        g_x, g_w_x = _conv_backward(g_xg, x, w_x, s, p, need[0], need[7])
+        g_h_prev, g_w_h = _conv_backward(g_hg, h, w_h, s, p, need[1], need[8])
+        g_c_conv, g_w_c = _conv_backward(g_cg, c, w_c, s, p, need[2], need[9])
+        g_c_prev = g_c_direct + g_c_conv if need[2] else None
+        return (g_x, g_h_prev, g_c_prev, g_m_prev, None, None, None,
+                g_w_x, g_w_h, g_w_c, g_w_m, g_w_k, g_w_om, g_w_last)
+
+
+class _GHUStep(torch.autograd.Function):
+    """One GHU step with its merged [x, z] convolution (stride 1) and the compiled stlstm_output kernels
+    (cpp / cuda), as a single autograd node.
+
+    Why: the per-op path (a _CatConv node, the public stlstm_output with its checks, backend selection and
+    Python autograd bridge, a zero-filled second pre-activation) cost ~0.3 ms of overhead per forward+backward
+    at PredRNN++'s `small` preset, a few % of a training step. Saved: x, z (alive anyway as the cell's output
+    and the previous highway state), the merged weight, σ(u) and tanh(p) (the kernel's o and tl): what the
+    per-op path keeps, without the [x, z] concatenation (rebuilt in backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, padding, w):
+        C = z.shape[1]
+        ctx.cl = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+        # next to channels_last cells: the weight in their layout too, or oneDNN reorders it on every call; the
+        # copy is made again in backward rather than saved (a saved copy per step was 0.6 MiB of the peak)
+        w_run = w.contiguous(memory_format=torch.channels_last) if ctx.cl else w
+        pu = torch.ops.aten.convolution(torch.cat((x, z), 1), w_run, None, [1, 1], [padding, padding], [1, 1],
+                                        False, [0, 0], 1)
+        p, u = pu.narrow(1, 0, C), pu.narrow(1, C, C)
+        # the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum. The CPU
+        # kernel reads contiguous H*W planes: a planar zero map is one copy fewer than a channels_last one
+        z_new, sg, tp = torch.ops.vpfast.stlstm_output_forward(u, z.new_zeros(z.shape), p, z)
+        ctx.save_for_backward(x, z, w, sg, tp)
+        ctx.padding = padding
+        if ctx.cl:
+            # as GHU.forward's per-op path: hand z on in the Causal LSTM cells' CPU layout
+            z_new = z_new.contiguous(memory_format=torch.channels_last)
+        return z_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, z, w, sg, tp = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_u, g_p, g_z = torch.ops.vpfast.stlstm_output_backward(g, sg, tp, z)
+        need_in = need[0] or need[1]
+        if ctx.cl:  # in the convolution's layout (else convolution_backward converts it): one copy, not two
+            C = z.shape[1]
+            g_pu = torch.empty((g.shape[0], 2 * C) + tuple(g.shape[2:]), dtype=g.dtype, device=g.device,
+                               memory_format=torch.channels_last)
+            g_pu.narrow(1, 0, C).copy_(g_p)
+            g_pu.narrow(1, C, C).copy_(g_u)
+        else:
+            g_pu = torch.cat((g_p, g_u), 1)
+        if ctx.cl:
+            w = w.contiguous(memory_format=torch.channels_last)
+        g_xz, g_w = _conv_backward(g_pu, torch.cat((x, z), 1), w, [1, 1],
+                                   [ctx.padding, ctx.padding], need_in, need[3])
+        g_x = g_z_conv = None
+        if need_in:
+            g_x, g_z_conv = g_xz.split((x.shape[1], z.shape[1]), 1)
+        return (g_x if need[0] else None, g_z + g_z_conv if need[1] else None, None, g_w)
+
+
 class GHU(MergedWeightsMixin, nn.Module):
     """Gradient Highway Unit with OpenSTL's constructor and state_dict.
 
@@ -193,7 +387,8 @@ class GHU(MergedWeightsMixin, nn.Module):
 
     merge_convs (fast backends): with layer_norm off and stride 1, one convolution over [x, z] yields [p, u]
       (exact: the sum happens inside it), its weight assembled from x_concat/z_concat on use (once per time
-      loop inside `with ghu.unroll():`); None = merge when that weight is small (as CausalLSTMCell).
+      loop inside `with ghu.unroll():`); None = merge when that weight is small (as CausalLSTMCell). Merged, on
+      the compiled kernels and outside autocast and torch.compile, the step is one autograd node (`_GHUStep`).
     """
 
     def __init__(self, in_channel: int, num_hidden: int, height: int, width: int, filter_size: int, stride: int,
@@ -224,10 +419,14 @@ class GHU(MergedWeightsMixin, nn.Module):
         check_input(x, self.in_channel, self.x_concat[0].weight)
         shape = state_shape(self, x)
         check_state("z", z, "x", x, shape)
-        if fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,)) == "torch":
+        name = fused_backend(_STLSTM_OUTPUT, self.backend, x, [shape] * 3, (z,))
+        if name == "torch":
             p, u = torch.split(self.x_concat(x) + self.z_concat(z), self.num_hidden, dim=1)
             u = torch.sigmoid(u)
             return u * torch.tanh(p) + (1 - u) * z
+        if self.merge_convs and name in ("cpp", "cuda") and not torch.is_autocast_enabled(x.device.type) \
+                and not torch.compiler.is_compiling():
+            return _GHUStep.apply(x, z, self.filter_size // 2, self.merged_weights())
         if self.merge_convs:
             p, u = torch.split(cat_conv(x, z, self.merged_weights(), self.stride, self.filter_size // 2),
                                self.num_hidden, dim=1)
