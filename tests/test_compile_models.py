@@ -9,8 +9,7 @@ training losses log floats (.item()) and draw the sampling masks from a generato
 
 Tiny shapes keep the compilations short: 8x8 frames in 2x2 patches (4x4 maps; PhyDNet in 4x4 patches), one
 layer of 4 channels (two where the model needs them), 2 observed + 1 predicted frames (2 recurrent steps, so
-gradients flow through the recurrence). Inductor's C++ code generation and compilation still take 10-100 s per
-model on a shared 2-core CPU.
+gradients flow through the recurrence).
 """
 from __future__ import annotations
 
@@ -24,7 +23,9 @@ import torch
 
 import vpfast.models as M
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: Inductor's code generation and C++ compilation take 10-100 s per model here (6-8 min for the module on
+# a shared 2-core CPU); `-m "not slow"` leaves it out of a quick run
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 # one layer where the model allows it; MotionRNN, PredRNN++ and MIM need two (their extra modules sit between
 # layers), which also covers a stacked layer's input
