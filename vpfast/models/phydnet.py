@@ -83,6 +83,9 @@ class PhyDNet(_base.VideoPredictionModel):
 
     @contextlib.contextmanager
     def _unrolled(self):
+        if torch.compiler.is_compiling():  # as in _Recurrent._unrolled: the cells' cache is eager-only
+            yield
+            return
         with contextlib.ExitStack() as stack:
             for cell in self.convcell.cell_list:
                 stack.enter_context(cell.unroll())

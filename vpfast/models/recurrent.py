@@ -129,7 +129,11 @@ class _Recurrent(_base.VideoPredictionModel):
 
     @contextlib.contextmanager
     def _unrolled(self):
-        """Let every cell derive its merged convolution weights once for the whole time loop."""
+        """Let every cell derive its merged convolution weights once for the whole time loop (eager only: Dynamo
+        cannot trace ExitStack, and the cells' unroll() does nothing under torch.compile)."""
+        if torch.compiler.is_compiling():
+            yield
+            return
         with contextlib.ExitStack() as stack:
             for cell in self.cell_list:
                 if hasattr(cell, "unroll"):

@@ -117,7 +117,14 @@ class MergedWeightsMixin:
 
     @contextlib.contextmanager
     def unroll(self):
-        """Context for a time loop: derive the merged weights once for all steps inside it."""
+        """Context for a time loop: derive the merged weights once for all steps inside it.
+
+        Not under torch.compile: the cache (tensors with a grad_fn kept on the module, checked against the
+        parameters' _version counters) makes Dynamo break the graph at every step, and inside one graph
+        AOTAutograd's common-subexpression pass merges the steps' identical weight derivations anyway."""
+        if torch.compiler.is_compiling():
+            yield self
+            return
         if self._unroll_depth == 0:  # listed once per loop: walking the modules every step cost ~2% of a MIM step
             self._unroll_params = tuple(self.parameters())
         self._unroll_depth += 1

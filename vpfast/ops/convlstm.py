@@ -53,15 +53,18 @@ def convlstm_reference(x_g: Optional[torch.Tensor], h_g: torch.Tensor, c: torch.
 
 
 # ---- cpp / cuda --------------------------------------------------------------------------------------
+# Every output is a new NCHW-contiguous tensor whatever the operands' layouts (csrc/common/lstm_planes.h and
+# the Triton launchers allocate them by size), so the fakes use new_empty, not empty_like of an operand (which
+# would copy a channels_last or transposed operand's strides; tests/test_fake_strides.py).
 def _fwd_fake_shapes(c):
     B, C, H, W = c.shape
-    return torch.empty_like(c), torch.empty_like(c), c.new_empty((B, 3 * C, H, W))
+    return c.new_empty(c.shape), c.new_empty(c.shape), c.new_empty((B, 3 * C, H, W))
 
 
 def _bwd_fake_shapes(c, has_x):
     B, C, H, W = c.shape
     gx = c.new_empty((B, 4 * C, H, W)) if has_x else c.new_empty((0,))
-    return gx, c.new_empty((B, 4 * C, H, W)), torch.empty_like(c)
+    return gx, c.new_empty((B, 4 * C, H, W)), c.new_empty(c.shape)
 
 
 def _make_autograd(bwd):

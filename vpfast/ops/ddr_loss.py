@@ -47,7 +47,9 @@ def _ddr_forward_fake(pred, target, tau, eps):
 
 
 def _ddr_backward_fake(grad, pred, target, stats, tau, eps, need_target):
-    return torch.empty_like(pred), (torch.empty_like(target) if need_target else pred.new_empty((0,)))
+    # the kernels read contiguous copies and return contiguous gradients (new_empty, not empty_like, which would
+    # keep a non-contiguous pred's strides; tests/test_fake_strides.py)
+    return pred.new_empty(pred.shape), (target.new_empty(target.shape) if need_target else pred.new_empty((0,)))
 
 
 def _ddr_setup(ctx, inputs, output):
@@ -88,8 +90,7 @@ if _ext.has_kernel("ddr_loss_forward_grad", "CPU"):
 
     @torch.library.register_fake("vpfast::ddr_loss_forward_grad")
     def _ddr_forward_grad_fake(pred, target, tau, eps, need_target):
-        return pred.new_empty(()), torch.empty_like(pred), (torch.empty_like(target) if need_target
-                                                           else pred.new_empty((0,)))
+        return (pred.new_empty(()),) + _ddr_backward_fake(None, pred, target, None, tau, eps, need_target)
 
     def _ddr_grad_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1], output[2])

@@ -111,6 +111,15 @@ def _fake_out(x, offset, mask, weight):
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
 
 
+def _fake_grads(x, offset, mask, weight, needs):
+    """The gradients as the kernels return them: new NCHW-contiguous tensors (the kernels read contiguous copies),
+    whatever the operands' layouts, so new_empty by size rather than empty_like (tests/test_fake_strides.py)."""
+    return (x.new_empty(x.shape) if needs[0] else x.new_empty((0,)),
+            offset.new_empty(offset.shape) if needs[1] else x.new_empty((0,)),
+            mask.new_empty(mask.shape) if needs[2] else x.new_empty((0,)),
+            x.new_empty(weight.shape) if needs[3] else x.new_empty((0,)))
+
+
 # ---- cpp / cuda: one compiled op pair, fake kernel and autograd here ----------------------------------
 if _ext.has_kernel("deform_warp_forward", "CPU") or _ext.has_kernel("deform_warp_forward", "CUDA"):
 
@@ -120,10 +129,7 @@ if _ext.has_kernel("deform_warp_forward", "CPU") or _ext.has_kernel("deform_warp
 
     @torch.library.register_fake("vpfast::deform_warp_backward")
     def _dw_backward_fake(grad, x, offset, mask, weight, needs):
-        return (torch.empty_like(x) if needs[0] else x.new_empty((0,)),
-                torch.empty_like(offset) if needs[1] else x.new_empty((0,)),
-                torch.empty_like(mask) if needs[2] else x.new_empty((0,)),
-                torch.empty_like(weight) if needs[3] else x.new_empty((0,)))
+        return _fake_grads(x, offset, mask, weight, needs)
 
     def _dw_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -164,7 +170,7 @@ def _dw_triton_backward(grad: torch.Tensor, x: torch.Tensor, offset: torch.Tenso
 
 @_dw_triton_backward.register_fake
 def _(grad, x, offset, mask, weight):
-    return torch.empty_like(x), torch.empty_like(offset), torch.empty_like(mask), torch.empty_like(weight)
+    return _fake_grads(x, offset, mask, weight, (True,) * 4)
 
 
 def _dw_triton_setup(ctx, inputs, output):

@@ -73,8 +73,11 @@ def _check(x, flow, padding_mode, align_corners):
 
 
 # ---- the forward's fake kernel and autograd context, shared by the compiled op and the Triton custom op ---
+# The kernels (cpp, cuda and the Triton launchers) read contiguous copies of x and flow and return new
+# NCHW-contiguous tensors, so the fakes are new_empty by size: empty_like would keep a channels_last or
+# transposed operand's strides, which the kernels do not (tests/test_fake_strides.py).
 def _fw_forward_fake(x, flow, border, align_corners):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _fw_setup(ctx, inputs, output):
@@ -89,8 +92,8 @@ if _ext.has_kernel("flow_warp_forward", "CPU") or _ext.has_kernel("flow_warp_for
 
     @torch.library.register_fake("vpfast::flow_warp_backward")
     def _fw_backward_fake(grad, x, flow, border, align_corners, need_x, need_flow):
-        return (torch.empty_like(x) if need_x else x.new_empty((0,)),
-                torch.empty_like(flow) if need_flow else x.new_empty((0,)))
+        return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+                flow.new_empty(flow.shape) if need_flow else x.new_empty((0,)))
 
     def _fw_backward(ctx, grad):
         x, flow = ctx.saved_tensors
@@ -121,7 +124,7 @@ def _fw_triton_backward(grad: torch.Tensor, x: torch.Tensor, flow: torch.Tensor,
 
 @_fw_triton_backward.register_fake
 def _(grad, x, flow, border, align_corners):
-    return torch.empty_like(x), torch.empty_like(flow)
+    return x.new_empty(x.shape), flow.new_empty(flow.shape)
 
 
 def _fw_triton_bwd(ctx, grad):

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from .. import _ext
 from .._dispatch import Op
@@ -31,11 +32,14 @@ def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
-    """An output with the layout the kernels write: x's own when it is NCHW-contiguous or 4-D channels_last
-    (they read those in place), else contiguous."""
-    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.empty_like(x)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    """An output with the layout the kernels write, step for step as csrc/cpu/group_norm_silu.cpp allocates it:
+    x made dense (channels_last when x is channels_last and not also NCHW-contiguous, else NCHW-contiguous), then
+    empty(sizes, memory_format=dense.suggest_memory_format()). Not empty_like(x): where x is both contiguous
+    and channels_last (one channel, or 1x1 maps) empty_like copies x's strides of the size-1 dimensions, which
+    differ from the allocation's (tests/test_fake_strides.py)."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    dense = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(dense))
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -105,20 +105,23 @@ def _fused_path(reset_fn, update_fn):
 
 
 # ---- fake kernels and autograd, shared by the compiled ops and the Triton custom ops ----------------------
+# The kernels read contiguous copies of their operands and return new NCHW-contiguous outputs, so the fakes
+# are new_empty by size, not empty_like (which keeps a channels_last operand's strides; tests/test_fake_strides.py).
 def _mg_reset_fake(gates, f_prev):
-    return torch.empty_like(f_prev)
+    return f_prev.new_empty(f_prev.shape)
 
 
 def _mg_reset_bwd_fake(grad, gates, f_prev):
-    return torch.empty_like(gates), torch.empty_like(f_prev)
+    return gates.new_empty(gates.shape), f_prev.new_empty(f_prev.shape)
 
 
 def _mg_update_fake(gates, o, f_prev, d_prev):
-    return torch.empty_like(f_prev), torch.empty_like(f_prev)
+    return f_prev.new_empty(f_prev.shape), f_prev.new_empty(f_prev.shape)
 
 
 def _mg_update_bwd_fake(grad_f, grad_d, gates, o, f_prev):
-    return torch.empty_like(gates), torch.empty_like(o), torch.empty_like(f_prev), torch.empty_like(f_prev)
+    return (gates.new_empty(gates.shape), o.new_empty(o.shape), f_prev.new_empty(f_prev.shape),
+            f_prev.new_empty(f_prev.shape))
 
 
 def _mg_reset_setup(ctx, inputs, output):

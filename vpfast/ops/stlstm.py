@@ -87,6 +87,11 @@ def stlstm_output_reference(o_part: torch.Tensor, o_m: torch.Tensor, last: torch
 
 
 # ---- cpp / cuda: compiled ops, fake kernels and autograd ------------------------------------------------
+# The fakes report what the kernels return: every output a new NCHW-contiguous tensor (csrc/common/
+# lstm_planes.h allocates them with plain sizes, whatever the operands' layouts; the Triton launchers too), so
+# `new_empty` with explicit sizes, never `empty_like` of an operand: under torch.compile the operands are often
+# channels_last (Inductor's choice for the convolutions around the op) or slices, and a fake that copied their
+# strides failed Inductor's run-time stride assertion (tests/test_fake_strides.py).
 def _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta):
     B, C, H, W = c.shape
     cm = c.new_empty((B, 2 * C, H, W))
@@ -99,18 +104,18 @@ def _gates_fake_shapes(x_g, h_g, m_g, c, m, with_delta):
 def _gates_bwd_fake_shapes(act, cm, c, m, has_x):
     B, C, H, W = c.shape
     gx = c.new_empty((B, 7 * C, H, W)) if has_x else c.new_empty((0,))
-    return gx, c.new_empty((B, 4 * C, H, W)), c.new_empty((B, 3 * C, H, W)), torch.empty_like(c), \
-        torch.empty_like(m)
+    return gx, c.new_empty((B, 4 * C, H, W)), c.new_empty((B, 3 * C, H, W)), c.new_empty(c.shape), \
+        m.new_empty(m.shape)
 
 
 def _output_fake_shapes(o_part, highway):
-    tl = torch.empty_like(o_part) if highway is not None else o_part.new_empty((0,))
-    return torch.empty_like(o_part), torch.empty_like(o_part), tl
+    tl = o_part.new_empty(o_part.shape) if highway is not None else o_part.new_empty((0,))
+    return o_part.new_empty(o_part.shape), o_part.new_empty(o_part.shape), tl
 
 
 def _output_bwd_fake_shapes(o, highway):
-    gh = torch.empty_like(o) if highway is not None else o.new_empty((0,))
-    return torch.empty_like(o), torch.empty_like(o), gh
+    gh = o.new_empty(o.shape) if highway is not None else o.new_empty((0,))
+    return o.new_empty(o.shape), o.new_empty(o.shape), gh
 
 
 def _zeros_if_none(g, like):
