@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import _base
+from ..nn import _mim_step
 from .recurrent import _Recurrent
 from ._layers import MIMN, MIMBlock, SpatioTemporalLSTMCell
 
@@ -78,17 +79,17 @@ class MIM(_Recurrent):
         with contextlib.ExitStack() as unrolled:  # every cell's derived weights, once per loop
             for cell in (*self.stlstm_layer, *self.stlstm_layer_diff):
                 unrolled.enter_context(cell.unroll())
+            cells, diffs = _mim_step.loop_steps(self, frames[:, 0], h[0])
             for t in range(self.total_length - 1):
                 net = self._step_input(t, frames, mask, x_gen)
                 h_prev = h[0]
-                h[0], c[0], memory = self.stlstm_layer[0](net, h[0], c[0], memory)
+                h[0], c[0], memory = cells[0](net, h[0], c[0], memory)
                 for i in range(1, L):
                     # OpenSTL also runs the MIM-N on zeros at t = 0 and discards the result: D stays 0 there
                     if t > 0:
                         d_in = h[0] - h_prev if i == 1 else hd[i - 2]
-                        hd[i - 1], cd[i - 1] = self.stlstm_layer_diff[i - 1](d_in, hd[i - 1], cd[i - 1])
-                    h[i], c[i], memory, s[i - 1] = self.stlstm_layer[i](h[i - 1], hd[i - 1], h[i], c[i], memory,
-                                                                        s[i - 1])
+                        hd[i - 1], cd[i - 1] = diffs[i - 1](d_in, hd[i - 1], cd[i - 1])
+                    h[i], c[i], memory, s[i - 1] = cells[i](h[i - 1], hd[i - 1], h[i], c[i], memory, s[i - 1])
                     if not bptt:
                         s[i - 1] = s[i - 1].detach()
                 if t >= first_output or mask is not None:
