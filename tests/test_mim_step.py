@@ -147,6 +147,12 @@ def test_model_loop_takes_one_node_steps_or_falls_back():
     m.stlstm_layer[2].merge_convs = False  # one cell without merged convolutions: all modules
     assert _kinds(m, frames) == [True] * 5
     m = _tiny_mim()
+    calls = []
+    m.stlstm_layer_diff[0].register_forward_hook(lambda *a: calls.append(1))  # hooks see every step: modules
+    assert _kinds(m, frames) == [True] * 5
+    m.rollout(frames, None)
+    assert len(calls) == 3  # 4 steps for 5 frames, no MIM-N at step 0
+    m = _tiny_mim()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _kinds(m, frames.float()) == [True] * 5
 

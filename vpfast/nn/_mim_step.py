@@ -265,9 +265,18 @@ def loop_steps(model, x0: torch.Tensor, h0: torch.Tensor):
     weights bound when every cell qualifies (see `usable`; layer 0 also: variant "predrnn", no layer norm), else
     the modules themselves. Deciding once per loop also skips the modules' per-step argument checks and
     backend choice (the model builds the states itself). x0: a step input, h0: a state (Tensor[B, C, H, W])."""
+    from .mim import MIMN, MIMBlock
+    from .stlstm import SpatioTemporalLSTMCell
+
     layers, diffs = list(model.stlstm_layer), list(model.stlstm_layer_diff)
     cell0 = layers[0]
-    if not (cell0.variant == "predrnn" and not cell0.layer_norm and all(c.stride == 1 for c in layers + diffs)):
+    kinds = [type(c) for c in layers] == [SpatioTemporalLSTMCell] + [MIMBlock] * (len(layers) - 1) and \
+        all(type(c) is MIMN for c in diffs)
+    # module hooks see every step only through the modules' own calls
+    hooked = any(c._forward_hooks or c._forward_pre_hooks for c in layers + diffs) or \
+        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+    if not kinds or hooked or not (cell0.variant == "predrnn" and not cell0.layer_norm and
+                                   all(c.stride == 1 for c in layers + diffs)):
         return layers, diffs
     B, C, H, W = h0.shape
     gates = [(B, 4 * C, H, W), (B, 3 * C, H, W)]
