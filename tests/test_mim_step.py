@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vpfast import models as M
+from vpfast.models import mim as MIM_MODEL
 from vpfast.nn import _mim_step as S
 from vpfast.nn.mim import MIMN, MIMBlock
 from vpfast.nn.stlstm import SpatioTemporalLSTMCell
@@ -135,7 +136,7 @@ def _kinds(model, frames):
     with contextlib.ExitStack() as unrolled:
         for cell in (*model.stlstm_layer, *model.stlstm_layer_diff):
             unrolled.enter_context(cell.unroll())
-        cells, diffs = S.loop_steps(model, frames[:, 0], frames.new_zeros(frames.shape[0], 4, 8, 8))
+        cells, diffs = MIM_MODEL._loop_steps(model, frames[:, 0], frames.new_zeros(frames.shape[0], 4, 8, 8))
     return [isinstance(c, torch.nn.Module) for c in (*cells, *diffs)]
 
 

@@ -20,10 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..ops.convlstm import OP as _CONVLSTM
-from ..ops.stlstm import GATES as _GATES
-from ._recurrent import fused_backend
-
 _conv_bwd = torch.ops.aten.convolution_backward
 
 
@@ -254,49 +250,6 @@ def usable(backend: str, merge_convs: bool, tensors) -> bool:
     return all(t.dtype == t0.dtype and t.device == t0.device for t in tensors)
 
 
-def _bind(fn, *tail):
+def bind(fn, *tail):
     """states -> fn.apply(*states, *tail): a step with the loop's weights and settings bound."""
     return lambda *states: fn.apply(*states, *tail)
-
-
-def loop_steps(model, x0: torch.Tensor, h0: torch.Tensor):
-    """(steps of stlstm_layer 0..L-1, steps of stlstm_layer_diff 0..L-2) for one unrolled loop of
-    vpfast.models.MIM, called inside the cells' `unroll()`: the one-node Functions with this loop's merged
-    weights bound when every cell qualifies (see `usable`; layer 0 also: variant "predrnn", no layer norm), else
-    the modules themselves. Deciding once per loop also skips the modules' per-step argument checks and
-    backend choice (the model builds the states itself). x0: a step input, h0: a state (Tensor[B, C, H, W])."""
-    from .mim import MIMN, MIMBlock
-    from .stlstm import SpatioTemporalLSTMCell
-
-    layers, diffs = list(model.stlstm_layer), list(model.stlstm_layer_diff)
-    cell0 = layers[0]
-    kinds = [type(c) for c in layers] == [SpatioTemporalLSTMCell] + [MIMBlock] * (len(layers) - 1) and \
-        all(type(c) is MIMN for c in diffs)
-    # module hooks see every step only through the modules' own calls
-    hooked = any(c._forward_hooks or c._forward_pre_hooks for c in layers + diffs) or \
-        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
-    if not kinds or hooked or not (cell0.variant == "predrnn" and not cell0.layer_norm and
-                                   all(c.stride == 1 for c in layers + diffs)):
-        return layers, diffs
-    B, C, H, W = h0.shape
-    gates = [(B, 4 * C, H, W), (B, 3 * C, H, W)]
-    names = [fused_backend(_GATES, cell.backend, x0, gates, (h0, h0)) for cell in layers]
-    names += [fused_backend(_CONVLSTM, cell.backend, h0, gates[:1], (h0,)) for cell in diffs]
-    tensors = [x0, h0, *model.parameters()]
-    if not all(usable(n, cell.merge_convs, tensors) for n, cell in zip(names, layers + diffs)):
-        return layers, diffs
-    pad = (cell0.padding, cell0.padding)
-    w_xh, w_xm = cell0.merged_weights()
-    steps = [_bind(STLSTMStep, w_xh, w_xm, cell0.conv_o[0].weight, cell0.conv_last.weight, (1, 1), pad,
-                   cell0._forget_bias)]
-    for block in layers[1:]:
-        (w_mims,), w_x, w_s = block.merged_weights()
-        p = block.filter_size // 2
-        steps.append(_bind(MIMBlockStep, w_x, w_s, block.conv_t_cc[0].weight, w_mims, block.ct_weight,
-                           block.oc_weight, block.conv_last.weight, (1, 1), (p, p), block._forget_bias))
-    diff_steps = []
-    for mimn in diffs:
-        (w,) = mimn.merged_weights()
-        p = mimn.filter_size // 2
-        diff_steps.append(_bind(MIMNStep, w, mimn.ct_weight, mimn.oc_weight, (1, 1), (p, p), mimn._forget_bias))
-    return steps, diff_steps

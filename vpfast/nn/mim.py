@@ -11,6 +11,9 @@ The peephole terms c ⊙ ct_weight are added in place into the gate convolution'
 x and h of MIM-N and MIM-S are merged into one over [x, h] (`merge_convs`, as the ST-LSTM cell does), the
 gates' channel order becomes the ops' i, f, g, o by reordering the weights (derived once per
 `with cell.unroll():`), and conv_last runs over [c_t, m_t] without saving their concatenation.
+With merged convolutions on the compiled backends (cpp, cuda) and autocast off, each MIM-N and MIM block step is
+one autograd node instead (nn/_mim_step.py: the same kernels and saved maps, backward written out), which is
+what vpfast.models.MIM runs; the multi-node path below serves the other cases.
 backend="torch" runs the reference arithmetic verbatim. Unlike
 OpenSTL's MIMBlock, the MIM-S state S is an argument and a result of `MIMBlock.forward`, never an attribute:
 nothing is carried from one call to the next (the model decides what S a sequence starts from).
