@@ -1,18 +1,21 @@
-"""One autograd node per MIM block step and per MIM-N step on the compiled backends (cpp, cuda).
+"""One autograd node per step of MIM's cells on the compiled backends (cpp, cuda): the ST-LSTM layer 0, the
+MIM blocks and the MIM-N modules.
 
-Why: at MIM's small preset (batch 8, C = 16, 16x16) a training step is ~70% dense convolutions and the rest is
+Why: at MIM's small preset (batch 8, C = 16, 16x16) a training step is ~75% dense convolutions and the rest was
 mostly per-call cost, not arithmetic: each MIM block step ran ~15 autograd nodes (four convolutions, two Python
 Functions for the gate sums and peepholes, the fused ops behind their dispatch and torch.library autograd
-wrappers, and the torch ops around them), and each MIM-N step ~7. Here each step is one
+wrappers, and the torch ops around them), each MIM-N step ~7, the ST-LSTM step ~6. Here each step is one
 `torch.autograd.Function` that calls the compiled kernels (`torch.ops.vpfast.stlstm_*`, `convlstm_*`) and the
 convolutions directly, and runs backward by hand with `aten.convolution_backward`. The arithmetic and what
-backward keeps are those of the multi-node path in nn/mim.py (the same kernels, the same saved maps:
-gates, not the reference's sums, sigmoids and tanh maps; no concatenation saved), so results agree with it to
-rounding and with the reference to the kernels' own tolerance.
+backward keeps are those of the multi-node paths (nn/mim.py, nn/stlstm.py: the same kernels, the same saved
+maps: gates, not the reference's sums, sigmoids and tanh maps; no concatenation saved), so results agree with
+them to rounding and with the reference to the kernels' own tolerance. Measured in docs/performance.md
+("Baselines: MIM and PhyDNet").
 
-Used by MIMBlock / MIMN when: the ops' backend is cpp or cuda, merge_convs is on (one convolution over
-[D, c_{t-1}] / [x, h]), autocast is off, and every tensor has one dtype and device; otherwise the multi-node
-path runs. Backward is not differentiable twice (create_graph=True raises).
+Used when (`usable`) the ops' backend is cpp or cuda, the convolutions are merged (over [D, c_{t-1}], [x, h],
+[x, m]), autocast is off, and every tensor has one dtype and device: by MIMBlock / MIMN.forward, and by
+vpfast.models.MIM's loop for all three cells (decided once per loop, models/mim.py `_loop_steps`); otherwise
+the multi-node paths run. Backward is not differentiable twice (create_graph=True raises).
 """
 from __future__ import annotations
 
