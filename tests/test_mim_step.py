@@ -113,14 +113,14 @@ def test_stlstm_step_matches_cell_reference(device):
 def test_modules_take_one_node_step(kind):
     """MIM-N and the MIM block with merged convolutions run their one-node step on the compiled CPU backend, the
     multi-node path without merging (both against the reference: test_models_baselines.py)."""
-    for merge, name in ((True, f"{'MIMN' if kind == 'mimn' else 'MIMBlock'}StepBackward"), (False, None)):
+    one_node = f"{'MIMN' if kind == 'mimn' else 'MIMBlock'}StepBackward"
+    for merge in (True, False):
         cell = (MIMN(3, 4, 7, 5, 3, 1, merge_convs=merge) if kind == "mimn"
                 else MIMBlock(4, 4, 7, 5, 3, 1, merge_convs=merge)).double()
         n = 3 if kind == "mimn" else 6
         xs = [torch.randn(2, 3 if (kind == "mimn" and j == 0) else 4, 7, 5, dtype=torch.float64,
                           requires_grad=True) for j in range(n)]
-        node = type(cell(*xs)[0].grad_fn).__name__
-        assert (node == name) if merge else (node != f"{'MIMN' if kind == 'mimn' else 'MIMBlock'}StepBackward")
+        assert (type(cell(*xs)[0].grad_fn).__name__ == one_node) == merge
 
 
 def _tiny_mim(backend=None, **over):
@@ -153,9 +153,11 @@ def test_model_loop_takes_one_node_steps_or_falls_back():
     assert _kinds(m, frames) == [True] * 5
     m.rollout(frames, None)
     assert len(calls) == 3  # 4 steps for 5 frames, no MIM-N at step 0
-    m = _tiny_mim()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    m = _tiny_mim().float()
+    assert _kinds(m, frames.float()) == [False] * 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the modules (their casts)
         assert _kinds(m, frames.float()) == [True] * 5
+    assert _kinds(m, frames) == [True] * 5  # float32 weights, float64 frames: the modules
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
