@@ -145,9 +145,9 @@ class MIMBlockStep(torch.autograd.Function):
 
 
 class MIMNStep(torch.autograd.Function):
-    """(x, h, c, w, ct_weight, oc_weight, stride, padding, forget_bias) -> (h', c'): the MIM-N peephole LSTM with its merged
-    weight w over [x, h] (gates i, f, g, o). The cell update is `convlstm` (its own h, which
-    lacks the peephole, is not used), the output gate `stlstm_output`."""
+    """(x, h, c, w, ct_weight, oc_weight, stride, padding, forget_bias) -> (h', c'): the MIM-N peephole LSTM with
+    its merged weight w over [x, h] (gates i, f, g, o). The cell update is `convlstm` (its own h, which lacks the
+    peephole, is not used), the output gate `stlstm_output`."""
 
     @staticmethod
     def forward(ctx, x, h, c, w, ct, oc, stride, padding, forget_bias):

@@ -193,7 +193,8 @@ class MIMN(MergedWeightsMixin, nn.Module):
         if name == "torch":
             return _peephole_lstm(self.conv_h_concat, self.conv_x_concat, self.ct_weight, self.oc_weight, x, h, c,
                                   self._forget_bias, self.backend)
-        if _mim_step.usable(name, self.merge_convs, (x, h, c, self.ct_weight, self.oc_weight, self.conv_x_concat[0].weight)):
+        if _mim_step.usable(name, self.merge_convs,
+                            (x, h, c, self.ct_weight, self.oc_weight, self.conv_x_concat[0].weight)):
             (w,) = self.merged_weights()
             pad = self.filter_size // 2
             return _mim_step.MIMNStep.apply(x, h, c, w, self.ct_weight, self.oc_weight, _pair(self.stride),
