@@ -9,8 +9,48 @@ import torch
 from torch import nn
 
 from . import _base
+from ..nn import _mim_step
+from ..nn._recurrent import fused_backend
+from ..ops.convlstm import OP as _CONVLSTM
+from ..ops.stlstm import GATES as _GATES
 from .recurrent import _Recurrent
 from ._layers import MIMN, MIMBlock, SpatioTemporalLSTMCell
+
+
+def _loop_steps(model, x0: torch.Tensor, h0: torch.Tensor):
+    """(steps of stlstm_layer 0..L-1, steps of stlstm_layer_diff 0..L-2) for one unrolled loop, called inside
+    the cells' `unroll()`: nn/_mim_step.py's one-node Functions with this loop's merged weights bound when every
+    cell qualifies (`_mim_step.usable`; layer 0 also: variant "predrnn", no layer norm), else the modules
+    themselves. Deciding once per loop also skips the modules' per-step argument checks and backend choice (the
+    model builds the states itself). x0: a step input, h0: a state (Tensor[B, C, H, W])."""
+    layers, diffs = list(model.stlstm_layer), list(model.stlstm_layer_diff)
+    cell0 = layers[0]
+    kinds = [type(c) for c in layers] == [SpatioTemporalLSTMCell] + [MIMBlock] * (len(layers) - 1) and \
+        all(type(c) is MIMN for c in diffs)
+    # module hooks see every step only through the modules' own calls
+    hooked = any(c._forward_hooks or c._forward_pre_hooks for c in layers + diffs) or \
+        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+    if not kinds or hooked or not (cell0.variant == "predrnn" and not cell0.layer_norm and
+                                   all(c.stride == 1 for c in layers + diffs)):
+        return layers, diffs
+    B, C, H, W = h0.shape
+    gates = [(B, 4 * C, H, W), (B, 3 * C, H, W)]
+    names = [fused_backend(_GATES, cell.backend, x0, gates, (h0, h0)) for cell in layers]
+    names += [fused_backend(_CONVLSTM, cell.backend, h0, gates[:1], (h0,)) for cell in diffs]
+    tensors = [x0, h0, *model.parameters()]
+    if not all(_mim_step.usable(n, cell.merge_convs, tensors) for n, cell in zip(names, layers + diffs)):
+        return layers, diffs
+    bind, one = _mim_step.bind, (1, 1)
+    w_xh, w_xm = cell0.merged_weights()
+    steps = [bind(_mim_step.STLSTMStep, w_xh, w_xm, cell0.conv_o[0].weight, cell0.conv_last.weight, one,
+                  (cell0.padding,) * 2, cell0._forget_bias)]
+    for b in layers[1:]:
+        (w_mims,), w_x, w_s = b.merged_weights()
+        steps.append(bind(_mim_step.MIMBlockStep, w_x, w_s, b.conv_t_cc[0].weight, w_mims, b.ct_weight,
+                          b.oc_weight, b.conv_last.weight, one, (b.filter_size // 2,) * 2, b._forget_bias))
+    diff_steps = [bind(_mim_step.MIMNStep, n.merged_weights()[0], n.ct_weight, n.oc_weight, one,
+                       (n.filter_size // 2,) * 2, n._forget_bias) for n in diffs]
+    return steps, diff_steps
 
 
 class MIM(_Recurrent):
@@ -78,17 +118,17 @@ class MIM(_Recurrent):
         with contextlib.ExitStack() as unrolled:  # every cell's derived weights, once per loop
             for cell in (*self.stlstm_layer, *self.stlstm_layer_diff):
                 unrolled.enter_context(cell.unroll())
+            cells, diffs = _loop_steps(self, frames[:, 0], h[0])
             for t in range(self.total_length - 1):
                 net = self._step_input(t, frames, mask, x_gen)
                 h_prev = h[0]
-                h[0], c[0], memory = self.stlstm_layer[0](net, h[0], c[0], memory)
+                h[0], c[0], memory = cells[0](net, h[0], c[0], memory)
                 for i in range(1, L):
                     # OpenSTL also runs the MIM-N on zeros at t = 0 and discards the result: D stays 0 there
                     if t > 0:
                         d_in = h[0] - h_prev if i == 1 else hd[i - 2]
-                        hd[i - 1], cd[i - 1] = self.stlstm_layer_diff[i - 1](d_in, hd[i - 1], cd[i - 1])
-                    h[i], c[i], memory, s[i - 1] = self.stlstm_layer[i](h[i - 1], hd[i - 1], h[i], c[i], memory,
-                                                                        s[i - 1])
+                        hd[i - 1], cd[i - 1] = diffs[i - 1](d_in, hd[i - 1], cd[i - 1])
+                    h[i], c[i], memory, s[i - 1] = cells[i](h[i - 1], hd[i - 1], h[i], c[i], memory, s[i - 1])
                     if not bptt:
                         s[i - 1] = s[i - 1].detach()
                 if t >= first_output or mask is not None:

@@ -11,6 +11,9 @@ The peephole terms c ⊙ ct_weight are added in place into the gate convolution'
 x and h of MIM-N and MIM-S are merged into one over [x, h] (`merge_convs`, as the ST-LSTM cell does), the
 gates' channel order becomes the ops' i, f, g, o by reordering the weights (derived once per
 `with cell.unroll():`), and conv_last runs over [c_t, m_t] without saving their concatenation.
+With merged convolutions on the compiled backends (cpp, cuda) and autocast off, each MIM-N and MIM block step is
+one autograd node instead (nn/_mim_step.py: the same kernels and saved maps, backward written out), which is
+what vpfast.models.MIM runs; the multi-node path below serves the other cases.
 backend="torch" runs the reference arithmetic verbatim. Unlike
 OpenSTL's MIMBlock, the MIM-S state S is an argument and a result of `MIMBlock.forward`, never an attribute:
 nothing is carried from one call to the next (the model decides what S a sequence starts from).
@@ -25,7 +28,8 @@ from torch import nn
 
 from ..ops.convlstm import OP as _CONVLSTM, convlstm
 from ..ops.stlstm import GATES as _GATES, OUTPUT as _STLSTM_OUTPUT, stlstm_gates, stlstm_output
-from ._recurrent import (MergedWeightsMixin, cat_conv, check_input, check_state, choose_merge, conv_block,
+from . import _mim_step
+from ._recurrent import (MergedWeightsMixin, _pair, cat_conv, check_input, check_state, choose_merge, conv_block,
                          fused_backend, keep_cell_args, permute_blocks, state_shape)
 
 _IGFO_TO_IFGO = (0, 2, 1, 3)  # the reference's gate order i, g, f, o -> the fused ops' i, f, g, o
@@ -185,9 +189,16 @@ class MIMN(MergedWeightsMixin, nn.Module):
         check_state("c", c, "x", x, shape)
         _check_map(shape, self.oc_weight)
         C = self.num_hidden
-        if fused_backend(_CONVLSTM, self.backend, x, [(shape[0], 4 * C) + shape[2:]], (c,)) == "torch":
+        name = fused_backend(_CONVLSTM, self.backend, x, [(shape[0], 4 * C) + shape[2:]], (c,))
+        if name == "torch":
             return _peephole_lstm(self.conv_h_concat, self.conv_x_concat, self.ct_weight, self.oc_weight, x, h, c,
                                   self._forget_bias, self.backend)
+        if _mim_step.usable(name, self.merge_convs,
+                            (x, h, c, self.ct_weight, self.oc_weight, self.conv_x_concat[0].weight)):
+            (w,) = self.merged_weights()
+            pad = self.filter_size // 2
+            return _mim_step.MIMNStep.apply(x, h, c, w, self.ct_weight, self.oc_weight, _pair(self.stride),
+                                            (pad, pad), self._forget_bias)
         gates, o = _add_peepholes(_peephole_gates(self, self.merged_weights(), x, h), c, self.ct_weight, True)
         _, c_new = convlstm(None, gates, c, self._forget_bias, True, backend=self.backend)
         return _output_gate(self.backend, o, c_new * self.oc_weight, c_new), c_new
@@ -269,6 +280,13 @@ class MIMBlock(MergedWeightsMixin, nn.Module):
         h_new = _output_gate(self.backend, o_xt, o_s, last)
         return h_new, c_new, m_new, s_new
 
+    def _forward_one_node(self, x, diff_h, h, c, m, s):
+        (w_mims,), w_x, w_s = self.merged_weights()
+        pad = self.filter_size // 2
+        return _mim_step.MIMBlockStep.apply(x, diff_h, h, c, m, s, w_x, w_s, self.conv_t_cc[0].weight, w_mims,
+                                            self.ct_weight, self.oc_weight, self.conv_last.weight,
+                                            _pair(self.stride), (pad, pad), self._forget_bias)
+
     def forward(self, x: torch.Tensor, diff_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor, m: torch.Tensor,
                 s: torch.Tensor):
         """h, c, m, s = block(x, diff_h, h, c, m, s); see the class docstring."""
@@ -279,7 +297,11 @@ class MIMBlock(MergedWeightsMixin, nn.Module):
         _check_map(shape, self.oc_weight)
         C = self.num_hidden
         gate_shapes = [(shape[0], 4 * C) + shape[2:], (shape[0], 3 * C) + shape[2:]]
-        if fused_backend(_GATES, self.backend, x, gate_shapes, (s, m)) != "torch":
+        name = fused_backend(_GATES, self.backend, x, gate_shapes, (s, m))
+        if name != "torch":
+            if _mim_step.usable(name, self.merge_convs,
+                                (x, diff_h, h, c, m, s, self.ct_weight, self.oc_weight, self.conv_x_cc[0].weight)):
+                return self._forward_one_node(x, diff_h, h, c, m, s)
             return self._forward_fused(x, diff_h, h, c, m, s)
         i_t, g_t, o_t = torch.split(self.conv_t_cc(h), C, dim=1)
         i_s, g_s, f_s, o_s = torch.split(self.conv_s_cc(m), C, dim=1)
