@@ -23,16 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-_conv_bwd = torch.ops.aten.convolution_backward
-
-
-def _conv_grads(grad, inp, weight, stride, padding, need_in, need_w):
-    """(grad wrt inp or None, grad wrt weight or None) of conv2d(inp, weight, None, stride, padding)."""
-    if not (need_in or need_w):
-        return None, None
-    gi, gw, _ = _conv_bwd(grad, inp, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-                          [need_in, need_w, False])
-    return gi, gw
+from ._recurrent import conv_grads as _conv_grads
 
 
 def _cat_conv_grads(grad, parts, weight, stride, padding, need_parts, need_w):

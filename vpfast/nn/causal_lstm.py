@@ -18,8 +18,9 @@ from torch import nn
 
 from ..ops.causal_lstm import CELL as _CELL, causal_lstm_cell, causal_lstm_memory, causal_lstm_output
 from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
-from ._recurrent import (MERGE_AUTO_MAX_ELEMENTS, MergedWeightsMixin, cat_conv, cat_conv_many, check_input, check_state, choose_merge,
-                         conv_block, fused_backend, keep_cell_args, state_shape)
+from ._recurrent import (MERGE_AUTO_MAX_ELEMENTS, MergedWeightsMixin, cat_conv, cat_conv_many, check_input,
+                         check_state, choose_merge, conv_block, conv_grads, fused_backend, keep_cell_args,
+                         state_shape)
 
 
 class CausalLSTMCell(MergedWeightsMixin, nn.Module):
@@ -201,15 +202,6 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
         return h_new, c_new, m_new
 
 
-def _conv_backward(grad, inp, weight, stride, padding, need_input: bool, need_weight: bool):
-    """(grad of inp, grad of weight) of conv2d(inp, weight, None, stride, padding); None where not needed."""
-    if not (need_input or need_weight):
-        return None, None
-    gi, gw, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, stride, padding, [1, 1], False,
-                                                    [0, 0], 1, [need_input, need_weight, False])
-    return gi, gw
-
-
 def _pixels(t: torch.Tensor) -> torch.Tensor | None:
     """[B, K, H, W] in channels_last as its [B*H*W, K] matrix (a view), or None when t is not channels_last."""
     if not t.is_contiguous(memory_format=torch.channels_last):
@@ -237,7 +229,7 @@ def _conv1x1_backward(grad: torch.Tensor, cm: torch.Tensor, w: torch.Tensor, nee
     """(grad of cm, grad of w) of _conv1x1(cm, w)."""
     mat = _pixels(cm)
     if mat is None:
-        return _conv_backward(grad, cm, w, [1, 1], [0, 0], True, need_weight)
+        return conv_grads(grad, cm, w, [1, 1], [0, 0], True, need_weight)
     g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when grad is channels_last, else a copy
     w2 = w.view(w.shape[0], w.shape[1])
     return _unpixels(g @ w2, cm), (g.t() @ mat).view(w.shape) if need_weight else None
@@ -295,20 +287,20 @@ class _CausalStep(torch.autograd.Function):
             g_pre, g_last = ops.causal_lstm_output_backward(g_h, o, tl)
             del tl
         # o = tanh(o_part + conv_om(m_t)), last = conv_last([c_t, m_t]): both reach m_t, last also c_t
-        g_m_om, g_w_om = _conv_backward(g_pre, m_new, w_om, s, p, True, need[12])
+        g_m_om, g_w_om = conv_grads(g_pre, m_new, w_om, s, p, True, need[12])
         g_cm, g_w_last = _conv1x1_backward(g_last, cm, w_last, need[13])
         del cm
         g_cn_last, g_mn_last = g_cm.split(C, 1)
         g_mn = g_m_om + g_mn_last if g_m is None else g_m + g_m_om + g_mn_last
         g_carry, g_mg, g_c2m = ops.causal_lstm_memory_backward(g_mn, g_pre, act2, m_new, True)
         del g_mn
-        g_m_prev, g_w_m = _conv_backward(g_mg, m, w_m, s, p, need[3], need[10])
-        g_cn_k, g_w_k = _conv_backward(g_c2m, c_new, w_k, s, p, True, need[11])
+        g_m_prev, g_w_m = conv_grads(g_mg, m, w_m, s, p, need[3], need[10])
+        g_cn_k, g_w_k = conv_grads(g_c2m, c_new, w_k, s, p, True, need[11])
         g_cn = g_cn_k + g_cn_last if g_c is None else g_c + g_cn_k + g_cn_last
         g_xg, g_hg, g_cg, g_c_direct = ops.causal_lstm_cell_backward(g_cn, g_carry, act1, c_new, c, True, True)
-        g_x, g_w_x = _conv_backward(g_xg, x, w_x, s, p, need[0], need[7])
-        g_h_prev, g_w_h = _conv_backward(g_hg, h, w_h, s, p, need[1], need[8])
-        g_c_conv, g_w_c = _conv_backward(g_cg, c, w_c, s, p, need[2], need[9])
+        g_x, g_w_x = conv_grads(g_xg, x, w_x, s, p, need[0], need[7])
+        g_h_prev, g_w_h = conv_grads(g_hg, h, w_h, s, p, need[1], need[8])
+        g_c_conv, g_w_c = conv_grads(g_cg, c, w_c, s, p, need[2], need[9])
         g_c_prev = g_c_direct + g_c_conv if need[2] else None
         return (g_x, g_h_prev, g_c_prev, g_m_prev, None, None, None,
                 g_w_x, g_w_h, g_w_c, g_w_m, g_w_k, g_w_om, g_w_last)
@@ -362,7 +354,7 @@ class _GHUStep(torch.autograd.Function):
             g_pu = torch.cat((g_p, g_u), 1)
         if ctx.cl:
             w = w.contiguous(memory_format=torch.channels_last)
-        g_xz, g_w = _conv_backward(g_pu, torch.cat((x, z), 1), w, [1, 1],
+        g_xz, g_w = conv_grads(g_pu, torch.cat((x, z), 1), w, [1, 1],
                                    [ctx.padding, ctx.padding], need_in, need[3])
         g_x = g_z_conv = None
         if need_in:
