@@ -331,6 +331,120 @@ def test_one_node_steps_layouts_and_unused_outputs(layout, used):
 
 
 @_CPP_ONLY
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+@pytest.mark.parametrize("missing", ["hcm", "hc", "m"])
+def test_zero_states_skip_their_convolutions(layout, missing):
+    # a loop's first step passes None for its zero states (nn.CausalLSTMCell._forward_states): the one-node step
+    # skips their convolutions; outputs and every gradient equal the step on explicit zeros, in float64
+    _, (cell, _) = _one_node_layers()
+    g = torch.Generator().manual_seed(5)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 2, 7, 5, dtype=torch.float64, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    given = {k: torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=g).contiguous(memory_format=fmt)
+             .requires_grad_() for k in "hcm" if k not in missing}
+    zeros = {k: torch.zeros(2, 3, 7, 5, dtype=torch.float64) for k in missing}
+    with cell.unroll():
+        out = cell._forward_states(x, *(given.get(k) for k in "hcm"))
+        want = cell(x, *(given.get(k, zeros.get(k)) for k in "hcm"))
+    assert type(out[0].grad_fn).__name__ == "_CausalStepBackward"
+    params = [q for q in cell.parameters() if q.requires_grad]
+    wrt = [x, *given.values(), *params]
+    for o, w in zip(out, want):
+        torch.testing.assert_close(o, w, rtol=1e-12, atol=1e-13)
+    loss = lambda ts: sum((t * torch.sin(t)).sum() for t in ts)  # noqa: E731
+    got = torch.autograd.grad(loss(out), wrt, allow_unused=True)
+    ref = torch.autograd.grad(loss(want), wrt, allow_unused=True)
+    for k, (a, b) in enumerate(zip(got, ref)):
+        if a is None:  # the weight of a skipped convolution (zero gradient) or conv_o (unused)
+            assert b is None or not b.abs().sum(), k
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"gradient {k}: {m}")
+    # with the states' convolutions skipped, gradcheck over x, the given states and the weights
+    names = [n for n, _ in cell.named_parameters() if "conv_o." not in n]
+    first = _FirstStep(cell)
+
+    def f(x, *rest):
+        k = 3 - len(missing)
+        st = dict(zip([n for n in "hcm" if n not in missing], rest[:k]))
+        w = {"cell." + n: q for n, q in zip(names, rest[k:])}
+        return torch.func.functional_call(first, w, (x, *(st.get(n) for n in "hcm")))
+
+    ins = [t.detach().clone().requires_grad_() for t in [x, *given.values()]] + \
+        [dict(cell.named_parameters())[n].detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(f, ins, fast_mode=True)
+
+
+class _FirstStep(torch.nn.Module):
+    """cell._forward_states as a module's forward, for torch.func.functional_call over the cell's weights."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, h, c, m):
+        return self.cell._forward_states(x, h, c, m)
+
+
+@_CPP_ONLY
+def test_zero_states_with_hooks_run_the_module():
+    # a hooked cell sees its first step too: _forward_states then calls the module on explicit zeros
+    _, (cell, _) = _one_node_layers()
+    seen = []
+    cell.register_forward_hook(lambda mod, args, out: seen.append(args[1].abs().sum().item()))
+    x = torch.randn(2, 2, 7, 5, dtype=torch.float64)
+    cell._forward_states(x, None, None, None)
+    assert seen == [0.0]
+
+
+@_CPP_ONLY
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_step_ops_opcheck(layout):
+    # the compiled compositions behind the one-node steps (csrc/causal_lstm.cpp): schema, fake (their Meta run),
+    # AOT dispatch; None states included
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    t = lambda *s: r(*s).contiguous(memory_format=fmt)  # noqa: E731
+    C, Ci = 3, 2
+    ws = [t(7 * C, Ci, 3, 3), t(4 * C, C, 3, 3), t(3 * C, C, 3, 3), t(3 * C, C, 3, 3), t(4 * C, C, 3, 3),
+          t(C, C, 3, 3), t(C, 2 * C, 1, 1)]
+    x, h, c, m = t(2, Ci, 5, 4), t(2, C, 5, 4), t(2, C, 5, 4), t(2, C, 5, 4)
+    step, back = torch.ops.vpfast.causal_lstm_step, torch.ops.vpfast.causal_lstm_step_backward
+    for states in ((h, c, m), (None, None, m), (None, None, None)):
+        torch.library.opcheck(step, (x, *states, *ws, 1, 1, 1.0))
+        _, c_new, m_new, a1, a2, o = step(x, *states, *ws, 1, 1, 1.0)
+        gh, gc, gm = t(2, C, 5, 4), t(2, C, 5, 4), t(2, C, 5, 4)
+        need = [True, *(s is not None for s in states)] + [True] * 7
+        for grads in ((gh, gc, gm), (None, gc, None)):
+            torch.library.opcheck(back, (*grads, x, *states, c_new, m_new, a1, a2, o, *ws, 1, 1, need))
+    w = t(2 * C, Ci + C, 3, 3)
+    torch.library.opcheck(torch.ops.vpfast.causal_lstm_ghu_step, (x, h, w, 1))
+    z_new, sg, tp = torch.ops.vpfast.causal_lstm_ghu_step(x, h, w, 1)
+    for need in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.vpfast.causal_lstm_ghu_step_backward, (t(2, C, 5, 4), x, h, w, sg, tp, 1, need))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not vpfast._ext.has_kernel("causal_lstm_cell_forward", "CUDA"),
+                    reason="needs a CUDA GPU and the CUDA kernels")
+def test_one_node_steps_on_cuda():
+    # the one-node steps (zero first states included) on CUDA tensors against the reference cell on the CPU
+    ref, fast = _one_node_layers()
+    fast = [m.cuda() for m in fast]
+    g = torch.Generator().manual_seed(4)
+    x, h = torch.randn(2, 2, 7, 5, dtype=torch.float64, generator=g), torch.randn(2, 3, 7, 5, dtype=torch.float64,
+                                                                                  generator=g)
+    zero = torch.zeros_like(h)
+    with fast[0].unroll():
+        got = fast[0]._forward_states(x.cuda(), None, None, h.cuda())
+    assert type(got[0].grad_fn).__name__ == "_CausalStepBackward"
+    want = ref[0](x, zero, zero, h)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast[1](h.cuda(), x.new_ones(2, 3, 7, 5).cuda()).cpu(),
+                               ref[1](h, x.new_ones(2, 3, 7, 5)), rtol=1e-10, atol=1e-12)
+
+
+@_CPP_ONLY
 def test_one_node_steps_are_once_differentiable():
     _, (cell, _) = _one_node_layers()
     x, h = torch.randn(2, 2, 7, 5, dtype=torch.float64), torch.randn(2, 3, 7, 5, dtype=torch.float64,

@@ -19,7 +19,7 @@ from torch import nn
 from ..ops.causal_lstm import CELL as _CELL, causal_lstm_cell, causal_lstm_memory, causal_lstm_output
 from ..ops.stlstm import OUTPUT as _STLSTM_OUTPUT, stlstm_output
 from ._recurrent import (MERGE_AUTO_MAX_ELEMENTS, MergedWeightsMixin, cat_conv, cat_conv_many, check_input,
-                         check_state, choose_merge, conv_block, conv_grads, fused_backend, keep_cell_args,
+                         check_state, choose_merge, conv_block, fused_backend, keep_cell_args,
                          state_shape)
 
 
@@ -120,11 +120,37 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
         return (not self.layer_norm and not self.merge_convs and not torch.is_autocast_enabled(dev)
                 and not torch.compiler.is_compiling())
 
+    def _forward_states(self, x, h, c, m):
+        """cell(x, h, c, m) where any of h, c, m may be None: a zero state (a time loop's first step). On the
+        one-node path their convolutions are skipped (at t = 0 that is 160 of the cell's 352 output channels
+        over the states, ~1.5% of a `small` PredRNN++ training step); elsewhere they become zeros. Modules with
+        hooks run as modules, on zeros."""
+        if h is not None and c is not None and m is not None:
+            return self(x, h, c, m)
+        shape = state_shape(self, x)
+        for name, t in (("h", h), ("c", c), ("m", m)):
+            if t is not None:
+                check_state(name, t, "x", x, shape)
+        ref = next((t for t in (c, h, m) if t is not None), None)
+        if ref is None:
+            ref = x.new_zeros(shape)
+        hooked = self._forward_hooks or self._forward_pre_hooks or nn.modules.module._global_forward_hooks or \
+            nn.modules.module._global_forward_pre_hooks
+        if not hooked and type(self).forward is CausalLSTMCell.forward:
+            check_input(x, self.in_channel, self.conv_x[0].weight)
+            gate_shapes = [(shape[0], k * self.num_hidden) + shape[2:] for k in (7, 4, 3)]
+            name = fused_backend(_CELL, self.backend, x, gate_shapes, (ref,))
+            if name in ("cpp", "cuda") and self._one_node_ok(x) and \
+                    all(t is None or (t.dtype, t.device) == (x.dtype, x.device) for t in (h, c, m)):
+                return self._forward_one_node(x, h, c, m)
+        h, c, m = (x.new_zeros(shape) if t is None else t for t in (h, c, m))
+        return self(x, h, c, m)
+
     def _forward_one_node(self, x, h, c, m):
         if x.device.type == "cpu" and self._cpu_channels_last:
             # as in _forward_fused; x itself is left as given: the convolution converts it on the fly (and again
             # in backward), so a frame slice is saved as the view it is, not as a channels_last copy per step
-            h, c, m = (t.contiguous(memory_format=torch.channels_last) for t in (h, c, m))
+            h, c, m = (None if t is None else t.contiguous(memory_format=torch.channels_last) for t in (h, c, m))
         return _CausalStep.apply(x, h, c, m, self.stride, self.padding, self._forget_bias, *self.merged_weights())
 
     # ---- the fused path --------------------------------------------------------------------------------
@@ -225,23 +251,16 @@ def _conv1x1(cm: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _unpixels(mat @ w.view(w.shape[0], w.shape[1]).t(), cm)
 
 
-def _conv1x1_backward(grad: torch.Tensor, cm: torch.Tensor, w: torch.Tensor, need_weight: bool):
-    """(grad of cm, grad of w) of _conv1x1(cm, w)."""
-    mat = _pixels(cm)
-    if mat is None:
-        return conv_grads(grad, cm, w, [1, 1], [0, 0], True, need_weight)
-    g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view when grad is channels_last, else a copy
-    w2 = w.view(w.shape[0], w.shape[1])
-    return _unpixels(g @ w2, cm), (g.t() @ mat).view(w.shape) if need_weight else None
-
-
 class _CausalStep(torch.autograd.Function):
     """One Causal LSTM step (separate convolutions, no LayerNorm, compiled kernels) as a single autograd node.
 
     Why: at the `small` preset (B=4, C=16, 16x16) a step is ~1.5 ms of convolutions and kernels, and the
     per-stage path (three torch.library ops with Python autograd bridges, their public checks and backend
     selection, seven ConvolutionBackward nodes and a _CatConv node) added ~0.5 ms of overhead to each
-    forward+backward. Here backward calls the stage kernels and aten.convolution_backward directly.
+    forward+backward. Forward and backward are one call each of the compiled compositions
+    `vpfast::causal_lstm_step` / `causal_lstm_step_backward` (csrc/causal_lstm.cpp: the stage kernels and
+    aten's convolutions called from C++, where the ~25 calls of a step cost ~1-2 us each instead of ~5-8 from
+    Python). h, c, m may be None: zero states (a loop's first step), whose convolutions are skipped.
 
     Saved: x, h, c, m (the step's inputs, alive anyway as frames / earlier states), c_t, m_t (its outputs,
     alive as the next step's states), the weights, the kernels' gates (i, f; i', f', tanh(m̂); o: 6 maps) and
@@ -251,59 +270,22 @@ class _CausalStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, c, m, stride, padding, forget_bias, w_x, w_h, w_c, w_m, w_k, w_om, w_last):
-        s, p = [stride, stride], [padding, padding]
-        ops = torch.ops.vpfast
-        conv = torch.ops.aten.convolution
-        x_g = conv(x, w_x, None, s, p, [1, 1], False, [0, 0], 1)
-        h_g = conv(h, w_h, None, s, p, [1, 1], False, [0, 0], 1)
-        c_g = conv(c, w_c, None, s, p, [1, 1], False, [0, 0], 1)
-        c_new, carry, act1 = ops.causal_lstm_cell_forward(x_g, h_g, c_g, c, forget_bias)
-        del x_g, h_g, c_g
-        m_g = conv(m, w_m, None, s, p, [1, 1], False, [0, 0], 1)
-        c2m_g = conv(c_new, w_k, None, s, p, [1, 1], False, [0, 0], 1)
-        m_new, o_part, act2 = ops.causal_lstm_memory_forward(carry, m_g, c2m_g, forget_bias)
-        del carry, m_g, c2m_g
-        last = _conv1x1(torch.cat((c_new, m_new), 1), w_last)
-        o_m = conv(m_new, w_om, None, s, p, [1, 1], False, [0, 0], 1)
-        h_new, o, _tl = ops.causal_lstm_output_forward(o_part, o_m, last)
+        h_new, c_new, m_new, act1, act2, o = torch.ops.vpfast.causal_lstm_step.default(
+            x, h, c, m, w_x, w_h, w_c, w_m, w_k, w_om, w_last, stride, padding, forget_bias)
         ctx.save_for_backward(x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last)
-        ctx.conv = (s, p)
+        ctx.conv = (stride, padding)
         ctx.set_materialize_grads(False)
         return h_new, c_new, m_new
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_h, g_c, g_m):
-        x, h, c, m, c_new, m_new, act1, act2, o, w_x, w_h, w_c, w_m, w_k, w_om, w_last = ctx.saved_tensors
         need = ctx.needs_input_grad
-        s, p = ctx.conv
-        ops = torch.ops.vpfast
-        C = c.shape[1]
-        cm = torch.cat((c_new, m_new), 1)
-        if g_h is None:  # h_t unused (e.g. the last step's upper states)
-            g_pre = g_last = torch.zeros_like(o)
-        else:
-            tl = _conv1x1(cm, w_last).tanh_()
-            g_pre, g_last = ops.causal_lstm_output_backward(g_h, o, tl)
-            del tl
-        # o = tanh(o_part + conv_om(m_t)), last = conv_last([c_t, m_t]): both reach m_t, last also c_t
-        g_m_om, g_w_om = conv_grads(g_pre, m_new, w_om, s, p, True, need[12])
-        g_cm, g_w_last = _conv1x1_backward(g_last, cm, w_last, need[13])
-        del cm
-        g_cn_last, g_mn_last = g_cm.split(C, 1)
-        g_mn = g_m_om + g_mn_last if g_m is None else g_m + g_m_om + g_mn_last
-        g_carry, g_mg, g_c2m = ops.causal_lstm_memory_backward(g_mn, g_pre, act2, m_new, True)
-        del g_mn
-        g_m_prev, g_w_m = conv_grads(g_mg, m, w_m, s, p, need[3], need[10])
-        g_cn_k, g_w_k = conv_grads(g_c2m, c_new, w_k, s, p, True, need[11])
-        g_cn = g_cn_k + g_cn_last if g_c is None else g_c + g_cn_k + g_cn_last
-        g_xg, g_hg, g_cg, g_c_direct = ops.causal_lstm_cell_backward(g_cn, g_carry, act1, c_new, c, True, True)
-        g_x, g_w_x = conv_grads(g_xg, x, w_x, s, p, need[0], need[7])
-        g_h_prev, g_w_h = conv_grads(g_hg, h, w_h, s, p, need[1], need[8])
-        g_c_conv, g_w_c = conv_grads(g_cg, c, w_c, s, p, need[2], need[9])
-        g_c_prev = g_c_direct + g_c_conv if need[2] else None
-        return (g_x, g_h_prev, g_c_prev, g_m_prev, None, None, None,
-                g_w_x, g_w_h, g_w_c, g_w_m, g_w_k, g_w_om, g_w_last)
+        mask = list(need[:4]) + list(need[7:])
+        grads = torch.ops.vpfast.causal_lstm_step_backward.default(g_h, g_c, g_m, *ctx.saved_tensors, *ctx.conv,
+                                                                   mask)
+        g = [t if n and t.numel() else None for t, n in zip(grads, mask)]
+        return (*g[:4], None, None, None, *g[4:])
 
 
 class _GHUStep(torch.autograd.Function):
@@ -312,54 +294,28 @@ class _GHUStep(torch.autograd.Function):
 
     Why: the per-op path (a _CatConv node, the public stlstm_output with its checks, backend selection and
     Python autograd bridge, a zero-filled second pre-activation) cost ~0.3 ms of overhead per forward+backward
-    at PredRNN++'s `small` preset, a few % of a training step. Saved: x, z (alive anyway as the cell's output
-    and the previous highway state), the merged weight, σ(u) and tanh(p) (the kernel's o and tl): what the
-    per-op path keeps, without the [x, z] concatenation (rebuilt in backward).
+    at PredRNN++'s `small` preset, a few % of a training step. Forward and backward are the compiled
+    compositions `vpfast::causal_lstm_ghu_step` / `causal_lstm_ghu_step_backward` (csrc/causal_lstm.cpp).
+    Saved: x, z (alive anyway as the cell's output and the previous highway state), the merged weight, σ(u)
+    and tanh(p) (the kernel's o and tl): what the per-op path keeps, without the [x, z] concatenation (rebuilt
+    in backward).
     """
 
     @staticmethod
     def forward(ctx, x, z, padding, w):
-        C = z.shape[1]
-        ctx.cl = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
-        # next to channels_last cells: the weight in their layout too, or oneDNN reorders it on every call; the
-        # copy is made again in backward rather than saved (a saved copy per step was 0.6 MiB of the peak)
-        w_run = w.contiguous(memory_format=torch.channels_last) if ctx.cl else w
-        pu = torch.ops.aten.convolution(torch.cat((x, z), 1), w_run, None, [1, 1], [padding, padding], [1, 1],
-                                        False, [0, 0], 1)
-        p, u = pu.narrow(1, 0, C), pu.narrow(1, C, C)
-        # the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum. The CPU
-        # kernel reads contiguous H*W planes: a planar zero map is one copy fewer than a channels_last one
-        z_new, sg, tp = torch.ops.vpfast.stlstm_output_forward(u, z.new_zeros(z.shape), p, z)
+        z_new, sg, tp = torch.ops.vpfast.causal_lstm_ghu_step.default(x, z, w, padding)
         ctx.save_for_backward(x, z, w, sg, tp)
         ctx.padding = padding
-        if ctx.cl:
-            # as GHU.forward's per-op path: hand z on in the Causal LSTM cells' CPU layout
-            z_new = z_new.contiguous(memory_format=torch.channels_last)
         return z_new
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, z, w, sg, tp = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g_u, g_p, g_z = torch.ops.vpfast.stlstm_output_backward(g, sg, tp, z)
-        need_in = need[0] or need[1]
-        if ctx.cl:  # in the convolution's layout (else convolution_backward converts it): one copy, not two
-            C = z.shape[1]
-            g_pu = torch.empty((g.shape[0], 2 * C) + tuple(g.shape[2:]), dtype=g.dtype, device=g.device,
-                               memory_format=torch.channels_last)
-            g_pu.narrow(1, 0, C).copy_(g_p)
-            g_pu.narrow(1, C, C).copy_(g_u)
-        else:
-            g_pu = torch.cat((g_p, g_u), 1)
-        if ctx.cl:
-            w = w.contiguous(memory_format=torch.channels_last)
-        g_xz, g_w = conv_grads(g_pu, torch.cat((x, z), 1), w, [1, 1],
-                                   [ctx.padding, ctx.padding], need_in, need[3])
-        g_x = g_z_conv = None
-        if need_in:
-            g_x, g_z_conv = g_xz.split((x.shape[1], z.shape[1]), 1)
-        return (g_x if need[0] else None, g_z + g_z_conv if need[1] else None, None, g_w)
+        mask = [need[0], need[1], need[3]]
+        grads = torch.ops.vpfast.causal_lstm_ghu_step_backward.default(g, *ctx.saved_tensors, ctx.padding, mask)
+        g_x, g_z, g_w = (t if n and t.numel() else None for t, n in zip(grads, mask))
+        return g_x, g_z, None, g_w
 
 
 class GHU(MergedWeightsMixin, nn.Module):
