@@ -3,13 +3,11 @@
 // Shapes (C = hidden channels): every operand [B, kC, H, W] with H*W-contiguous planes (batch/channel strides
 // are free). Gate orders are the reference's: x_g (conv_x) i, f, g, i', f', g', o; h_g i, f, g, o;
 // c_g (conv_c) i, f, g; m_g (conv_m) i', f', m̂; c2m_g (conv_c2m) i', g', f', o.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <array>
-#include <optional>
-#include <tuple>
+
+#include "common/compose.h"
 
 TORCH_LIBRARY_FRAGMENT(vpfast, m) {
   // Stage 1. Returns c_new [B, C, H, W], carry ([B, 4C, H, W] = [i'_x, f'_x, g'_x, o_x + o_h] with x_g,
@@ -71,59 +69,22 @@ TORCH_LIBRARY_FRAGMENT(vpfast, m) {
 namespace vpfast {
 namespace {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-using T2 = std::tuple<Tensor, Tensor>;
-using T3 = std::tuple<Tensor, Tensor, Tensor>;
-using T4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using namespace compose;
 
-// fn(): a stage op's typed dispatcher handle, looked up on first use
-#define VPFAST_STAGE(fn, name, Sig) \
-  const c10::TypedOperatorHandle<Sig>& fn() { \
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>(); \
-    return op; \
-  }
-VPFAST_STAGE(cell_fwd, "vpfast::causal_lstm_cell_forward",
-             T3(const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, double))
-VPFAST_STAGE(cell_bwd, "vpfast::causal_lstm_cell_backward",
-             T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool))
-VPFAST_STAGE(memory_fwd, "vpfast::causal_lstm_memory_forward",
-             T3(const Tensor&, const Tensor&, const Tensor&, double))
-VPFAST_STAGE(memory_bwd, "vpfast::causal_lstm_memory_backward",
-             T3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool))
-VPFAST_STAGE(output_fwd, "vpfast::causal_lstm_output_forward", T3(const Tensor&, const Tensor&, const Tensor&))
-VPFAST_STAGE(output_bwd, "vpfast::causal_lstm_output_backward", T2(const Tensor&, const Tensor&, const Tensor&))
-VPFAST_STAGE(stlstm_out_fwd, "vpfast::stlstm_output_forward",
-             T3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&))
-VPFAST_STAGE(stlstm_out_bwd, "vpfast::stlstm_output_backward",
-             T3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&))
-#undef VPFAST_STAGE
-
-bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-// The layout of a convolution's output and input gradient: channels_last when the input or the weight is, as
-// oneDNN and cuDNN choose. Made explicit (a no-op where the library already chose it) because a Meta run of
-// these compositions (what FakeTensorMode and torch.compile trace) gets planar convolution outputs regardless.
-at::MemoryFormat conv_format(const Tensor& t, const Tensor& w) {
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  return t.suggest_memory_format() == cl || w.suggest_memory_format() == cl ? cl : at::MemoryFormat::Contiguous;
-}
-
-Tensor conv(const Tensor& t, const Tensor& w, int64_t s, int64_t p) {
-  return at::convolution(t, w, std::nullopt, {s, s}, {p, p}, {1, 1}, false, {0, 0}, 1).contiguous(conv_format(t, w));
-}
-
-// (grad of inp, grad of weight) of conv(inp, weight), each only where asked (else undefined)
-T2 conv_grads(const Tensor& grad, const Tensor& inp, const Tensor& w, int64_t s, int64_t p, bool need_in,
-              bool need_w) {
-  if (!need_in && !need_w) return {};
-  auto r = at::convolution_backward(grad, inp, w, std::nullopt, {s, s}, {p, p}, {1, 1}, false, {0, 0}, 1,
-                                    {need_in, need_w, false});
-  Tensor gi = std::get<0>(r), gw = std::get<1>(r);
-  if (gi.defined()) gi = gi.contiguous(conv_format(inp, w));
-  if (gw.defined()) gw = gw.contiguous(w.suggest_memory_format());
-  return {gi, gw};
-}
+VPFAST_OP_HANDLE(cell_fwd, "vpfast::causal_lstm_cell_forward",
+                 T3(const OptTensor&, const Tensor&, const OptTensor&, const Tensor&, double))
+VPFAST_OP_HANDLE(cell_bwd, "vpfast::causal_lstm_cell_backward",
+                 T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool))
+VPFAST_OP_HANDLE(memory_fwd, "vpfast::causal_lstm_memory_forward",
+                 T3(const Tensor&, const Tensor&, const Tensor&, double))
+VPFAST_OP_HANDLE(memory_bwd, "vpfast::causal_lstm_memory_backward",
+                 T3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool))
+VPFAST_OP_HANDLE(output_fwd, "vpfast::causal_lstm_output_forward", T3(const Tensor&, const Tensor&, const Tensor&))
+VPFAST_OP_HANDLE(output_bwd, "vpfast::causal_lstm_output_backward", T2(const Tensor&, const Tensor&, const Tensor&))
+VPFAST_OP_HANDLE(stlstm_out_fwd, "vpfast::stlstm_output_forward",
+                 T3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&))
+VPFAST_OP_HANDLE(stlstm_out_bwd, "vpfast::stlstm_output_backward",
+                 T3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&))
 
 // a zero state or pre-activation of k*C channels in the layout of `like` (the step's first convolution output)
 Tensor zeros_like_layout(const Tensor& like, int64_t channels) {
@@ -145,20 +106,17 @@ Tensor unpixels(const Tensor& mat, const Tensor& like) {
 // 1x1 convolution of channels_last maps through im2col, ~30-55 us a call at the `small` preset)
 Tensor conv1x1(const Tensor& cm, const Tensor& w) {
   const Tensor mat = pixels(cm);
-  if (!mat.defined()) return conv(cm, w, 1, 0);
+  if (!mat.defined()) return conv(cm, w, {1, 1}, {0, 0});
   return unpixels(at::mm(mat, w.view({w.size(0), w.size(1)}).t()), cm);
 }
 
 T2 conv1x1_backward(const Tensor& grad, const Tensor& cm, const Tensor& w, bool need_w) {
   const Tensor mat = pixels(cm);
-  if (!mat.defined()) return conv_grads(grad, cm, w, 1, 0, true, need_w);
+  if (!mat.defined()) return conv_grads(grad, cm, w, {1, 1}, {0, 0}, true, need_w);
   const Tensor g = grad.permute({0, 2, 3, 1}).reshape({-1, grad.size(1)});
   const Tensor w2 = w.view({w.size(0), w.size(1)});
   return {unpixels(at::mm(g, w2), cm), need_w ? at::mm(g.t(), mat).view(w.sizes()) : Tensor()};
 }
-
-// an undefined gradient as the empty tensor the schema returns
-Tensor out(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> causal_lstm_step(
     const Tensor& x, const OptTensor& h, const OptTensor& c, const OptTensor& m, const Tensor& w_x,
@@ -167,16 +125,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> causal_lstm_step(
   // below autograd: the stage ops' Python autograd bridges are not wanted here (the caller is the node)
   at::AutoDispatchBelowADInplaceOrView below;
   const int64_t C = w_h.size(0) / 4;
-  const Tensor x_g = conv(x, w_x, stride, padding);
-  const Tensor h_g = has(h) ? conv(*h, w_h, stride, padding) : zeros_like_layout(x_g, 4 * C);
-  const OptTensor c_g = has(c) ? OptTensor(conv(*c, w_c, stride, padding)) : std::nullopt;
+  const std::array<int64_t, 2> st{stride, stride}, pd{padding, padding};
+  const Tensor x_g = conv(x, w_x, st, pd);
+  const Tensor h_g = has(h) ? conv(*h, w_h, st, pd) : zeros_like_layout(x_g, 4 * C);
+  const OptTensor c_g = has(c) ? OptTensor(conv(*c, w_c, st, pd)) : std::nullopt;
   const Tensor c_prev = has(c) ? *c : zeros_like_layout(x_g, C);
   auto [c_new, carry, act1] = cell_fwd().call(x_g, h_g, c_g, c_prev, forget_bias);
-  const Tensor m_g = has(m) ? conv(*m, w_m, stride, padding) : zeros_like_layout(x_g, 3 * C);
-  const Tensor c2m_g = conv(c_new, w_k, stride, padding);
+  const Tensor m_g = has(m) ? conv(*m, w_m, st, pd) : zeros_like_layout(x_g, 3 * C);
+  const Tensor c2m_g = conv(c_new, w_k, st, pd);
   auto [m_new, o_part, act2] = memory_fwd().call(carry, m_g, c2m_g, forget_bias);
   const Tensor last = conv1x1(at::cat({c_new, m_new}, 1), w_last);
-  const Tensor o_m = conv(m_new, w_om, stride, padding);
+  const Tensor o_m = conv(m_new, w_om, st, pd);
   auto [h_new, o, tl] = output_fwd().call(o_part, o_m, last);
   return {h_new, c_new, m_new, act1, act2, o};
 }
@@ -190,7 +149,8 @@ Grads11 causal_lstm_step_backward(const OptTensor& grad_h, const OptTensor& grad
                                   const Tensor& w_m, const Tensor& w_k, const Tensor& w_om, const Tensor& w_last,
                                   int64_t stride, int64_t padding, std::array<bool, 11> need) {
   at::AutoDispatchBelowADInplaceOrView below;
-  const int64_t C = c_new.size(1), s = stride, p = padding;
+  const int64_t C = c_new.size(1);
+  const std::array<int64_t, 2> s{stride, stride}, p{padding, padding};
   const Tensor cm = at::cat({c_new, m_new}, 1);
   Tensor g_pre, g_last;
   if (!has(grad_h)) {  // h_t unused (e.g. the last step's upper states)
@@ -235,7 +195,8 @@ T3 causal_lstm_ghu_step(const Tensor& x, const Tensor& z, const Tensor& w, int64
   at::AutoDispatchBelowADInplaceOrView below;
   const int64_t C = z.size(1);
   const bool cl = ghu_channels_last(x);
-  const Tensor pu = conv(at::cat({x, z}, 1), cl ? w.contiguous(at::MemoryFormat::ChannelsLast) : w, 1, padding);
+  const Tensor pu = conv(at::cat({x, z}, 1), cl ? w.contiguous(at::MemoryFormat::ChannelsLast) : w, {1, 1},
+                       {padding, padding});
   // the kernel sums two pre-activations of the gate; the merged convolution gave the whole sum. The CPU kernel
   // reads contiguous H*W planes: a planar zero map is one copy fewer than a channels_last one
   auto [z_new, sg, tp] = stlstm_out_fwd().call(pu.narrow(1, C, C), at::zeros(z.sizes(), z.options()),
@@ -261,7 +222,7 @@ T3 causal_lstm_ghu_step_backward(const Tensor& grad, const Tensor& x, const Tens
     g_pu = at::cat({g_p, g_u}, 1);
   }
   auto [g_xz, g_w] = conv_grads(g_pu, at::cat({x, z}, 1), cl ? w.contiguous(at::MemoryFormat::ChannelsLast) : w,
-                                1, padding, need_in, need[2]);
+                                {1, 1}, {padding, padding}, need_in, need[2]);
   Tensor g_x, g_zz;
   if (need[0]) g_x = g_xz.narrow(1, 0, x.size(1));
   if (need[1]) g_zz = g_z + g_xz.narrow(1, x.size(1), C);
