@@ -6,7 +6,9 @@
 // Registered once for every backend (CompositeExplicitAutograd): the stage ops are called through the
 // dispatcher, so CPU, CUDA and Meta (fake) tensors each reach their own kernels. Helpers: common/compose.h.
 //
-// Gradients come back in argument order where output_mask asks, an empty tensor elsewhere.
+// Gradients come back in argument order where output_mask asks, an empty tensor elsewhere; the two inputs of one
+// merged convolution whose gradients are one buffer (the MIM block's D and c_{t-1}, MIM-N's x and h) share one
+// output, [B, C1 + C2, H, W], that the caller splits (two outputs may not alias each other).
 #include <torch/library.h>
 
 #include <array>
@@ -35,7 +37,7 @@ TORCH_LIBRARY_FRAGMENT(vpfast, m) {
       "Tensor diff_h, Tensor h, Tensor c, Tensor m, Tensor s, Tensor w_x, Tensor w_s, Tensor w_t, Tensor w_mims, "
       "Tensor ct, Tensor oc, Tensor w_last, Tensor act, Tensor sm, Tensor o1, Tensor t_mem, Tensor ia, Tensor ga, "
       "Tensor o2, Tensor h_new, Tensor c_new, int[2] stride, int[2] padding, bool[13] output_mask) -> (Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // MIM-N: the peephole LSTM with its merged weight w over [x, h] (i, f, g, o). Returns (h', c', act, o).
   m.def(
       "mim_n_step(Tensor x, Tensor h, Tensor c, Tensor w, Tensor ct, Tensor oc, int[2] stride, int[2] padding, "
@@ -43,7 +45,7 @@ TORCH_LIBRARY_FRAGMENT(vpfast, m) {
   m.def(
       "mim_n_step_backward(Tensor? grad_h, Tensor? grad_c, Tensor x, Tensor h, Tensor c, Tensor w, Tensor ct, "
       "Tensor oc, Tensor act, Tensor c_new, Tensor o, Tensor h_new, int[2] stride, int[2] padding, "
-      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace vpfast {
@@ -187,10 +189,11 @@ T9 mim_block_step(const Tensor& x, const Tensor& diff_h, const Tensor& h, const 
   return {h_new, c_new, sm, act, o1, t_mem, ia, ga, o2};
 }
 
-using T13 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                       Tensor, Tensor>;
+using T12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                       Tensor>;
 
-T13 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, const OptTensor& grad_m,
+// (x, [D, c_{t-1}], h, m, s, w_x, w_s, w_t, w_mims, ct, oc, w_last)
+T12 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, const OptTensor& grad_m,
                             const OptTensor& grad_s, const Tensor& x, const Tensor& diff_h, const Tensor& h,
                             const Tensor& c, const Tensor& m, const Tensor& s, const Tensor& w_x, const Tensor& w_s,
                             const Tensor& w_t, const Tensor& w_mims, const Tensor& ct, const Tensor& oc,
@@ -220,7 +223,6 @@ T13 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, co
   const Tensor g_s_out = need[5] ? g_s_prev + g_s_peep : Tensor();
   auto [g_dc, g_wmims] =
       conv_grads(g_q, at::cat({diff_h, c}, 1), w_mims, stride, padding, need[1] || need[3], need[9]);
-  const Tensor g_dh = need[1] ? ch(g_dc, 0, C) : Tensor(), g_cp = need[3] ? ch(g_dc, C, C) : Tensor();
   // the three gate convolutions' gradients: x (i, f, g, o) feeds m, c' and h'; m (i, f, g, o) feeds m and h';
   // h_{t-1} (i, g, o) feeds c' and h'
   Tensor g_xg = at::cat({ch(g_mg, 0, C) + g_ai, ch(g_mg, C, C), ch(g_mg, 2 * C, C) + g_ag, g_o}, 1);
@@ -229,9 +231,8 @@ T13 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, co
   auto [g_m2, g_ws] = conv_grads(at::cat({g_mg, g_o}, 1), m, w_s, stride, padding, need[4], need[7]);
   auto [g_hp, g_wt] = conv_grads(at::cat({g_ai, g_ag, g_o}, 1), h, w_t, stride, padding, need[2], need[8]);
   const Tensor g_m = need[4] ? g_m_prev + g_m2 : Tensor();
-  return {out(g_x, x),      out(g_dh, x),    out(g_hp, x),    out(g_cp, x),    out(g_m, x),
-          out(g_s_out, x),  out(g_wx, x),    out(g_ws, x),    out(g_wt, x),    out(g_wmims, x),
-          out(g_ct, x),     out(g_oc, x),    out(g_wlast, x)};
+  return {out(g_x, x),  out(g_dc, x),    out(g_hp, x), out(g_m, x),  out(g_s_out, x), out(g_wx, x),
+          out(g_ws, x), out(g_wt, x), out(g_wmims, x), out(g_ct, x), out(g_oc, x), out(g_wlast, x)};
 }
 
 // ---- MIM-N -----------------------------------------------------------------------------------------------------
@@ -247,7 +248,8 @@ T4 mim_n_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w
   return {h_new, c_new, act, o};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mim_n_step_backward(
+// ([x, h], c, w, ct, oc)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mim_n_step_backward(
     const OptTensor& grad_h, const OptTensor& grad_c, const Tensor& x, const Tensor& h, const Tensor& c,
     const Tensor& w, const Tensor& ct, const Tensor& oc, const Tensor& act, const Tensor& c_new, const Tensor& o,
     const Tensor& h_new, IntArrayRef stride, IntArrayRef padding, std::array<bool, 6> need) {
@@ -267,10 +269,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mim_n_step_backward(
   if (g_o.defined()) ch(g_q, 3 * C, C).copy_(g_o);
   auto [g_c_peep, g_ct] = peephole_grads(g_q, c, ct, C, need[2], need[4]);
   auto [g_xh, g_w] = conv_grads(g_q, at::cat({x, h}, 1), w, stride, padding, need[0] || need[1], need[3]);
-  const Tensor g_x = need[0] ? ch(g_xh, 0, x.size(1)) : Tensor();
-  const Tensor g_hp = need[1] ? ch(g_xh, x.size(1), C) : Tensor();
   const Tensor g_c = need[2] ? g_cp + g_c_peep : Tensor();
-  return {out(g_x, x), out(g_hp, x), out(g_c, x), out(g_w, x), out(g_ct, x), out(g_oc, x)};
+  return {out(g_xh, x), out(g_c, x), out(g_w, x), out(g_ct, x), out(g_oc, x)};
 }
 
 }  // namespace

@@ -55,6 +55,36 @@ CASES = {"mim_block": (S.MIMBlockStep, _block_args), "mimn": (S.MIMNStep, _mimn_
          "stlstm": (S.STLSTMStep, _stlstm_args)}
 
 
+# the compiled compositions behind each Function (csrc/mim_step.cpp): op name, number of outputs of the
+# forward that backward takes back after the saved inputs, number of output gradients
+OPS = {"mim_block": ("mim_block_step", 4), "mimn": ("mim_n_step", 2), "stlstm": ("mim_stlstm_step", 3)}
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+@pytest.mark.parametrize("kind", list(CASES))
+def test_opcheck(kind, layout):
+    # schema, fake (the compositions' Meta run), AOT dispatch of the forward and backward ops, with every
+    # gradient asked and with some left out
+    fn, make = CASES[kind]
+    name, n_grads = OPS[kind]
+    states, w, stride, padding = make()
+    cl = lambda t: t.detach().contiguous(memory_format=torch.channels_last) \
+        if layout == "channels_last" and t.dim() == 4 else t.detach()  # noqa: E731
+    states, w = [cl(t) for t in states], [cl(t) for t in w]
+    fwd, bwd = getattr(torch.ops.vpfast, name), getattr(torch.ops.vpfast, name + "_backward")
+    args = (*states, *w, stride, padding, 1.0)
+    torch.library.opcheck(fwd, args)
+    outs = fwd(*args)
+    # what each Function saves after its inputs (see nn/_mim_step.py)
+    kept = {"mim_block": lambda o: (o[3], o[2], *o[4:], o[0], o[1]), "mimn": lambda o: (o[2], o[1], o[3], o[0]),
+            "stlstm": lambda o: (o[2], o[1], o[3], o[0])}[kind](outs)
+    grads = [torch.randn_like(outs[0]) for _ in range(n_grads)]
+    n_in = len(states) + len(w)
+    for mask in ([True] * n_in, [k % 2 == 1 for k in range(n_in)]):
+        for gs in (grads, [None] + grads[1:]):
+            torch.library.opcheck(bwd, (*gs, *states, *w, *kept, stride, padding, mask))
+
+
 @pytest.mark.parametrize("used", ["all", "h_only", "no_h"])
 @pytest.mark.parametrize("kind", list(CASES))
 def test_gradcheck(kind, used):

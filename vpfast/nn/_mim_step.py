@@ -29,8 +29,14 @@ _OPS = torch.ops.vpfast
 
 def _grads(grads, mask, n_tail):
     """The compositions' gradients as autograd wants them: None where not asked (they return empty tensors
-    there), then None for the n_tail non-tensor arguments."""
+    there; a slice of an empty joint gradient is empty too), then None for the n_tail non-tensor arguments."""
     return (*(g if want and g.numel() else None for g, want in zip(grads, mask)),) + (None,) * n_tail
+
+
+def _split(joint, n):
+    """The gradients of the two inputs of one merged convolution, returned as one [B, n + m, H, W] buffer (two
+    outputs of an op may not alias): its first n channels and the rest (both empty when it is)."""
+    return (joint[:, :n], joint[:, n:]) if joint.numel() else (joint, joint)
 
 
 class MIMBlockStep(torch.autograd.Function):
@@ -57,8 +63,10 @@ class MIMBlockStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_h, g_c, g_m, g_s):
         mask = list(ctx.needs_input_grad[:13])
-        grads = _OPS.mim_block_step_backward.default(g_h, g_c, g_m, g_s, *ctx.saved_tensors, *ctx.conv, mask)
-        return _grads(grads, mask, 3)
+        g_x, g_dc, g_h, *rest = _OPS.mim_block_step_backward.default(g_h, g_c, g_m, g_s, *ctx.saved_tensors,
+                                                                     *ctx.conv, mask)
+        g_d, g_cp = _split(g_dc, ctx.saved_tensors[1].shape[1])
+        return _grads((g_x, g_d, g_h, g_cp, *rest), mask, 3)
 
 
 class MIMNStep(torch.autograd.Function):
@@ -78,7 +86,8 @@ class MIMNStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_h, g_c):
         mask = list(ctx.needs_input_grad[:6])
-        return _grads(_OPS.mim_n_step_backward.default(g_h, g_c, *ctx.saved_tensors, *ctx.conv, mask), mask, 3)
+        g_xh, *rest = _OPS.mim_n_step_backward.default(g_h, g_c, *ctx.saved_tensors, *ctx.conv, mask)
+        return _grads((*_split(g_xh, ctx.saved_tensors[0].shape[1]), *rest), mask, 3)
 
 
 class STLSTMStep(torch.autograd.Function):
