@@ -155,3 +155,51 @@ def test_dcgan_chain_gradcheck_and_autocast_fallback():
         got, want = P.dcgan_chain([m.c1, m.c2, m.c3], f), m(f)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last", "strided", "one_pixel"])
+def test_conv1x1_matches_the_convolution(layout):
+    # conv1x1 (matrix products instead of the CPU's im2col 1x1 convolution): values and both gradients equal the
+    # convolution's in float64, in every layout, and the channels_last input gives a channels_last result
+    from vpfast.nn._recurrent import conv1x1
+    g = torch.Generator().manual_seed(0)
+    H, W = (1, 1) if layout == "one_pixel" else (5, 3)
+    x = torch.randn(2, 6, H, W, dtype=torch.float64, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 12, W, H, dtype=torch.float64, generator=g)[:, ::2].transpose(2, 3)
+    w = torch.randn(4, 6, 1, 1, dtype=torch.float64, generator=g).requires_grad_()
+    x.requires_grad_()
+    out = conv1x1(x, w)
+    want = torch.nn.functional.conv2d(x, w)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    go = torch.randn_like(want)
+    got = torch.autograd.grad(out, (x, w), go)
+    ref = torch.autograd.grad(want, (x, w), go)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(conv1x1, (x.detach().clone().requires_grad_(), w))
+
+
+@pytest.mark.parametrize("name", ["predrnnpp", "mim"])
+def test_models_conv_last_as_products(name):
+    # PredRNN++ and MIM run conv_last through conv1x1 on the fused backends, and the module itself with
+    # backend="torch" or a hooked conv_last; the same result either way
+    import vpfast.models as M
+    kw = dict(num_hidden="4,4", filter_size=3, patch_size=2, in_shape=(3, 1, 8, 8), pre_seq_length=2,
+              aft_seq_length=1)
+    h = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def node(m):
+        out = m._fast_conv_last(h)
+        torch.testing.assert_close(out, F.conv2d(h, m.conv_last.weight), rtol=1e-12, atol=1e-13)
+        return type(out.grad_fn).__name__
+
+    fast, ref = M.create(name, **kw).double(), M.create(name, backend="torch", **kw).double()
+    assert node(fast) != "ConvolutionBackward0"
+    assert node(ref) == "ConvolutionBackward0"
+    fast.conv_last.register_forward_hook(lambda *a: None)
+    assert node(fast) == "ConvolutionBackward0"
