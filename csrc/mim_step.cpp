@@ -69,7 +69,7 @@ VPFAST_OP_HANDLE(convlstm_bwd, "vpfast::convlstm_backward",
                  T3(const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                     bool, bool))
 
-const std::array<int64_t, 2> kOne{1, 1};
+const std::array<int64_t, 2> kOne{1, 1}, kZero{0, 0};
 
 Tensor ch(const Tensor& t, int64_t from, int64_t n) { return t.narrow(1, from, n); }
 
@@ -128,7 +128,7 @@ T4 mim_stlstm_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tens
   const Tensor m_g = conv(at::cat({x, m}, 1), w_xm, stride, padding);
   auto [cm, o_part, act, unused] = gates_fwd().call(std::nullopt, h_g, m_g, c, m, forget_bias, false);
   const Tensor o_m = conv(cm, w_o, kOne, padding);
-  const Tensor last = conv1x1(cm, w_last);
+  const Tensor last = conv(cm, w_last, kOne, kZero);
   auto [h_new, o, tl] = output_fwd().call(o_part, o_m, last, std::nullopt);
   return {h_new, cm, act, o};
 }
@@ -143,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mim_s
   const Tensor g_h = has(grad_h) ? *grad_h : at::zeros_like(h_new);
   auto [g_pre, g_last, unused] = output_bwd().call(g_h, o, h_new, std::nullopt);
   auto [g_cm, g_wo] = conv_grads(g_pre, cm, w_o, kOne, padding, true, need[6]);
-  auto [g_cm_last, g_wlast] = conv1x1_backward(g_last, cm, w_last, true, need[7]);
+  auto [g_cm_last, g_wlast] = conv_grads(g_last, cm, w_last, kOne, kZero, true, need[7]);
   g_cm.add_(g_cm_last);
   g_cm_last.reset();
   if (has(grad_c)) ch(g_cm, 0, C).add_(*grad_c);
@@ -183,7 +183,7 @@ T9 mim_block_step(const Tensor& x, const Tensor& diff_h, const Tensor& h, const 
   const Tensor ia = at::add(ch(x_g, 0, C), ch(t_g, 0, C)).sigmoid_();
   const Tensor ga = at::add(ch(x_g, 2 * C, C), ch(t_g, C, C)).tanh_();
   const Tensor c_new = at::addcmul(t_mem, ia, ga);
-  const Tensor last = conv1x1(at::cat({c_new, m_new}, 1), w_last);
+  const Tensor last = conv(at::cat({c_new, m_new}, 1), w_last, kOne, kZero);
   auto [h_new, o2, unused2] =
       output_fwd().call(at::add(ch(x_g, 3 * C, C), ch(t_g, 2 * C, C)), ch(s_g, 3 * C, C), last, std::nullopt);
   return {h_new, c_new, sm, act, o1, t_mem, ia, ga, o2};
@@ -207,7 +207,7 @@ T12 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, co
   const Tensor g_h = has(grad_h) ? *grad_h : at::zeros_like(h_new);
   // h' = σ(o_x + o_t + o_s) ⊙ tanh(conv_last([c', m']))
   auto [g_o, g_last, unused] = output_bwd().call(g_h, o2, h_new, std::nullopt);
-  auto [g_cm_last, g_wlast] = conv1x1_backward(g_last, at::cat({c_new, m_new}, 1), w_last, true, need[12]);
+  auto [g_cm_last, g_wlast] = conv_grads(g_last, at::cat({c_new, m_new}, 1), w_last, kOne, kZero, true, need[12]);
   const Tensor g_cn = plus(ch(g_cm_last, 0, C), grad_c);
   const Tensor g_mn = plus(ch(g_cm_last, C, C), grad_m);
   // c' = T + σ(a_i) ⊙ tanh(a_g)

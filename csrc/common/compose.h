@@ -70,42 +70,6 @@ inline T2 conv_grads(const Tensor& grad, const Tensor& inp, const Tensor& w, at:
   return {gi, gw};
 }
 
-// conv2d(t, w) for a 1x1 weight w [O, K, 1, 1] (stride 1, no padding) as matrix products: the CPU runs 1x1
-// convolutions through im2col (slow_conv2d, 30-130 us a call at the `small` presets), the products take a few
-// us. channels_last t: one product over the [B*H*W, K] pixel matrix (channels_last output); planar t: a batched
-// product over [B, K, H*W] (planar output); anything else: the convolution.
-inline bool pixel_rows(const Tensor& t) { return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast); }
-
-inline Tensor conv1x1(const Tensor& t, const Tensor& w) {
-  const Tensor w2 = w.reshape({w.size(0), w.size(1)});
-  const int64_t B = t.size(0), H = t.size(2), W = t.size(3);
-  if (t.is_contiguous()) return at::matmul(w2, t.view({B, t.size(1), H * W})).view({B, w.size(0), H, W});
-  if (pixel_rows(t)) {
-    const Tensor mat = t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
-    return at::mm(mat, w2.t()).view({B, H, W, w.size(0)}).permute({0, 3, 1, 2});
-  }
-  return conv(t, w, {1, 1}, {0, 0});
-}
-
-// (grad of t where need_in, grad of w where need_w) of conv1x1(t, w)
-inline T2 conv1x1_backward(const Tensor& grad, const Tensor& t, const Tensor& w, bool need_in, bool need_w) {
-  const Tensor w2 = w.reshape({w.size(0), w.size(1)});
-  const int64_t B = t.size(0), K = t.size(1), O = w.size(0), H = t.size(2), W = t.size(3);
-  Tensor gi, gw;
-  if (t.is_contiguous()) {
-    const Tensor g3 = grad.reshape({B, O, H * W});  // a view when grad is planar, else a copy
-    if (need_in) gi = at::matmul(w2.t(), g3).view(t.sizes());
-    if (need_w) gw = at::bmm(g3, t.view({B, K, H * W}).transpose(1, 2)).sum(0).view(w.sizes());
-  } else if (pixel_rows(t)) {
-    const Tensor g = grad.permute({0, 2, 3, 1}).reshape({-1, O});  // a view when grad is channels_last
-    if (need_in) gi = at::mm(g, w2).view({B, H, W, K}).permute({0, 3, 1, 2});
-    if (need_w) gw = at::mm(g.t(), t.permute({0, 2, 3, 1}).reshape({-1, K})).view(w.sizes());
-  } else {
-    return conv_grads(grad, t, w, {1, 1}, {0, 0}, need_in, need_w);
-  }
-  return {gi, gw.defined() ? in_format(gw, w.suggest_memory_format()) : gw};
-}
-
 // a + b where either may be undefined (an absent gradient)
 inline Tensor plus(const Tensor& a, const Tensor& b) {
   if (!a.defined()) return b;

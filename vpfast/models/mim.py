@@ -132,7 +132,7 @@ class MIM(_Recurrent):
                     if not bptt:
                         s[i - 1] = s[i - 1].detach()
                 if t >= first_output or mask is not None:
-                    x_gen = self._fast_conv_last(h[-1])
+                    x_gen = self.conv_last(h[-1])
                     preds.append(x_gen)
         return torch.stack(preds, dim=1), s
 

@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _base
-from .._dispatch import resolve
-from ..nn._recurrent import conv1x1
 from ._layers import ConvLSTMCell, MotionGRU, SpatioTemporalLSTMCell
 
 
@@ -103,16 +101,6 @@ class _Recurrent(_base.VideoPredictionModel):
             m[:, : self.pre_seq_length - 1] = 1.0
             return m
         return like.new_zeros((batch, self.aft_seq_length - 1, 1, 1, 1))
-
-    def _fast_conv_last(self, h: torch.Tensor) -> torch.Tensor:
-        """conv_last(h) (1x1, no bias) as matrix products on the fused backends (nn._recurrent.conv1x1: the CPU
-        runs 1x1 convolutions through im2col, ~2-3 ms of a `small` PredRNN++ or MIM training step); the module
-        itself with backend "torch", a replaced or hooked conv_last, or a bias."""
-        cl = self.conv_last
-        if resolve(self.backend) == "torch" or type(cl) is not nn.Conv2d or cl.bias is not None or \
-                cl._forward_hooks or cl._forward_pre_hooks or tuple(cl.kernel_size) != (1, 1):
-            return cl(h)
-        return conv1x1(h, cl.weight)
 
     def _step_input(self, t: int, frames: torch.Tensor, mask: Optional[torch.Tensor], x_gen):
         pre = self.pre_seq_length

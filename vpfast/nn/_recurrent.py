@@ -302,19 +302,3 @@ def conv_grads(grad, inp, weight, stride, padding, need_input: bool, need_weight
     gi, gw, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, list(stride), list(padding), [1, 1],
                                                     False, [0, 0], 1, [need_input, need_weight, False])
     return gi, gw
-
-
-def conv1x1(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """conv2d(t, w) for a 1x1 weight w: Tensor[O, K, 1, 1] (stride 1, no bias) as matrix products, differentiable.
-
-    t: Tensor[B, K, H, W] -> Tensor[B, O, H, W]. The CPU runs 1x1 convolutions through im2col (slow_conv2d,
-    30-130 us a call at the `small` presets); the products take a few us. Planar t: a batched product over
-    [B, K, H*W]; channels_last t: one product over the [B*H*W, K] pixel matrix (channels_last result); other
-    layouts: the convolution. The compiled compositions do the same in C++ (csrc/common/compose.h)."""
-    B, K, H, W = t.shape
-    w2 = w.reshape(w.shape[0], K)
-    if t.is_contiguous():
-        return (w2 @ t.view(B, K, H * W)).view(B, -1, H, W)
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return (t.permute(0, 2, 3, 1).reshape(-1, K) @ w2.t()).view(B, H, W, -1).permute(0, 3, 1, 2)
-    return F.conv2d(t, w)
