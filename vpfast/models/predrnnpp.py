@@ -9,8 +9,6 @@ from torch import nn
 
 from .recurrent import _Recurrent
 from ._layers import GHU, CausalLSTMCell
-from .._dispatch import resolve
-from ..nn.causal_lstm import _conv1x1
 
 
 class PredRNNpp(_Recurrent):
@@ -46,15 +44,6 @@ class PredRNNpp(_Recurrent):
                            backend=self.backend) for i in range(self.num_layers))
         self.conv_last = nn.Conv2d(nh[-1], self.frame_channel, 1, bias=False)
 
-    def _conv_last(self, h):
-        """conv_last(h): on channels_last maps of the fast cells one matrix product (the CPU runs a 1x1
-        convolution of channels_last maps through im2col, ~2 ms of a `small` training step)."""
-        cl = self.conv_last
-        if resolve(self.backend) == "torch" or type(cl) is not nn.Conv2d or cl.bias is not None or cl._forward_hooks or \
-                cl._forward_pre_hooks or not h.is_contiguous(memory_format=torch.channels_last):
-            return cl(h)
-        return _conv1x1(h, cl.weight)
-
     def _rollout(self, frames, mask, with_aux, first_output=0):
         B, _, _, Hp, Wp = frames.shape
         h = [frames.new_zeros(B, n, Hp, Wp) for n in self.num_hidden]
@@ -79,6 +68,6 @@ class PredRNNpp(_Recurrent):
                     else:
                         h[i], c[i], memory = cells[i](x_in, h[i], c[i], memory)
                 if t >= first_output or mask is not None:
-                    x_gen = self._conv_last(h[-1])
+                    x_gen = self.conv_last(h[-1])
                     preds.append(x_gen)
         return torch.stack(preds, dim=1), {}

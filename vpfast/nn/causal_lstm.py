@@ -228,29 +228,6 @@ class CausalLSTMCell(MergedWeightsMixin, nn.Module):
         return h_new, c_new, m_new
 
 
-def _pixels(t: torch.Tensor) -> torch.Tensor | None:
-    """[B, K, H, W] in channels_last as its [B*H*W, K] matrix (a view), or None when t is not channels_last."""
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        return None
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
-def _unpixels(mat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The [B*H*W, K] matrix `mat` as a channels_last [B, K, H, W] tensor with like's B, H, W (a view)."""
-    B, _, H, W = like.shape
-    return mat.view(B, H, W, mat.shape[1]).permute(0, 3, 1, 2)
-
-
-def _conv1x1(cm: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """conv2d(cm, w) for a 1x1 weight w: [Cout, K, 1, 1]. With channels_last cm it is one matrix product over the
-    pixels: the CPU ran this convolution (2C -> C at B=4, 16x16) through the im2col `slow_conv2d` at ~30-55 us a
-    call, the product takes a few us."""
-    mat = _pixels(cm)
-    if mat is None:
-        return torch.ops.aten.convolution(cm, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
-    return _unpixels(mat @ w.view(w.shape[0], w.shape[1]).t(), cm)
-
-
 class _CausalStep(torch.autograd.Function):
     """One Causal LSTM step (separate convolutions, no LayerNorm, compiled kernels) as a single autograd node.
 
