@@ -86,12 +86,6 @@ VPFAST_OP_HANDLE(stlstm_out_fwd, "vpfast::stlstm_output_forward",
 VPFAST_OP_HANDLE(stlstm_out_bwd, "vpfast::stlstm_output_backward",
                  T3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&))
 
-// a zero state or pre-activation of k*C channels in the layout of `like` (the step's first convolution output)
-Tensor zeros_like_layout(const Tensor& like, int64_t channels) {
-  return at::zeros({like.size(0), channels, like.size(2), like.size(3)},
-                   like.options().memory_format(like.suggest_memory_format()));
-}
-
 // [B, K, H, W] channels_last as its [B*H*W, K] pixel matrix (a view); undefined when not channels_last
 Tensor pixels(const Tensor& t) {
   if (!t.is_contiguous(at::MemoryFormat::ChannelsLast)) return {};

@@ -28,13 +28,14 @@ TORCH_LIBRARY_FRAGMENT(vpfast, m) {
       "Tensor, Tensor, Tensor, Tensor)");
   // MIM block: w_x, w_s gates i, f, g, o; w_t (conv_t_cc) i, g, o; w_mims over [D, c_{t-1}] i, f, g, o; ct [2C, H,
   // W] and oc [C, H, W] the MIM-S peepholes. Returns (h', c', sm = [S', m'], act, o1, t_mem, ia, ga, o2).
+  // diff_h, h, c, s may be None: zero (a loop's first step); the convolutions of zero inputs are skipped.
   m.def(
-      "mim_block_step(Tensor x, Tensor diff_h, Tensor h, Tensor c, Tensor m, Tensor s, Tensor w_x, Tensor w_s, "
+      "mim_block_step(Tensor x, Tensor? diff_h, Tensor? h, Tensor? c, Tensor m, Tensor? s, Tensor w_x, Tensor w_s, "
       "Tensor w_t, Tensor w_mims, Tensor ct, Tensor oc, Tensor w_last, int[2] stride, int[2] padding, "
       "float forget_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "mim_block_step_backward(Tensor? grad_h, Tensor? grad_c, Tensor? grad_m, Tensor? grad_s, Tensor x, "
-      "Tensor diff_h, Tensor h, Tensor c, Tensor m, Tensor s, Tensor w_x, Tensor w_s, Tensor w_t, Tensor w_mims, "
+      "Tensor? diff_h, Tensor? h, Tensor? c, Tensor m, Tensor? s, Tensor w_x, Tensor w_s, Tensor w_t, Tensor w_mims, "
       "Tensor ct, Tensor oc, Tensor w_last, Tensor act, Tensor sm, Tensor o1, Tensor t_mem, Tensor ia, Tensor ga, "
       "Tensor o2, Tensor h_new, Tensor c_new, int[2] stride, int[2] padding, bool[13] output_mask) -> (Tensor, "
       "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -160,32 +161,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mim_s
 }
 
 // ---- MIM block -------------------------------------------------------------------------------------------------
+// [D, c_{t-1}], the input of MIM-S's merged convolution, with a zero map for an absent one (like: a map in the
+// step's layout; w_mims: [4C, C_D + C, k, k])
+Tensor dc_input(const OptTensor& diff_h, const OptTensor& c, const Tensor& like, const Tensor& w_mims) {
+  const int64_t C = w_mims.size(0) / 4;
+  return at::cat({has(diff_h) ? *diff_h : zeros_like_layout(like, w_mims.size(1) - C),
+                  has(c) ? *c : zeros_like_layout(like, C)}, 1);
+}
+
 using T9 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-T9 mim_block_step(const Tensor& x, const Tensor& diff_h, const Tensor& h, const Tensor& c, const Tensor& m,
-                  const Tensor& s, const Tensor& w_x, const Tensor& w_s, const Tensor& w_t, const Tensor& w_mims,
+T9 mim_block_step(const Tensor& x, const OptTensor& diff_h, const OptTensor& h, const OptTensor& c, const Tensor& m,
+                  const OptTensor& s, const Tensor& w_x, const Tensor& w_s, const Tensor& w_t, const Tensor& w_mims,
                   const Tensor& ct, const Tensor& oc, const Tensor& w_last, IntArrayRef stride, IntArrayRef padding,
                   double forget_bias) {
   at::AutoDispatchBelowADInplaceOrView below;
-  const int64_t C = c.size(1);
+  const int64_t C = w_x.size(0) / 4;
   const Tensor x_g = conv(x, w_x, stride, padding);  // i, f, g, o
   const Tensor s_g = conv(m, w_s, stride, padding);  // i, f, g, o
-  const Tensor t_g = conv(h, w_t, stride, padding);  // i, g, o
-  Tensor q = conv(at::cat({diff_h, c}, 1), w_mims, stride, padding);  // MIM-S gates i, f, g, o
-  add_peepholes(q, s, ct, C);
+  const Tensor t_g = has(h) ? conv(*h, w_t, stride, padding) : Tensor();  // i, g, o; none of a zero h
+  // MIM-S gates i, f, g, o
+  Tensor q = has(diff_h) || has(c) ? conv(dc_input(diff_h, c, x_g, w_mims), w_mims, stride, padding)
+                                   : zeros_like_layout(x_g, 4 * C);
+  if (has(s)) add_peepholes(q, *s, ct, C);
   Tensor m_g = at::add(ch(x_g, 0, 3 * C), ch(s_g, 0, 3 * C));
   // c-half of the ST-LSTM gates: the MIM-S cell (S); m-half: the zig-zag memory
-  auto [sm, o_mims, act, unused] = gates_fwd().call(std::nullopt, q, m_g, s, m, forget_bias, false);
+  auto [sm, o_mims, act, unused] =
+      gates_fwd().call(std::nullopt, q, m_g, has(s) ? *s : zeros_like_layout(x_g, C), m, forget_bias, false);
   q.reset();
   m_g.reset();
   const Tensor s_new = ch(sm, 0, C), m_new = ch(sm, C, C);
   auto [t_mem, o1, unused1] = output_fwd().call(o_mims, s_new * oc, s_new, std::nullopt);
-  const Tensor ia = at::add(ch(x_g, 0, C), ch(t_g, 0, C)).sigmoid_();
-  const Tensor ga = at::add(ch(x_g, 2 * C, C), ch(t_g, C, C)).tanh_();
+  const Tensor ia = t_g.defined() ? at::add(ch(x_g, 0, C), ch(t_g, 0, C)).sigmoid_() : ch(x_g, 0, C).sigmoid();
+  const Tensor ga = t_g.defined() ? at::add(ch(x_g, 2 * C, C), ch(t_g, C, C)).tanh_() : ch(x_g, 2 * C, C).tanh();
   const Tensor c_new = at::addcmul(t_mem, ia, ga);
   const Tensor last = conv(at::cat({c_new, m_new}, 1), w_last, kOne, kZero);
-  auto [h_new, o2, unused2] =
-      output_fwd().call(at::add(ch(x_g, 3 * C, C), ch(t_g, 2 * C, C)), ch(s_g, 3 * C, C), last, std::nullopt);
+  const Tensor o_part = t_g.defined() ? at::add(ch(x_g, 3 * C, C), ch(t_g, 2 * C, C)) : ch(x_g, 3 * C, C);
+  auto [h_new, o2, unused2] = output_fwd().call(o_part, ch(s_g, 3 * C, C), last, std::nullopt);
   return {h_new, c_new, sm, act, o1, t_mem, ia, ga, o2};
 }
 
@@ -194,15 +206,16 @@ using T12 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, T
 
 // (x, [D, c_{t-1}], h, m, s, w_x, w_s, w_t, w_mims, ct, oc, w_last)
 T12 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, const OptTensor& grad_m,
-                            const OptTensor& grad_s, const Tensor& x, const Tensor& diff_h, const Tensor& h,
-                            const Tensor& c, const Tensor& m, const Tensor& s, const Tensor& w_x, const Tensor& w_s,
+                            const OptTensor& grad_s, const Tensor& x, const OptTensor& diff_h, const OptTensor& h,
+                            const OptTensor& c, const Tensor& m, const OptTensor& s, const Tensor& w_x, const Tensor& w_s,
                             const Tensor& w_t, const Tensor& w_mims, const Tensor& ct, const Tensor& oc,
                             const Tensor& w_last, const Tensor& act, const Tensor& sm, const Tensor& o1,
                             const Tensor& t_mem, const Tensor& ia, const Tensor& ga, const Tensor& o2,
                             const Tensor& h_new, const Tensor& c_new, IntArrayRef stride, IntArrayRef padding,
                             std::array<bool, 13> need) {
   at::AutoDispatchBelowADInplaceOrView below;
-  const int64_t C = c.size(1);
+  const int64_t C = w_x.size(0) / 4;
+  const Tensor s_prev = has(s) ? *s : at::zeros_like(m);
   const Tensor s_new = ch(sm, 0, C), m_new = ch(sm, C, C);
   const Tensor g_h = has(grad_h) ? *grad_h : at::zeros_like(h_new);
   // h' = σ(o_x + o_t + o_s) ⊙ tanh(conv_last([c', m']))
@@ -218,18 +231,23 @@ T12 mim_block_step_backward(const OptTensor& grad_h, const OptTensor& grad_c, co
   g_sn = plus(g_sn.addcmul_(g_o1, oc), grad_s);
   const Tensor g_oc = need[11] ? (g_o1 * s_new).sum(0) : Tensor();
   auto [g_xg_unused, g_q, g_mg, g_s_prev, g_m_prev] =
-      gates_bwd().call(at::cat({g_sn, g_mn}, 1), g_o1, std::nullopt, act, sm, s, m, false);
-  auto [g_s_peep, g_ct] = peephole_grads(g_q, s, ct, C, need[5], need[10]);
+      gates_bwd().call(at::cat({g_sn, g_mn}, 1), g_o1, std::nullopt, act, sm, s_prev, m, false);
+  // a zero s: no peephole terms (their gradients are zero)
+  auto [g_s_peep, g_ct] = peephole_grads(g_q, s_prev, ct, C, need[5], need[10] && has(s));
   const Tensor g_s_out = need[5] ? g_s_prev + g_s_peep : Tensor();
-  auto [g_dc, g_wmims] =
-      conv_grads(g_q, at::cat({diff_h, c}, 1), w_mims, stride, padding, need[1] || need[3], need[9]);
+  Tensor g_dc, g_wmims;
+  if (has(diff_h) || has(c))
+    std::tie(g_dc, g_wmims) =
+        conv_grads(g_q, dc_input(diff_h, c, m, w_mims), w_mims, stride, padding, need[1] || need[3], need[9]);
   // the three gate convolutions' gradients: x (i, f, g, o) feeds m, c' and h'; m (i, f, g, o) feeds m and h';
   // h_{t-1} (i, g, o) feeds c' and h'
   Tensor g_xg = at::cat({ch(g_mg, 0, C) + g_ai, ch(g_mg, C, C), ch(g_mg, 2 * C, C) + g_ag, g_o}, 1);
   auto [g_x, g_wx] = conv_grads(g_xg, x, w_x, stride, padding, need[0], need[6]);
   g_xg.reset();
   auto [g_m2, g_ws] = conv_grads(at::cat({g_mg, g_o}, 1), m, w_s, stride, padding, need[4], need[7]);
-  auto [g_hp, g_wt] = conv_grads(at::cat({g_ai, g_ag, g_o}, 1), h, w_t, stride, padding, need[2], need[8]);
+  Tensor g_hp, g_wt;
+  if (has(h))
+    std::tie(g_hp, g_wt) = conv_grads(at::cat({g_ai, g_ag, g_o}, 1), *h, w_t, stride, padding, need[2], need[8]);
   const Tensor g_m = need[4] ? g_m_prev + g_m2 : Tensor();
   return {out(g_x, x),  out(g_dc, x),    out(g_hp, x), out(g_m, x),  out(g_s_out, x), out(g_wx, x),
           out(g_ws, x), out(g_wt, x), out(g_wmims, x), out(g_ct, x), out(g_oc, x), out(g_wlast, x)};

@@ -210,3 +210,44 @@ def test_mim_training_step_one_node_matches_reference_gpu():
     assert grads[0][1].keys() == grads[1][1].keys()
     for k in grads[0][1]:
         torch.testing.assert_close(grads[1][1][k], grads[0][1][k], rtol=1e-7, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("given_s", [False, True])
+def test_block_zero_inputs_skip_their_convolutions(given_s):
+    # the model loop's first step passes None for the MIM block's zero D, h, c (and S unless the caller gave
+    # one): outputs and every gradient equal the step on explicit zeros (float64), gradcheck over the rest,
+    # and the compiled op passes opcheck with them absent
+    states, w, stride, padding = _block_args()
+    x, _, _, _, m, s = states
+    zero = torch.zeros_like(m)
+    s_in = s if given_s else None
+    got = S.MIMBlockStep.apply(x, None, None, None, m, s_in, *w, stride, padding, 1.0)
+    want = S.MIMBlockStep.apply(x, zero, zero, zero, m, s if given_s else zero, *w, stride, padding, 1.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    wrt = [x, m] + ([s] if given_s else []) + w
+    loss = lambda ts: sum((t * torch.cos(t)).sum() for t in ts)  # noqa: E731
+    ga = torch.autograd.grad(loss(got), wrt, allow_unused=True)
+    gb = torch.autograd.grad(loss(want), wrt, allow_unused=True)
+    for k, (a, b) in enumerate(zip(ga, gb)):
+        if a is None:  # a skipped convolution's weight (w_t, w_mims), or ct without S: zero gradient
+            assert not b.abs().sum(), k
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda e: f"gradient {k}: {e}")
+
+    def f(x, m, *rest):
+        s_ = rest[0] if given_s else None
+        return S.MIMBlockStep.apply(x, None, None, None, m, s_, *rest[int(given_s):], stride, padding, 1.0)
+
+    assert torch.autograd.gradcheck(f, [t.detach().clone().requires_grad_() for t in wrt], fast_mode=True)
+    d = [t.detach() for t in (x, m)]
+    d_s = s.detach() if given_s else None
+    wd = [t.detach() for t in w]
+    torch.library.opcheck(torch.ops.vpfast.mim_block_step, (d[0], None, None, None, d[1], d_s, *wd, stride,
+                                                            padding, 1.0))
+    outs = torch.ops.vpfast.mim_block_step(d[0], None, None, None, d[1], d_s, *wd, stride, padding, 1.0)
+    kept = (outs[3], outs[2], *outs[4:], outs[0], outs[1])
+    mask = [True, False, False, False, True, given_s] + [True] * 7
+    torch.library.opcheck(torch.ops.vpfast.mim_block_step_backward,
+                          (torch.randn_like(outs[0]), None, None, None, d[0], None, None, None, d[1], d_s, *wd, *kept,
+                           stride, padding, mask))

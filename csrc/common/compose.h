@@ -70,6 +70,13 @@ inline T2 conv_grads(const Tensor& grad, const Tensor& inp, const Tensor& w, at:
   return {gi, gw};
 }
 
+// a zero state or pre-activation of `channels` channels in the layout of `like` (a step's first convolution
+// output): what a skipped convolution of a zero state would have given
+inline Tensor zeros_like_layout(const Tensor& like, int64_t channels) {
+  return at::zeros({like.size(0), channels, like.size(2), like.size(3)},
+                   like.options().memory_format(like.suggest_memory_format()));
+}
+
 // a + b where either may be undefined (an absent gradient)
 inline Tensor plus(const Tensor& a, const Tensor& b) {
   if (!a.defined()) return b;

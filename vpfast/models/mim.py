@@ -119,6 +119,7 @@ class MIM(_Recurrent):
             for cell in (*self.stlstm_layer, *self.stlstm_layer_diff):
                 unrolled.enter_context(cell.unroll())
             cells, diffs = _loop_steps(self, frames[:, 0], h[0])
+            fast = not isinstance(cells[0], nn.Module)  # the one-node steps (bound Functions)
             for t in range(self.total_length - 1):
                 net = self._step_input(t, frames, mask, x_gen)
                 h_prev = h[0]
@@ -128,7 +129,11 @@ class MIM(_Recurrent):
                     if t > 0:
                         d_in = h[0] - h_prev if i == 1 else hd[i - 2]
                         hd[i - 1], cd[i - 1] = diffs[i - 1](d_in, hd[i - 1], cd[i - 1])
-                    h[i], c[i], memory, s[i - 1] = cells[i](h[i - 1], hd[i - 1], h[i], c[i], memory, s[i - 1])
+                    if t == 0 and fast:  # zero D, h, c (and S unless given): the one-node step skips their convolutions
+                        s0 = s[i - 1] if s_state is not None else None
+                        h[i], c[i], memory, s[i - 1] = cells[i](h[i - 1], None, None, None, memory, s0)
+                    else:
+                        h[i], c[i], memory, s[i - 1] = cells[i](h[i - 1], hd[i - 1], h[i], c[i], memory, s[i - 1])
                     if not bptt:
                         s[i - 1] = s[i - 1].detach()
                 if t >= first_output or mask is not None:

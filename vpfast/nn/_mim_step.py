@@ -45,12 +45,13 @@ class MIMBlockStep(torch.autograd.Function):
 
     w_x, w_s: conv_x_cc / conv_s_cc weights with gates reordered to i, f, g, o; w_t: conv_t_cc's (i, g, o);
     w_mims: MIM-S's merged weight over [D, c_{t-1}] (i, f, g, o); w_last: conv_last's. m' and s' are views of
-    one [B, 2C, H, W] buffer (s' first), as on the multi-node path. Forward and backward: the compiled
+    one [B, 2C, H, W] buffer (s' first), as on the multi-node path. D, h, c, s may be None: zero (the model loop's
+    first step), their convolutions skipped. Forward and backward: the compiled
     compositions vpfast::mim_block_step / mim_block_step_backward (csrc/mim_step.cpp)."""
 
     @staticmethod
     def forward(ctx, x, diff_h, h, c, m, s, w_x, w_s, w_t, w_mims, ct, oc, w_last, stride, padding, forget_bias):
-        C = c.shape[1]
+        C = m.shape[1]
         h_new, c_new, sm, *kept = _OPS.mim_block_step.default(x, diff_h, h, c, m, s, w_x, w_s, w_t, w_mims, ct, oc,
                                                               w_last, stride, padding, forget_bias)
         ctx.save_for_backward(x, diff_h, h, c, m, s, w_x, w_s, w_t, w_mims, ct, oc, w_last, *kept[:1], sm,
@@ -63,9 +64,9 @@ class MIMBlockStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_h, g_c, g_m, g_s):
         mask = list(ctx.needs_input_grad[:13])
-        g_x, g_dc, g_h, *rest = _OPS.mim_block_step_backward.default(g_h, g_c, g_m, g_s, *ctx.saved_tensors,
-                                                                     *ctx.conv, mask)
-        g_d, g_cp = _split(g_dc, ctx.saved_tensors[1].shape[1])
+        saved = ctx.saved_tensors  # unpacked once: each access unpacks (and checks) every saved tensor
+        g_x, g_dc, g_h, *rest = _OPS.mim_block_step_backward.default(g_h, g_c, g_m, g_s, *saved, *ctx.conv, mask)
+        g_d, g_cp = _split(g_dc, saved[9].shape[1] - saved[4].shape[1])  # w_mims over [D, c]; c has m's channels
         return _grads((g_x, g_d, g_h, g_cp, *rest), mask, 3)
 
 
@@ -86,8 +87,9 @@ class MIMNStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_h, g_c):
         mask = list(ctx.needs_input_grad[:6])
-        g_xh, *rest = _OPS.mim_n_step_backward.default(g_h, g_c, *ctx.saved_tensors, *ctx.conv, mask)
-        return _grads((*_split(g_xh, ctx.saved_tensors[0].shape[1]), *rest), mask, 3)
+        saved = ctx.saved_tensors
+        g_xh, *rest = _OPS.mim_n_step_backward.default(g_h, g_c, *saved, *ctx.conv, mask)
+        return _grads((*_split(g_xh, saved[0].shape[1]), *rest), mask, 3)
 
 
 class STLSTMStep(torch.autograd.Function):
