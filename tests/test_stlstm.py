@@ -487,3 +487,24 @@ def test_saturated_gates_denormals(variant):
             assert_close_bounded(a, r, e)
 
     assert_keeps_fp_state(check)
+
+
+@pytest.mark.skipif(bool(S.GATES.static_reasons("cpp")), reason="the cpp kernels are not built")
+def test_predrnn_cell_step_is_one_node():
+    # the merged "predrnn" cell on the compiled kernels runs each step as one node (nn._mim_step.STLSTMStep);
+    # the other variants, LayerNorm, separate convolutions and autocast keep the per-op path. The node's values
+    # and gradients against the reference: test_cell_unroll_matches_reference[merged-...-predrnn-cpp]
+    x, h = torch.randn(2, 2, 5, 5), torch.randn(2, 3, 5, 5, requires_grad=True)
+
+    def node(**kw):
+        cell = SpatioTemporalLSTMCell(2, 3, 5, 5, 3, 1, kw.pop("layer_norm", False), backend="cpp", **kw)
+        out = cell(x, h, h, h, h) if kw.get("variant") == "highway" else cell(x, h, h, h)
+        return type(out[0].grad_fn).__name__
+
+    assert node(merge_convs=True) == "STLSTMStepBackward"
+    assert node(merge_convs=False) != "STLSTMStepBackward"
+    assert node(layer_norm=True) != "STLSTMStepBackward"
+    assert node(merge_convs=True, variant="predrnnv2") != "STLSTMStepBackward"
+    assert node(merge_convs=True, variant="highway") != "STLSTMStepBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert node(merge_convs=True) != "STLSTMStepBackward"

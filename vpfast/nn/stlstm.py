@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.stlstm import GATES as _GATES, stlstm_gates, stlstm_output
+from . import _mim_step
 from ._recurrent import (MergedWeightsMixin, cat_conv, check_input, check_state, choose_merge, conv_block,
                          fused_backend, out_size)
 
@@ -38,7 +39,10 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
     delta_c / delta_m views of another; treat them as read-only (as any autograd-saved tensor).
 
     backend: "torch" runs the reference arithmetic verbatim (separate convolutions, split, cat);
-      "cpp" / "cuda" / "triton" run the fused pointwise kernels; None = $VPFAST_BACKEND or "auto".
+      "cpp" / "cuda" / "triton" run the fused pointwise kernels; None = $VPFAST_BACKEND or "auto". The
+      "predrnn" variant with merged convolutions on cpp / cuda (no LayerNorm, autocast off, one dtype and
+      device, not under torch.compile) runs each step as one autograd node, `nn._mim_step.STLSTMStep`, whose
+      forward and backward are one call each of the compiled composition vpfast::mim_stlstm_step.
     merge_convs: with layer_norm off, compute the gates with two convolutions, over [x, h] (i, f, g, o)
       and over [x, m] (i', f', g'), whose weights are assembled from conv_x/conv_h/conv_m on every use
       (exact: the sums i_x + i_h happen inside the convolution). None = merge when layer_norm is off and the
@@ -161,4 +165,11 @@ class SpatioTemporalLSTMCell(MergedWeightsMixin, nn.Module):
         backend = fused_backend(_GATES, self.backend, x, gate_shapes, (c, m))
         if backend == "torch":
             return self._forward_reference(x, h, c, m, highway)
+        if self.variant == "predrnn" and not self.layer_norm and not torch.compiler.is_compiling() and \
+                _mim_step.usable(backend, self.merge_convs, (x, h, c, m, w)):
+            # PredRNN's merged step as one autograd node (nn/_mim_step.py STLSTMStep, MIM's layer 0): one call of
+            # the compiled composition each way instead of ~10 op calls and their autograd bridges
+            w_xh, w_xm = self.merged_weights()
+            return _mim_step.STLSTMStep.apply(x, h, c, m, w_xh, w_xm, self.conv_o[0].weight, self.conv_last.weight,
+                                              (self.stride,) * 2, (self.padding,) * 2, self._forget_bias)
         return self._forward_fused(backend, x, h, c, m, highway)
