@@ -292,13 +292,3 @@ def permute_blocks(t: torch.Tensor, order, size: int) -> torch.Tensor:
     if sorted(order) != list(range(len(order))) or t.shape[0] != len(order) * size:
         raise ValueError(f"permute_blocks: order {order!r} must permute the {t.shape[0]} // {size} blocks of t")
     return _PermuteBlocks.apply(t, tuple(order), size)
-
-
-def conv_grads(grad, inp, weight, stride, padding, need_input: bool, need_weight: bool):
-    """(grad of inp or None, grad of weight or None) of conv2d(inp, weight, None, stride, padding): one
-    aten.convolution_backward for the one-node steps' hand-written backward (nn/causal_lstm.py, nn/_mim_step.py)."""
-    if not (need_input or need_weight):
-        return None, None
-    gi, gw, _ = torch.ops.aten.convolution_backward(grad, inp, weight, None, list(stride), list(padding), [1, 1],
-                                                    False, [0, 0], 1, [need_input, need_weight, False])
-    return gi, gw
